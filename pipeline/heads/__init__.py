@@ -1,0 +1,1 @@
+"""Detection heads shared by the LiDAR teacher and the camera students (CenterHead)."""
