@@ -11,6 +11,7 @@ checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+_FLOAT_PATTERN = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -95,14 +97,13 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(arg, value, source, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{source}: key {key!r}: expected {_type_name(tp)}, found {value!r}")
     if origin is typing.Literal:
         allowed = get_args(tp)
@@ -129,6 +130,9 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_PATTERN.fullmatch(value.strip()):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; users mean the number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: key {key!r}: expected a number, found {value!r}")
         return float(value)
