@@ -1,0 +1,40 @@
+"""The stage-two experiment config: data, student model, DistillBEV objective and schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..data.config import DataConfig
+from ..losses.config import DistillConfig
+from ..student.config import StudentModelConfig
+
+
+@dataclass
+class StudentTrainConfig:
+    """Optimisation schedule (defaults: the paper's BEVDepth4D recipe)."""
+
+    epochs: int = 24
+    batch_size: int = 8
+    lr: float = 2e-4  # AdamW learning rate
+    weight_decay: float = 0.01
+    warmup_iters: int = 500  # linear warmup from lr * warmup_ratio
+    warmup_ratio: float = 1e-3
+    lr_steps: tuple[int, ...] = (16, 22)  # epochs after which the learning rate is multiplied by 0.1
+    grad_clip: float = 5.0  # max gradient norm
+    seed: int = 0
+    num_workers: int = 2  # DataLoader worker processes
+    checkpoint_every: int = 1  # epochs between checkpoints
+
+
+@dataclass
+class StudentExperimentConfig:
+    """A camera-student run: baseline when `distillation` is false, DistillBEV otherwise."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: StudentModelConfig = field(default_factory=StudentModelConfig)
+    train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    distillation: bool = True  # false: the baseline student, same schedule, no teacher
+    targets: Literal["cache", "approximate", "online"] = "cache"  # where the teacher targets come from
+    inherit_teacher_head: bool = True  # initialise the student's CenterHead task heads from the teacher's

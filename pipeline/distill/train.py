@@ -1,0 +1,175 @@
+"""The student training loop: one step = student forward, detection (+ depth) loss, DistillBEV loss.
+
+`train_student` wires the run (data, cache, models, optimiser, checkpoints); the step and the epoch are small
+functions so benchmarks and tests can drive them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import dump_config, to_dict
+from ..errors import CheckpointError
+from ..heads.targets import gt_heatmap_max
+from ..losses.distill import DistillBEVLoss
+from .config import StudentExperimentConfig
+from .targets import DistillationDataset, TargetsBatch, collate_with_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillationSetup:
+    """Everything a training step needs besides the batch."""
+
+    student: torch.nn.Module
+    distill_loss: DistillBEVLoss | None
+    teacher: torch.nn.Module | None  # only for `online` targets
+    layers: list[tuple[str, str]]  # (student feature, teacher feature) pairs
+
+
+def teacher_targets_online(teacher: torch.nn.Module, batch, layers: list[str]) -> TargetsBatch:
+    """Run the frozen teacher on the batch's (augmented) points: features, clip-sigmoid heatmap."""
+    with torch.no_grad():
+        outputs = teacher(batch.points)
+    heatmap = outputs.heatmap.sigmoid().clamp(1e-4, 1 - 1e-4)
+    return TargetsBatch(features={name: outputs.features[name] for name in layers}, heatmap=heatmap, attention=None)
+
+
+def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
+                  head_grid) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch (scalars). `head_grid` is the BEVGrid of the detection head."""
+    student = setup.student
+    outputs = student(batch)
+    losses = dict(student.head.loss(outputs.head, batch.gt_boxes, batch.gt_labels))
+    if outputs.depth is not None:
+        losses["depth"] = student.depth_loss(outputs, batch)
+    if setup.distill_loss is not None:
+        if targets is None:
+            targets = teacher_targets_online(setup.teacher, batch, [t for _, t in setup.layers])
+        gt_max = gt_heatmap_max(batch.gt_boxes, batch.gt_labels, head_grid).to(targets.heatmap.device)
+        losses.update(setup.distill_loss(
+            student_features=outputs.features, teacher_features=targets.features, gt_boxes=batch.gt_boxes,
+            teacher_heatmap=targets.heatmap, gt_heatmap_max=gt_max, teacher_attention=targets.attention))
+    return losses
+
+
+def learning_rate(cfg: StudentExperimentConfig, epoch: int, iteration: int) -> float:
+    """Linear warmup over the first iterations, then step decay (x0.1) after each epoch in lr_steps."""
+    train = cfg.train
+    lr = train.lr * (0.1 ** sum(epoch >= step for step in train.lr_steps))
+    if iteration < train.warmup_iters:
+        ratio = train.warmup_ratio + (1 - train.warmup_ratio) * iteration / train.warmup_iters
+        lr *= ratio
+    return lr
+
+
+def save_checkpoint(path: Path, setup: DistillationSetup, optimizer, epoch: int, iteration: int,
+                    cfg: StudentExperimentConfig) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "state_dict": setup.student.state_dict(),
+        "distill_state_dict": None if setup.distill_loss is None else setup.distill_loss.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "iteration": iteration,
+        "config": to_dict(cfg),
+        "torch_rng": torch.get_rng_state(),
+    }, tmp)
+    tmp.replace(path)  # a kill mid-save never leaves a truncated checkpoint behind
+
+
+def load_resume(path: Path, setup: DistillationSetup, optimizer) -> tuple[int, int]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint to resume from ({exc}); delete it to start over")
+    setup.student.load_state_dict(state["state_dict"])
+    if setup.distill_loss is not None and state.get("distill_state_dict") is not None:
+        setup.distill_loss.load_state_dict(state["distill_state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["iteration"]
+
+
+def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set: DistillationDataset,
+               optimizer, out_dir: Path, device: torch.device, head_grid, start_epoch: int = 0,
+               start_iteration: int = 0, max_steps: int | None = None) -> int:
+    """Train from `start_epoch` to `cfg.train.epochs`; returns the final iteration count."""
+    log_path = out_dir / "train_log.jsonl"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    iteration = start_iteration
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.train.num_workers, collate_fn=collate_with_targets,
+                            generator=torch.Generator().manual_seed(cfg.train.seed + epoch),
+                            persistent_workers=False)
+        setup.student.train()
+        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False)
+        wait_start = time.perf_counter()
+        for batch, targets in progress:
+            data_seconds = time.perf_counter() - wait_start
+            batch = batch.to(device)
+            targets = None if targets is None else targets.to(device)
+            lr = learning_rate(cfg, epoch, iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = training_step(setup, batch, targets, head_grid)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {iteration}: "
+                                         f"{ {k: float(v) for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            optimizer.step()
+            iteration += 1
+            record = {"epoch": epoch, "iteration": iteration, "lr": lr, "loss": float(total),
+                      "grad_norm": float(grad_norm), "data_seconds": data_seconds,
+                      **{k: float(v) for k, v in losses.items()}}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.set_postfix({k: f"{float(v):.3g}" for k, v in list(losses.items())[:6]} | {"loss": f"{float(total):.3g}"})
+            wait_start = time.perf_counter()
+            if max_steps is not None and iteration >= max_steps:
+                return iteration
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+            ckpt_dir = out_dir / "checkpoints"
+            ckpt_dir.mkdir(exist_ok=True)
+            save_checkpoint(ckpt_dir / f"epoch_{epoch + 1}.pth", setup, optimizer, epoch + 1, iteration, cfg)
+            save_checkpoint(out_dir / "latest.pth", setup, optimizer, epoch + 1, iteration, cfg)
+    return iteration
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def write_config(cfg: StudentExperimentConfig, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan

@@ -1,0 +1,169 @@
+"""`distillbev demo`: the whole pipeline on the embedded synthetic dataset, with a results table.
+
+Each step is the equivalent `distillbev` command run in-process; a step whose output is already complete is
+reused, so rerunning after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "synthetic"
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    done_marker: Path  # the step's last output; its existence means the step finished
+
+    def is_done(self) -> bool:
+        return self.done_marker.exists()
+
+
+def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
+         device: str, overrides: tuple[str, ...]) -> tuple[list[Step], dict]:
+    """The demo's steps and the paths they produce."""
+    dataroot = out / "data"
+    teacher_run = out / "teacher"
+    cache = out / "cache" / "teacher_synth_train.zarr"
+    teacher_config = str(CONFIG_DIR / "teacher.yaml")
+    student_config = str(CONFIG_DIR / f"student_{student}.yaml")
+    students = {"baseline": out / "students" / f"{student}_baseline",
+                "distilled": out / "students" / f"{student}_distilled"}
+    synth = ["make-synthetic", "--out", str(dataroot)]
+    if scenes is not None:
+        synth += ["--scenes", str(scenes)]
+    if samples_per_scene is not None:
+        synth += ["--samples-per-scene", str(samples_per_scene)]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    steps = [
+        Step("make-synthetic", synth, dataroot / "synthetic_summary.json"),
+        Step("train-teacher", ["train-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
+                               "--out", str(teacher_run), "--device", device],
+             teacher_run / "eval" / "metrics_summary.json"),
+        Step("extract-teacher", ["extract-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
+                                 "--checkpoint", str(teacher_run / "latest.pth"), "--cache", str(cache),
+                                 "--split", "synth_train", "--views", str(views), "--device", device],
+             cache / "complete"),
+        Step("train-student (baseline)",
+             ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
+              str(students["baseline"]), "--baseline", "--device", device, *sets],
+             students["baseline"] / "eval" / "metrics_summary.json"),
+        Step("train-student (distilled)",
+             ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(cache),
+              "--out", str(students["distilled"]), "--device", device, *sets],
+             students["distilled"] / "eval" / "metrics_summary.json"),
+    ]
+    paths = {"dataroot": str(dataroot), "teacher_checkpoint": str(teacher_run / "latest.pth"),
+             "cache": str(cache), "students": {k: str(v) for k, v in students.items()}}
+    return steps, paths
+
+
+METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
+
+
+def result_row(summary_path: Path, teacher: str | None, student: str, teacher_mode: str, student_mode: str) -> dict:
+    from ..pipeline.eval.metrics import summary_metrics
+
+    metrics = summary_metrics(json.loads(summary_path.read_text()))
+    return {"teacher": teacher, "teacher_mode": teacher_mode, "student": student, "student_mode": student_mode,
+            **{k: metrics[k] for k in METRIC_KEYS}}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The paper's table layout: Teacher, Mode, Student, Mode, mAP, NDS, errors (x100 like the paper)."""
+    lines = ["| Teacher | Mode | Student | Mode | mAP↑ | NDS↑ | mATE↓ | mASE↓ | mAOE↓ | mAVE↓ | mAAE↓ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        values = " | ".join(f"{100 * row[k]:.1f}" for k in METRIC_KEYS)
+        lines.append(f"| {row['teacher'] or '-'} | {row['teacher_mode']} | {row['student']} | "
+                     f"{row['student_mode']} | {values} |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["student"] if r["teacher"] is None or r["student_mode"] == "L" else f"{r['student']}\n← {r['teacher']}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [100 * r["mAP"] for r in rows], width=0.4, label="mAP")
+    ax.bar([i + 0.2 for i in x], [100 * r["NDS"] for r in rows], width=0.4, label="NDS")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("score (x100)")
+    ax.set_title("distillbev demo on the synthetic nuScenes-format dataset")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory (reused on rerun: finished steps are skipped).")
+@click.option("--student", type=click.Choice(["bevdet", "bevdepth", "bevdet4d", "bevdepth4d"]), default="bevdet",
+              show_default=True, help="Camera student variant.")
+@click.option("--views", type=int, default=4, show_default=True, help="Cached BEV-augmented views per sample.")
+@click.option("--scenes", type=int, default=None, help="Synthetic scenes (default: the generator's default).")
+@click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
+def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
+            device: str, overrides: tuple[str, ...]) -> None:
+    """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
+    evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG)."""
+    from ..cli import cli
+
+    out.mkdir(parents=True, exist_ok=True)
+    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides)
+    summary_path = out / "demo_summary.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    seconds = {s["name"]: s["seconds"] for s in previous.get("steps", [])}
+    started = time.perf_counter()
+    for index, step in enumerate(steps, 1):
+        if step.is_done():
+            click.echo(f"[{index}/{len(steps)}] {step.name}: done already ({step.done_marker}), reused")
+            continue
+        click.echo(f"[{index}/{len(steps)}] {step.name}: distillbev {' '.join(step.argv)}")
+        t0 = time.perf_counter()
+        cli.main(args=step.argv, prog_name="distillbev", standalone_mode=False)
+        seconds[step.name] = round(time.perf_counter() - t0, 1)
+        if not step.is_done():
+            raise RuntimeError(f"step {step.name!r} finished without writing {step.done_marker}")
+    teacher_name = "CenterPoint"
+    rows = [
+        result_row(steps[1].done_marker, None, teacher_name, "-", "L"),
+        result_row(steps[3].done_marker, None, student_label(student), "-", "C"),
+        result_row(steps[4].done_marker, teacher_name, student_label(student), "L", "C"),
+    ]
+    table = markdown_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    bar_chart(rows, out / "results.png")
+    summary = {
+        "steps": [{"name": s.name, "command": ["distillbev", *s.argv], "seconds": seconds.get(s.name)} for s in steps],
+        "paths": paths,
+        "results": [{"teacher": r["teacher"], "student": r["student"], **{k: r[k] for k in METRIC_KEYS}}
+                    for r in rows],
+        "total_seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+    summary_path.write_text(json.dumps(summary, indent=2))
+    click.echo(table)
+    click.echo(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}, {summary_path}")
+
+
+def student_label(variant: str) -> str:
+    return {"bevdet": "BEVDet", "bevdepth": "BEVDepth", "bevdet4d": "BEVDet4D", "bevdepth4d": "BEVDepth4D"}[variant]
