@@ -1,0 +1,134 @@
+"""Version 1 of the teacher-feature cache: the zarr v3 layout and the manifest it carries.
+
+One zarr group holds everything for S samples x V views (shape letters as in `pipeline/data/types.py`):
+
+    features/<layer>          (S, V, C, Y, X)   float16, or int8 with the two arrays below
+    features/<layer>_scale    (S, V, C)         float32  int8 only: x = q * scale + offset, per sample-view channel
+    features/<layer>_offset   (S, V, C)         float32
+    heatmap                   (S, V, 10, Yh, Xh) float16 clip-sigmoid teacher class probabilities
+    attention/<layer>         (S, V, Y, X)      float32  teacher spatial attention (mean 1 over Y*X)
+    occupancy                 (S, V, Y, X)      bool     teacher canvas cells that hold a point
+    sample_tokens             (S,)              string
+    views                     (S, V, 4)         float64  BEVAugmentation.as_array(): rotation, scale, flip_x, flip_y
+    done                      (S, V)            uint8    1 once every chunk of that sample-view is written
+    teacher_head/<param>      any               the teacher CenterHead state_dict (float32)
+
+Every per-sample-view array has one chunk per sample-view, so the extraction workers never share a chunk. The
+manifest lives in the group attributes; `status` is "writing" until every done marker is set and the store passed
+its final consistency check, then "complete".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+
+FEATURE_DTYPES = {"fp16": "float16", "int8": "int8"}  # --dtype choice -> zarr data type of features/<layer>
+HEATMAP_DTYPE = "float16"
+ATTENTION_DTYPE = "float32"
+SCALE_DTYPE = "float32"
+VIEWS_DTYPE = "float64"
+DONE_DTYPE = "uint8"
+HEATMAP_CHANNELS = 10
+ZSTD_LEVEL = 3
+ATTENTION_TEMPERATURE = 0.5  # tau of the DistillBEV spatial attention
+
+HEATMAP = "heatmap"
+OCCUPANCY = "occupancy"
+SAMPLE_TOKENS = "sample_tokens"
+VIEWS = "views"
+DONE = "done"
+TEACHER_HEAD = "teacher_head"
+
+# dimension_names written into every array's metadata
+DIMS_MAP = ("sample", "view", "C", "Y", "X")
+DIMS_PLANE = ("sample", "view", "Y", "X")
+DIMS_CHANNEL = ("sample", "view", "C")
+DIMS_VIEWS = ("sample", "view", "augmentation")
+DIMS_DONE = ("sample", "view")
+DIMS_TOKENS = ("sample",)
+
+# manifest keys (dotted) that may differ between two runs of the same extraction: the checkpoint is identified
+# by its sha256 and the data by the sample tokens, so moving either file does not block a resume
+VOLATILE_KEYS = ("created_at", "status", "package_version", "teacher.checkpoint_path", "dataset.dataroot")
+
+
+def feature_array(layer: str) -> str:
+    return f"features/{layer}"
+
+
+def feature_scale_array(layer: str) -> str:
+    return f"features/{layer}_scale"
+
+
+def feature_offset_array(layer: str) -> str:
+    return f"features/{layer}_offset"
+
+
+def attention_array(layer: str) -> str:
+    return f"attention/{layer}"
+
+
+def teacher_head_array(param: str) -> str:
+    return f"{TEACHER_HEAD}/{param}"
+
+
+# manifest key -> expected JSON type(s); nested sections list their own keys
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "schema_version": int,
+    "package_version": str,
+    "teacher": {"config": dict, "checkpoint_path": str, "checkpoint_sha256": str},
+    "bev_grid": {"x_min": float, "x_max": float, "y_min": float, "y_max": float, "resolution": float},
+    "layers": dict,  # name -> {channels: int, shape: [Y, X], resolution: float, stride: float}
+    "heatmap": {"channels": int, "shape": list},
+    "occupancy": {"shape": list},
+    "storage": {"dtype": str, "codec": str, "level": int, "checksum": str, "heatmap_dtype": str,
+                "attention_dtype": str, "attention_temperature": float},
+    "views": {"count": int, "seed": int, "rotation_range": list, "scale_range": list, "flip_x_prob": float,
+              "flip_y_prob": float},
+    "dataset": {"dataroot": str, "version": str, "split": str, "num_sweeps": int},
+    "sample_count": int,
+    "created_at": str,
+    "status": str,
+}
+LAYER_SCHEMA = {"channels": int, "shape": list, "resolution": float, "stride": float}
+
+
+def validate_manifest(manifest: Any) -> list[str]:
+    """Problems of a manifest against this schema (an empty list when it is valid)."""
+    problems: list[str] = []
+    _check_section(manifest, MANIFEST_SCHEMA, "", problems)
+    if not problems:
+        for name, spec in manifest["layers"].items():
+            _check_section(spec, LAYER_SCHEMA, f"layers.{name}.", problems)
+        if manifest["storage"]["dtype"] not in FEATURE_DTYPES:
+            problems.append(f"storage.dtype: expected one of {sorted(FEATURE_DTYPES)}, "
+                            f"found {manifest['storage']['dtype']!r}")
+        if manifest["status"] not in (STATUS_WRITING, STATUS_COMPLETE):
+            problems.append(f"status: expected 'writing' or 'complete', found {manifest['status']!r}")
+    return problems
+
+
+def _check_section(data: Any, schema: dict[str, Any], prefix: str, problems: list[str]) -> None:
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or '<root>'}: expected a mapping, found {type(data).__name__}")
+        return
+    for key, expected in schema.items():
+        if key not in data:
+            problems.append(f"{prefix}{key}: missing")
+        elif isinstance(expected, dict):
+            _check_section(data[key], expected, f"{prefix}{key}.", problems)
+        elif not _is_instance(data[key], expected):
+            problems.append(f"{prefix}{key}: expected {expected.__name__}, found {type(data[key]).__name__}")
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if expected is float:  # JSON writes 1.0 as 1.0 but a user-built manifest may hold an int
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)

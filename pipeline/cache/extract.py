@@ -1,0 +1,358 @@
+"""The extraction engine: run the frozen teacher over every sample-view and fill a v1 store, resumably.
+
+The teacher and the sample source are injected, so the engine runs the real CenterPoint teacher from the stage
+and tiny fakes in tests:
+
+    run_teacher(points_list: list[Tensor (P, 5)]) -> TeacherOutputs-like (features layer -> (B, C, Y, X),
+        heatmap (B, 10, Yh, Xh) logits, occupancy (B, Y, X) bool)
+    load_points(sample_index, bev_aug) -> (sample_token, points Tensor (P, 5) augmented by bev_aug)
+
+With `workers=N` the pending samples are split into N contiguous runs, one forked process each; a process owns
+whole samples, and every array has one chunk per sample-view, so two processes never write the same chunk.
+Inside a process a bounded queue hands finished sample-views to a writer thread, overlapping compression and I/O
+with the next teacher forward pass. A sample-view's done marker is written after all its chunks; after a crash the
+same command skips the done sample-views and rewrites the rest, giving the same bytes as an uninterrupted run
+(given a deterministic teacher: same device, same thread count).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ...cache_schemas import v1
+from ..errors import CacheError
+from ..geometry.bev import BEVAugmentation, BEVGrid
+from .manifest import LayerSpec, ViewConfig, layer_specs, view_augmentations
+from .writer import (SampleViewRecord, SampleViewWriter, StoreState, finalize_store, prepare_store, read_done)
+
+logger = logging.getLogger(__name__)
+
+RunTeacher = Callable[[list[torch.Tensor]], Any]
+LoadPoints = Callable[[int, BEVAugmentation], tuple[str, torch.Tensor]]
+FLOAT16_MAX = 65504.0
+
+
+def clip_sigmoid(logits: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """sigmoid clamped to [eps, 1 - eps], as CenterPoint applies it to heatmap logits."""
+    return torch.clamp(torch.sigmoid(logits.float()), min=eps, max=1 - eps)
+
+
+def spatial_attention(features: torch.Tensor, temperature: float = v1.ATTENTION_TEMPERATURE) -> torch.Tensor:
+    """DistillBEV spatial attention: (B, C, Y, X) -> (B, Y, X) float32 with mean 1 over Y*X.
+
+    A = Y*X * softmax over all cells of (mean_c |F| / temperature), in float32 (fp16 sums overflow).
+    """
+    b, _, y, x = features.shape
+    magnitude = features.float().abs().mean(dim=1).reshape(b, y * x)  # (B, Y*X)
+    return (torch.softmax(magnitude / temperature, dim=1) * (y * x)).reshape(b, y, x)
+
+
+def probe_teacher(run_teacher: RunTeacher, points: torch.Tensor, grid: BEVGrid,
+                  layers: list[str]) -> tuple[list[LayerSpec], tuple[int, int], tuple[int, int]]:
+    """Run the teacher once to learn the stored shapes: (layer specs, heatmap (Yh, Xh), occupancy (Y, X))."""
+    with torch.no_grad():
+        outputs = run_teacher([points])
+    specs = []
+    for name in layers:
+        if name not in outputs.features:
+            raise CacheError(f"teacher output has no layer {name!r}; available: {sorted(outputs.features)}; "
+                             f"fix --layers")
+        _, channels, y, x = outputs.features[name].shape
+        resolution = (grid.x_max - grid.x_min) / x
+        specs.append(LayerSpec(name, int(channels), (int(y), int(x)), resolution, grid.num_x / x))
+    heatmap_shape = tuple(int(s) for s in outputs.heatmap.shape[-2:])
+    occupancy_shape = tuple(int(s) for s in outputs.occupancy.shape[-2:])
+    return specs, heatmap_shape, occupancy_shape
+
+
+def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: list[str],
+                         manifest: dict[str, Any]) -> list[SampleViewRecord]:
+    """Split a batch of teacher outputs into per-sample-view records, refusing non-finite or misfit outputs."""
+    layers = layer_specs(manifest)
+    fp16 = manifest["storage"]["dtype"] == "fp16"
+    expected = {layer.name: (layer.channels, *layer.shape) for layer in layers}
+    expected[v1.HEATMAP] = (v1.HEATMAP_CHANNELS, *manifest["heatmap"]["shape"])
+    expected[v1.OCCUPANCY] = tuple(manifest["occupancy"]["shape"])
+    maps = {layer.name: outputs.features.get(layer.name) for layer in layers}
+    maps[v1.HEATMAP] = outputs.heatmap
+    maps[v1.OCCUPANCY] = outputs.occupancy
+    for name, tensor in maps.items():
+        if tensor is None:
+            raise CacheError(f"teacher output has no layer {name!r} that the store holds; "
+                             f"the --layers or the teacher config differ from the store's manifest")
+        if tuple(tensor.shape) != (len(tasks), *expected[name]):
+            raise CacheError(f"teacher output {name!r} has shape {tuple(tensor.shape)}, the store expects "
+                             f"{(len(tasks), *expected[name])}; the teacher config differs from the store's manifest")
+    attention = {layer.name: spatial_attention(maps[layer.name]) for layer in layers}
+    heatmap = clip_sigmoid(outputs.heatmap)
+    for b, (sample_index, view) in enumerate(tasks):
+        for name in [layer.name for layer in layers] + [v1.HEATMAP]:
+            values = maps[name][b]
+            if not bool(torch.isfinite(values).all()):
+                count = int((~torch.isfinite(values)).sum())
+                raise CacheError(f"teacher output {name!r} of sample {tokens[b]} (index {sample_index}, view {view}) "
+                                 f"has {count} NaN/Inf values; check the teacher checkpoint and that sample's points")
+            if fp16 and name != v1.HEATMAP and float(values.abs().max()) > FLOAT16_MAX:
+                raise CacheError(f"teacher output {name!r} of sample {tokens[b]} (view {view}) exceeds the float16 "
+                                 f"range ({float(values.abs().max()):.3g}); extract with --dtype int8")
+    records = []
+    for b, (sample_index, view) in enumerate(tasks):
+        records.append(SampleViewRecord(
+            sample_index=sample_index, view=view, sample_token=tokens[b],
+            features={layer.name: maps[layer.name][b].detach().float().cpu().numpy() for layer in layers},
+            heatmap=heatmap[b].detach().cpu().numpy(),
+            attention={name: a[b].detach().cpu().numpy() for name, a in attention.items()},
+            occupancy=outputs.occupancy[b].detach().bool().cpu().numpy()))
+    return records
+
+
+class _BackgroundWriter:
+    """A writer thread behind a bounded queue; its errors surface on the next `put` or on `close`."""
+
+    def __init__(self, writer: SampleViewWriter, report: Callable[[SampleViewRecord], None], max_pending: int):
+        self.writer, self.report = writer, report
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            record = self.queue.get()
+            if record is None:
+                return
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                self.writer.write(record)
+                self.report(record)
+            except BaseException as exc:  # surfaced in the producer thread
+                self.error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, record: SampleViewRecord | None) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put(record, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+
+@dataclass
+class _WorkerJob:
+    path: Path
+    tasks: list[tuple[int, int]]  # (sample_index, view), sorted
+    sample_tokens: list[str]
+    views: ViewConfig
+    run_teacher: RunTeacher
+    load_points: LoadPoints
+    batch_size: int
+    background_writer: bool
+    max_pending: int
+
+
+def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None]) -> None:
+    """Compute and write every task of one worker, in order."""
+    writer = SampleViewWriter(job.path)
+    sink = _BackgroundWriter(writer, report, job.max_pending) if job.background_writer else None
+    augmentations: dict[int, list[BEVAugmentation]] = {}
+    try:
+        for start in range(0, len(job.tasks), job.batch_size):
+            batch = job.tasks[start:start + job.batch_size]
+            tokens, clouds = [], []
+            for sample_index, view in batch:
+                if sample_index not in augmentations:
+                    augmentations = {sample_index: view_augmentations(job.views, sample_index)}
+                token, points = job.load_points(sample_index, augmentations[sample_index][view])
+                if token != job.sample_tokens[sample_index]:
+                    raise CacheError(f"sample {sample_index} of the dataset is {token!r} but the store expects "
+                                     f"{job.sample_tokens[sample_index]!r}; the split or dataroot changed: "
+                                     f"extract into a new --cache path or pass --overwrite")
+                tokens.append(token)
+                clouds.append(points)
+            with torch.no_grad():
+                outputs = job.run_teacher(clouds)
+            for record in records_from_outputs(outputs, batch, tokens, writer.manifest):
+                if sink is None:
+                    writer.write(record)
+                    report(record)
+                else:
+                    sink.put(record)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int) -> None:
+    """Entry point of a forked worker: reports progress, errors and completion through `messages`."""
+    torch.set_num_threads(threads)
+    try:
+        _run_worker(job, lambda r: messages.put(("progress", worker_id, r.sample_index, r.view, r.nbytes)))
+    except CacheError as exc:
+        messages.put(("cache_error", worker_id, str(exc)))
+        raise SystemExit(1)
+    except BaseException:
+        messages.put(("error", worker_id, traceback.format_exc()))
+        raise SystemExit(1)
+    messages.put(("finished", worker_id))
+
+
+@dataclass
+class ExtractionReport:
+    """What one extraction call did. written_by: (worker, sample_index, view) per written sample-view."""
+
+    path: str
+    state: StoreState
+    status: str
+    total: int
+    skipped: int
+    written: int
+    seconds: float
+    raw_bytes: int
+    written_by: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def split_tasks(pending: list[tuple[int, int]], workers: int) -> list[list[tuple[int, int]]]:
+    """Split pending sample-views into at most `workers` contiguous runs of whole samples."""
+    samples = sorted({s for s, _ in pending})
+    parts = [part for part in np.array_split(np.array(samples, dtype=np.int64), max(1, workers)) if len(part)]
+    owner = {int(s): i for i, part in enumerate(parts) for s in part}
+    runs: list[list[tuple[int, int]]] = [[] for _ in parts]
+    for sample_index, view in sorted(pending):
+        runs[owner[sample_index]].append((sample_index, view))
+    return runs
+
+
+def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_tokens: list[str],
+                          head_state: dict[str, np.ndarray], run_teacher: RunTeacher, load_points: LoadPoints,
+                          workers: int = 1, batch_size: int = 1, background_writer: bool = True,
+                          max_pending: int = 4, threads_per_worker: int | None = None, overwrite: bool = False,
+                          progress: bool = True) -> ExtractionReport:
+    """Fill the store at `path` with every sample-view of `manifest`; resumes a partial store of the same manifest.
+
+    workers=1 runs in this process; workers>1 forks that many processes (fork start method: the injected
+    callables are inherited, not pickled; a CUDA teacher needs workers=1). Each worker computes with
+    `threads_per_worker` torch threads (default: this process's threads // workers). CPU results depend on the
+    thread count, so a resumed run is bit-identical to an uninterrupted one when both use the same thread count.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
+    total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
+    if state == "complete":
+        logger.info("%s: already complete (%d sample-views); nothing to do", path, total)
+        return ExtractionReport(str(path), state, v1.STATUS_COMPLETE, total, total, 0,
+                                time.perf_counter() - started, 0)
+    done = read_done(path)
+    pending = [(int(s), int(v)) for s, v in zip(*np.nonzero(~done))]
+    if state == "resumed":
+        logger.info("%s: resuming, %d of %d sample-views already done", path, total - len(pending), total)
+    runs = split_tasks(pending, workers)
+    views = ViewConfig.from_json(manifest["views"])
+    jobs = [_WorkerJob(path, run, list(sample_tokens), views, run_teacher, load_points, batch_size,
+                       background_writer, max_pending) for run in runs]
+    report = ExtractionReport(str(path), state, v1.STATUS_WRITING, total, total - len(pending), 0, 0.0, 0)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(pending), unit="view", desc="extract-teacher", disable=not progress, smoothing=0.1)
+    lock = threading.Lock()
+
+    def on_written(worker_id: int, sample_index: int, view: int, nbytes: int) -> None:
+        with lock:
+            report.written += 1
+            report.raw_bytes += nbytes
+            report.written_by.append((worker_id, sample_index, view))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{report.raw_bytes / elapsed / 1e6:.1f} MB/s raw", refresh=False)
+            bar.update(1)
+
+    threads = threads_per_worker or max(1, torch.get_num_threads() // max(1, workers))
+    previous_threads = torch.get_num_threads()
+    try:
+        if len(jobs) <= 1 or workers <= 1:
+            torch.set_num_threads(threads)  # restored below: only this call computes with it
+            for job in jobs:
+                _run_worker(job, lambda r: on_written(0, r.sample_index, r.view, r.nbytes))
+        else:
+            _run_processes(jobs, on_written, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+        bar.close()
+    finalize_store(path, sample_tokens)
+    report.status = v1.STATUS_COMPLETE
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_processes(jobs: list[_WorkerJob], on_written: Callable[[int, int, int, int], None], threads: int) -> None:
+    """Fork one process per job, relay their progress, and fail fast (stopping the others) on any error."""
+    context = multiprocessing.get_context("fork")
+    messages = context.Queue()
+    processes = [context.Process(target=_child_main, args=(i, job, messages, threads), name=f"extract-worker-{i}",
+                                 daemon=True) for i, job in enumerate(jobs)]
+    for process in processes:
+        process.start()
+    finished: set[int] = set()
+    try:
+        while len(finished) < len(processes):
+            try:
+                message = messages.get(timeout=0.2)
+            except queue.Empty:
+                _check_alive(processes, finished, messages, on_written)
+                continue
+            _handle(message, finished, on_written)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join()
+
+
+def _handle(message: tuple, finished: set[int], on_written: Callable[[int, int, int, int], None]) -> None:
+    kind, worker_id = message[0], message[1]
+    if kind == "progress":
+        on_written(worker_id, *message[2:])
+    elif kind == "finished":
+        finished.add(worker_id)
+    elif kind == "cache_error":
+        raise CacheError(message[2])
+    else:
+        raise RuntimeError(f"extraction worker {worker_id} failed:\n{message[2]}")
+
+
+def _check_alive(processes: list, finished: set[int], messages: Any,
+                 on_written: Callable[[int, int, int, int], None]) -> None:
+    for worker_id, process in enumerate(processes):
+        if worker_id in finished or process.exitcode is None or process.exitcode == 0:
+            continue
+        # a failing worker sends its error before exiting: read what is left before calling it a crash
+        while True:
+            try:
+                _handle(messages.get(timeout=1.0), finished, on_written)
+            except queue.Empty:
+                break
+        raise CacheError(f"extraction worker {worker_id} (pid {process.pid}) died with exit code "
+                         f"{process.exitcode} (a negative code is the signal, e.g. -9 = killed, often out of "
+                         f"memory); the store stays 'writing': rerun the same command to resume")

@@ -1,0 +1,166 @@
+"""The cache manifest: what was extracted, from which teacher and data, and how it is stored.
+
+The manifest is a JSON-compatible dict kept in the store's group attributes (schema in `cache_schemas/v1.py`).
+Two manifests describe the same extraction when they agree on every key except the volatile ones
+(`v1.VOLATILE_KEYS`: creation time, status, package version, checkpoint and dataroot paths); `manifest_diff`
+lists the keys where they do not.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from ...cache_schemas import v1
+from ..geometry.bev import BEVAugmentation, BEVGrid, sample_bev_augmentation
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One distilled teacher layer: `channels` x `shape` (Y, X) cells of `resolution` metres.
+
+    stride: cells of the teacher's BEV grid per cell of this layer (e.g. 4 for 128^2 over a 512^2 canvas).
+    """
+
+    name: str
+    channels: int
+    shape: tuple[int, int]
+    resolution: float
+    stride: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"channels": int(self.channels), "shape": [int(s) for s in self.shape],
+                "resolution": float(self.resolution), "stride": float(self.stride)}
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How the V cached views of each sample are drawn (view 0 is always the identity)."""
+
+    count: int = 1  # views per sample
+    seed: int = 0  # views of sample i come from numpy.random.default_rng([seed, i])
+    rotation_range: tuple[float, float] = (-0.3925, 0.3925)  # radians, uniform
+    scale_range: tuple[float, float] = (0.95, 1.05)  # uniform
+    flip_x_prob: float = 0.5  # probability of y -> -y
+    flip_y_prob: float = 0.5  # probability of x -> -x
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": int(self.count), "seed": int(self.seed),
+                "rotation_range": [float(v) for v in self.rotation_range],
+                "scale_range": [float(v) for v in self.scale_range],
+                "flip_x_prob": float(self.flip_x_prob), "flip_y_prob": float(self.flip_y_prob)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ViewConfig":
+        return cls(count=int(data["count"]), seed=int(data["seed"]),
+                   rotation_range=tuple(data["rotation_range"]), scale_range=tuple(data["scale_range"]),
+                   flip_x_prob=float(data["flip_x_prob"]), flip_y_prob=float(data["flip_y_prob"]))
+
+
+def view_augmentations(views: ViewConfig, sample_index: int) -> list[BEVAugmentation]:
+    """The `views.count` augmentations of one sample: the identity, then draws from rng([seed, sample_index])."""
+    rng = np.random.default_rng([views.seed, sample_index])
+    augmentations = [BEVAugmentation()]
+    for _ in range(views.count - 1):
+        augmentations.append(sample_bev_augmentation(rng, tuple(views.rotation_range), tuple(views.scale_range),
+                                                     views.flip_x_prob, views.flip_y_prob))
+    return augmentations
+
+
+def views_array(views: ViewConfig, sample_count: int) -> np.ndarray:
+    """(S, V, 4) float64: every sample's views as BEVAugmentation.as_array rows."""
+    out = np.zeros((sample_count, views.count, 4), dtype=np.float64)
+    for index in range(sample_count):
+        for view, augmentation in enumerate(view_augmentations(views, index)):
+            out[index, view] = augmentation.as_array()
+    return out
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("distillbev")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_manifest(*, teacher_config: dict[str, Any], checkpoint_path: str, checkpoint_sha256: str,
+                   grid: BEVGrid, layers: list[LayerSpec], heatmap_shape: tuple[int, int],
+                   occupancy_shape: tuple[int, int], dtype: str, views: ViewConfig, dataset: dict[str, Any],
+                   sample_count: int) -> dict[str, Any]:
+    """A v1 manifest (status "writing"); `dataset` holds dataroot, version, split and num_sweeps."""
+    if dtype not in v1.FEATURE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(v1.FEATURE_DTYPES)}")
+    if views.count < 1:
+        raise ValueError(f"views.count must be >= 1, found {views.count}")
+    manifest = {
+        "schema_version": v1.SCHEMA_VERSION,
+        "package_version": package_version(),
+        "teacher": {"config": teacher_config, "checkpoint_path": str(checkpoint_path),
+                    "checkpoint_sha256": str(checkpoint_sha256)},
+        "bev_grid": {"x_min": float(grid.x_min), "x_max": float(grid.x_max), "y_min": float(grid.y_min),
+                     "y_max": float(grid.y_max), "resolution": float(grid.resolution)},
+        "layers": {layer.name: layer.to_json() for layer in layers},
+        "heatmap": {"channels": v1.HEATMAP_CHANNELS, "shape": [int(s) for s in heatmap_shape]},
+        "occupancy": {"shape": [int(s) for s in occupancy_shape]},
+        "storage": {"dtype": dtype, "codec": "zstd", "level": v1.ZSTD_LEVEL, "checksum": "crc32c",
+                    "heatmap_dtype": v1.HEATMAP_DTYPE, "attention_dtype": v1.ATTENTION_DTYPE,
+                    "attention_temperature": v1.ATTENTION_TEMPERATURE},
+        "views": views.to_json(),
+        "dataset": {"dataroot": str(dataset["dataroot"]), "version": str(dataset["version"]),
+                    "split": str(dataset["split"]), "num_sweeps": int(dataset["num_sweeps"])},
+        "sample_count": int(sample_count),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "status": v1.STATUS_WRITING,
+    }
+    # the stored form is JSON: normalise now (tuples -> lists) so a fresh and a reloaded manifest compare equal
+    manifest = json.loads(json.dumps(manifest))
+    problems = v1.validate_manifest(manifest)
+    if problems:
+        raise ValueError(f"invalid cache manifest: {'; '.join(problems)}")
+    return manifest
+
+
+def layer_specs(manifest: dict[str, Any]) -> list[LayerSpec]:
+    return [LayerSpec(name, int(spec["channels"]), tuple(spec["shape"]), float(spec["resolution"]),
+                      float(spec["stride"])) for name, spec in manifest["layers"].items()]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted.key: leaf}; lists stay leaves."""
+    if not isinstance(data, dict) or (prefix and not data):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+_MISSING = "<missing>"
+
+
+def manifest_diff(stored: dict[str, Any], requested: dict[str, Any],
+                  ignore: tuple[str, ...] = v1.VOLATILE_KEYS, only_requested: bool = False) -> list[str]:
+    """Lines "key: stored -> requested" for every differing leaf.
+
+    only_requested: compare just the keys present in `requested` (a partial expectation).
+    """
+    left, right = flatten(json.loads(json.dumps(stored))), flatten(json.loads(json.dumps(requested)))
+    keys = sorted(right) if only_requested else sorted(set(left) | set(right))
+    lines = []
+    for key in keys:
+        if any(key == skip or key.startswith(f"{skip}.") for skip in ignore):
+            continue
+        a, b = left.get(key, _MISSING), right.get(key, _MISSING)
+        if a != b:
+            lines.append(f"{key}: {_short(a)} -> {_short(b)}")
+    return lines
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if value is _MISSING else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

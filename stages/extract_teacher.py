@@ -1,0 +1,112 @@
+"""`distillbev extract-teacher`: run the frozen CenterPoint teacher over a split into a zarr teacher-feature cache.
+
+    distillbev extract-teacher --config configs/synthetic/teacher.yaml --dataroot data/synthetic \
+        --checkpoint runs/teacher/teacher.pth --cache runs/cache.zarr --split synth_train --views 4 --workers 2
+
+The same command resumes an interrupted extraction (done sample-views are skipped) and reports "already complete"
+for a finished one. A store written with another teacher, config, grid, split, view set or dtype is refused with
+the list of differences unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import click
+
+DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher layers (B1, B2, pre-head)
+
+
+@click.command("extract-teacher")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Teacher experiment config (YAML: data, model, train).")
+@click.option("--dataroot", required=True, type=click.Path(file_okay=False), help="nuScenes-format dataroot.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
+@click.option("--cache", "cache_path", required=True, type=click.Path(), help="Output zarr store (a directory).")
+@click.option("--split", required=True, help="Split to extract, e.g. train, mini_train, synth_train.")
+@click.option("--views", default=1, show_default=True, type=click.IntRange(min=1),
+              help="BEV-augmented views per sample (view 0 is the identity).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view draws.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Extraction processes, each owning a contiguous run of samples.")
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "int8"]),
+              help="Feature storage: float16, or int8 with a per-channel scale/offset per sample-view.")
+@click.option("--layers", default=DEFAULT_LAYERS, show_default=True, help="Comma-separated teacher layers to store.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Sample-views per teacher forward pass (part of what makes a resumed run bit-identical).")
+@click.option("--no-background-writer", is_flag=True, help="Write in the compute thread (no overlap).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store that was written differently.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. data.num_sweeps=4.")
+def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, split: str, views: int, seed: int,
+            workers: int, dtype: str, layers: str, batch_size: int, no_background_writer: bool, overwrite: bool,
+            device: str, overrides: tuple[str, ...]) -> None:
+    """Extract teacher features, heatmaps and attention for every sample-view of a split."""
+    import dataclasses
+    import logging
+
+    import torch
+
+    from ..pipeline.cache.extract import extract_teacher_cache
+    from ..pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
+    from ..pipeline.config import load_config, to_dict
+    from ..pipeline.data.dataset import NuScenesDetectionDataset
+    from ..pipeline.errors import ConfigError
+    from ..pipeline.geometry.bev import BEVAugmentation
+    from ..pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
+    from ..pipeline.teacher.config import TeacherExperimentConfig
+    from ..pipeline.teacher.model import CenterPointTeacher
+
+    logger = logging.getLogger("distillbev.extract_teacher")
+    if device == "cuda" and workers > 1:
+        raise ConfigError("--workers > 1 forks processes, which cannot share a CUDA context; use --workers 1 "
+                          "with --device cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    config = load_config(TeacherExperimentConfig, config_path, overrides=list(overrides))
+    data_config = dataclasses.replace(config.data, dataroot=str(dataroot), load_images=False)
+    layer_names = [name.strip() for name in layers.split(",") if name.strip()]
+
+    model = CenterPointTeacher(config.model)
+    unknown = [name for name in layer_names if name not in model.feature_channels]
+    if not layer_names or unknown:
+        raise ConfigError(f"--layers {layers!r}: unknown layer(s) {unknown}; the teacher has "
+                          f"{sorted(model.feature_channels)}")
+    report = load_teacher_checkpoint(model, checkpoint)  # CheckpointError when missing or mismatched
+    logger.info("%s", report.summary())
+    model = model.to(device).eval()
+    sha = checkpoint_sha256(checkpoint)
+
+    dataset = NuScenesDetectionDataset(data_config, split, mode="test")
+    canvas = config.model.canvas_grid
+    shapes, channels = model.feature_shapes, model.feature_channels
+    specs = [LayerSpec(name, channels[name], shapes[name], (canvas.x_max - canvas.x_min) / shapes[name][1],
+                       canvas.num_x / shapes[name][1]) for name in layer_names]
+    view_config = ViewConfig(count=views, seed=seed, rotation_range=tuple(data_config.bev_rotation_lim),
+                             scale_range=tuple(data_config.bev_scale_lim), flip_x_prob=data_config.bev_flip_x_prob,
+                             flip_y_prob=data_config.bev_flip_y_prob)
+    manifest = build_manifest(
+        teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
+        layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,
+        views=view_config, sample_count=len(dataset),
+        dataset={"dataroot": str(dataroot), "version": data_config.version, "split": split,
+                 "num_sweeps": data_config.num_sweeps})
+    head_state = {name: value.detach().cpu().numpy() for name, value in model.pts_bbox_head.state_dict().items()}
+
+    def run_teacher(points_list: list[torch.Tensor]):
+        with torch.no_grad():
+            return model([points.to(device) for points in points_list])
+
+    def load_points(index: int, bev_aug: BEVAugmentation):
+        sample = dataset.get(index, bev_aug=bev_aug, with_images=False)
+        return sample.sample_token, sample.points
+
+    result = extract_teacher_cache(cache_path, manifest=manifest, sample_tokens=list(dataset.sample_tokens),
+                                   head_state=head_state, run_teacher=run_teacher, load_points=load_points,
+                                   workers=workers, batch_size=batch_size, background_writer=not no_background_writer,
+                                   overwrite=overwrite)
+    if result.state == "complete":
+        click.echo(f"{cache_path}: already complete ({result.total} sample-views of split {split!r})")
+        return
+    rate = result.written / max(result.seconds, 1e-9)
+    click.echo(f"{cache_path}: complete: {result.total} sample-views ({len(dataset)} samples x {views} views), "
+               f"{result.written} written, {result.skipped} resumed, {result.seconds:.1f} s, {rate:.2f} views/s, "
+               f"{result.raw_bytes / max(result.seconds, 1e-9) / 1e6:.1f} MB/s raw")
