@@ -1,1 +1,6 @@
+"""nuScenes detection evaluation: LiDAR-frame detections -> results JSON -> the devkit's DetectionEval."""
 
+from .nuscenes_eval import evaluate_results, format_metrics_table
+from .results import detections_to_results
+
+__all__ = ["detections_to_results", "evaluate_results", "format_metrics_table"]

@@ -1,0 +1,57 @@
+"""`DataConfig`: where the nuScenes-format data lives and how a key frame is turned into a `Sample`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# nuScenes camera order used by BEVDet-family models (and therefore by the student's camera index).
+CAMERA_CHANNELS: tuple[str, ...] = (
+    "CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT",
+)
+
+
+@dataclass
+class DataConfig:
+    """Dataset location, point/image loading and the augmentation ranges (BEVDet / CenterPoint recipes)."""
+
+    dataroot: str = "data/nuscenes"  # folder holding <version>/, samples/, sweeps/, maps/
+    version: str = "v1.0-trainval"  # table folder name under dataroot, e.g. v1.0-mini, v1.0-synthetic
+    train_split: str = "train"  # predefined devkit split name or a custom name from <version>/splits.json
+    val_split: str = "val"  # split evaluated after training
+    seed: int = 0  # train-mode draws use numpy default_rng(seed + epoch * len(dataset) + index)
+
+    # LiDAR
+    num_sweeps: int = 9  # previous LIDAR_TOP sweeps added to the key frame (10 frames in total)
+    sweep_candidates: int = 10  # train mode picks num_sweeps of this many nearest previous sweeps (mmdet3d)
+    sweep_min_distance: float = 1.0  # sweep points with |x| and |y| below this (own sensor frame) are dropped
+    point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped before BEV aug
+
+    # Cameras
+    load_images: bool = True  # False for LiDAR-only consumers (the teacher)
+    camera_channels: tuple[str, ...] = CAMERA_CHANNELS  # image order of CameraInputs
+    final_size: tuple[int, int] = (256, 704)  # (H, W) fed to the image network
+    resize_lim: tuple[float, float] = (-0.06, 0.11)  # train: added to the base scale final_W / image_W
+    crop_h_lim: tuple[float, float] = (0.0, 0.0)  # fraction of the resized height kept below the crop (BEVDet)
+    rot_lim: tuple[float, float] = (-5.4, 5.4)  # train: image rotation in degrees
+    image_flip: bool = True  # train: flip each image horizontally with probability 0.5
+    load_previous_frame: bool = False  # also load the previous key frame's cameras (4D students)
+
+    # BEV augmentation (train mode), applied identically to points and GT boxes
+    bev_rotation_lim: tuple[float, float] = (-0.3925, 0.3925)  # radians
+    bev_scale_lim: tuple[float, float] = (0.95, 1.05)
+    bev_flip_x_prob: float = 0.5  # mirror y -> -y
+    bev_flip_y_prob: float = 0.5  # mirror x -> -x
+    train_drop_out_of_range_boxes: bool = True  # train: drop GT whose centre leaves the x/y range after aug
+
+    def __post_init__(self) -> None:
+        if len(self.point_cloud_range) != 6 or not (self.point_cloud_range[0] < self.point_cloud_range[3]
+                                                    and self.point_cloud_range[1] < self.point_cloud_range[4]
+                                                    and self.point_cloud_range[2] < self.point_cloud_range[5]):
+            raise ValueError(f"point_cloud_range must be (x_min, y_min, z_min, x_max, y_max, z_max) with min < max, "
+                             f"found {self.point_cloud_range}")
+        if self.num_sweeps < 0 or self.sweep_candidates < self.num_sweeps:
+            raise ValueError(f"need 0 <= num_sweeps <= sweep_candidates, found {self.num_sweeps} and "
+                             f"{self.sweep_candidates}")
+        if len(self.final_size) != 2 or min(self.final_size) <= 0:
+            raise ValueError(f"final_size must be (H, W) with positive values, found {self.final_size}")

@@ -1,0 +1,44 @@
+"""Fixtures of the data tests: the hand-made tiny nuScenes dataroot (tests/data/tiny_nuscenes.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _load_tiny_module():
+    name = "distillbev_tests_tiny_nuscenes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("tiny_nuscenes.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny_nuscenes module (constants and the builder)."""
+    return _load_tiny_module()
+
+
+@pytest.fixture(scope="session")
+def tiny_slice(tmp_path_factory, tiny):
+    """A read-only tiny dataroot shared by the session (do not modify it; use `tiny_slice_copy`)."""
+    return tiny.build_tiny_nuscenes(tmp_path_factory.mktemp("tiny") / "nuscenes")
+
+
+@pytest.fixture
+def tiny_slice_copy(tmp_path, tiny_slice):
+    """A private copy of the tiny dataroot that a test may break."""
+    root = tmp_path / "nuscenes"
+    shutil.copytree(tiny_slice.dataroot, root)
+    copy = type(tiny_slice)(dataroot=root, version=tiny_slice.version, sample_tokens=list(tiny_slice.sample_tokens))
+    copy.lidar_files = {k: root / p.relative_to(tiny_slice.dataroot) for k, p in tiny_slice.lidar_files.items()}
+    copy.key_lidar_files = [root / p.relative_to(tiny_slice.dataroot) for p in tiny_slice.key_lidar_files]
+    copy.camera_files = [root / p.relative_to(tiny_slice.dataroot) for p in tiny_slice.camera_files]
+    return copy

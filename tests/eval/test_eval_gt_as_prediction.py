@@ -1,0 +1,119 @@
+"""GT boxes taken through the project's path (dataset LiDAR frame -> detections_to_results -> devkit) score ~1.
+
+On the hand-made tiny dataroot (fast) and on a generated synthetic dataroot (slow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from distillbev.cli import main
+from distillbev.pipeline.data.config import DataConfig
+from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.data.types import Detections
+from distillbev.pipeline.errors import DataError
+from distillbev.pipeline.eval import detections_to_results, evaluate_results
+
+
+def gt_detections(dataset) -> list[Detections]:
+    """Each sample's GT as detections, read through `dataset[i]` (test mode: identity augmentation)."""
+    detections = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        boxes = sample.gt_boxes.double().numpy()
+        detections.append(Detections(sample.sample_token, boxes, np.ones(len(boxes)), sample.gt_labels.numpy(),
+                                     sample.gt_attributes.numpy()))
+    return detections
+
+
+def evaluate_gt(dataroot, version, split, out_dir) -> dict:
+    config = DataConfig(dataroot=str(dataroot), version=version, num_sweeps=0, load_images=False)
+    dataset = NuScenesDetectionDataset(config, split, "test")
+    results_path = out_dir / "results.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(detections_to_results(gt_detections(dataset), dataset, use_lidar=True)))
+    return evaluate_results(results_path, dataset, out_dir / "eval")
+
+
+def test_gt_as_prediction_on_tiny_dataroot(tiny_slice, tmp_path):
+    summary = evaluate_gt(tiny_slice.dataroot, tiny_slice.version, "tiny_val", tmp_path)
+    assert summary["mean_ap"] >= 0.99 and summary["nd_score"] >= 0.99
+    assert all(ap >= 0.99 for ap in summary["mean_dist_aps"].values())
+    assert (tmp_path / "eval" / "metrics_summary.json").is_file()
+
+
+def test_wrong_prediction_is_penalised(tiny_slice, tmp_path):
+    """The check can fail: shifting every box by 3 m (beyond the 2 m TP threshold) loses most of the AP."""
+    config = DataConfig(dataroot=str(tiny_slice.dataroot), version=tiny_slice.version, num_sweeps=0,
+                        load_images=False)
+    dataset = NuScenesDetectionDataset(config, "tiny_val", "test")
+    detections = gt_detections(dataset)
+    for item in detections:
+        item.boxes[:, 0] += 3.0
+    path = tmp_path / "shifted.json"
+    path.write_text(json.dumps(detections_to_results(detections, dataset)))
+    summary = evaluate_results(path, (dataset.nusc, "tiny_val"), tmp_path / "eval")
+    assert summary["mean_ap"] < 0.6
+
+
+def test_results_must_cover_the_split(tiny_slice, tmp_path):
+    config = DataConfig(dataroot=str(tiny_slice.dataroot), version=tiny_slice.version, load_images=False)
+    dataset = NuScenesDetectionDataset(config, "tiny_val", "test")
+    results = detections_to_results([], dataset)
+    del results["results"][dataset.sample_tokens[1]]
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(results))
+    with pytest.raises(DataError, match="1 of the 2 samples"):
+        evaluate_results(path, dataset, tmp_path / "eval")
+    # Entries of samples outside the split are ignored; an empty prediction set scores 0.
+    results = detections_to_results([], dataset)
+    results["results"]["not-in-split"] = []
+    path.write_text(json.dumps(results))
+    summary = evaluate_results(path, dataset, tmp_path / "eval")
+    assert summary["mean_ap"] == 0.0 and summary["nd_score"] == 0.0
+
+
+def test_devkit_rejection_is_a_data_error(tiny_slice, tmp_path):
+    config = DataConfig(dataroot=str(tiny_slice.dataroot), version=tiny_slice.version, load_images=False)
+    dataset = NuScenesDetectionDataset(config, "tiny_val", "test")
+    results = detections_to_results(gt_detections(dataset), dataset)
+    results["results"][dataset.sample_tokens[0]][0]["attribute_name"] = "vehicle.flying"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(results))
+    with pytest.raises(DataError, match="devkit rejected"):
+        evaluate_results(path, dataset, tmp_path / "eval")
+
+
+def test_cli_gt_as_prediction_and_results(tiny_slice, tmp_path, capsys):
+    common = ["evaluate", "--dataroot", str(tiny_slice.dataroot), "--version", tiny_slice.version,
+              "--split", "tiny_val"]
+    main(common + ["--out", str(tmp_path / "gt"), "--gt-as-prediction"])
+    out = capsys.readouterr().out
+    assert "mAP:  1.0000" in out and "NDS:" in out and "traffic_cone" in out
+    results_path = tmp_path / "gt" / "results_gt_as_prediction.json"
+    main(common + ["--out", str(tmp_path / "again"), "--results", str(results_path)])
+    assert "mAP:  1.0000" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "metrics_summary.json").read_text())["nd_score"] >= 0.99
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--out", str(tmp_path / "x")])  # neither --results nor --gt-as-prediction
+    assert exit_info.value.code == 2
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataroot(tmp_path_factory):
+    generate = pytest.importorskip("distillbev.pipeline.data.synthetic.generate")
+    root = tmp_path_factory.mktemp("synthetic") / "dataroot"
+    # 2 scenes x 4 key frames: the val scene's objects are seen in several key frames, so velocities exist.
+    generate.generate_dataset(root, generate.SyntheticConfig(num_scenes=2, samples_per_scene=4, seed=0,
+                                                             val_scenes=1), progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_gt_as_prediction_on_synthetic_dataroot(synthetic_dataroot, tmp_path):
+    summary = evaluate_gt(synthetic_dataroot, "v1.0-synthetic", "synth_val", tmp_path)
+    assert summary["mean_ap"] >= 0.99, summary["mean_dist_aps"]
+    assert summary["nd_score"] >= 0.99, summary["label_tp_errors"]
