@@ -1,0 +1,262 @@
+"""Generate a small nuScenes-format dataroot (v1.0-synthetic) that nuscenes-devkit loads and evaluates.
+
+Layout written under `out_dir`:
+    samples/LIDAR_TOP/*.pcd.bin, sweeps/LIDAR_TOP/*.pcd.bin, samples/CAM_*/*.jpg, maps/<token>.png,
+    <version>/<13 tables>.json, <version>/splits.json, synthetic_manifest.json, synthetic_summary.json.
+The manifest (generator, config, "complete": false) is written first and marks the folder as a synthetic dataroot
+that may be regenerated in place; the tables are written last into a temporary folder that is then renamed, and
+only then are the manifest marked complete and synthetic_summary.json written. An interrupted run therefore has
+no `<version>/` tables, no summary and a manifest that says it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ...errors import ConfigError, DataError
+from ..classes import DETECTION_CLASSES
+from .camera import save_jpeg
+from .frames import CameraRig, LidarFrame, SensorSettings, simulate_lidar
+from .lidar import LidarPattern
+from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL
+from .tables import DatasetTables
+from .world import Scene, build_scene
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "synthetic_manifest.json"
+SUMMARY_NAME = "synthetic_summary.json"  # written last: its presence means the dataroot is complete
+GENERATOR_ID = "distillbev-synthetic"
+# Split names the devkit maps to the official scene lists; a custom split must use other names.
+PREDEFINED_SPLITS = frozenset({"train", "val", "test", "mini_train", "mini_val", "train_detect", "train_track"})
+
+
+@dataclass
+class SyntheticConfig:
+    """What to generate. Defaults: 10 scenes x 10 key frames (8 train, 2 val scenes)."""
+
+    num_scenes: int = 10  # scenes (one log each)
+    samples_per_scene: int = 10  # key frames per scene (2 Hz)
+    seed: int = 0  # everything (tokens, world, noise) follows from it
+    version: str = "v1.0-synthetic"  # table folder name passed to NuScenes(version=...)
+    train_split: str = "synth_train"  # custom split names in <version>/splits.json (not train/val)
+    val_split: str = "synth_val"
+    val_scenes: int = 2  # the last `val_scenes` scenes form the val split
+    visibility_range: float = 30.0  # objects beyond this distance from the ego are neither rendered nor hit by LiDAR
+    sweeps_per_key_frame: int = 9  # 20 Hz LiDAR sweeps before each key frame
+    objects_per_scene: int = 28  # objects drawn per scene (one of each of the 10 classes first), before overlap rejection
+    ego_speed_range: tuple[float, float] = (3.0, 8.0)  # ego speed drawn per scene [m/s]
+    max_curvature: float = 0.02  # |curvature| of the ego path [1/m] (radius >= 50 m)
+    lidar_azimuth_steps: int = 1084  # LiDAR columns per revolution (32 beams each)
+    lidar_range_noise: float = 0.01  # LiDAR range noise std [m]
+    start_timestamp: int = 1_600_000_000_000_000  # first key frame of scene 0 [us]; scenes are 60 s apart
+    max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it
+
+
+@dataclass
+class ScenePlan:
+    """A scene whose key frames show all 10 classes, with the key-frame LiDAR sweeps already cast."""
+
+    scene: Scene
+    key_frames: list[LidarFrame]
+    attempt: int
+
+
+def check_config(config: SyntheticConfig) -> None:
+    """Raises ConfigError naming the first invalid field."""
+    problems = [
+        ("num_scenes", config.num_scenes >= 2, "at least 2 (a train and a val scene)"),
+        ("samples_per_scene", config.samples_per_scene >= 1, "at least 1"),
+        ("val_scenes", 1 <= config.val_scenes < config.num_scenes, f"between 1 and num_scenes - 1 ({config.num_scenes - 1})"),
+        ("visibility_range", config.visibility_range > 0, "positive"),
+        ("sweeps_per_key_frame", 0 <= config.sweeps_per_key_frame <= 9, "0..9 (20 Hz between 2 Hz key frames)"),
+        ("objects_per_scene", config.objects_per_scene >= len(DETECTION_CLASSES), "at least 10 (one per class)"),
+        ("train_split", config.train_split not in PREDEFINED_SPLITS, "a custom name (not a predefined nuScenes split)"),
+        ("val_split", config.val_split not in PREDEFINED_SPLITS and config.val_split != config.train_split,
+         "a custom name different from train_split"),
+        ("lidar_azimuth_steps", config.lidar_azimuth_steps >= 64, "at least 64"),
+    ]
+    for field, ok, expected in problems:
+        if not ok:
+            raise ConfigError(f"synthetic config field '{field}' must be {expected}, found "
+                              f"{getattr(config, field)!r}; fix the value")
+
+
+def sensor_settings(config: SyntheticConfig) -> SensorSettings:
+    return SensorSettings(config.seed, config.visibility_range, LidarPattern(num_azimuths=config.lidar_azimuth_steps),
+                          config.lidar_range_noise)
+
+
+def plan_scene(config: SyntheticConfig, scene_index: int) -> ScenePlan:
+    """Draws scene `scene_index` deterministically; redraws it until all 10 classes have key-frame points."""
+    settings = sensor_settings(config)
+    for attempt in range(config.max_scene_attempts):
+        rng = np.random.default_rng([config.seed, scene_index, attempt])
+        scene = build_scene(scene_index, rng, start_timestamp=config.start_timestamp + scene_index * 60_000_000,
+                            num_key_frames=config.samples_per_scene, sweeps_per_key_frame=config.sweeps_per_key_frame,
+                            num_objects=config.objects_per_scene, speed_range=tuple(config.ego_speed_range),
+                            max_curvature=config.max_curvature, visibility_range=config.visibility_range)
+        key_frames = [simulate_lidar(scene, t, settings, count_points=True) for t in scene.key_frame_times_us]
+        seen = {scene.objects[i].class_name for frame in key_frames for i, n in zip(frame.visible, frame.num_points)
+                if n > 0}
+        if seen == set(DETECTION_CLASSES):
+            return ScenePlan(scene, key_frames, attempt)
+        logger.debug("scene %d attempt %d misses %s; redrawing", scene_index, attempt,
+                     sorted(set(DETECTION_CLASSES) - seen))
+    raise ConfigError(f"synthetic scene {scene_index} did not show all 10 classes in {config.max_scene_attempts} "
+                      f"attempts; raise objects_per_scene, samples_per_scene or visibility_range")
+
+
+def prepare_dataroot(out_dir: Path, version: str, overwrite: bool) -> None:
+    """Refuses a non-empty folder that is not a previous synthetic dataroot (unless overwrite); clears the paths
+    this generator writes."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} is a file, expected a folder for the synthetic dataroot; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    previous: dict = {}
+    if manifest_path.is_file():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+    is_ours = previous.get("generator") == GENERATOR_ID
+    if any(out_dir.iterdir()) and not is_ours and not overwrite:
+        raise DataError(f"{out_dir} is not empty and holds no synthetic dataroot ({MANIFEST_NAME} missing); "
+                        f"choose an empty folder or pass --overwrite")
+    stale = [SUMMARY_NAME, "samples", "sweeps", "maps", version, f".{version}.partial", MANIFEST_NAME]
+    if is_ours and isinstance(previous.get("config", {}).get("version"), str):
+        stale.append(previous["config"]["version"])
+    for name in stale:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _write_points(path: Path, points: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.ascontiguousarray(points, dtype="<f4").tofile(path)
+
+
+def _write_map(path: Path) -> None:
+    """A small grayscale map mask (the devkit reads it lazily; 0.1 m per pixel)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:128, 0:128]
+    Image.fromarray(np.where((xx // 16 + yy // 16) % 2 == 0, 255, 200).astype(np.uint8), mode="L").save(path)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: bool = True,
+                     overwrite: bool = False) -> dict:
+    """Writes the dataroot and returns a summary: scenes, samples, sweeps, annotations, seconds, bytes, ..."""
+    started = time.perf_counter()
+    check_config(config)
+    out_dir = Path(out_dir)
+    prepare_dataroot(out_dir, config.version, overwrite)
+    manifest = {"generator": GENERATOR_ID, "complete": False, "config": asdict(config)}
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    settings = sensor_settings(config)
+    cameras = CameraRig()
+    tables = DatasetTables(config.seed)
+    scene_names: list[str] = []
+    val_classes: set[str] = set()
+    first_val = config.num_scenes - config.val_scenes
+    counts = {"sweeps": 0, "key_frame_points": 0}
+    bar = tqdm(total=config.num_scenes * config.samples_per_scene, desc="synthetic key frames", unit="sample",
+               disable=not progress)
+    for scene_index in range(config.num_scenes):
+        plan = plan_scene(config, scene_index)
+        scene = plan.scene
+        name = f"scene-{scene_index:04d}"
+        log_name = f"synthetic-seed{config.seed}-{scene_index:04d}"
+        scene_names.append(name)
+        tables.add_scene(scene_index, name, log_name, f"Synthetic drive at {scene.path.speed:.1f} m/s, "
+                         f"{len(scene.objects)} objects, draw {plan.attempt}")
+        for key_index, key_time in enumerate(scene.key_frame_times_us):
+            sample_token = tables.add_sample(scene_index, key_index, key_time)
+            for sweep_time in scene.sweep_times_us(key_index):
+                frame = simulate_lidar(scene, sweep_time, settings, count_points=False)
+                filename = f"sweeps/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{sweep_time}.pcd.bin"
+                _write_points(out_dir / filename, frame.points)
+                ego_xy, heading = scene.ego_pose_2d(sweep_time)
+                tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, sweep_time, False, filename,
+                                       ego_xy, heading)
+                counts["sweeps"] += 1
+            key_frame = plan.key_frames[key_index]
+            ego_xy, heading = scene.ego_pose_2d(key_time)
+            filename = f"samples/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{key_time}.pcd.bin"
+            _write_points(out_dir / filename, key_frame.points)
+            counts["key_frame_points"] += len(key_frame.points)
+            tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading)
+            camera_frame = cameras.render(scene, key_time, settings)
+            for channel, image in zip(CAMERA_CHANNELS, camera_frame.images):
+                filename = f"samples/{channel}/{log_name}__{channel}__{key_time}.jpg"
+                save_jpeg(image, out_dir / filename)
+                tables.add_sample_data(scene_index, channel, sample_token, key_time, True, filename, ego_xy, heading)
+            assert np.array_equal(camera_frame.visible, key_frame.visible)
+            boxes = scene.boxes_at(key_time)
+            for slot, object_index in enumerate(key_frame.visible):
+                if key_frame.num_points[slot] == 0:
+                    continue
+                obj = scene.objects[object_index]
+                tables.add_annotation(scene_index, int(object_index), obj.class_name, sample_token, key_index,
+                                      boxes[object_index], obj.attribute, int(key_frame.num_points[slot]),
+                                      float(camera_frame.visible_fraction[slot]))
+                if scene_index >= first_val:
+                    val_classes.add(obj.class_name)
+            bar.update(1)
+    bar.close()
+
+    map_filename = f"maps/{tables.map_token()}.png"
+    _write_map(out_dir / map_filename)
+    tables.add_map(map_filename)
+    tables.link()
+    partial = out_dir / f".{config.version}.partial"
+    tables.write(partial)
+    splits = {config.train_split: scene_names[:first_val], config.val_split: scene_names[first_val:]}
+    (partial / "splits.json").write_text(json.dumps(splits, indent=1))
+    partial.rename(out_dir / config.version)
+
+    summary = {
+        "out_dir": str(out_dir), "version": config.version, "scenes": config.num_scenes,
+        "train_scenes": first_val, "val_scenes": config.val_scenes,
+        "samples": len(tables.tables["sample"]), "sweeps": counts["sweeps"],
+        "annotations": len(tables.tables["sample_annotation"]), "instances": len(tables.tables["instance"]),
+        "key_frame_points": counts["key_frame_points"],
+        "val_classes": [name for name in DETECTION_CLASSES if name in val_classes],
+    }
+    summary["bytes"] = _folder_bytes(out_dir)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    manifest.update(complete=True, summary=summary)
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+    logger.info("synthetic dataroot %s: %d scenes, %d samples, %d annotations, %.1f s, %d bytes", out_dir,
+                summary["scenes"], summary["samples"], summary["annotations"], summary["seconds"], summary["bytes"])
+    return summary
+
+
+def is_complete_dataroot(out_dir: Path | str) -> bool:
+    """True when `out_dir` holds a synthetic dataroot whose generation finished."""
+    manifest_path = Path(out_dir) / MANIFEST_NAME
+    if not manifest_path.is_file() or not (Path(out_dir) / SUMMARY_NAME).is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return manifest.get("generator") == GENERATOR_ID and manifest.get("complete") is True

@@ -1,0 +1,222 @@
+"""One synthetic scene: the ego's smooth path, the timestamps of key frames and sweeps, and the objects.
+
+Everything is in the global frame on a flat ground plane z = 0. The ego drives a constant-curvature arc at
+constant speed with its heading on the path tangent; objects are upright boxes that either stand still or move
+at constant velocity along their heading, so the devkit's finite-difference `box_velocity` is exact.
+Placement is rejection sampling: no two objects overlap and no object touches the ego footprint at any
+LiDAR timestamp of the scene.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..classes import DETECTION_CLASSES
+from .catalog import CLASS_SPECS, ClassSpec
+from .rig import EGO_FOOTPRINT
+
+KEY_FRAME_INTERVAL_US = 500_000  # key frames at 2 Hz
+SWEEP_INTERVAL_US = 50_000  # LiDAR at 20 Hz
+OBJECT_CLEARANCE = 0.4  # minimum gap kept between two objects and between an object and the ego [m]
+
+
+@dataclass(frozen=True)
+class EgoPath:
+    """Constant-speed, constant-curvature path: pose(t) for t in seconds since the first key frame."""
+
+    start_xy: tuple[float, float]  # global position at t = 0
+    start_heading: float  # yaw at t = 0 [rad]
+    speed: float  # [m/s]
+    curvature: float  # [1/m]; heading changes by curvature * arc length
+
+    def pose(self, t: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (T, 2) and headings (T,) at times t (T,) [s]."""
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        arc = self.speed * t
+        half_turn = 0.5 * self.curvature * arc
+        # chord length of the arc = arc * sin(half_turn) / half_turn (np.sinc is sin(pi x) / (pi x)).
+        chord = arc * np.sinc(half_turn / np.pi)
+        direction = self.start_heading + half_turn
+        xy = np.stack([self.start_xy[0] + chord * np.cos(direction), self.start_xy[1] + chord * np.sin(direction)], -1)
+        return xy, self.start_heading + self.curvature * arc
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """An upright box on the ground: centre xy at t = 0, yaw, constant velocity (vx, vy) along its heading."""
+
+    class_name: str
+    size_wlh: tuple[float, float, float]
+    xy: tuple[float, float]
+    yaw: float
+    velocity: tuple[float, float]
+    attribute: str  # nuScenes attribute name, "" for barrier / traffic cone
+
+    @property
+    def spec(self) -> ClassSpec:
+        return CLASS_SPECS[self.class_name]
+
+    def boxes_at(self, t: np.ndarray) -> np.ndarray:
+        """Boxes (T, 7) = (x, y, z, l, w, h, yaw) at times t (T,) [s]; z is the gravity centre."""
+        t = np.asarray(t, dtype=np.float64)
+        w, l, h = self.size_wlh
+        out = np.empty((len(t), 7))
+        out[:, 0] = self.xy[0] + self.velocity[0] * t
+        out[:, 1] = self.xy[1] + self.velocity[1] * t
+        out[:, 2:7] = (h / 2.0, l, w, h, self.yaw)
+        return out
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scenario: ego path, timestamps and objects."""
+
+    index: int
+    start_timestamp: int  # [us] of the first key frame
+    key_frame_times_us: tuple[int, ...]  # key-frame timestamps
+    sweeps_per_key_frame: int
+    path: EgoPath
+    objects: tuple[SceneObject, ...]
+
+    def seconds(self, timestamp_us: int | np.ndarray) -> np.ndarray:
+        """Scene time [s] (0 at the first key frame) of absolute timestamps [us]."""
+        return (np.asarray(timestamp_us, dtype=np.int64) - self.start_timestamp) * 1e-6
+
+    def sweep_times_us(self, key_index: int) -> list[int]:
+        """Timestamps of the LiDAR sweeps before key frame `key_index`, oldest first."""
+        key = self.key_frame_times_us[key_index]
+        return [key - j * SWEEP_INTERVAL_US for j in range(self.sweeps_per_key_frame, 0, -1)]
+
+    def lidar_times_us(self) -> np.ndarray:
+        """Every LiDAR timestamp of the scene (sweeps and key frames) in time order."""
+        times = []
+        for k, key in enumerate(self.key_frame_times_us):
+            times.extend(self.sweep_times_us(k))
+            times.append(key)
+        return np.asarray(times, dtype=np.int64)
+
+    def ego_pose_2d(self, timestamp_us: int) -> tuple[np.ndarray, float]:
+        """Ego position (2,) and heading at an absolute timestamp."""
+        xy, heading = self.path.pose(self.seconds(timestamp_us))
+        return xy[0], float(heading[0])
+
+    def boxes_at(self, timestamp_us: int) -> np.ndarray:
+        """Boxes (K, 7) of every object at an absolute timestamp (K = len(objects))."""
+        t = np.array([self.seconds(timestamp_us)])
+        if not self.objects:
+            return np.zeros((0, 7))
+        return np.concatenate([obj.boxes_at(t) for obj in self.objects], axis=0)
+
+
+def rectangle_corners(xy: np.ndarray, length: np.ndarray, width: np.ndarray, yaw: np.ndarray) -> np.ndarray:
+    """Corners (..., 4, 2) of rotated rectangles given by broadcastable centre (..., 2), length, width, yaw (...)."""
+    c, s = np.cos(yaw), np.sin(yaw)
+    signs = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], dtype=np.float64) * 0.5
+    local_x = signs[:, 0] * np.asarray(length)[..., None]  # (..., 4)
+    local_y = signs[:, 1] * np.asarray(width)[..., None]
+    x = xy[..., 0, None] + c[..., None] * local_x - s[..., None] * local_y
+    y = xy[..., 1, None] + s[..., None] * local_x + c[..., None] * local_y
+    return np.stack([x, y], axis=-1)
+
+
+def rectangles_overlap(corners_a: np.ndarray, corners_b: np.ndarray) -> np.ndarray:
+    """Separating-axis test for convex quadrilaterals (..., 4, 2) -> (...) True where they intersect."""
+    corners_a, corners_b = np.broadcast_arrays(corners_a, corners_b)
+    separated = np.zeros(corners_a.shape[:-2], dtype=bool)
+    for corners in (corners_a, corners_b):
+        for edge in (0, 1):  # a rectangle has two edge directions
+            axis = corners[..., edge + 1, :] - corners[..., edge, :]  # (..., 2)
+            normal = np.stack([-axis[..., 1], axis[..., 0]], axis=-1)[..., None, :]  # (..., 1, 2)
+            proj_a = (corners_a * normal).sum(-1)  # (..., 4)
+            proj_b = (corners_b * normal).sum(-1)
+            separated |= (proj_a.max(-1) < proj_b.min(-1)) | (proj_b.max(-1) < proj_a.min(-1))
+    return ~separated
+
+
+def _ego_corners(scene_path: EgoPath, times_s: np.ndarray, clearance: float) -> np.ndarray:
+    """Ego footprint corners (T, 4, 2) at times (T,), inflated by `clearance` on every side."""
+    xy, heading = scene_path.pose(times_s)
+    cx, cy, length, width = EGO_FOOTPRINT
+    c, s = np.cos(heading), np.sin(heading)
+    centre = xy + np.stack([c * cx - s * cy, s * cx + c * cy], axis=-1)
+    return rectangle_corners(centre, np.full(len(times_s), length + 2 * clearance),
+                             np.full(len(times_s), width + 2 * clearance), heading)
+
+
+def _object_corners(obj: SceneObject, times_s: np.ndarray, clearance: float) -> np.ndarray:
+    """Object footprint corners (T, 4, 2) at times (T,), inflated by `clearance / 2` on every side."""
+    boxes = obj.boxes_at(times_s)
+    return rectangle_corners(boxes[:, :2], boxes[:, 3] + clearance, boxes[:, 4] + clearance, boxes[:, 6])
+
+
+def _propose(spec: ClassSpec, rng: np.random.Generator, path: EgoPath, arc_range: tuple[float, float],
+             lateral_range: tuple[float, float]) -> SceneObject:
+    """Draw one object of a class beside the path: position, size jitter, heading, motion and attribute."""
+    arc = rng.uniform(*arc_range)
+    lateral = rng.uniform(*lateral_range) * rng.choice([-1.0, 1.0])
+    moving = rng.uniform() < spec.moving_probability
+    # The object's position is chosen at the moment the ego passes its arc position, then moved back to t = 0.
+    t_pass = arc / path.speed
+    path_xy, tangent = path.pose(t_pass)
+    normal = np.array([-np.sin(tangent[0]), np.cos(tangent[0])])
+    xy = path_xy[0] + lateral * normal
+    if spec.heading == "across":  # long side (width) along the road, as barriers stand
+        yaw = tangent[0] + np.pi / 2 + rng.normal(0.0, 0.05)
+    elif spec.heading == "road" or (moving and spec.name != "pedestrian"):
+        yaw = tangent[0] + rng.choice([0.0, np.pi]) + rng.normal(0.0, 0.05 if moving else 0.12)
+    else:
+        yaw = rng.uniform(-np.pi, np.pi)
+    yaw = float((yaw + np.pi) % (2 * np.pi) - np.pi)
+    speed = rng.uniform(*spec.speed_range) if moving else 0.0
+    velocity = (speed * np.cos(yaw), speed * np.sin(yaw))
+    xy = xy - np.array(velocity) * t_pass
+    size = tuple(float(v) for v in np.asarray(spec.size_wlh) * rng.uniform(0.92, 1.08, size=3))
+    attribute = spec.moving_attribute if moving else str(rng.choice(spec.static_attributes))
+    return SceneObject(spec.name, size, (float(xy[0]), float(xy[1])), yaw, (float(velocity[0]), float(velocity[1])),
+                       attribute)
+
+
+def build_scene(index: int, rng: np.random.Generator, *, start_timestamp: int, num_key_frames: int,
+                sweeps_per_key_frame: int, num_objects: int, speed_range: tuple[float, float],
+                max_curvature: float, visibility_range: float, max_attempts_per_object: int = 60) -> Scene:
+    """Draw a scene. One object of every class is placed first, close to the path near a random key frame,
+    so each scene can show all 10 classes; the rest are drawn by class weight anywhere along the path."""
+    heading = rng.uniform(-np.pi, np.pi)
+    path = EgoPath((float(rng.uniform(200.0, 1800.0)), float(rng.uniform(200.0, 1800.0))), float(heading),
+                   float(rng.uniform(*speed_range)), float(rng.uniform(-max_curvature, max_curvature)))
+    key_times = tuple(start_timestamp + k * KEY_FRAME_INTERVAL_US for k in range(num_key_frames))
+    scene = Scene(index, start_timestamp, key_times, sweeps_per_key_frame, path, ())
+    times_s = scene.seconds(scene.lidar_times_us())
+    ego = _ego_corners(path, times_s, OBJECT_CLEARANCE)  # (T, 4, 2)
+    key_arcs = path.speed * scene.seconds(np.asarray(key_times))
+    placed: list[SceneObject] = []
+    placed_corners: list[np.ndarray] = []  # (T, 4, 2) each
+
+    names = list(DETECTION_CLASSES)
+    weights = np.array([CLASS_SPECS[n].weight for n in names])
+    extra = rng.choice(len(names), size=max(0, num_objects - len(names)), p=weights / weights.sum())
+    requests = [(name, True) for name in names] + [(names[i], False) for i in extra]
+    for name, guaranteed in requests:
+        spec = CLASS_SPECS[name]
+        for _ in range(max_attempts_per_object):
+            if guaranteed:
+                # Near a key frame and close to the path, so at least one key frame sees it with many points.
+                arc_centre = rng.choice(key_arcs)
+                arc_range = (arc_centre - 8.0, arc_centre + 8.0)
+                lateral_range = (spec.lateral_range[0], min(spec.lateral_range[1], spec.lateral_range[0] + 6.0))
+            else:
+                margin = 0.6 * visibility_range
+                arc_range = (key_arcs[0] - margin, key_arcs[-1] + margin)
+                lateral_range = spec.lateral_range
+            candidate = _propose(spec, rng, path, arc_range, lateral_range)
+            corners = _object_corners(candidate, times_s, OBJECT_CLEARANCE)
+            if rectangles_overlap(corners, ego).any():
+                continue
+            if any(rectangles_overlap(corners, other).any() for other in placed_corners):
+                continue
+            placed.append(candidate)
+            placed_corners.append(corners)
+            break
+    return Scene(index, start_timestamp, key_times, sweeps_per_key_frame, path, tuple(placed))
