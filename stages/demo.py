@@ -23,10 +23,36 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "synthetic"
 class Step:
     name: str
     argv: list[str]
-    done_marker: Path  # the step's last output; its existence means the step finished
+    done_marker: Path  # the step's last output: a file, or a cache store whose status must be complete
 
     def is_done(self) -> bool:
+        if self.done_marker.suffix == ".zarr":
+            return cache_is_complete(self.done_marker)
         return self.done_marker.exists()
+
+
+def cache_is_complete(path: Path) -> bool:
+    """True when `path` is a teacher cache whose manifest says complete (a partial one is resumed)."""
+    metadata = path / "zarr.json"
+    if not metadata.exists():
+        return False
+    return json.loads(metadata.read_text()).get("attributes", {}).get("status") == "complete"
+
+
+def run_steps(steps: list[Step], seconds: dict[str, float]) -> None:
+    """Run each step's command in-process unless its output is complete already; records seconds per step."""
+    from ..cli import cli
+
+    for index, step in enumerate(steps, 1):
+        if step.is_done():
+            click.echo(f"[{index}/{len(steps)}] {step.name}: done already ({step.done_marker}), reused")
+            continue
+        click.echo(f"[{index}/{len(steps)}] {step.name}: distillbev {' '.join(step.argv)}")
+        t0 = time.perf_counter()
+        cli.main(args=step.argv, prog_name="distillbev", standalone_mode=False)
+        seconds[step.name] = round(time.perf_counter() - t0, 1)
+        if not step.is_done():
+            raise RuntimeError(f"step {step.name!r} finished without writing {step.done_marker}")
 
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
@@ -53,7 +79,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
         Step("extract-teacher", ["extract-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
                                  "--checkpoint", str(teacher_run / "latest.pth"), "--cache", str(cache),
                                  "--split", "synth_train", "--views", str(views), "--device", device],
-             cache / "complete"),
+             cache),
         Step("train-student (baseline)",
              ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
               str(students["baseline"]), "--baseline", "--device", device, *sets],
@@ -72,7 +98,7 @@ METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
 
 def result_row(summary_path: Path, teacher: str | None, student: str, teacher_mode: str, student_mode: str) -> dict:
-    from ..pipeline.eval.metrics import summary_metrics
+    from ..pipeline.eval import summary_metrics
 
     metrics = summary_metrics(json.loads(summary_path.read_text()))
     return {"teacher": teacher, "teacher_mode": teacher_mode, "student": student, "student_mode": student_mode,
@@ -125,24 +151,13 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
             device: str, overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG)."""
-    from ..cli import cli
-
     out.mkdir(parents=True, exist_ok=True)
     steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides)
     summary_path = out / "demo_summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     seconds = {s["name"]: s["seconds"] for s in previous.get("steps", [])}
     started = time.perf_counter()
-    for index, step in enumerate(steps, 1):
-        if step.is_done():
-            click.echo(f"[{index}/{len(steps)}] {step.name}: done already ({step.done_marker}), reused")
-            continue
-        click.echo(f"[{index}/{len(steps)}] {step.name}: distillbev {' '.join(step.argv)}")
-        t0 = time.perf_counter()
-        cli.main(args=step.argv, prog_name="distillbev", standalone_mode=False)
-        seconds[step.name] = round(time.perf_counter() - t0, 1)
-        if not step.is_done():
-            raise RuntimeError(f"step {step.name!r} finished without writing {step.done_marker}")
+    run_steps(steps, seconds)
     teacher_name = "CenterPoint"
     rows = [
         result_row(steps[1].done_marker, None, teacher_name, "-", "L"),

@@ -1,6 +1,6 @@
 """nuScenes detection evaluation: LiDAR-frame detections -> results JSON -> the devkit's DetectionEval."""
 
-from .nuscenes_eval import evaluate_results, format_metrics_table
+from .nuscenes_eval import evaluate_results, format_metrics_table, summary_metrics
 from .results import detections_to_results
 
-__all__ = ["detections_to_results", "evaluate_results", "format_metrics_table"]
+__all__ = ["detections_to_results", "evaluate_results", "format_metrics_table", "summary_metrics"]

@@ -111,3 +111,9 @@ def format_metrics_table(summary: dict) -> str:
         errors = summary["label_tp_errors"][name]
         lines.append(f"{name:<22}{_number(ap):>8}" + "".join(f"{_number(errors[key]):>8}" for key in TP_METRIC_NAMES))
     return "\n".join(lines)
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """The headline metrics of a devkit metrics summary as fractions: mAP, NDS, mATE, mASE, mAOE, mAVE, mAAE."""
+    return {"mAP": float(summary["mean_ap"]), "NDS": float(summary["nd_score"]),
+            **{label: float(summary["tp_errors"][key]) for key, label in TP_METRIC_NAMES.items()}}

@@ -1,0 +1,178 @@
+"""Wiring of a stage-two run: data, cache, student, DistillBEV loss, optimiser, resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import to_dict
+from ..data.collate import collate_samples
+from ..data.dataset import NuScenesDetectionDataset
+from ..errors import CacheError, ConfigError
+from ..eval import detections_to_results, evaluate_results, format_metrics_table
+from ..losses.distill import DistillBEVLoss
+from ..student.model import CameraStudent
+from .config import StudentExperimentConfig
+from .targets import DistillationDataset
+from .train import DistillationSetup, load_resume, run_epochs, seed_everything, write_config
+
+log = logging.getLogger(__name__)
+
+
+def expected_cache_fields(cfg: StudentExperimentConfig, student: CameraStudent) -> dict:
+    """The manifest entries a cache must match for this student config (checked before the first step)."""
+    bev = cfg.model.bev
+    teacher_layers = sorted({pair.teacher for pair in cfg.distill.layers})
+    return {
+        "bev_grid": {"x_min": bev.x_min, "x_max": bev.x_max, "y_min": bev.y_min, "y_max": bev.y_max},
+        "heatmap": {"shape": list(cfg.model.head.grid.shape)},
+        "dataset": {"version": cfg.data.version, "split": cfg.data.train_split},
+        "_layers": teacher_layers,
+    }
+
+
+def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: CameraStudent):
+    """Open a complete cache and refuse it, with a readable diff, if it does not fit the student config."""
+    from ..cache.reader import TeacherCache
+
+    cache = TeacherCache.open(path)
+    expected = expected_cache_fields(cfg, student)
+    layers = expected.pop("_layers")
+    cache.check_compatible(expected)
+    missing = [name for name in layers if name not in cache.manifest["layers"]]
+    if missing:
+        raise CacheError(f"{path}: the config distils teacher layers {missing} but the cache holds "
+                         f"{sorted(cache.manifest['layers'])}; extract them with --layers or change distill.layers")
+    return cache
+
+
+def build_distill_loss(cfg: StudentExperimentConfig, student: CameraStudent,
+                       teacher_layers: dict[str, dict]) -> DistillBEVLoss:
+    """The DistillBEV loss module; teacher channels and shapes come from the cache manifest (or the live teacher)."""
+    bev = cfg.model.bev
+    return DistillBEVLoss(
+        cfg.distill,
+        student_channels=student.feature_channels,
+        teacher_channels={name: int(spec["channels"]) for name, spec in teacher_layers.items()},
+        student_shapes=student.feature_shapes,
+        teacher_shapes={name: tuple(spec["shape"]) for name, spec in teacher_layers.items()},
+        bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
+    )
+
+
+def inherit_teacher_head(student: CameraStudent, head_state: dict[str, torch.Tensor]) -> int:
+    """Initialise the student's CenterHead task heads from the teacher's (DistillBEV's inherit_head).
+
+    Only `task_heads.*` are copied, strictly: a shape mismatch is a ConfigError naming the key.
+    """
+    task_state = {k[len("task_heads."):]: v for k, v in head_state.items() if k.startswith("task_heads.")}
+    own = student.head.task_heads.state_dict()
+    mismatched = [f"{k}: teacher {tuple(v.shape)} vs student {tuple(own[k].shape)}"
+                  for k, v in task_state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched or set(task_state) != set(own):
+        raise ConfigError("cannot inherit the teacher's task heads: " + "; ".join(
+            mismatched or [f"keys differ ({len(task_state)} teacher vs {len(own)} student)"])
+            + "; make model.head match the teacher's head or set inherit_teacher_head: false")
+    student.head.task_heads.load_state_dict(task_state, strict=True)
+    return len(task_state)
+
+
+def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
+    """The frozen teacher for `online` targets (eval mode, no grad, not a submodule of the student)."""
+    from ..config import from_dict
+    from ..teacher.checkpoint import load_teacher_checkpoint
+    from ..teacher.config import TeacherModelConfig
+    from ..teacher.model import CenterPointTeacher
+
+    teacher = CenterPointTeacher(from_dict(TeacherModelConfig, config_dict, source=str(checkpoint)))
+    load_teacher_checkpoint(teacher, checkpoint)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def evaluate_student(cfg: StudentExperimentConfig, student: CameraStudent, out_dir: Path,
+                     device: torch.device) -> dict:
+    """Decode the val split (test mode) and score it with the devkit; writes out_dir/eval/."""
+    dataset = NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test")
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False,
+                        num_workers=cfg.train.num_workers, collate_fn=collate_samples)
+    student.eval()
+    detections = []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+            batch = batch.to(device)
+            outputs = student(batch)
+            detections += student.head.decode(outputs.head, batch.sample_tokens, batch.bev_aug)
+    eval_dir = out_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    results = detections_to_results(detections, dataset, use_camera=True)
+    result_path = eval_dir / "results_nusc.json"
+    result_path.write_text(json.dumps(results))
+    summary = evaluate_results(result_path, dataset, eval_dir)
+    log.info("student evaluation on %s:\n%s", cfg.data.val_split, format_metrics_table(summary))
+    return summary
+
+
+def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
+                  device: str = "cpu", resume: bool = False, teacher_checkpoint: Path | None = None,
+                  teacher_config: dict | None = None, max_steps: int | None = None) -> dict:
+    """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary."""
+    device_t = torch.device(device)
+    seed_everything(cfg.train.seed)
+    write_config(cfg, out_dir)
+    student = CameraStudent(cfg.model).to(device_t)
+    mode = "none"
+    cache = None
+    distill_loss = None
+    teacher = None
+    layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
+    if cfg.distillation:
+        mode = cfg.targets
+        if mode in ("cache", "approximate"):
+            if cache_path is None:
+                raise ConfigError(f"targets {mode!r} needs --cache STORE (or --targets online with "
+                                  f"--teacher-checkpoint, or --baseline)")
+            cache = open_checked_cache(cache_path, cfg, student)
+            teacher_layers = cache.manifest["layers"]
+            head_state = cache.read_teacher_head()
+        else:
+            if teacher_checkpoint is None:
+                raise ConfigError("targets 'online' needs --teacher-checkpoint (and the teacher's config)")
+            config_dict = teacher_config
+            if config_dict is None:
+                state = torch.load(teacher_checkpoint, map_location="cpu", weights_only=False)
+                config_dict = (state.get("config") or {}).get("model")
+                if config_dict is None:
+                    raise ConfigError(f"{teacher_checkpoint}: holds no teacher config; pass --teacher-config")
+            teacher = live_teacher(config_dict, teacher_checkpoint, device_t)
+            teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
+                              for name in {t for _, t in layers}}
+            head_state = teacher.pts_bbox_head.state_dict()
+        distill_loss = build_distill_loss(cfg, student, teacher_layers).to(device_t)
+        if cfg.inherit_teacher_head:
+            count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()})
+            log.info("student task heads initialised from the teacher (%d tensors)", count)
+    bev = cfg.model.bev
+    train_set = DistillationDataset(
+        NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train"), mode=mode, cache=cache,
+        seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max))
+    params = list(student.parameters()) + ([] if distill_loss is None else list(distill_loss.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=teacher, layers=layers)
+    start_epoch = start_iteration = 0
+    latest = out_dir / "latest.pth"
+    if resume and latest.exists():
+        start_epoch, start_iteration = load_resume(latest, setup, optimizer)
+        log.info("resuming from %s at epoch %d (iteration %d)", latest, start_epoch, start_iteration)
+    log.info("training %s student (%s targets) on %d samples for %d epochs", cfg.model.variant, mode,
+             len(train_set), cfg.train.epochs)
+    run_epochs(cfg, setup, train_set, optimizer, out_dir, device_t, cfg.model.head.grid, start_epoch,
+               start_iteration, max_steps)
+    summary = evaluate_student(cfg, student, out_dir, device_t)
+    (out_dir / "run_info.json").write_text(json.dumps({"targets": mode, "cache": None if cache_path is None
+                                                       else str(cache_path), "config": to_dict(cfg)}, indent=2))
+    return summary

@@ -1,0 +1,106 @@
+"""Typed configuration of the camera students (BEVDet, BEVDepth, BEVDet4D, BEVDepth4D).
+
+The defaults are the full-size paper recipe (ResNet-50, 256x704 input, depth bins 1..60 m, BEV 128^2 at 0.8 m over
++-51.2 m, 64 LSS channels per frame, BEV encoder [128, 256, 512], neck 256). The small CPU configs in
+configs/synthetic/ override what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..geometry.bev import BEVGrid
+from ..heads.center_head import CenterHeadConfig
+
+StudentVariant = Literal["bevdet", "bevdepth", "bevdet4d", "bevdepth4d"]
+
+
+@dataclass
+class ImageBackboneConfig:
+    """ResNet image backbone with torchvision's layout and key names."""
+
+    depth: Literal[18, 34, 50, 101] = 50  # ResNet depth: 18/34 use BasicBlock, 50/101 Bottleneck
+    width_multiplier: float = 1.0  # scales every stage width (1.0 = torchvision; 0.25 for tiny CPU configs)
+    pretrained: str | None = None  # path of a torchvision ImageNet state_dict (.pth) loaded strictly, or None
+
+
+@dataclass
+class DepthBins:
+    """Depth bins along each camera ray: bin k covers [start + k*step, start + (k+1)*step)."""
+
+    start: float = 1.0  # metres, lower edge of the first bin
+    stop: float = 60.0  # metres, exclusive upper end (BEVDet's dbound)
+    step: float = 1.0  # metres per bin
+
+    @property
+    def count(self) -> int:
+        """D, the number of bins (BEVDet: len(arange(start, stop, step)))."""
+        return int(round((self.stop - self.start) / self.step))
+
+
+@dataclass
+class BEVRange:
+    """The student's BEV grid in the (augmented) key-frame LiDAR frame, plus the z slab that is pooled."""
+
+    x_min: float = -51.2  # metres
+    x_max: float = 51.2  # metres
+    y_min: float = -51.2  # metres
+    y_max: float = 51.2  # metres
+    resolution: float = 0.8  # metres per BEV cell
+    z_min: float = -10.0  # frustum points below this height are dropped
+    z_max: float = 10.0  # frustum points at or above this height are dropped
+
+    def grid(self) -> BEVGrid:
+        return BEVGrid(self.x_min, self.x_max, self.y_min, self.y_max, self.resolution)
+
+
+@dataclass
+class StudentModelConfig:
+    """A camera student; `variant` picks depth supervision (bevdepth*) and two-frame fusion (*4d)."""
+
+    variant: StudentVariant = "bevdepth4d"  # which of the four students
+    image_size: tuple[int, int] = (256, 704)  # (H, W) of the augmented input images
+    num_cameras: int = 6  # N cameras per sample
+    backbone: ImageBackboneConfig = field(default_factory=ImageBackboneConfig)
+    image_neck_channels: int = 512  # channels of the stride-16 image feature after the neck
+    depth_bins: DepthBins = field(default_factory=DepthBins)
+    bev: BEVRange = field(default_factory=BEVRange)
+    lss_channels: int = 64  # context channels lifted per frame (numC_Trans)
+    depth_net_channels: int = 512  # mid channels of BEVDepth's camera-aware depth net
+    temporal_pre_process: bool = True  # BEVDet4D: a stride-1 residual stage on each frame's BEV before fusion
+    bev_encoder_channels: tuple[int, int, int] = (128, 256, 512)  # backbone0/1/2 widths (strides 2, 2, 2)
+    bev_encoder_blocks: tuple[int, int, int] = (2, 2, 2)  # residual blocks per BEV encoder stage
+    bev_neck_channels: int = 256  # FPN_LSS output = the pre-head feature "neck"
+    head: CenterHeadConfig = field(default_factory=CenterHeadConfig)
+    depth_loss_weight: float = 100.0  # BEVDepth's loss_depth_weight on the depth BCE
+
+    def __post_init__(self) -> None:
+        height, width = self.image_size
+        if height % 32 or width % 32:
+            raise ValueError(f"image_size {self.image_size} must be multiples of 32 (the ResNet's stride)")
+        if self.depth_bins.count <= 0:
+            raise ValueError(f"depth_bins {self.depth_bins} give no bins; need start < stop and step > 0")
+        grid = self.bev.grid()
+        num_y, num_x = grid.shape
+        if num_y % 8 or num_x % 8:
+            raise ValueError(f"BEV grid {num_y}x{num_x} must be divisible by 8 (three stride-2 BEV encoder stages)")
+        head_grid = self.head.grid
+        if any(abs(a - b) > 1e-6 for a, b in zip(
+                (head_grid.x_min, head_grid.x_max, head_grid.y_min, head_grid.y_max, head_grid.resolution),
+                (grid.x_min, grid.x_max, grid.y_min, grid.y_max, grid.resolution))):
+            raise ValueError(f"head.grid {self.head.grid} must equal the student's BEV grid {grid} (the head runs on "
+                             f"the neck output, which has the BEV grid's shape); set head.grid to the bev range")
+
+    @property
+    def uses_depth_supervision(self) -> bool:
+        return self.variant in ("bevdepth", "bevdepth4d")
+
+    @property
+    def is_temporal(self) -> bool:
+        return self.variant in ("bevdet4d", "bevdepth4d")
+
+    @property
+    def feature_stride(self) -> int:
+        """Image pixels per image-feature cell (the neck outputs stride 16)."""
+        return 16

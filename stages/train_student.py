@@ -1,0 +1,51 @@
+"""`distillbev train-student`: a camera student, baseline or distilled from the cached teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train-student")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Student experiment YAML (configs/synthetic/student_*.yaml, configs/nuscenes/student_*.yaml).")
+@click.option("--dataroot", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="nuScenes-format dataroot (overrides data.dataroot).")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
+              help="Teacher-feature cache made by extract-teacher (targets cache / approximate).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
+@click.option("--baseline", is_flag=True, help="Train without distillation (same schedule and seed).")
+@click.option("--targets", type=click.Choice(["cache", "approximate", "online"]), default=None,
+              help="Where teacher targets come from (default: the config's `targets`).")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Teacher checkpoint for --targets online.")
+@click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+def command(config_path: Path, dataroot: Path | None, cache_path: Path | None, out: Path, baseline: bool,
+            targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
+            max_steps: int | None, overrides: tuple[str, ...]) -> None:
+    """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D student, then evaluate it with the devkit.
+
+    Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
+    checked against the config before the first step. Writes RUN/config.yaml, RUN/train_log.jsonl (every loss
+    term per step), RUN/checkpoints/, RUN/latest.pth and RUN/eval/metrics_summary.json.
+    """
+    from ..pipeline.config import load_config
+    from ..pipeline.distill.config import StudentExperimentConfig
+    from ..pipeline.distill.run import train_student
+    from ..pipeline.eval import format_metrics_table
+
+    sets = list(overrides)
+    if baseline:
+        sets.append("distillation=false")
+    if targets is not None:
+        sets.append(f"targets={targets}")
+    cfg = load_config(StudentExperimentConfig, config_path, sets)
+    if dataroot is not None:
+        cfg.data.dataroot = str(dataroot)
+    summary = train_student(cfg, out, cache_path=cache_path, device=device, resume=resume,
+                            teacher_checkpoint=teacher_checkpoint, max_steps=max_steps)
+    click.echo(format_metrics_table(summary))
