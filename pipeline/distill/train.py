@@ -51,7 +51,7 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
     """Loss terms of one batch (scalars). `head_grid` is the BEVGrid of the detection head."""
     student = setup.student
     outputs = student(batch)
-    losses = dict(student.head.loss(outputs.head, batch.gt_boxes, batch.gt_labels))
+    losses = dict(student.detection_loss(outputs, batch))
     if outputs.depth is not None:
         losses["depth"] = student.depth_loss(outputs, batch)
     if setup.distill_loss is not None:

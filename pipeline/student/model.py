@@ -133,7 +133,7 @@ class CameraStudent(nn.Module):
         return self.temporal(bev, previous, batch.prev_lidar_to_lidar.to(bev.device), bev_aug)
 
     def detection_loss(self, outputs: StudentOutputs, batch: Batch) -> dict[str, torch.Tensor]:
-        """CenterHead loss on the (BEV-augmented) GT boxes: {"loss_heatmap", "loss_box", "loss"}."""
+        """CenterHead loss terms on the (BEV-augmented) GT boxes: {"loss_heatmap", "loss_box"} (sum them)."""
         return self.head.loss(outputs.head, batch.gt_boxes, batch.gt_labels)
 
     def depth_loss(self, outputs: StudentOutputs, batch: Batch) -> torch.Tensor:

@@ -74,7 +74,7 @@ def test_variant_forward_backward(variant, make_batch):
     assert outputs.features["neck"].min() >= 0  # the extra BN+ReLU after the neck's last conv
     assert len(outputs.head) == 6 and outputs.head[0]["heatmap"].shape == (2, 1, 32, 32)
 
-    loss = model.detection_loss(outputs, batch)["loss"]
+    loss = sum(model.detection_loss(outputs, batch).values())
     if config.uses_depth_supervision:
         assert outputs.depth.shape == (12, config.depth_bins.count, 4, 6)
         assert torch.allclose(outputs.depth.sum(dim=1), torch.ones(12, 4, 6), atol=1e-5)
@@ -153,7 +153,7 @@ def test_small_config_training_step_time(make_batch, record_property):
     for _ in range(3):
         start = time.perf_counter()
         outputs = model(batch)
-        loss = model.detection_loss(outputs, batch)["loss"] + model.depth_loss(outputs, batch)
+        loss = sum(model.detection_loss(outputs, batch).values()) + model.depth_loss(outputs, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,0 +1,107 @@
+"""Typed configs of the CenterPoint-pillar teacher (model) and of teacher training (experiment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..data.config import DataConfig
+from ..geometry.bev import BEVGrid
+from ..heads.center_head import CenterHeadConfig
+
+
+@dataclass
+class TeacherModelConfig:
+    """CenterPoint-pillar: pillar feature net -> scatter -> SECOND -> SECONDFPN -> CenterHead.
+
+    The defaults are mmdet3d's `centerpoint_pillar02_second_secfpn` nuScenes model.
+    """
+
+    point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    # x_min, y_min, z_min, x_max, y_max, z_max; points outside are ignored; one pillar spans the whole z range
+    pillar_size: tuple[float, float] = (0.2, 0.2)  # pillar (x, y) size in metres
+    point_features: int = 5  # x, y, z, intensity, time lag
+    pillar_channels: int = 64  # PFN output channels = canvas channels
+    max_points_per_pillar: int = 0  # 0: dynamic pillars (every point counts); >0: emulate mmdet3d hard voxelization
+    max_pillars: int = 0  # with hard voxelization: pillars kept per sample in first-point order (0 = all)
+    pillar_bn_eps: float = 1e-3  # BN1d eps of the PFN layer
+    backbone_channels: tuple[int, ...] = (64, 128, 256)  # SECOND stage widths
+    backbone_layer_nums: tuple[int, ...] = (3, 5, 5)  # extra 3x3 conv layers per SECOND stage
+    backbone_strides: tuple[int, ...] = (2, 2, 2)  # stride of each SECOND stage's first conv
+    neck_channels: tuple[int, ...] = (128, 128, 128)  # SECONDFPN output channels per stage
+    neck_upsample_strides: tuple[float, ...] = (0.5, 1.0, 2.0)  # SECONDFPN upsampling (<1: strided conv)
+    bn_eps: float = 1e-3  # BN eps of SECOND / SECONDFPN
+    bn_momentum: float = 0.01  # BN momentum of the PFN, SECOND and SECONDFPN (mmdet3d's value)
+    head: CenterHeadConfig = field(default_factory=CenterHeadConfig)  # head grid must equal the neck output grid
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.backbone_channels), len(self.backbone_layer_nums), len(self.backbone_strides),
+                   len(self.neck_channels), len(self.neck_upsample_strides)}
+        if len(lengths) != 1:
+            raise ValueError("backbone_channels, backbone_layer_nums, backbone_strides, neck_channels and "
+                             "neck_upsample_strides need one value per stage (same lengths)")
+        strides = []
+        total = 1
+        for stride, upsample in zip(self.backbone_strides, self.neck_upsample_strides):
+            total *= stride
+            strides.append(total / upsample)
+        if max(strides) - min(strides) > 1e-6:
+            raise ValueError(f"SECONDFPN outputs must share one stride; backbone strides {self.backbone_strides} "
+                             f"with neck_upsample_strides {self.neck_upsample_strides} give {strides}")
+        expected = self.head_grid
+        given = self.head.grid
+        if any(abs(a - b) > 1e-6 for a, b in zip(
+                (given.x_min, given.x_max, given.y_min, given.y_max, given.resolution),
+                (expected.x_min, expected.x_max, expected.y_min, expected.y_max, expected.resolution))):
+            raise ValueError(f"head.grid {self.head.grid} does not match the neck output grid {expected} "
+                             f"(point_cloud_range x/y at pillar_size x {self.out_size_factor})")
+
+    @property
+    def canvas_grid(self) -> BEVGrid:
+        """The pillar canvas (Y, X)."""
+        x_min, y_min, _, x_max, y_max, _ = self.point_cloud_range
+        if abs(self.pillar_size[0] - self.pillar_size[1]) > 1e-9:
+            raise ValueError(f"pillar_size must be square, found {self.pillar_size}")
+        return BEVGrid(x_min, x_max, y_min, y_max, self.pillar_size[0])
+
+    @property
+    def out_size_factor(self) -> int:
+        """Canvas cells per head cell."""
+        return int(round(self.backbone_strides[0] / self.neck_upsample_strides[0]))
+
+    @property
+    def head_grid(self) -> BEVGrid:
+        canvas = self.canvas_grid
+        return BEVGrid(canvas.x_min, canvas.x_max, canvas.y_min, canvas.y_max,
+                       round(canvas.resolution * self.out_size_factor, 9))
+
+    @property
+    def neck_out_channels(self) -> int:
+        return sum(self.neck_channels)
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Teacher training schedule."""
+
+    epochs: int = 20  # passes over the train split
+    batch_size: int = 4  # samples per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"  # per-step learning-rate schedule
+    warmup_fraction: float = 0.4  # onecycle: fraction of steps spent rising to lr (CenterPoint's cyclic: 0.4)
+    grad_clip: float = 35.0  # max gradient norm (0 = no clipping); mmdet3d CenterPoint uses 35
+    seed: int = 0  # torch / numpy seed
+    num_workers: int = 0  # DataLoader worker processes
+    max_steps_per_epoch: int = 0  # cap on steps per epoch (0 = the whole split); for smoke runs
+    evaluate: bool = True  # decode the val split and run the nuScenes evaluation after training
+    log_every: int = 10  # steps between train_log.jsonl records
+
+
+@dataclass
+class TeacherExperimentConfig:
+    """Everything `distillbev train-teacher` needs: data, model and schedule."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(load_images=False))  # points only
+    model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)

@@ -1,0 +1,263 @@
+"""Teacher training engine: optimiser, schedule, one epoch, resumable run state, prediction and evaluation.
+
+`run_teacher_training(config, run_dir, device, resume)` is the whole recipe; the loop pieces are small free
+functions so tests can drive them on synthetic tensors. Run directory layout:
+
+    RUN/config.yaml               the full experiment config that ran
+    RUN/train_log.jsonl           one JSON record per `log_every` steps and per epoch
+    RUN/checkpoints/epoch_N.pth   teacher checkpoint after epoch N (mmdet3d key names)
+    RUN/latest.pth                the same plus optimiser / scheduler / epoch / RNG state (for --resume)
+    RUN/eval/                     results.json, metrics_summary.json (devkit) after training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import dump_config, to_dict
+from ..data.types import Detections
+from ..errors import CheckpointError
+from .checkpoint import load_teacher_checkpoint, save_teacher_checkpoint
+from .config import TeacherExperimentConfig, TeacherTrainConfig
+from .model import CenterPointTeacher
+
+LOGGER = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, train: TeacherTrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on BatchNorm parameters and biases (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, foreach=True)
+
+
+def learning_rate_factor(step: int, total_steps: int, train: TeacherTrainConfig) -> float:
+    """Multiplier of `train.lr` at `step` (0-based) of `total_steps`."""
+    if train.schedule == "constant" or total_steps <= 1:
+        return 1.0
+    progress = min(step / (total_steps - 1), 1.0)
+    warmup = min(max(train.warmup_fraction, 0.0), 1.0)
+    if train.schedule == "onecycle":
+        # CenterPoint's cyclic schedule: cosine rise from lr/10 to lr, then cosine decay to lr*1e-4
+        start, end = 0.1, 1e-4
+        if warmup > 0 and progress < warmup:
+            return start + (1 - start) * (1 - math.cos(math.pi * progress / warmup)) / 2
+        rest = (progress - warmup) / max(1 - warmup, 1e-9)
+        return end + (1 - end) * (1 + math.cos(math.pi * rest)) / 2
+    # cosine: linear warmup then cosine decay to 0
+    if warmup > 0 and progress < warmup:
+        return 0.001 + (1 - 0.001) * progress / warmup
+    rest = (progress - warmup) / max(1 - warmup, 1e-9)
+    return (1 + math.cos(math.pi * rest)) / 2
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TeacherTrainConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule (`learning_rate_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, total_steps, train))
+
+
+def train_step(model: CenterPointTeacher, points: list[torch.Tensor], gt_boxes: list[torch.Tensor],
+               gt_labels: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+               grad_clip: float = 0.0) -> dict[str, float]:
+    """One forward/backward/update on a batch (tensors already on the model's device). Returns loss terms."""
+    model.train()
+    outputs = model(points)
+    losses = model.pts_bbox_head.loss(outputs.head, gt_boxes, gt_labels)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    record = {"loss": float(total.detach()), **{name: float(value.detach()) for name, value in losses.items()}}
+    if grad_clip > 0:
+        record["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    return record
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
+                    train: TeacherTrainConfig, log_path: Path | None = None, num_steps: int | None = None,
+                    start_step: int = 0) -> dict[str, float]:
+    """Train over `loader` (yielding `Batch`es) for one epoch; returns the mean loss terms."""
+    from tqdm import tqdm
+
+    totals: dict[str, float] = {}
+    count = 0
+    step = start_step
+    progress = tqdm(loader, total=num_steps, desc=f"teacher epoch {epoch}", leave=False, dynamic_ncols=True)
+    started = time.perf_counter()
+    for index, batch in enumerate(progress):
+        if num_steps is not None and index >= num_steps:
+            break
+        batch = batch.to(device)
+        record = train_step(model, batch.points, batch.gt_boxes, batch.gt_labels, optimizer, train.grad_clip)
+        scheduler.step()
+        step += 1
+        count += 1
+        for name, value in record.items():
+            totals[name] = totals.get(name, 0.0) + value
+        progress.set_postfix(loss=f"{record['loss']:.3f}", heatmap=f"{record['loss_heatmap']:.3f}",
+                             box=f"{record['loss_box']:.3f}")
+        if log_path is not None and (step % max(train.log_every, 1) == 0):
+            _append_jsonl(log_path, {"kind": "step", "epoch": epoch, "step": step,
+                                     "lr": optimizer.param_groups[0]["lr"],
+                                     "seconds_per_step": (time.perf_counter() - started) / count, **record})
+    progress.close()
+    means = {name: value / max(count, 1) for name, value in totals.items()}
+    means["steps"] = count
+    means["seconds"] = time.perf_counter() - started
+    return means
+
+
+@torch.no_grad()
+def predict(model: CenterPointTeacher, loader: Iterable, device: torch.device) -> list[Detections]:
+    """Decoded detections (LiDAR frame, BEV augmentation undone) for every batch of `loader`."""
+    from tqdm import tqdm
+
+    model.eval()
+    detections: list[Detections] = []
+    for batch in tqdm(loader, desc="teacher predict", leave=False, dynamic_ncols=True):
+        batch = batch.to(device)
+        outputs = model(batch.points)
+        detections += model.pts_bbox_head.decode(outputs.head, list(batch.sample_tokens), batch.bev_aug)
+    return detections
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_rest": [kind, int(position), int(has_gauss), float(cached)], "python": random.getstate()}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, position, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached))
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+
+
+def save_run_state(run_dir: Path, epoch: int, step: int, model: CenterPointTeacher,
+                   optimizer: torch.optim.Optimizer, scheduler: Any, config: TeacherExperimentConfig) -> None:
+    """epoch_N.pth (teacher checkpoint) and latest.pth (+ optimiser, scheduler, epoch, step, RNG)."""
+    meta = {"epoch": epoch, "step": step}
+    save_teacher_checkpoint(model, run_dir / "checkpoints" / f"epoch_{epoch}.pth", config.model, meta)
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "config": to_dict(config.model), "meta": meta, "format": "distillbev-teacher",
+               "training": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch, "step": step, "rng": _rng_state(),
+                            "experiment": to_dict(config)}}
+    temporary = run_dir / "latest.pth.tmp"
+    torch.save(payload, temporary)
+    temporary.replace(run_dir / "latest.pth")
+
+
+def load_run_state(run_dir: Path, model: CenterPointTeacher, optimizer: torch.optim.Optimizer,
+                   scheduler: Any) -> tuple[int, int]:
+    """Restore latest.pth into model / optimiser / scheduler / RNG; returns (epochs done, steps done)."""
+    path = run_dir / "latest.pth"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: nothing to resume (no latest.pth in the run directory); "
+                              f"drop --resume to start a new run")
+    load_teacher_checkpoint(model, path, strict=True)
+    training = torch.load(path, map_location="cpu", weights_only=False)["training"]
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    _restore_rng(training["rng"])
+    return int(training["epoch"]), int(training["step"])
+
+
+def _make_loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                 collate: Callable) -> torch.utils.data.DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       collate_fn=collate, generator=generator, drop_last=False,
+                                       persistent_workers=False)
+
+
+def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable, device: torch.device,
+                     out_dir: Path, batch_size: int, num_workers: int = 0) -> dict[str, Any]:
+    """Predict the dataset, write results.json and run the nuScenes evaluation into `out_dir`."""
+    from ..eval import detections_to_results, evaluate_results, format_metrics_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = _make_loader(dataset, batch_size, False, num_workers, 0, collate)
+    detections = predict(model, loader, device)
+    results = detections_to_results(detections, dataset)
+    result_path = out_dir / "results.json"
+    result_path.write_text(json.dumps(results))
+    summary = evaluate_results(result_path, dataset, out_dir)
+    if not (out_dir / "metrics_summary.json").is_file():
+        (out_dir / "metrics_summary.json").write_text(json.dumps(summary, indent=2))
+    LOGGER.info("teacher evaluation:\n%s", format_metrics_table(summary))
+    return summary
+
+
+def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, device: str | torch.device = "cpu",
+                         resume: bool = False) -> dict[str, Any]:
+    """Train the teacher as configured, checkpointing every epoch; evaluate the val split at the end."""
+    from ..data.collate import collate_samples
+    from ..data.dataset import NuScenesDetectionDataset
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    train = config.train
+    data = dataclasses.replace(config.data, load_images=False)
+    seed_everything(train.seed)
+    dump_config(config, run_dir / "config.yaml")
+    train_set = NuScenesDetectionDataset(data, data.train_split, "train")
+    loader = _make_loader(train_set, train.batch_size, True, train.num_workers, train.seed, collate_samples)
+    steps_per_epoch = len(loader) if train.max_steps_per_epoch <= 0 else min(len(loader), train.max_steps_per_epoch)
+    model = CenterPointTeacher(config.model).to(device)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, train.epochs * steps_per_epoch)
+    start_epoch, step = 0, 0
+    if resume:
+        start_epoch, step = load_run_state(run_dir, model, optimizer, scheduler)
+        LOGGER.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+    log_path = run_dir / "train_log.jsonl"
+    for epoch in range(start_epoch + 1, train.epochs + 1):
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch - 1)
+        loader.generator.manual_seed(train.seed + epoch)
+        means = train_one_epoch(model, loader, optimizer, scheduler, device, epoch, train, log_path,
+                                num_steps=steps_per_epoch, start_step=step)
+        step += int(means["steps"])
+        _append_jsonl(log_path, {"kind": "epoch", "epoch": epoch, "step": step, **means})
+        LOGGER.info("epoch %d/%d: loss %.4f (heatmap %.4f, box %.4f) in %.1f s", epoch, train.epochs,
+                    means.get("loss", float("nan")), means.get("loss_heatmap", float("nan")),
+                    means.get("loss_box", float("nan")), means["seconds"])
+        save_run_state(run_dir, epoch, step, model, optimizer, scheduler, config)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "epochs": train.epochs, "steps": step,
+                               "checkpoint": str(run_dir / "latest.pth")}
+    if train.evaluate:
+        val_set = NuScenesDetectionDataset(data, data.val_split, "test")
+        summary["metrics"] = evaluate_teacher(model, val_set, collate_samples, device, run_dir / "eval",
+                                              train.batch_size, train.num_workers)
+    return summary

@@ -1,0 +1,52 @@
+"""`distillbev train-teacher`: train the CenterPoint-pillar LiDAR teacher and evaluate it on the val split."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+log = logging.getLogger(__name__)
+
+
+@click.command("train-teacher")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Teacher experiment YAML (e.g. configs/synthetic/teacher.yaml).")
+@click.option("--dataroot", required=True, type=click.Path(file_okay=False),
+              help="nuScenes-format dataroot; overrides data.dataroot of the config.")
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory for checkpoints, logs and evaluation.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.epochs=2 (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda[:N].")
+@click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth (model, optimiser, schedule, RNG).")
+def command(config_path: str, dataroot: str, run_dir: str, overrides: tuple[str, ...], device: str,
+            resume: bool) -> None:
+    """Train the LiDAR teacher; writes RUN/latest.pth and RUN/eval/metrics_summary.json."""
+    from pathlib import Path
+
+    from ..pipeline.config import load_config
+    from ..pipeline.errors import ConfigError
+    from ..pipeline.teacher.config import TeacherExperimentConfig
+    from ..pipeline.teacher.train import run_teacher_training
+
+    import dataclasses
+
+    config = load_config(TeacherExperimentConfig, config_path, list(overrides))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataroot=str(dataroot)))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    run = Path(run_dir)
+    if not resume and (run / "latest.pth").exists():
+        raise ConfigError(f"{run}: already holds a teacher run (latest.pth); pass --resume to continue it "
+                          f"or choose another --out")
+    summary = run_teacher_training(config, run, device=device, resume=resume)
+    metrics = summary.get("metrics") or {}
+    line = {"run_dir": summary["run_dir"], "steps": summary["steps"], "checkpoint": summary["checkpoint"]}
+    if metrics:
+        line.update({"mAP": metrics.get("mean_ap"), "NDS": metrics.get("nd_score")})
+    click.echo(json.dumps(line))
