@@ -13,7 +13,10 @@ import numpy as np
 
 from ...geometry.transforms import box_corners, invert_transform, transform_points
 from .catalog import GROUND_INTENSITY
-from .raycast import box_hits, ground_hits
+from .raycast import FACE_BACK, FACE_FRONT, box_hits, ground_hits
+
+FRONT_FACE_GAIN = 2.0  # intensity factor of returns from a box's front (+x) face
+BACK_FACE_GAIN = 0.5  # and from its back face
 
 # The physical solid sits a few centimetres inside its annotation box (annotators draw boxes around the points),
 # so surface returns land inside the box despite range noise; its bottom stays on the ground.
@@ -77,6 +80,7 @@ def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np
     dirs_global = dirs_lidar @ rotation.T
     ranges = ground_hits(origin, dirs_global)  # (R,)
     owner = np.full(len(ranges), -1)  # -1 = ground, else box index
+    face = np.full(len(ranges), -1)  # the box face each ray entered (raycast.FACE_*), -1 for the ground
 
     solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7))
     if len(solids):
@@ -85,10 +89,11 @@ def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np
         beams = np.arange(pattern.num_beams)[:, None] * pattern.num_azimuths  # (B, 1)
         for k, solid in enumerate(solids):
             rays = (beams + _azimuth_columns(corners_lidar[k], pattern)[None]).ravel()  # (B * n,)
-            box_range, _ = box_hits(origin, dirs_global[rays], solid)
+            box_range, box_face = box_hits(origin, dirs_global[rays], solid)
             nearer = box_range < ranges[rays]
             ranges[rays[nearer]] = box_range[nearer]
             owner[rays[nearer]] = k
+            face[rays[nearer]] = box_face[nearer]
 
     keep = np.nonzero(ranges <= max_range)[0]  # (P,) ray ids with a return
     noisy_range = ranges[keep] + rng.normal(0.0, range_noise, size=len(keep))
@@ -96,6 +101,9 @@ def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np
     hit_owner = owner[keep]
     mean_intensity = np.where(hit_owner >= 0, np.asarray(intensities, dtype=np.float64).reshape(-1)[hit_owner]
                               if len(solids) else 0.0, GROUND_INTENSITY)
-    intensity = np.clip(mean_intensity * rng.uniform(0.8, 1.2, size=len(keep)), 0.0, 255.0).round()
+    # Front faces return brighter (plates, lamps) and back faces dimmer, so heading is not ambiguous by half a turn
+    # from the points alone, as it is not for real vehicles seen by a real LiDAR.
+    face_gain = np.select([face[keep] == FACE_FRONT, face[keep] == FACE_BACK], [FRONT_FACE_GAIN, BACK_FACE_GAIN], 1.0)
+    intensity = np.clip(mean_intensity * face_gain * rng.uniform(0.8, 1.2, size=len(keep)), 0.0, 255.0).round()
     ring = keep // pattern.num_azimuths
     return np.concatenate([xyz, intensity[:, None], ring[:, None]], axis=1).astype(np.float32)
