@@ -83,8 +83,14 @@ def test_lidar_pattern_and_occlusion():
     np.testing.assert_allclose(ahead[:, 0], 4.55, atol=1e-4)  # the near solid's face (inset by 5 cm)
     beside = points[(np.abs(points[:, 1]) > 1.0) & (points[:, 2] > -1.9) & (np.abs(points[:, 0] - 9.55) < 1e-3)]
     assert len(beside) > 0  # the far box is hit where the near one does not hide it
-    assert set(np.unique(points[(np.abs(points[:, 0] - 4.55) < 1e-3), 3])) <= set(np.arange(40.0, 61.0))
+    # The sensor sees the near box's back face (its +x points away): intensity 50 x 0.5 x U(0.8, 1.2).
+    assert set(np.unique(points[(np.abs(points[:, 0] - 4.55) < 1e-3), 3])) <= set(np.arange(20.0, 31.0))
     assert np.all(np.linalg.norm(points[:, :3], axis=1) <= 30.0 + 1e-4)
+    # Turned to face the sensor, the same box returns its front face: 50 x 2.0 x U(0.8, 1.2).
+    facing = cast_lidar(pose, np.array([near[:6] + [np.pi]]), np.array([50.0]), pattern, 30.0,
+                        np.random.default_rng(0), range_noise=0.0)
+    front = facing[np.abs(facing[:, 0] - 4.55) < 1e-3, 3]
+    assert len(front) > 0 and set(np.unique(front)) <= set(np.arange(80.0, 121.0))
 
 
 def test_tokens_and_visibility_levels():
