@@ -145,9 +145,14 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             config_dict = teacher_config
             if config_dict is None:
                 state = torch.load(teacher_checkpoint, map_location="cpu", weights_only=False)
-                config_dict = (state.get("config") or {}).get("model")
-                if config_dict is None:
-                    raise ConfigError(f"{teacher_checkpoint}: holds no teacher config; pass --teacher-config")
+                config_dict = state.get("config")
+                if not isinstance(config_dict, dict):
+                    raise ConfigError(f"{teacher_checkpoint}: holds no teacher model config (not a distillbev "
+                                      f"teacher checkpoint?); train one with `distillbev train-teacher`")
+                # the live teacher sees the sweeps it was trained with
+                experiment = (state.get("training") or {}).get("experiment") or {}
+                cfg.data.num_sweeps = int(experiment.get("data", {}).get("num_sweeps", cfg.data.num_sweeps))
+                cfg.data.sweep_candidates = max(cfg.data.sweep_candidates, cfg.data.num_sweeps)
             teacher = live_teacher(config_dict, teacher_checkpoint, device_t)
             teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
                               for name in {t for _, t in layers}}
