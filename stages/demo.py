@@ -56,7 +56,7 @@ def run_steps(steps: list[Step], seconds: dict[str, float]) -> None:
 
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-         device: str, overrides: tuple[str, ...]) -> tuple[list[Step], dict]:
+         device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...] = ()) -> tuple[list[Step], dict]:
     """The demo's steps and the paths they produce."""
     dataroot = out / "data"
     teacher_run = out / "teacher"
@@ -71,14 +71,16 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     if samples_per_scene is not None:
         synth += ["--samples-per-scene", str(samples_per_scene)]
     sets = [arg for item in overrides for arg in ("--set", item)]
+    teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
     steps = [
         Step("make-synthetic", synth, dataroot / "synthetic_summary.json"),
         Step("train-teacher", ["train-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
-                               "--out", str(teacher_run), "--device", device],
+                               "--out", str(teacher_run), "--device", device, *teacher_sets],
              teacher_run / "eval" / "metrics_summary.json"),
         Step("extract-teacher", ["extract-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
                                  "--checkpoint", str(teacher_run / "latest.pth"), "--cache", str(cache),
-                                 "--split", "synth_train", "--views", str(views), "--device", device],
+                                 "--split", "synth_train", "--views", str(views), "--device", device,
+                                 *teacher_sets],
              cache),
         Step("train-student (baseline)",
              ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
@@ -147,12 +149,14 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
+@click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override the teacher config.")
 def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-            device: str, overrides: tuple[str, ...]) -> None:
+            device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG)."""
     out.mkdir(parents=True, exist_ok=True)
-    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides)
+    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides)
     summary_path = out / "demo_summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     seconds = {s["name"]: s["seconds"] for s in previous.get("steps", [])}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +134,12 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             optimizer.step()
             iteration += 1
-            record = {"epoch": epoch, "iteration": iteration, "lr": lr, "loss": float(total),
-                      "grad_norm": float(grad_norm), "data_seconds": data_seconds,
-                      **{k: float(v) for k, v in losses.items()}}
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            record = {"epoch": epoch, "iteration": iteration, "lr": lr, "loss": float(total.detach()),
+                      "grad_norm": float(grad_norm), "data_seconds": data_seconds, **values}
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            progress.set_postfix({k: f"{float(v):.3g}" for k, v in list(losses.items())[:6]} | {"loss": f"{float(total):.3g}"})
+            progress.set_postfix(postfix_terms(values) | {"loss": f"{record['loss']:.3g}"})
             wait_start = time.perf_counter()
             if max_steps is not None and iteration >= max_steps:
                 return iteration
@@ -152,24 +151,22 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
     return iteration
 
 
+def postfix_terms(values: dict[str, float]) -> dict[str, str]:
+    """Short progress-bar labels: the detection terms, and each distilled layer's summed KD terms."""
+    shown: dict[str, float] = {}
+    for key, value in values.items():
+        name = key.removeprefix("loss_")
+        if key.startswith("kd_"):
+            name = "kd_" + key[3:].rsplit("_", 1)[0]
+        shown[name] = shown.get(name, 0.0) + value
+    return {k: f"{v:.3g}" for k, v in shown.items()}
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
 
 
-def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def write_config(cfg: StudentExperimentConfig, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
-
-
-def mean_or_nan(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
