@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,7 +9,6 @@ from click.testing import CliRunner
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.errors import CheckpointError
 
-TINY = Path(__file__).resolve().parents[1] / "data" / "tiny_nuscenes.py"
 
 CONFIG = """
 data:
@@ -37,16 +32,8 @@ model:
 
 
 @pytest.fixture(scope="module")
-def tiny_dataroot(tmp_path_factory):
-    if not TINY.is_file():
-        pytest.skip("tests/data/tiny_nuscenes.py is not available")
-    spec = importlib.util.spec_from_file_location("distillbev_cache_tests_tiny_nuscenes", TINY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    root = tmp_path_factory.mktemp("tiny_nuscenes")
-    module.build_tiny_nuscenes(root)
-    return root
+def tiny_dataroot(tiny_slice):
+    return tiny_slice.dataroot
 
 
 @pytest.fixture(scope="module")

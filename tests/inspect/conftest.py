@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 from inspect_stores import write_store
-
-TINY = Path(__file__).resolve().parents[1] / "data" / "tiny_nuscenes.py"
-
 
 @pytest.fixture
 def store(tmp_path) -> Path:
@@ -20,14 +15,6 @@ def store(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_dataroot(tmp_path_factory):
+def tiny_dataroot(tiny_slice, tiny):
     """The hand-made tiny nuScenes dataroot of tests/data (2 samples, one object of each class)."""
-    if not TINY.is_file():
-        pytest.skip("tests/data/tiny_nuscenes.py is not available")
-    spec = importlib.util.spec_from_file_location("distillbev_inspect_tests_tiny_nuscenes", TINY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    root = tmp_path_factory.mktemp("tiny_nuscenes")
-    result = module.build_tiny_nuscenes(root)
-    return root, list(result.sample_tokens), module.VERSION
+    return tiny_slice.dataroot, list(tiny_slice.sample_tokens), tiny.VERSION

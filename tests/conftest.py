@@ -1,4 +1,4 @@
-"""Fixtures of the eval tests: the hand-made tiny nuScenes dataroot from tests/data/tiny_nuscenes.py."""
+"""Fixtures shared by every test area: the hand-made tiny nuScenes dataroot (tests/data/tiny_nuscenes.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 def _load_tiny_module():
     name = "distillbev_tests_tiny_nuscenes"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "data" / "tiny_nuscenes.py")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / "tiny_nuscenes.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
