@@ -164,7 +164,9 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     bev = cfg.model.bev
     train_set = DistillationDataset(
         NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train"), mode=mode, cache=cache,
-        seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max))
+        seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
+        use_cached_attention=cache is not None
+        and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature)
     params = list(student.parameters()) + ([] if distill_loss is None else list(distill_loss.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=teacher, layers=layers)

@@ -63,7 +63,8 @@ class DistillationDataset(Dataset):
     """
 
     def __init__(self, dataset, mode: TargetsMode, cache=None, seed: int = 0,
-                 bev_extent: tuple[float, float, float, float] | None = None) -> None:
+                 bev_extent: tuple[float, float, float, float] | None = None,
+                 use_cached_attention: bool = True) -> None:
         if mode in ("cache", "approximate") and cache is None:
             raise ValueError(f"targets mode {mode!r} needs a cache")
         self.dataset = dataset
@@ -72,6 +73,8 @@ class DistillationDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.bev_extent = bev_extent
+        # cached attention was computed at the cache's temperature; recompute it when the run uses another one
+        self.use_cached_attention = use_cached_attention
         self._cache_index = None if cache is None else [cache.index_of(t) for t in dataset.sample_tokens]
 
     def set_epoch(self, epoch: int) -> None:
@@ -93,7 +96,8 @@ class DistillationDataset(Dataset):
             cached = self.cache.read(cache_index, view)
             sample = self.dataset.get(index, bev_aug=cached.bev_aug, rng=rng)
             sample.view_index = view
-            return sample, TargetsItem(cached.features, cached.heatmap, cached.attention)
+            return sample, TargetsItem(cached.features, cached.heatmap,
+                                       cached.attention if self.use_cached_attention else None)
         augmentation = self._fresh_augmentation(rng)
         sample = self.dataset.get(index, bev_aug=augmentation, rng=rng)
         if self.mode == "approximate":

@@ -143,6 +143,8 @@ class CameraStudent(nn.Module):
                              f"bevdepth and bevdepth4d")
         geometry = CameraGeometry(batch.intrinsics, batch.camera_to_lidar, batch.image_aug,
                                   batch.bev_aug.to(outputs.depth.device))
-        one_hot, valid = depth_targets([p.to(outputs.depth.device) for p in batch.points], geometry,
+        # key-frame points only (time lag 0): sweeps smear moving objects and depend on the sweep count
+        key_frame = [p[p[:, 4] == 0].to(outputs.depth.device) for p in batch.points]
+        one_hot, valid = depth_targets(key_frame, geometry,
                                        self.config.image_size, self.config.feature_stride, self.config.depth_bins)
         return depth_bce_loss(outputs.depth, one_hot, valid, self.config.depth_loss_weight)

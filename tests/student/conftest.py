@@ -41,7 +41,8 @@ def make_batch():
             image_aug=torch.eye(3).expand(batch_size, num_cameras, 3, 3).clone(),
         )
         points = [torch.cat([torch.rand(3000, 2, generator=generator) * 40 - 20,
-                             torch.rand(3000, 3, generator=generator)], dim=1) for _ in range(batch_size)]
+                             torch.rand(3000, 2, generator=generator),
+                             torch.zeros(3000, 1)], dim=1) for _ in range(batch_size)]  # key-frame points: lag 0
         boxes = torch.tensor([[6.0, 3.0, 0.8, 4.2, 1.9, 1.6, 0.3, 1.0, 0.0],
                               [-8.0, -5.0, 0.9, 0.7, 0.7, 1.8, 1.0, 0.0, 0.0]])
         batch = Batch(

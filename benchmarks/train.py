@@ -1,0 +1,381 @@
+"""Cost of one student training step: no distillation, DistillBEV with cached targets, DistillBEV with a live teacher.
+
+    OMP_NUM_THREADS=1 python benchmarks/train.py [--steps 5] [--shapes small,full] [--full-steps 2] [--out FILE]
+
+Per shape it prints a markdown table: the mean wall time of a step (DataLoader wait + forward + losses + backward +
+gradient clipping + AdamW, after `--warmup` steps) for (a) the baseline student, (b) the student with targets read
+from a zarr cache by DataLoader workers and the DistillBEV loss, (c) the student with the frozen teacher run under
+no_grad inside the step (same loss); the share of the step spent blocked on the DataLoader iterator; and the
+cached / online ratio. It ends with the approximate-mode gap (`warp.py`): per-layer cosine between the identity
+view's cached maps warped into an augmentation and the teacher run on the augmented cloud.
+
+- small: configs/synthetic/student_bevdet.yaml + teacher.yaml on a generated synthetic dataroot, a two-view cache
+  extracted by `extract-teacher` from a randomly initialised teacher (timing needs no trained weights);
+- full: configs/nuscenes/student_bevdepth4d.yaml + teacher_pillar02.yaml on synthetic tensors of the real shapes
+  (B=1, 6 cameras 256x704 plus the previous frame, ~250k points for the teacher, ~30k key-frame points for the
+  student's depth targets) and a cache written at the teacher's full layer shapes for 3 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch.utils.data import DataLoader
+
+from common import FullShapeDataset, machine_header, mean_and_spread, write_random_cache
+from distillbev.pipeline.cache.manifest import LayerSpec
+from distillbev.pipeline.cache.reader import TeacherCache
+from distillbev.pipeline.config import dump_config, from_dict, load_config, to_dict
+from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+from distillbev.pipeline.distill.config import StudentExperimentConfig
+from distillbev.pipeline.distill.run import build_distill_loss, live_teacher
+from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets
+from distillbev.pipeline.distill.train import DistillationSetup, training_step
+from distillbev.pipeline.distill.warp import warp_bev
+from distillbev.pipeline.geometry.bev import BEVAugmentation
+from distillbev.pipeline.student.model import CameraStudent
+from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
+from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
+from distillbev.pipeline.teacher.model import CenterPointTeacher
+from distillbev.stages.extract_teacher import command as extract_command
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.train")
+
+
+@dataclasses.dataclass
+class ShapeSetup:
+    """What the three modes of one shape share."""
+
+    description: str
+    note: str
+    cfg: StudentExperimentConfig
+    teacher: torch.nn.Module  # frozen, for the online mode
+    teacher_layers: dict[str, dict]  # cache manifest `layers`: name -> channels, shape
+    cache_path: Path
+    dataset_for: Callable[[str], object]  # targets mode -> the dataset DistillationDataset wraps
+    batch_size: int
+    workers: int
+    warmup: int
+    steps: int
+    teacher_config: TeacherExperimentConfig | None = None  # small shapes: the random teacher and its checkpoint
+    checkpoint: Path | None = None
+
+    def make_student(self) -> CameraStudent:
+        return CameraStudent(self.cfg.model)
+
+
+def extract_cache(teacher_cfg: TeacherExperimentConfig, checkpoint: Path, folder: Path, dataroot: Path,
+                  views: int) -> Path:
+    """Run `extract-teacher` (fp16) on the synth_train split; returns the store path."""
+    config_path = folder / "teacher.yaml"
+    dump_config(teacher_cfg, config_path)
+    cache_path = folder / f"cache_{checkpoint.stem}_{views}v.zarr"
+    result = CliRunner().invoke(extract_command, [
+        "--config", str(config_path), "--dataroot", str(dataroot), "--checkpoint", str(checkpoint),
+        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views)], catch_exceptions=False)
+    if result.exit_code != 0:
+        raise SystemExit(f"extract-teacher failed:\n{result.output}")
+    return cache_path
+
+
+def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> ShapeSetup:
+    """configs/synthetic student_bevdet + teacher on a generated dataroot; a random teacher's two-view cache."""
+    folder.mkdir(parents=True)
+    cfg = load_config(StudentExperimentConfig, REPO / "configs" / "synthetic" / "student_bevdet.yaml")
+    teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "synthetic" / "teacher.yaml")
+    samples_per_scene = 6
+    train_scenes = math.ceil((steps + warmup) * cfg.train.batch_size / samples_per_scene)
+    dataroot = folder / "synthetic"
+    log.info("small: generating %d synthetic scenes", train_scenes + 1)
+    generate_dataset(dataroot, SyntheticConfig(num_scenes=train_scenes + 1, samples_per_scene=samples_per_scene,
+                                               val_scenes=1, sweeps_per_key_frame=max(teacher_cfg.data.num_sweeps, 1)),
+                     progress=False)
+    cfg.data.dataroot = teacher_cfg.data.dataroot = str(dataroot)
+    torch.manual_seed(0)
+    checkpoint = save_teacher_checkpoint(CenterPointTeacher(teacher_cfg.model), folder / "random_teacher.pth",
+                                         config=teacher_cfg.model)
+    log.info("small: extracting a two-view cache with the random teacher")
+    cache_path = extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=2)
+    teacher = live_teacher(to_dict(teacher_cfg.model), checkpoint, torch.device("cpu"))
+
+    def dataset_for(mode: str):
+        data = dataclasses.replace(cfg.data)
+        if mode == "online":  # the live teacher sees the sweeps it was trained with (as train_student does)
+            data.num_sweeps = teacher_cfg.data.num_sweeps
+            data.sweep_candidates = max(data.sweep_candidates, data.num_sweeps)
+        return NuScenesDetectionDataset(data, data.train_split, mode="train")
+
+    return ShapeSetup(
+        description="configs/synthetic/student_bevdet.yaml + configs/synthetic/teacher.yaml",
+        note=(f"synthetic dataroot ({train_scenes} train scenes x {samples_per_scene} samples, JPEG decoding in "
+              f"the workers), cache extracted from a random teacher ({teacher_cfg.data.num_sweeps} sweeps, 2 views, "
+              f"fp16); the student loads {cfg.data.num_sweeps} sweeps, the online teacher "
+              f"{teacher_cfg.data.num_sweeps}"),
+        cfg=cfg, teacher=teacher, teacher_layers=TeacherCache.open(cache_path).manifest["layers"],
+        cache_path=cache_path, dataset_for=dataset_for, batch_size=cfg.train.batch_size, workers=workers,
+        warmup=warmup, steps=steps, teacher_config=teacher_cfg, checkpoint=checkpoint)
+
+
+def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> ShapeSetup:
+    """configs/nuscenes student_bevdepth4d + teacher_pillar02 on random tensors of the real shapes, B=1."""
+    folder.mkdir(parents=True)
+    cfg = load_config(StudentExperimentConfig, REPO / "configs" / "nuscenes" / "student_bevdepth4d.yaml")
+    teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "nuscenes" / "teacher_pillar02.yaml")
+    torch.manual_seed(0)
+    teacher = CenterPointTeacher(teacher_cfg.model).eval().requires_grad_(False)
+    canvas = teacher_cfg.model.canvas_grid
+    names = sorted({pair.teacher for pair in cfg.distill.layers})
+    layers = [LayerSpec(name, teacher.feature_channels[name], teacher.feature_shapes[name],
+                        (canvas.x_max - canvas.x_min) / teacher.feature_shapes[name][1],
+                        canvas.num_x / teacher.feature_shapes[name][1]) for name in names]
+    num_samples = 3
+    cache_path = folder / "full_cache.zarr"
+    log.info("full: writing a random cache of %d samples x 2 views at %s", num_samples,
+             {layer.name: (layer.channels, *layer.shape) for layer in layers})
+    write_random_cache(cache_path, layers, canvas, teacher_cfg.model.head_grid.shape,
+                       [f"full-shape-{i}" for i in range(num_samples)], views=2)
+    cfg.train.batch_size = 1
+
+    def dataset_for(mode: str):
+        # ~30k key-frame points feed BEVDepth's depth targets; the online teacher sees ~250k (10 sweeps)
+        points = 250_000 if mode == "online" else 30_000
+        return FullShapeDataset(cfg.data, max(num_samples, warmup + steps), points, cfg.model.is_temporal)
+
+    if warmup + steps > num_samples:
+        raise SystemExit(f"full shapes: {num_samples} cached samples, --warmup + --full-steps must be <= that")
+    return ShapeSetup(
+        description="configs/nuscenes/student_bevdepth4d.yaml + configs/nuscenes/teacher_pillar02.yaml",
+        note=("random tensors of the real shapes (B=1, 6 cameras 256x704 + the previous frame, ~250k points for "
+              "the online teacher, ~30k for the student's depth targets, images drawn instead of decoded), a cache "
+              f"of {num_samples} samples x 2 views written at the teacher's layer shapes (fp16); a few steps only"),
+        cfg=cfg, teacher=teacher, teacher_layers={layer.name: layer.to_json() for layer in layers},
+        cache_path=cache_path, dataset_for=dataset_for, batch_size=1, workers=workers, warmup=warmup, steps=steps)
+
+
+GAP_AUGMENTATIONS = {
+    "flip_x (y -> -y)": BEVAugmentation(flip_x=True),
+    "flip_y (x -> -x)": BEVAugmentation(flip_y=True),
+    "rotation 0.3 rad, scale 1.04": BEVAugmentation(rotation=0.3, scale=1.04),
+    "rotation -0.2 rad, scale 0.96, flip_y": BEVAugmentation(rotation=-0.2, scale=0.96, flip_y=True),
+}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def gap_teacher(small: ShapeSetup, trained_checkpoint: Path) -> tuple[TeacherExperimentConfig, Path, str]:
+    """The trained teacher when its checkpoint exists (config and sweep count from the checkpoint), else the
+    small shapes' random one."""
+    if not trained_checkpoint.is_file():
+        return small.teacher_config, small.checkpoint, "a randomly initialised teacher (no trained checkpoint found)"
+    state = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
+    teacher_cfg = dataclasses.replace(small.teacher_config,
+                                      model=from_dict(TeacherModelConfig, state["config"], source=str(trained_checkpoint)),
+                                      data=dataclasses.replace(small.teacher_config.data))
+    experiment = (state.get("training") or {}).get("experiment") or {}
+    teacher_cfg.data.num_sweeps = int(experiment.get("data", {}).get("num_sweeps", teacher_cfg.data.num_sweeps))
+    teacher_cfg.data.point_cloud_range = tuple(teacher_cfg.model.point_cloud_range)
+    meta = state.get("meta") or {}
+    return teacher_cfg, trained_checkpoint, (f"the TRAINED teacher {trained_checkpoint} (epoch {meta.get('epoch')}, "
+                                             f"{teacher_cfg.data.num_sweeps} sweeps)")
+
+
+def approximate_gap(small: ShapeSetup, folder: Path, trained_checkpoint: Path, samples: int) -> list[str]:
+    """Per-layer cosine: identity view's cached maps warped into an augmentation vs the teacher on that cloud."""
+    folder.mkdir(parents=True)
+    teacher_cfg, checkpoint, which = gap_teacher(small, trained_checkpoint)
+    dataroot = Path(small.cfg.data.dataroot)
+    log.info("gap: extracting the identity view with %s", which)
+    cache = TeacherCache.open(extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=1))
+    teacher = live_teacher(to_dict(teacher_cfg.model), checkpoint, torch.device("cpu"))
+    dataset = NuScenesDetectionDataset(teacher_cfg.data, "synth_train", mode="test")
+    grid = cache.manifest["bev_grid"]
+    extent = (grid["x_min"], grid["x_max"], grid["y_min"], grid["y_max"])
+    count = min(samples, len(dataset))
+    values: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for index in range(count):
+        identity = cache.read(cache.index_of(dataset.sample_tokens[index]), 0)
+        maps = dict(identity.features, heatmap=identity.heatmap)
+        for name, augmentation in GAP_AUGMENTATIONS.items():
+            points = dataset.get(index, bev_aug=augmentation, with_images=False).points
+            with torch.no_grad():
+                outputs = teacher([points])
+            live = {layer: outputs.features[layer][0] for layer in identity.features}
+            live["heatmap"] = outputs.heatmap[0].sigmoid().clamp(1e-4, 1 - 1e-4)
+            for layer, cached in maps.items():
+                values.setdefault((name, layer), []).append(
+                    (cosine(warp_bev(cached, augmentation, extent), live[layer]), cosine(cached, live[layer])))
+    lines = ["## Approximate targets: gap to the teacher on the augmented cloud", "",
+             f"Teacher: {which}; synthetic synth_train samples 0..{count - 1} (test-mode sweeps), identity view "
+             f"read from an fp16 cache, warped with `pipeline/distill/warp.py` (flips: index reversal; otherwise "
+             f"bilinear), compared with the teacher run on the augmented cloud. Cosine over all (C, Y, X) values, "
+             f"mean (min) over samples; the unwarped column compares the identity maps without warping (a control: "
+             f"ReLU features share a large positive component, so cosine is never near 0).", "",
+             "| augmentation | layer | cosine warped, mean (min) | cosine unwarped, mean |", "|---|---|---|---|"]
+    for (name, layer), rows in values.items():
+        warped = [w for w, _ in rows]
+        lines.append(f"| {name} | {layer} | {sum(warped) / len(warped):.4f} ({min(warped):.4f}) "
+                     f"| {sum(u for _, u in rows) / len(rows):.4f} |")
+    return lines + [""]
+
+
+MODES = (("baseline", "none"), ("cached", "cache"), ("online", "online"))
+
+
+class TimedTeacher(torch.nn.Module):
+    """Wraps the frozen teacher and records the wall seconds of each forward pass (the online mode's share)."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.seconds: list[float] = []
+
+    def forward(self, points):
+        started = time.perf_counter()
+        outputs = self.teacher(points)
+        self.seconds.append(time.perf_counter() - started)
+        return outputs
+
+
+@dataclasses.dataclass
+class StepTime:
+    wall: float  # seconds from asking the DataLoader for the batch to the end of the optimiser step
+    data: float  # seconds blocked on the DataLoader iterator
+    cpu: float  # CPU seconds of this process (all its threads; DataLoader workers excluded)
+    teacher: float  # seconds of the live teacher's forward pass (0 without one)
+
+
+def time_steps(setup: DistillationSetup, train_set: DistillationDataset, batch_size: int, workers: int,
+               head_grid, warmup: int, steps: int, grad_clip: float) -> list[StepTime]:
+    """Timings of `steps` steps after `warmup` steps, each step as `run_epochs` trains."""
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        collate_fn=collate_with_targets, generator=torch.Generator().manual_seed(0))
+    params = list(setup.student.parameters())
+    if setup.distill_loss is not None:
+        params += list(setup.distill_loss.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    setup.student.train()
+    needed = warmup + steps
+    if len(loader) < needed:
+        raise SystemExit(f"the split has {len(loader)} batches of {batch_size}, the benchmark needs {needed}; "
+                         f"lower --steps / --warmup")
+    records = []
+    iterator = iter(loader)
+    for step in range(needed):
+        teacher_before = sum(setup.teacher.seconds) if setup.teacher is not None else 0.0
+        started, cpu_started = time.perf_counter(), time.process_time()
+        batch, targets = next(iterator)
+        data_seconds = time.perf_counter() - started
+        losses = training_step(setup, batch, targets, head_grid)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if step >= warmup:
+            teacher_seconds = sum(setup.teacher.seconds) - teacher_before if setup.teacher is not None else 0.0
+            records.append(StepTime(time.perf_counter() - started, data_seconds,
+                                    time.process_time() - cpu_started, teacher_seconds))
+    del iterator  # stops the workers
+    return records
+
+
+def benchmark_shape(name: str, shape: ShapeSetup) -> list[str]:
+    """Run the three modes of one shape; markdown lines of its table."""
+    cfg = shape.cfg
+    layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
+    results = {}
+    for label, mode in MODES:
+        torch.manual_seed(0)
+        student = shape.make_student()
+        distill_loss = None if mode == "none" else build_distill_loss(cfg, student, shape.teacher_layers)
+        setup = DistillationSetup(student=student, distill_loss=distill_loss,
+                                  teacher=TimedTeacher(shape.teacher) if mode == "online" else None,
+                                  layers=layers)
+        bev = cfg.model.bev
+        train_set = DistillationDataset(shape.dataset_for(mode), mode=mode,
+                                        cache=TeacherCache.open(shape.cache_path) if mode == "cache" else None,
+                                        bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max))
+        logging.info("%s: timing %s (%d + %d steps)", name, label, shape.warmup, shape.steps)
+        results[label] = time_steps(setup, train_set, shape.batch_size, shape.workers, cfg.model.head.grid,
+                                    shape.warmup, shape.steps, cfg.train.grad_clip)
+    baseline = mean_and_spread([r.wall for r in results["baseline"]])[0]
+    lines = [f"### {name}: {shape.description}", "",
+             f"batch {shape.batch_size}, {shape.workers} DataLoader worker(s), mean over {shape.steps} steps after "
+             f"{shape.warmup} warm-up step(s); {shape.note}", "",
+             "| mode | step s (mean ± sd) | step / baseline | CPU s of the step | teacher forward s | data wait s "
+             "| data wait % of step |", "|---|---|---|---|---|---|---|"]
+    for label, _ in MODES:
+        rows = results[label]
+        step_mean, step_sd = mean_and_spread([r.wall for r in rows])
+        share = sum(r.data for r in rows) / sum(r.wall for r in rows)
+        lines.append(f"| {label} | {step_mean:.3f} ± {step_sd:.3f} | {step_mean / baseline:.2f}x "
+                     f"| {mean_and_spread([r.cpu for r in rows])[0]:.3f} "
+                     f"| {mean_and_spread([r.teacher for r in rows])[0]:.3f} "
+                     f"| {mean_and_spread([r.data for r in rows])[0]:.3f} | {100 * share:.1f}% |")
+    cached = mean_and_spread([r.wall for r in results["cached"]])[0]
+    online = mean_and_spread([r.wall for r in results["online"]])[0]
+    cached_cpu = mean_and_spread([r.cpu for r in results["cached"]])[0]
+    online_cpu = mean_and_spread([r.cpu for r in results["online"]])[0]
+    lines += ["", f"cached / online step time: **{cached / online:.2f}** wall ({cached:.3f} s vs {online:.3f} s), "
+                  f"**{cached_cpu / online_cpu:.2f}** CPU ({cached_cpu:.3f} s vs {online_cpu:.3f} s)", ""]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode at the small shapes")
+    parser.add_argument("--full-steps", type=int, default=2, help="timed steps per mode at the full shapes")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first at the small shapes")
+    parser.add_argument("--full-warmup", type=int, default=1, help="untimed steps first at the full shapes")
+    parser.add_argument("--shapes", default="small,full", help="comma-separated: small, full")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: small 1, full 1)")
+    parser.add_argument("--gap-samples", type=int, default=4, help="samples of the approximate-mode gap")
+    parser.add_argument("--trained-teacher", type=Path, default=Path("/work/demo/teacher/latest.pth"),
+                        help="teacher checkpoint for the approximate-mode gap (a random teacher if missing)")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = set(shapes) - {"small", "full"}
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {sorted(unknown)}; use small and/or full")
+    folder = Path(tempfile.mkdtemp(prefix="train_bench_", dir=args.dir))
+    lines = ["## Training step", "", machine_header(), ""]
+    try:
+        small = None
+        if "small" in shapes or args.gap_samples > 0:
+            small = small_shape_setup(folder / "small", args.steps, args.warmup, args.workers or 1)
+        if "small" in shapes:
+            lines += benchmark_shape("small", small)
+        if "full" in shapes:
+            lines += benchmark_shape("full", full_shape_setup(folder / "full", args.full_steps, args.full_warmup,
+                                                              args.workers or 1))
+        if args.gap_samples > 0:
+            lines += approximate_gap(small, folder / "gap", args.trained_teacher, args.gap_samples)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
