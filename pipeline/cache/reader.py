@@ -165,15 +165,15 @@ class TeacherCache:
         for layer in self.layers:
             stored = chunks[v1.feature_array(layer.name)]
             if self.manifest["storage"]["dtype"] == "int8":
-                values = dequantize_per_channel(stored, chunks[v1.feature_scale_array(layer.name)],
-                                                chunks[v1.feature_offset_array(layer.name)])
+                features[layer.name] = torch.from_numpy(dequantize_per_channel(
+                    stored, chunks[v1.feature_scale_array(layer.name)], chunks[v1.feature_offset_array(layer.name)]))
             else:
-                values = stored.astype(np.float32)
-            features[layer.name] = torch.from_numpy(values)
-            attention[layer.name] = torch.from_numpy(chunks[v1.attention_array(layer.name)].astype(np.float32))
+                # torch's fp16 -> fp32 conversion is about 2x faster than numpy's astype
+                features[layer.name] = torch.from_numpy(stored).float()
+            attention[layer.name] = _as_float32(chunks[v1.attention_array(layer.name)])
         return TeacherTargets(
             sample_token=self.sample_tokens[sample_index], view=view, bev_aug=self.bev_aug(sample_index, view),
-            features=features, heatmap=torch.from_numpy(chunks[v1.HEATMAP].astype(np.float32)),
+            features=features, heatmap=_as_float32(chunks[v1.HEATMAP]),
             attention=attention, occupancy=torch.from_numpy(chunks[v1.OCCUPANCY].astype(bool)))
 
     def read_teacher_head(self) -> dict[str, torch.Tensor]:
@@ -197,3 +197,9 @@ def _walk_arrays(group: Any, prefix: str):
             yield full, node
         else:
             yield from _walk_arrays(node, f"{full}/")
+
+
+def _as_float32(values: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of a decoded chunk, without a copy when it is float32 already."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
