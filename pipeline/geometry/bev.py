@@ -53,6 +53,12 @@ class BEVGrid:
             raise ValueError(f"grid {num_y}x{num_x} over this extent has non-square cells {res_y} x {res_x}")
         return BEVGrid(self.x_min, self.x_max, self.y_min, self.y_max, res_x)
 
+    def matches(self, other: "BEVGrid", tolerance: float = 1e-6) -> bool:
+        """Same extent and resolution up to `tolerance` metres."""
+        mine = (self.x_min, self.x_max, self.y_min, self.y_max, self.resolution)
+        theirs = (other.x_min, other.x_max, other.y_min, other.y_max, other.resolution)
+        return all(abs(a - b) <= tolerance for a, b in zip(mine, theirs))
+
     def metric_to_index(self, xy: np.ndarray) -> np.ndarray:
         """Points (P, >=2) in metres -> integer cell indices (P, 2) as (ix, iy); may be out of range."""
         xy = np.asarray(xy, dtype=np.float64)

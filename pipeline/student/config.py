@@ -85,10 +85,7 @@ class StudentModelConfig:
         num_y, num_x = grid.shape
         if num_y % 8 or num_x % 8:
             raise ValueError(f"BEV grid {num_y}x{num_x} must be divisible by 8 (three stride-2 BEV encoder stages)")
-        head_grid = self.head.grid
-        if any(abs(a - b) > 1e-6 for a, b in zip(
-                (head_grid.x_min, head_grid.x_max, head_grid.y_min, head_grid.y_max, head_grid.resolution),
-                (grid.x_min, grid.x_max, grid.y_min, grid.y_max, grid.resolution))):
+        if not self.head.grid.matches(grid):
             raise ValueError(f"head.grid {self.head.grid} must equal the student's BEV grid {grid} (the head runs on "
                              f"the neck output, which has the BEV grid's shape); set head.grid to the bev range")
 

@@ -49,10 +49,7 @@ class TeacherModelConfig:
             raise ValueError(f"SECONDFPN outputs must share one stride; backbone strides {self.backbone_strides} "
                              f"with neck_upsample_strides {self.neck_upsample_strides} give {strides}")
         expected = self.head_grid
-        given = self.head.grid
-        if any(abs(a - b) > 1e-6 for a, b in zip(
-                (given.x_min, given.x_max, given.y_min, given.y_max, given.resolution),
-                (expected.x_min, expected.x_max, expected.y_min, expected.y_max, expected.resolution))):
+        if not self.head.grid.matches(expected):
             raise ValueError(f"head.grid {self.head.grid} does not match the neck output grid {expected} "
                              f"(point_cloud_range x/y at pillar_size x {self.out_size_factor})")
 
