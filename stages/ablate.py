@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .demo import Step, plan, run_steps, student_label
+from .demo import Step, plan, run_steps, student_label, with_resume
 
 # Layer pairs as config literals (student feature, teacher feature, adapter, FP region).
 B0 = "{student: backbone0, teacher: backbone0, adapter: upsample_3layer, use_false_positive: false}"
@@ -49,6 +49,43 @@ def run_name(overrides: list[str] | None) -> str:
     return "distilled_" + hashlib.md5("\n".join(sorted(overrides)).encode()).hexdigest()[:10]
 
 
+def run_parallel(steps: list[Step], jobs: int, seconds: dict[str, float]) -> None:
+    """Run the unfinished steps, `jobs` at a time, each as a `python -m distillbev.cli` process whose output goes
+    to <run dir>.log; a failed run is reported with its log's path."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending = [step for step in steps if not step.is_done()]
+    for step in steps:
+        if step.is_done():
+            click.echo(f"{step.name}: done already ({step.done_marker}), reused")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
+
+    def run(step: Step) -> tuple[Step, int, float, Path]:
+        run_dir = Path(step.argv[step.argv.index("--out") + 1])
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir.with_suffix(".log")
+        click.echo(f"{step.name}: distillbev {' '.join(step.argv)}  (log: {log_path})")
+        t0 = time.perf_counter()
+        with log_path.open("a") as log:
+            code = subprocess.run([sys.executable, "-m", "distillbev.cli", *with_resume(step.argv)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env).returncode
+        return step, code, time.perf_counter() - t0, log_path
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for step, code, elapsed, log_path in pool.map(run, pending):
+            seconds[step.name] = round(elapsed, 1)
+            click.echo(f"{step.name}: {'finished' if code == 0 else f'FAILED (exit {code})'} in {elapsed:.0f} s")
+            if code != 0 or not step.is_done():
+                failed.append(f"{step.name} (see {log_path})")
+    if failed:
+        raise click.ClickException("ablation runs failed: " + "; ".join(failed))
+
+
 def ablation_table(title: str, rows: list[tuple], results: dict[str, dict]) -> str:
     lines = [f"### {title}", "",
              "| row | paper mAP | paper NDS | ours mAP | ours NDS | ours mATE | ours mAOE | ours mAVE |",
@@ -68,8 +105,10 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, dict]) -> s
               show_default=True, help="Camera student variant.")
 @click.option("--views", type=int, default=4, show_default=True, help="Cached BEV-augmented views per sample.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Student runs trained at once, each as its own process with cores/jobs threads.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override every student run's config.")
-def command(out: Path, student: str, views: int, device: str, overrides: tuple[str, ...]) -> None:
+def command(out: Path, student: str, views: int, device: str, jobs: int, overrides: tuple[str, ...]) -> None:
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
     paper's numbers."""
@@ -83,9 +122,11 @@ def command(out: Path, student: str, views: int, device: str, overrides: tuple[s
     runs: dict[str, list[str] | None] = {}
     for _, row_overrides, _, _ in COMPONENT_ROWS + LAYER_ROWS:
         runs[run_name(row_overrides)] = row_overrides
+    shared = {"baseline": Path(paths["students"]["baseline"]), run_name([]): Path(paths["students"]["distilled"])}
     ablation_steps = []
     for name, row_overrides in runs.items():
-        run_dir = out / "ablations" / f"{student}_{name}"
+        # the baseline and the full method are the demo's own runs (same config and seed): trained once
+        run_dir = shared.get(name, out / "ablations" / f"{student}_{name}")
         argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out", str(run_dir),
                 "--device", device, *[a for item in overrides for a in ("--set", item)]]
         if row_overrides is None:
@@ -93,7 +134,7 @@ def command(out: Path, student: str, views: int, device: str, overrides: tuple[s
         else:
             argv += ["--cache", paths["cache"], *[a for item in row_overrides for a in ("--set", item)]]
         ablation_steps.append(Step(f"ablation {name}", argv, run_dir / "eval" / "metrics_summary.json"))
-    run_steps(ablation_steps, seconds)
+    run_parallel(ablation_steps, jobs, seconds)
     results = {name: summary_metrics(json.loads(step.done_marker.read_text()))
                for name, step in zip(runs, ablation_steps)}
     label = student_label(student)

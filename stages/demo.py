@@ -39,6 +39,14 @@ def cache_is_complete(path: Path) -> bool:
     return json.loads(metadata.read_text()).get("attributes", {}).get("status") == "complete"
 
 
+def with_resume(argv: list[str]) -> list[str]:
+    """A training command continues an interrupted run (its RUN/latest.pth) instead of starting over."""
+    if argv[0] in ("train-teacher", "train-student") and "--out" in argv:
+        if (Path(argv[argv.index("--out") + 1]) / "latest.pth").exists():
+            return [*argv, "--resume"]
+    return argv
+
+
 def run_steps(steps: list[Step], seconds: dict[str, float]) -> None:
     """Run each step's command in-process unless its output is complete already; records seconds per step."""
     from ..cli import cli
@@ -47,9 +55,10 @@ def run_steps(steps: list[Step], seconds: dict[str, float]) -> None:
         if step.is_done():
             click.echo(f"[{index}/{len(steps)}] {step.name}: done already ({step.done_marker}), reused")
             continue
-        click.echo(f"[{index}/{len(steps)}] {step.name}: distillbev {' '.join(step.argv)}")
+        argv = with_resume(step.argv)
+        click.echo(f"[{index}/{len(steps)}] {step.name}: distillbev {' '.join(argv)}")
         t0 = time.perf_counter()
-        cli.main(args=step.argv, prog_name="distillbev", standalone_mode=False)
+        cli.main(args=argv, prog_name="distillbev", standalone_mode=False)
         seconds[step.name] = round(time.perf_counter() - t0, 1)
         if not step.is_done():
             raise RuntimeError(f"step {step.name!r} finished without writing {step.done_marker}")
@@ -80,6 +89,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
         Step("extract-teacher", ["extract-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
                                  "--checkpoint", str(teacher_run / "latest.pth"), "--cache", str(cache),
                                  "--split", "synth_train", "--views", str(views), "--device", device,
+                                 "--layers", "backbone0,backbone1,backbone2,neck",  # B0 for the layer ablation
                                  *teacher_sets],
              cache),
         Step("train-student (baseline)",

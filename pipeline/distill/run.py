@@ -122,8 +122,13 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
                   teacher_config: dict | None = None, max_steps: int | None = None) -> dict:
     """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary."""
     device_t = torch.device(device)
+    if not resume and (out_dir / "latest.pth").exists():
+        raise ConfigError(f"{out_dir}: already holds a student run (latest.pth); pass --resume to continue it or "
+                          f"choose another --out")
     seed_everything(cfg.train.seed)
     write_config(cfg, out_dir)
+    if not resume:
+        (out_dir / "train_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     student = CameraStudent(cfg.model).to(device_t)
     mode = "none"
     cache = None

@@ -1,4 +1,5 @@
-"""The main job end to end at a tiny size: every step runs, the summary has the documented form, reruns reuse."""
+"""The main job and the ablations end to end at a tiny size: every step runs, the summaries have the documented
+form, reruns reuse finished steps."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ TINY = ["--scenes", "2", "--samples-per-scene", "4", "--views", "2",
         "--set", "train.epochs=1", "--set", "train.num_workers=0"]
 
 
-def test_demo_runs_every_step_and_writes_the_summary(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     result = CliRunner().invoke(cli, ["demo", "--out", str(out), *TINY], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "demo_summary.json").read_text())
+    return out
+
+
+def test_demo_runs_every_step_and_writes_the_summary(demo_dir):
+    summary = json.loads((demo_dir / "demo_summary.json").read_text())
     names = [step["name"] for step in summary["steps"]]
     assert names == ["make-synthetic", "train-teacher", "extract-teacher", "train-student (baseline)",
                      "train-student (distilled)"]
@@ -32,12 +38,32 @@ def test_demo_runs_every_step_and_writes_the_summary(tmp_path):
     for row in rows:
         assert set(row) >= {"teacher", "student", "mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE"}
         assert 0.0 <= row["mAP"] <= 1.0 and 0.0 <= row["NDS"] <= 1.0
-    table = (out / "results.md").read_text()
+    table = (demo_dir / "results.md").read_text()
     assert table.startswith("| Teacher | Mode | Student | Mode | mAP↑ | NDS↑")
-    assert (out / "results.png").stat().st_size > 1000
-    distilled_log = out / "students" / "bevdet_distilled" / "train_log.jsonl"
+    assert (demo_dir / "results.png").stat().st_size > 1000
+    distilled_log = demo_dir / "students" / "bevdet_distilled" / "train_log.jsonl"
     first = json.loads(distilled_log.read_text().splitlines()[0])
     assert any(key.startswith("kd_neck_") for key in first)  # the distilled run really distils
 
-    again = CliRunner().invoke(cli, ["demo", "--out", str(out), *TINY], catch_exceptions=False)
+
+def test_demo_rerun_reuses_every_step(demo_dir):
+    again = CliRunner().invoke(cli, ["demo", "--out", str(demo_dir), *TINY], catch_exceptions=False)
     assert again.exit_code == 0 and again.output.count("reused") == 5
+
+
+def test_ablate_trains_each_distinct_row_once_and_writes_both_tables(demo_dir):
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--views", "2", "--jobs", "2",
+                                      "--set", "train.epochs=1", "--set", "train.num_workers=0"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((demo_dir / "ablations.json").read_text())
+    assert [r["row"] for r in report["components"]] == ["baseline", "plain imitation", "+FG/BG", "+attention",
+                                                        "+scaling", "+FP"]
+    assert [r["row"] for r in report["layers"]] == ["baseline", "H", "B2 + H", "B1 + B2 + H", "B0 + B1 + B2 + H"]
+    # shared rows are the same run: the layer table's B1+B2+H is the component table's +scaling
+    assert report["layers"][3]["ours"] == report["components"][4]["ours"]
+    assert len(list((demo_dir / "ablations").glob("*/eval/metrics_summary.json"))) == 7
+    plain_log = next((demo_dir / "ablations").glob("*/train_log.jsonl"))
+    assert plain_log.exists()
+    text = (demo_dir / "ablations.md").read_text()
+    assert "### Components" in text and "### Layers" in text and "| +FP | 37.8 | 49.0 |" in text
