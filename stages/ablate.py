@@ -117,22 +117,22 @@ def command(out: Path, student: str, views: int, device: str, jobs: int, overrid
     out.mkdir(parents=True, exist_ok=True)
     steps, paths = plan(out, student, views, None, None, device, overrides)
     seconds: dict[str, float] = {}
-    run_steps(steps[:3], seconds)  # dataroot, teacher, cache
+    run_steps(steps[:3], seconds)  # dataroot, teacher, cache (point --out at a demo made with the same --set)
     student_config = steps[3].argv[steps[3].argv.index("--config") + 1]
     runs: dict[str, list[str] | None] = {}
     for _, row_overrides, _, _ in COMPONENT_ROWS + LAYER_ROWS:
         runs[run_name(row_overrides)] = row_overrides
-    shared = {"baseline": Path(paths["students"]["baseline"]), run_name([]): Path(paths["students"]["distilled"])}
+    # the baseline and the full method are the demo's own two student runs (same command, config and seed)
+    demo_runs = {"baseline": steps[3], run_name([]): steps[4]}
     ablation_steps = []
     for name, row_overrides in runs.items():
-        # the baseline and the full method are the demo's own runs (same config and seed): trained once
-        run_dir = shared.get(name, out / "ablations" / f"{student}_{name}")
+        if name in demo_runs:
+            ablation_steps.append(demo_runs[name])
+            continue
+        run_dir = out / "ablations" / f"{student}_{name}"
         argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out", str(run_dir),
-                "--device", device, *[a for item in overrides for a in ("--set", item)]]
-        if row_overrides is None:
-            argv.append("--baseline")
-        else:
-            argv += ["--cache", paths["cache"], *[a for item in row_overrides for a in ("--set", item)]]
+                "--device", device, *[a for item in overrides for a in ("--set", item)],
+                "--cache", paths["cache"], *[a for item in row_overrides for a in ("--set", item)]]
         ablation_steps.append(Step(f"ablation {name}", argv, run_dir / "eval" / "metrics_summary.json"))
     run_parallel(ablation_steps, jobs, seconds)
     results = {name: summary_metrics(json.loads(step.done_marker.read_text()))
