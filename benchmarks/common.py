@@ -144,8 +144,9 @@ def write_random_cache(path, layers: list[LayerSpec], grid: BEVGrid, heatmap_sha
     view_config = ViewConfig(count=views, seed=seed)
     manifest = build_manifest(teacher_config={}, checkpoint_path="random", checkpoint_sha256="", grid=grid,
                               layers=layers, heatmap_shape=heatmap_shape, occupancy_shape=grid.shape, dtype="fp16",
-                              views=view_config, sample_count=len(sample_tokens),
-                              dataset={"dataroot": "", "version": "full-shape", "split": "bench", "num_sweeps": 9})
+                              views=view_config, sample_tokens=sample_tokens,
+                              dataset={"dataroot": "", "version": "full-shape", "split": "bench", "num_sweeps": 9,
+                                       "fingerprint": "", "point_loading": {}})
     prepare_store(path, manifest, sample_tokens, {}, overwrite=True)
     writer = SampleViewWriter(path)
     for index, token in enumerate(sample_tokens):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillbev.cache_schemas import v1
+from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention
 from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest, layer_specs
 from distillbev.pipeline.cache.quantize import dequantize_per_channel
@@ -89,8 +89,9 @@ def run(dtype: str, records: list[SampleViewRecord], folder: Path) -> dict[str, 
     path = folder / f"bench_{dtype}.zarr"
     manifest = build_manifest(teacher_config={}, checkpoint_path="", checkpoint_sha256="", grid=GRID, layers=LAYERS,
                               heatmap_shape=HEATMAP_SHAPE, occupancy_shape=OCCUPANCY_SHAPE, dtype=dtype,
-                              views=ViewConfig(count=1), sample_count=len(records),
-                              dataset={"dataroot": "", "version": "", "split": "bench", "num_sweeps": 9})
+                              views=ViewConfig(count=1), sample_tokens=[r.sample_token for r in records],
+                              dataset={"dataroot": "", "version": "", "split": "bench", "num_sweeps": 9,
+                                       "fingerprint": "", "point_loading": {}})
     prepare_store(path, manifest, [r.sample_token for r in records], {}, overwrite=True)
     writer = SampleViewWriter(path)
     write_times = []
@@ -137,13 +138,13 @@ def run(dtype: str, records: list[SampleViewRecord], folder: Path) -> dict[str, 
 
 
 def array_names(layers: list[LayerSpec], dtype: str) -> list[str]:
-    """Every per-sample-view array of a v1 store, in the reader's order of use."""
+    """Every per-sample-view array of a v2 store, in the reader's order of use."""
     names = []
     for layer in layers:
-        names += [v1.feature_array(layer.name), v1.attention_array(layer.name)]
+        names += [v2.feature_array(layer.name), v2.attention_array(layer.name)]
         if dtype == "int8":
-            names += [v1.feature_scale_array(layer.name), v1.feature_offset_array(layer.name)]
-    return names + [v1.HEATMAP, v1.OCCUPANCY]
+            names += [v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)]
+    return names + [v2.HEATMAP, v2.OCCUPANCY]
 
 
 def median_ms(function: Callable[[], Any], repeats: int) -> float:
@@ -219,7 +220,7 @@ def profile_read(path: Path, sample_index: int, repeats: int = 7) -> dict[str, f
     torch.set_num_threads(1)
     steps["reader_torch1"] = median_ms(read_converting_with_torch, repeats)
     torch.set_num_threads(threads)
-    done = group[v1.DONE]
+    done = group[v2.DONE]
     steps["per_array_latency"] = median_ms(lambda: done[sample_index, 0], repeats)
     steps["arrays"] = len(names)
     for concurrent, key in ((False, "reader_sequential"), (True, "reader_concurrent")):
@@ -299,9 +300,9 @@ def real_benchmark(args: argparse.Namespace, folder: Path) -> None:
         return build_manifest(
             teacher_config=to_dict(config.model), checkpoint_path=str(args.checkpoint), checkpoint_sha256=sha,
             grid=canvas, layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape,
-            dtype=dtype, views=ViewConfig(count=1), sample_count=count,
+            dtype=dtype, views=ViewConfig(count=1), sample_tokens=tokens,
             dataset={"dataroot": str(args.dataroot), "version": data_config.version, "split": args.split,
-                     "num_sweeps": data_config.num_sweeps})
+                     "num_sweeps": data_config.num_sweeps, "fingerprint": "", "point_loading": {}})
 
     def load_points(index: int, bev_aug: BEVAugmentation) -> tuple[str, torch.Tensor]:
         sample = dataset.get(index, bev_aug=bev_aug, with_images=False)
@@ -419,18 +420,18 @@ def real_storage_table(records: list[SampleViewRecord], fp16_path: Path, int8_pa
         name = layer.name
         rows.append((f"features/{name} ({layer.channels} @ {layer.shape[0]}x{layer.shape[1]})",
                      layer.channels * layer.shape[0] * layer.shape[1] * 2,
-                     {"fp16": [v1.feature_array(name)], "int8": [v1.feature_array(name), v1.feature_scale_array(name),
-                                                                 v1.feature_offset_array(name)]},
+                     {"fp16": [v2.feature_array(name)], "int8": [v2.feature_array(name), v2.feature_scale_array(name),
+                                                                 v2.feature_offset_array(name)]},
                      lambda r, name=name: r.features[name]))
     for layer in caches["fp16"].layers:
         name = layer.name
         rows.append((f"attention/{name} (float32)", layer.shape[0] * layer.shape[1] * 4,
-                     {d: [v1.attention_array(name)] for d in caches}, lambda r, name=name: r.attention[name]))
+                     {d: [v2.attention_array(name)] for d in caches}, lambda r, name=name: r.attention[name]))
     heatmap, occupancy = records[0].heatmap.shape, records[0].occupancy.shape
     rows.append((f"heatmap (fp16, 10 @ {heatmap[1]}x{heatmap[2]})", 10 * heatmap[1] * heatmap[2] * 2,
-                 {d: [v1.HEATMAP] for d in caches}, lambda r: r.heatmap))
+                 {d: [v2.HEATMAP] for d in caches}, lambda r: r.heatmap))
     rows.append((f"occupancy (bool, {occupancy[0]}x{occupancy[1]})", occupancy[0] * occupancy[1],
-                 {d: [v1.OCCUPANCY] for d in caches}, lambda r: r.occupancy))
+                 {d: [v2.OCCUPANCY] for d in caches}, lambda r: r.occupancy))
     print(f"\nStored bytes per sample-view (mean over {len(records)}) and fidelity against the fp32 teacher output "
           f"(min cosine and max abs error over the samples; int8 bytes include the per-channel scale and offset; "
           f"raw = uncompressed in fp16 for features and heatmap, float32 attention, 1 byte per occupancy cell):\n")

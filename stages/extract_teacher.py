@@ -3,9 +3,12 @@
     distillbev extract-teacher --config configs/synthetic/teacher.yaml --dataroot data/synthetic \
         --checkpoint runs/teacher/teacher.pth --cache runs/cache.zarr --split synth_train --views 4 --workers 2
 
-The same command resumes an interrupted extraction (done sample-views are skipped) and reports "already complete"
-for a finished one. A store written with another teacher, config, grid, split, view set or dtype is refused with
-the list of differences unless --overwrite.
+Before any teacher compute, a pre-flight pass checks every input the split needs (tables, every key-frame and sweep
+file, the checkpoint) and reports all problems at once. The same command resumes an interrupted extraction
+(sample-views marked done are re-checked, those that fail are redone), and on a finished store checks that every
+chunk is present; `--repair` reads and CRC-checks every chunk and re-extracts the damaged sample-views. A store
+written from another teacher, config, grid, split, view set, dtype or dataset content is refused with the list of
+differences unless --overwrite. One extraction at a time per store (a lock). See docs/cache.md.
 """
 
 from __future__ import annotations
@@ -33,15 +36,20 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Sample-views per teacher forward pass (part of what makes a resumed run bit-identical).")
 @click.option("--no-background-writer", is_flag=True, help="Write in the compute thread (no overlap).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store that was written differently.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing teacher cache that was written differently (never a folder of anything else).")
+@click.option("--repair", is_flag=True,
+              help="Read and CRC-check every chunk of a complete store; re-extract the damaged sample-views.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. data.num_sweeps=4.")
 def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, split: str, views: int, seed: int,
             workers: int, dtype: str, layers: str, batch_size: int, no_background_writer: bool, overwrite: bool,
-            device: str, overrides: tuple[str, ...]) -> None:
+            repair: bool, device: str, overrides: tuple[str, ...]) -> None:
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     import dataclasses
     import logging
+    import shlex
+    import sys
 
     import torch
 
@@ -49,7 +57,8 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     from ..pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
     from ..pipeline.config import load_config, to_dict
     from ..pipeline.data.dataset import NuScenesDetectionDataset
-    from ..pipeline.errors import ConfigError
+    from ..pipeline.data.preflight import point_loading_settings, preflight_message, preflight_split
+    from ..pipeline.errors import CheckpointError, ConfigError, DataError
     from ..pipeline.geometry.bev import BEVAugmentation
     from ..pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
     from ..pipeline.teacher.config import TeacherExperimentConfig
@@ -70,12 +79,31 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     if not layer_names or unknown:
         raise ConfigError(f"--layers {layers!r}: unknown layer(s) {unknown}; the teacher has "
                           f"{sorted(model.feature_channels)}")
-    report = load_teacher_checkpoint(model, checkpoint)  # CheckpointError when missing or mismatched
-    logger.info("%s", report.summary())
+    # pre-flight: every input problem (data and checkpoint) in one error, before any teacher compute
+    checkpoint_error: CheckpointError | None = None
+    try:
+        report = load_teacher_checkpoint(model, checkpoint)
+        logger.info("%s", report.summary())
+    except CheckpointError as exc:
+        checkpoint_error = exc
+    try:
+        nusc, _, inputs = preflight_split(dataroot, data_config.version, split, data_config.num_sweeps,
+                                          data_config.sweep_candidates, progress=True)
+        problems = list(inputs.problems)
+    except DataError as exc:  # the dataroot, its tables or the split: nothing further can be checked
+        problems = [str(exc)]
+    if checkpoint_error is not None and not problems:
+        raise checkpoint_error
+    if checkpoint_error is not None:
+        problems.insert(0, str(checkpoint_error))
+    if problems:
+        raise DataError(f"pre-flight found {preflight_message(problems)}; nothing was computed or written")
+    logger.info("pre-flight: %d samples, %d LiDAR files (%.1f GB) present and well-formed", inputs.sample_count,
+                inputs.files, inputs.bytes / 1e9)
     model = model.to(device).eval()
     sha = checkpoint_sha256(checkpoint)
 
-    dataset = NuScenesDetectionDataset(data_config, split, mode="test")
+    dataset = NuScenesDetectionDataset(data_config, split, mode="test", nusc=nusc)
     canvas = config.model.canvas_grid
     shapes, channels = model.feature_shapes, model.feature_channels
     specs = [LayerSpec(name, channels[name], shapes[name], (canvas.x_max - canvas.x_min) / shapes[name][1],
@@ -83,12 +111,16 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     view_config = ViewConfig(count=views, seed=seed, rotation_range=tuple(data_config.bev_rotation_lim),
                              scale_range=tuple(data_config.bev_scale_lim), flip_x_prob=data_config.bev_flip_x_prob,
                              flip_y_prob=data_config.bev_flip_y_prob)
+    command_line = "distillbev " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else ""
     manifest = build_manifest(
         teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
         layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,
-        views=view_config, sample_count=len(dataset),
+        views=view_config, sample_tokens=list(dataset.sample_tokens),
         dataset={"dataroot": str(dataroot), "version": data_config.version, "split": split,
-                 "num_sweeps": data_config.num_sweeps})
+                 "num_sweeps": data_config.num_sweeps, "fingerprint": inputs.fingerprint,
+                 "point_loading": point_loading_settings(data_config)},
+        extraction={"command": command_line, "batch_size": batch_size, "workers": workers, "device": device,
+                    "threads": torch.get_num_threads()})
     head_state = {name: value.detach().cpu().numpy() for name, value in model.pts_bbox_head.state_dict().items()}
 
     def run_teacher(points_list: list[torch.Tensor]):
@@ -102,10 +134,14 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     result = extract_teacher_cache(cache_path, manifest=manifest, sample_tokens=list(dataset.sample_tokens),
                                    head_state=head_state, run_teacher=run_teacher, load_points=load_points,
                                    workers=workers, batch_size=batch_size, background_writer=not no_background_writer,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, repair=repair, command=command_line)
     if result.state == "complete":
-        click.echo(f"{cache_path}: already complete ({result.total} sample-views of split {split!r})")
+        checked = ("every chunk read and its CRC32C checked" if result.checked == "crc"
+                   else "every chunk present; `--repair` also reads and CRC-checks them")
+        click.echo(f"{cache_path}: already complete ({result.total} sample-views of split {split!r}; {checked})")
         return
+    if result.redone:
+        click.echo(f"{cache_path}: re-extracted {len(result.redone)} damaged sample-views")
     rate = result.written / max(result.seconds, 1e-9)
     click.echo(f"{cache_path}: complete: {result.total} sample-views ({len(dataset)} samples x {views} views), "
                f"{result.written} written, {result.skipped} resumed, {result.seconds:.1f} s, {rate:.2f} views/s, "

@@ -1,4 +1,4 @@
-"""The extraction engine: run the frozen teacher over every sample-view and fill a v1 store, resumably.
+"""The extraction engine: run the frozen teacher over every sample-view and fill a v2 store, resumably.
 
 The teacher and the sample source are injected, so the engine runs the real CenterPoint teacher from the stage
 and tiny fakes in tests:
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -30,11 +32,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...cache_schemas import v1
+from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation, BEVGrid
 from .manifest import LayerSpec, ViewConfig, layer_specs, view_augmentations
-from .writer import (SampleViewRecord, SampleViewWriter, StoreState, finalize_store, prepare_store, read_done)
+from .checks import damaged_sample_views
+from .store import StoreLock, classify_store_path, refuse_unusable
+from .writer import (SampleViewRecord, SampleViewWriter, finalize_store, prepare_store, read_done, set_done,
+                     set_status)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ def clip_sigmoid(logits: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(logits.float()), min=eps, max=1 - eps)
 
 
-def spatial_attention(features: torch.Tensor, temperature: float = v1.ATTENTION_TEMPERATURE) -> torch.Tensor:
+def spatial_attention(features: torch.Tensor, temperature: float = v2.ATTENTION_TEMPERATURE) -> torch.Tensor:
     """DistillBEV spatial attention: (B, C, Y, X) -> (B, Y, X) float32 with mean 1 over Y*X.
 
     A = Y*X * softmax over all cells of (mean_c |F| / temperature), in float32 (fp16 sums overflow).
@@ -82,11 +87,11 @@ def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: lis
     layers = layer_specs(manifest)
     fp16 = manifest["storage"]["dtype"] == "fp16"
     expected = {layer.name: (layer.channels, *layer.shape) for layer in layers}
-    expected[v1.HEATMAP] = (v1.HEATMAP_CHANNELS, *manifest["heatmap"]["shape"])
-    expected[v1.OCCUPANCY] = tuple(manifest["occupancy"]["shape"])
+    expected[v2.HEATMAP] = (v2.HEATMAP_CHANNELS, *manifest["heatmap"]["shape"])
+    expected[v2.OCCUPANCY] = tuple(manifest["occupancy"]["shape"])
     maps = {layer.name: outputs.features.get(layer.name) for layer in layers}
-    maps[v1.HEATMAP] = outputs.heatmap
-    maps[v1.OCCUPANCY] = outputs.occupancy
+    maps[v2.HEATMAP] = outputs.heatmap
+    maps[v2.OCCUPANCY] = outputs.occupancy
     for name, tensor in maps.items():
         if tensor is None:
             raise CacheError(f"teacher output has no layer {name!r} that the store holds; "
@@ -97,13 +102,13 @@ def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: lis
     attention = {layer.name: spatial_attention(maps[layer.name]) for layer in layers}
     heatmap = clip_sigmoid(outputs.heatmap)
     for b, (sample_index, view) in enumerate(tasks):
-        for name in [layer.name for layer in layers] + [v1.HEATMAP]:
+        for name in [layer.name for layer in layers] + [v2.HEATMAP]:
             values = maps[name][b]
             if not bool(torch.isfinite(values).all()):
                 count = int((~torch.isfinite(values)).sum())
                 raise CacheError(f"teacher output {name!r} of sample {tokens[b]} (index {sample_index}, view {view}) "
                                  f"has {count} NaN/Inf values; check the teacher checkpoint and that sample's points")
-            if fp16 and name != v1.HEATMAP and float(values.abs().max()) > FLOAT16_MAX:
+            if fp16 and name != v2.HEATMAP and float(values.abs().max()) > FLOAT16_MAX:
                 raise CacheError(f"teacher output {name!r} of sample {tokens[b]} (view {view}) exceeds the float16 "
                                  f"range ({float(values.abs().max()):.3g}); extract with --dtype int8")
     records = []
@@ -172,9 +177,10 @@ class _WorkerJob:
     max_pending: int
 
 
-def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None]) -> None:
+def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None],
+                still_wanted: Callable[[], bool] | None = None) -> None:
     """Compute and write every task of one worker, in order."""
-    writer = SampleViewWriter(job.path)
+    writer = SampleViewWriter(job.path, still_wanted=still_wanted)
     sink = _BackgroundWriter(writer, report, job.max_pending) if job.background_writer else None
     augmentations: dict[int, list[BEVAugmentation]] = {}
     try:
@@ -204,11 +210,31 @@ def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None]) -> 
             sink.close()
 
 
-def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int) -> None:
+def die_with_parent(parent_pid: int) -> Callable[[], bool]:
+    """Make this forked process die when `parent_pid` does; returns a check that the parent is still there.
+
+    Linux delivers SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere, and for the window before
+    the prctl call, the returned check (the parent is still our parent) stops the writer before its next write.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the prctl call took effect
+        os._exit(1)
+    return lambda: os.getppid() == parent_pid
+
+
+def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int, parent_pid: int) -> None:
     """Entry point of a forked worker: reports progress, errors and completion through `messages`."""
+    still_wanted = die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     try:
-        _run_worker(job, lambda r: messages.put(("progress", worker_id, r.sample_index, r.view, r.nbytes)))
+        _run_worker(job, lambda r: messages.put(("progress", worker_id, r.sample_index, r.view, r.nbytes)),
+                    still_wanted)
     except CacheError as exc:
         messages.put(("cache_error", worker_id, str(exc)))
         raise SystemExit(1)
@@ -220,10 +246,15 @@ def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int) ->
 
 @dataclass
 class ExtractionReport:
-    """What one extraction call did. written_by: (worker, sample_index, view) per written sample-view."""
+    """What one extraction call did.
+
+    state: "created", "resumed", "repaired" (a complete store whose damaged sample-views were re-extracted) or
+    "complete" (nothing to do). redone: sample-views marked done whose chunks failed their checks and were
+    re-extracted. checked: "quick" or "crc" for a complete store. written_by: (worker, sample_index, view).
+    """
 
     path: str
-    state: StoreState
+    state: str
     status: str
     total: int
     skipped: int
@@ -231,6 +262,8 @@ class ExtractionReport:
     seconds: float
     raw_bytes: int
     written_by: list[tuple[int, int, int]] = field(default_factory=list)
+    redone: list[tuple[int, int]] = field(default_factory=list)
+    checked: str = ""
 
 
 def split_tasks(pending: list[tuple[int, int]], workers: int) -> list[list[tuple[int, int]]]:
@@ -244,35 +277,87 @@ def split_tasks(pending: list[tuple[int, int]], workers: int) -> list[list[tuple
     return runs
 
 
+def _describe_damage(damage: dict, sample_tokens: list[str], limit: int = 3) -> str:
+    items = sorted(damage.items())[:limit]
+    text = "; ".join(f"sample {sample_tokens[s]} view {v} {found[0][0]}: {found[0][1]}" for (s, v), found in items)
+    return text + (f" (and {len(damage) - limit} more)" if len(damage) > limit else "")
+
+
 def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_tokens: list[str],
                           head_state: dict[str, np.ndarray], run_teacher: RunTeacher, load_points: LoadPoints,
                           workers: int = 1, batch_size: int = 1, background_writer: bool = True,
                           max_pending: int = 4, threads_per_worker: int | None = None, overwrite: bool = False,
-                          progress: bool = True) -> ExtractionReport:
-    """Fill the store at `path` with every sample-view of `manifest`; resumes a partial store of the same manifest.
+                          repair: bool = False, command: str = "", progress: bool = True) -> ExtractionReport:
+    """Fill the store at `path` with every sample-view of `manifest`; resumes or repairs a store of the same manifest.
+
+    The whole call holds the store's writer lock (a second extraction on the same store fails at once). Resume
+    re-checks every sample-view marked done (chunks present, CRC32C) and redoes those that fail. On a complete
+    store the chunks are checked for presence (quick), or with `repair` read and CRC-checked; damaged
+    sample-views are re-extracted and the store is completed again under a new generation id, so a reader that
+    opened the old one fails instead of mixing the two.
 
     workers=1 runs in this process; workers>1 forks that many processes (fork start method: the injected
-    callables are inherited, not pickled; a CUDA teacher needs workers=1). Each worker computes with
-    `threads_per_worker` torch threads (default: this process's threads // workers). CPU results depend on the
-    thread count, so a resumed run is bit-identical to an uninterrupted one when both use the same thread count.
+    callables are inherited, not pickled; a CUDA teacher needs workers=1); they die with this process. Each
+    worker computes with `threads_per_worker` torch threads (default: this process's threads // workers). CPU
+    results depend on the thread count and batch composition, so a resumed or repaired store is bit-identical to
+    an uninterrupted extraction when both use the same thread count and batch size.
     """
+    import zarr
+
     started = time.perf_counter()
     path = Path(path)
-    state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
-    total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
-    if state == "complete":
-        logger.info("%s: already complete (%d sample-views); nothing to do", path, total)
-        return ExtractionReport(str(path), state, v1.STATUS_COMPLETE, total, total, 0,
-                                time.perf_counter() - started, 0)
-    done = read_done(path)
-    pending = [(int(s), int(v)) for s, v in zip(*np.nonzero(~done))]
-    if state == "resumed":
-        logger.info("%s: resuming, %d of %d sample-views already done", path, total - len(pending), total)
-    runs = split_tasks(pending, workers)
-    views = ViewConfig.from_json(manifest["views"])
-    jobs = [_WorkerJob(path, run, list(sample_tokens), views, run_teacher, load_points, batch_size,
-                       background_writer, max_pending) for run in runs]
-    report = ExtractionReport(str(path), state, v1.STATUS_WRITING, total, total - len(pending), 0, 0.0, 0)
+    refuse_unusable(path, classify_store_path(path))
+    if path.is_symlink():
+        path = path.resolve()
+    with StoreLock(path, command=command):
+        state: str = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
+        total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
+        group = zarr.open_group(str(path), mode="r")
+        every = [(s, v) for s in range(int(manifest["sample_count"])) for v in range(int(manifest["views"]["count"]))]
+        redone: list[tuple[int, int]] = []
+        checked = ""
+        if state == "complete":
+            checked = "crc" if repair else "quick"
+            damage = damaged_sample_views(group, manifest, every, full=repair, progress=progress)
+            if not damage:
+                logger.info("%s: complete (%d sample-views, every chunk %s); nothing to do", path, total,
+                            "passed its CRC32C check" if repair else "present")
+                return ExtractionReport(str(path), state, v2.STATUS_COMPLETE, total, total, 0,
+                                        time.perf_counter() - started, 0, checked=checked)
+            logger.warning("%s: %d damaged sample-views will be re-extracted: %s", path, len(damage),
+                           _describe_damage(damage, sample_tokens))
+            set_status(path, v2.STATUS_WRITING, manifest_generation=True)
+            redone = sorted(damage)
+            set_done(path, redone, 0)
+            state = "repaired"
+        elif state == "resumed":
+            marked = [(int(s), int(v)) for s, v in zip(*np.nonzero(read_done(path)))]
+            damage = damaged_sample_views(group, manifest, marked, full=True, progress=progress)
+            if damage:
+                logger.warning("%s: %d sample-views marked done failed their checks and will be redone: %s", path,
+                               len(damage), _describe_damage(damage, sample_tokens))
+                redone = sorted(damage)
+                set_done(path, redone, 0)
+        done = read_done(path)
+        pending = [(int(s), int(v)) for s, v in zip(*np.nonzero(~done))]
+        if state == "resumed":
+            logger.info("%s: resuming, %d of %d sample-views already done", path, total - len(pending), total)
+        runs = split_tasks(pending, workers)
+        views = ViewConfig.from_json(manifest["views"])
+        jobs = [_WorkerJob(path, run, list(sample_tokens), views, run_teacher, load_points, batch_size,
+                           background_writer, max_pending) for run in runs]
+        report = ExtractionReport(str(path), state, v2.STATUS_WRITING, total, total - len(pending), 0, 0.0, 0,
+                                  redone=redone, checked=checked)
+        _run_jobs(jobs, report, pending, workers, threads_per_worker, started, progress)
+        finalize_store(path, sample_tokens)
+    report.status = v2.STATUS_COMPLETE
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tuple[int, int]], workers: int,
+              threads_per_worker: int | None, started: float, progress: bool) -> None:
+    """Run the workers' jobs in this process or in forked ones, with a progress bar fed by their reports."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(pending), unit="view", desc="extract-teacher", disable=not progress, smoothing=0.1)
@@ -299,18 +384,14 @@ def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_
     finally:
         torch.set_num_threads(previous_threads)
         bar.close()
-    finalize_store(path, sample_tokens)
-    report.status = v1.STATUS_COMPLETE
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _run_processes(jobs: list[_WorkerJob], on_written: Callable[[int, int, int, int], None], threads: int) -> None:
     """Fork one process per job, relay their progress, and fail fast (stopping the others) on any error."""
     context = multiprocessing.get_context("fork")
     messages = context.Queue()
-    processes = [context.Process(target=_child_main, args=(i, job, messages, threads), name=f"extract-worker-{i}",
-                                 daemon=True) for i, job in enumerate(jobs)]
+    processes = [context.Process(target=_child_main, args=(i, job, messages, threads, os.getpid()),
+                                 name=f"extract-worker-{i}", daemon=True) for i, job in enumerate(jobs)]
     for process in processes:
         process.start()
     finished: set[int] = set()

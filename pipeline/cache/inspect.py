@@ -1,4 +1,4 @@
-"""Looking inside a v1 teacher-feature store: summary, end-to-end verification, statistics and comparison.
+"""Looking inside a v2 teacher-feature store: summary, end-to-end verification, statistics and comparison.
 
     summary = summarize_cache("runs/cache.zarr")          # manifest, progress, sizes on disk
     report = verify_cache("runs/cache.zarr", workers=2)   # every chunk decoded and checked; report.problems
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ...cache_schemas import v1
+from ...cache_schemas import v2
 from ..errors import CacheError
 from .manifest import ViewConfig, layer_specs, views_array
 from .reader import TeacherCache
@@ -42,25 +42,25 @@ class ArraySpec:
 
 
 def expected_arrays(manifest: dict[str, Any]) -> list[ArraySpec]:
-    """Every array of the v1 layout except the teacher head, with the shape and dtype the manifest implies."""
+    """Every array of the v2 layout except the teacher head, with the shape and dtype the manifest implies."""
     s, v = int(manifest["sample_count"]), int(manifest["views"]["count"])
     int8 = manifest["storage"]["dtype"] == "int8"
     specs = []
     for layer in layer_specs(manifest):
-        specs.append(ArraySpec(v1.feature_array(layer.name), (s, v, layer.channels, *layer.shape),
-                               v1.FEATURE_DTYPES[manifest["storage"]["dtype"]], v1.DIMS_MAP, True))
+        specs.append(ArraySpec(v2.feature_array(layer.name), (s, v, layer.channels, *layer.shape),
+                               v2.FEATURE_DTYPES[manifest["storage"]["dtype"]], v2.DIMS_MAP, True))
         if int8:
-            for name in (v1.feature_scale_array(layer.name), v1.feature_offset_array(layer.name)):
-                specs.append(ArraySpec(name, (s, v, layer.channels), v1.SCALE_DTYPE, v1.DIMS_CHANNEL, True))
-        specs.append(ArraySpec(v1.attention_array(layer.name), (s, v, *layer.shape), v1.ATTENTION_DTYPE,
-                               v1.DIMS_PLANE, True))
+            for name in (v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)):
+                specs.append(ArraySpec(name, (s, v, layer.channels), v2.SCALE_DTYPE, v2.DIMS_CHANNEL, True))
+        specs.append(ArraySpec(v2.attention_array(layer.name), (s, v, *layer.shape), v2.ATTENTION_DTYPE,
+                               v2.DIMS_PLANE, True))
     specs += [
-        ArraySpec(v1.HEATMAP, (s, v, v1.HEATMAP_CHANNELS, *manifest["heatmap"]["shape"]), v1.HEATMAP_DTYPE,
-                  v1.DIMS_MAP, True),
-        ArraySpec(v1.OCCUPANCY, (s, v, *manifest["occupancy"]["shape"]), "bool", v1.DIMS_PLANE, True),
-        ArraySpec(v1.DONE, (s, v), v1.DONE_DTYPE, v1.DIMS_DONE, True),
-        ArraySpec(v1.VIEWS, (s, v, 4), v1.VIEWS_DTYPE, v1.DIMS_VIEWS, False),
-        ArraySpec(v1.SAMPLE_TOKENS, (s,), None, v1.DIMS_TOKENS, False),
+        ArraySpec(v2.HEATMAP, (s, v, v2.HEATMAP_CHANNELS, *manifest["heatmap"]["shape"]), v2.HEATMAP_DTYPE,
+                  v2.DIMS_MAP, True),
+        ArraySpec(v2.OCCUPANCY, (s, v, *manifest["occupancy"]["shape"]), "bool", v2.DIMS_PLANE, True),
+        ArraySpec(v2.DONE, (s, v), v2.DONE_DTYPE, v2.DIMS_DONE, True),
+        ArraySpec(v2.VIEWS, (s, v, 4), v2.VIEWS_DTYPE, v2.DIMS_VIEWS, False),
+        ArraySpec(v2.SAMPLE_TOKENS, (s,), None, v2.DIMS_TOKENS, False),
     ]
     return specs
 
@@ -131,7 +131,7 @@ class CacheSummary:
             "dataset": m["dataset"],
             "bev_grid": {**grid, "shape": [round((grid["y_max"] - grid["y_min"]) / grid["resolution"]),
                                            round((grid["x_max"] - grid["x_min"]) / grid["resolution"])]},
-            "layers": {name: {**spec, "dtype": v1.FEATURE_DTYPES[m["storage"]["dtype"]],
+            "layers": {name: {**spec, "dtype": v2.FEATURE_DTYPES[m["storage"]["dtype"]],
                               "codec": f"{m['storage']['codec']}-{m['storage']['level']}+{m['storage']['checksum']}"}
                        for name, spec in m["layers"].items()},
             "heatmap": m["heatmap"], "occupancy": m["occupancy"], "storage": m["storage"], "views": m["views"],
@@ -145,9 +145,14 @@ class CacheSummary:
 
 
 def _all_arrays(group: Any, prefix: str = ""):
+    import warnings
+
     import zarr
 
-    for name, node in sorted(group.members()):
+    with warnings.catch_warnings():  # the marker and lock files beside the zarr nodes are not zarr objects
+        warnings.filterwarnings("ignore", message="Object at distillbev", category=UserWarning)
+        members = sorted(group.members())
+    for name, node in members:
         if isinstance(node, zarr.Array):
             yield f"{prefix}{name}", node
         else:
@@ -159,12 +164,12 @@ def summarize_cache(path: str | Path) -> CacheSummary:
     cache = TeacherCache.open(path, allow_partial=True)
     path = cache.path
     group = _open_group(path)
-    done = _read_done_tolerant(group[v1.DONE])
+    done = _read_done_tolerant(group[v2.DONE])
     arrays = []
     for name, array in _all_arrays(group):
         codecs = [type(c).__name__ for c in (*array.filters, array.serializer, *array.compressors) if c is not None]
         raw = int(np.prod(array.shape)) * array.dtype.itemsize if array.dtype != object else 0
-        if len(array.shape) >= 2 and array.shape[:2] == done.shape and name != v1.VIEWS:
+        if len(array.shape) >= 2 and array.shape[:2] == done.shape and name != v2.VIEWS:
             raw = raw * int(done.sum()) // max(done.size, 1)  # only the extracted sample-views hold data
         arrays.append(ArrayInfo(name, list(array.shape), list(array.chunks), str(array.dtype), codecs,
                                 list(array.metadata.dimension_names or ()), _bytes_under(path / array.path), raw))
@@ -236,7 +241,7 @@ def _check_layout(group: Any, manifest: dict[str, Any], specs: list[ArraySpec]) 
     import zarr
 
     problems, arrays = [], {}
-    if manifest["status"] != v1.STATUS_COMPLETE:
+    if manifest["status"] != v2.STATUS_COMPLETE:
         problems.append(VerifyProblem(f"status is {manifest['status']!r}, not 'complete': the extraction has not "
                                       f"finished; rerun the same extract-teacher command"))
     for spec in specs:
@@ -263,23 +268,23 @@ def _check_layout(group: Any, manifest: dict[str, Any], specs: list[ArraySpec]) 
         problems += [VerifyProblem(text, spec.name) for text in found]
         if not found:
             arrays[spec.name] = array
-    if v1.SAMPLE_TOKENS in arrays:
-        tokens = [str(t) for t in arrays[v1.SAMPLE_TOKENS][...]]
+    if v2.SAMPLE_TOKENS in arrays:
+        tokens = [str(t) for t in arrays[v2.SAMPLE_TOKENS][...]]
         duplicates = sorted({t for t in tokens if tokens.count(t) > 1}) if len(set(tokens)) != len(tokens) else []
         if duplicates:
             problems.append(VerifyProblem(f"{len(duplicates)} duplicated tokens, e.g. {duplicates[:3]}",
-                                          v1.SAMPLE_TOKENS))
+                                          v2.SAMPLE_TOKENS))
         if any(not t for t in tokens):
-            problems.append(VerifyProblem("empty sample token(s)", v1.SAMPLE_TOKENS))
-    if v1.VIEWS in arrays:
+            problems.append(VerifyProblem("empty sample token(s)", v2.SAMPLE_TOKENS))
+    if v2.VIEWS in arrays:
         try:
-            stored = np.asarray(arrays[v1.VIEWS][...])
+            stored = np.asarray(arrays[v2.VIEWS][...])
             expected = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
             if not np.array_equal(stored, expected):
                 problems.append(VerifyProblem("view augmentations differ from the manifest's seed and ranges",
-                                              v1.VIEWS))
+                                              v2.VIEWS))
         except Exception as exc:  # a damaged chunk of the views array itself
-            problems.append(VerifyProblem(f"does not decode ({_short_error(exc)})", v1.VIEWS))
+            problems.append(VerifyProblem(f"does not decode ({_short_error(exc)})", v2.VIEWS))
     return problems, arrays
 
 
@@ -297,7 +302,7 @@ def _value_problems(name: str, values: np.ndarray) -> list[str]:
     if not finite.all():
         nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
         return [f"{nan} NaN and {inf} Inf values of {values.size}"]
-    if name == v1.HEATMAP and (values.min() < 0 or values.max() > 1):
+    if name == v2.HEATMAP and (values.min() < 0 or values.max() > 1):
         return [f"heatmap probabilities outside [0, 1] (min {values.min():.3g}, max {values.max():.3g})"]
     if name.startswith("attention/") and abs(float(values.mean(dtype=np.float64)) - 1) > ATTENTION_MEAN_TOLERANCE:
         return [f"attention mean {values.mean(dtype=np.float64):.4g}, expected 1"]
@@ -313,20 +318,20 @@ def _check_sample(path: Path, arrays: dict, sample: int, token: str, num_views: 
         def problem(message, array=None):
             problems.append(VerifyProblem(message, array, sample, token, view))
 
-        if v1.DONE in arrays:
+        if v2.DONE in arrays:
             try:
                 reads += 1
-                if not bool(arrays[v1.DONE][sample, view]):
-                    problem("not extracted (done marker 0)", v1.DONE)
+                if not bool(arrays[v2.DONE][sample, view]):
+                    problem("not extracted (done marker 0)", v2.DONE)
                     continue
             except Exception as exc:
-                problem(f"done marker does not decode ({_short_error(exc)})", v1.DONE)
+                problem(f"done marker does not decode ({_short_error(exc)})", v2.DONE)
         for name, array in arrays.items():
-            if name in (v1.DONE, v1.VIEWS, v1.SAMPLE_TOKENS):
+            if name in (v2.DONE, v2.VIEWS, v2.SAMPLE_TOKENS):
                 continue
             coords = (sample, view) + (0,) * (array.ndim - 2)
             # zarr skips chunks equal to the fill value; only an all-empty occupancy canvas is legitimately absent
-            if name != v1.OCCUPANCY and not _chunk_file(path, array, coords).is_file():
+            if name != v2.OCCUPANCY and not _chunk_file(path, array, coords).is_file():
                 problem("chunk file missing (it would read as all zeros)", name)
                 continue
             try:
@@ -453,7 +458,7 @@ def cache_stats(path: str | Path, subset: int | None = None, progress: bool = Tr
     from tqdm import tqdm
 
     cache = TeacherCache.open(path, allow_partial=True)
-    chosen = select_sample_views(cache, _read_done_tolerant(_open_group(cache.path)[v1.DONE]), subset)
+    chosen = select_sample_views(cache, _read_done_tolerant(_open_group(cache.path)[v2.DONE]), subset)
     if not chosen:
         raise CacheError(f"{cache.path}: no extracted sample-views to compute statistics over; finish the "
                          f"extraction first")
@@ -461,7 +466,7 @@ def cache_stats(path: str | Path, subset: int | None = None, progress: bool = Tr
     features = {layer.name: _Accumulator(layer.channels) for layer in layers}
     attention = {layer.name: _Accumulator(1) for layer in layers}
     half_mass = {layer.name: 0.0 for layer in layers}
-    heatmap = _Accumulator(v1.HEATMAP_CHANNELS)
+    heatmap = _Accumulator(v2.HEATMAP_CHANNELS)
     above, occupied = 0.0, 0.0
     for sample, view in tqdm(chosen, desc="stats", unit="view", disable=not progress):
         targets = cache.read(sample, view)
@@ -478,11 +483,11 @@ def cache_stats(path: str | Path, subset: int | None = None, progress: bool = Tr
     n = len(chosen)
     maps = []
     for layer in layers:
-        maps.append(_map_stats(v1.feature_array(layer.name), [layer.channels, *layer.shape], features[layer.name], {}))
-        maps.append(_map_stats(v1.attention_array(layer.name), list(layer.shape), attention[layer.name],
+        maps.append(_map_stats(v2.feature_array(layer.name), [layer.channels, *layer.shape], features[layer.name], {}))
+        maps.append(_map_stats(v2.attention_array(layer.name), list(layer.shape), attention[layer.name],
                                {"half_mass_cell_fraction": half_mass[layer.name] / n}))
     class_mean = heatmap.channel_sum / max(heatmap.channel_count, 1)
-    maps.append(_map_stats(v1.HEATMAP, [v1.HEATMAP_CHANNELS, *cache.manifest["heatmap"]["shape"]], heatmap,
+    maps.append(_map_stats(v2.HEATMAP, [v2.HEATMAP_CHANNELS, *cache.manifest["heatmap"]["shape"]], heatmap,
                            {"class_mean": class_mean.tolist(), "class_max": heatmap.channel_max.tolist(),
                             "above_fp_threshold": above / n, "fp_threshold": fp_threshold,
                             "occupied_cell_fraction": occupied / n}))
@@ -534,15 +539,15 @@ def compare_caches(path_a: str | Path, path_b: str | Path, progress: bool = True
     a, b = TeacherCache.open(path_a, allow_partial=True), TeacherCache.open(path_b, allow_partial=True)
     shapes_a = {layer.name: (layer.channels, *layer.shape) for layer in a.layers}
     shapes_b = {layer.name: (layer.channels, *layer.shape) for layer in b.layers}
-    shapes_a[v1.HEATMAP] = (v1.HEATMAP_CHANNELS, *a.manifest["heatmap"]["shape"])
-    shapes_b[v1.HEATMAP] = (v1.HEATMAP_CHANNELS, *b.manifest["heatmap"]["shape"])
+    shapes_a[v2.HEATMAP] = (v2.HEATMAP_CHANNELS, *a.manifest["heatmap"]["shape"])
+    shapes_b[v2.HEATMAP] = (v2.HEATMAP_CHANNELS, *b.manifest["heatmap"]["shape"])
     if shapes_a != shapes_b:
         differences = [f"{name}: {shapes_a.get(name, 'absent')} vs {shapes_b.get(name, 'absent')}"
                        for name in sorted(set(shapes_a) | set(shapes_b)) if shapes_a.get(name) != shapes_b.get(name)]
         raise CacheError(f"{a.path} and {b.path} hold different layers or shapes ({'; '.join(differences)}); "
                          f"compare stores of the same teacher architecture and grid")
-    done_a = _read_done_tolerant(_open_group(a.path)[v1.DONE])
-    done_b = _read_done_tolerant(_open_group(b.path)[v1.DONE])
+    done_a = _read_done_tolerant(_open_group(a.path)[v2.DONE])
+    done_b = _read_done_tolerant(_open_group(b.path)[v2.DONE])
     tokens_b = set(b.sample_tokens)
     common = [(i, b.index_of(t)) for i, t in enumerate(a.sample_tokens) if t in tokens_b]
     pairs, skipped = [], 0
@@ -555,8 +560,8 @@ def compare_caches(path_a: str | Path, path_b: str | Path, progress: bool = True
     if not pairs:
         raise CacheError(f"{a.path} and {b.path} share no extracted sample-view ({len(common)} common tokens, "
                          f"{skipped} views augmented differently); compare stores of the same split and view seed")
-    names = [v1.feature_array(n) for n in shapes_a if n != v1.HEATMAP]
-    names += [v1.attention_array(n) for n in shapes_a if n != v1.HEATMAP] + [v1.HEATMAP]
+    names = [v2.feature_array(n) for n in shapes_a if n != v2.HEATMAP]
+    names += [v2.attention_array(n) for n in shapes_a if n != v2.HEATMAP] + [v2.HEATMAP]
     cosines = {n: [] for n in names}
     max_abs = {n: (-1.0, ("", 0)) for n in names}
     abs_sum = {n: 0.0 for n in names}
@@ -564,9 +569,9 @@ def compare_caches(path_a: str | Path, path_b: str | Path, progress: bool = True
     for i, j, view in tqdm(pairs, desc="compare", unit="view", disable=not progress):
         left, right = a.read(i, view), b.read(j, view)
         where = (a.sample_tokens[i], view)
-        maps = [(v1.feature_array(n), left.features[n], right.features[n]) for n in left.features]
-        maps += [(v1.attention_array(n), left.attention[n], right.attention[n]) for n in left.attention]
-        maps.append((v1.HEATMAP, left.heatmap, right.heatmap))
+        maps = [(v2.feature_array(n), left.features[n], right.features[n]) for n in left.features]
+        maps += [(v2.attention_array(n), left.attention[n], right.attention[n]) for n in left.attention]
+        maps.append((v2.HEATMAP, left.heatmap, right.heatmap))
         for name, x, y in maps:
             x, y = x.numpy(), y.numpy()
             cosines[name].append((_cosine(x, y), where))

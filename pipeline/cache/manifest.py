@@ -1,22 +1,25 @@
 """The cache manifest: what was extracted, from which teacher and data, and how it is stored.
 
-The manifest is a JSON-compatible dict kept in the store's group attributes (schema in `cache_schemas/v1.py`).
+The manifest is a JSON-compatible dict kept in the store's group attributes (schema in `cache_schemas/v2.py`).
 Two manifests describe the same extraction when they agree on every key except the volatile ones
-(`v1.VOLATILE_KEYS`: creation time, status, package version, checkpoint and dataroot paths); `manifest_diff`
-lists the keys where they do not.
+(`v2.VOLATILE_KEYS`: creation time, status, generation, software versions, the extraction command, checkpoint and
+dataroot paths); `manifest_diff` lists the keys where they do not. The data is identified by content (a fingerprint
+of the tables and LiDAR files that decide the teacher's input, and a hash of the sample tokens), never by path.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
-from ...cache_schemas import v1
+from ...cache_schemas import v2
 from ..geometry.bev import BEVAugmentation, BEVGrid, sample_bev_augmentation
 
 
@@ -88,38 +91,69 @@ def package_version() -> str:
         return "unknown"
 
 
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that decide the stored bytes (informational: not compared on resume)."""
+    out = {"distillbev": package_version()}
+    for name in ("torch", "numpy", "zarr", "numcodecs"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def tokens_sha256(sample_tokens: list[str]) -> str:
+    """sha256 of the split's sample tokens in order (one per line)."""
+    return hashlib.sha256("\n".join(sample_tokens).encode()).hexdigest()
+
+
+def new_generation() -> str:
+    """A fresh store generation id."""
+    return uuid.uuid4().hex
+
+
 def build_manifest(*, teacher_config: dict[str, Any], checkpoint_path: str, checkpoint_sha256: str,
                    grid: BEVGrid, layers: list[LayerSpec], heatmap_shape: tuple[int, int],
                    occupancy_shape: tuple[int, int], dtype: str, views: ViewConfig, dataset: dict[str, Any],
-                   sample_count: int) -> dict[str, Any]:
-    """A v1 manifest (status "writing"); `dataset` holds dataroot, version, split and num_sweeps."""
-    if dtype not in v1.FEATURE_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(v1.FEATURE_DTYPES)}")
+                   sample_tokens: list[str], extraction: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A v2 manifest (status "writing").
+
+    dataset: dataroot, version, split, num_sweeps, fingerprint (`pipeline.data.preflight.dataset_fingerprint`:
+    the content of the tables and LiDAR files that decide the teacher's input) and point_loading (the loader
+    settings that decide it: sweep selection, crop range, ...). extraction: informational (command, batch size).
+    """
+    if dtype not in v2.FEATURE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(v2.FEATURE_DTYPES)}")
     if views.count < 1:
         raise ValueError(f"views.count must be >= 1, found {views.count}")
     manifest = {
-        "schema_version": v1.SCHEMA_VERSION,
+        "schema_version": v2.SCHEMA_VERSION,
         "package_version": package_version(),
         "teacher": {"config": teacher_config, "checkpoint_path": str(checkpoint_path),
                     "checkpoint_sha256": str(checkpoint_sha256)},
         "bev_grid": {"x_min": float(grid.x_min), "x_max": float(grid.x_max), "y_min": float(grid.y_min),
                      "y_max": float(grid.y_max), "resolution": float(grid.resolution)},
         "layers": {layer.name: layer.to_json() for layer in layers},
-        "heatmap": {"channels": v1.HEATMAP_CHANNELS, "shape": [int(s) for s in heatmap_shape]},
+        "heatmap": {"channels": v2.HEATMAP_CHANNELS, "shape": [int(s) for s in heatmap_shape]},
         "occupancy": {"shape": [int(s) for s in occupancy_shape]},
-        "storage": {"dtype": dtype, "codec": "zstd", "level": v1.ZSTD_LEVEL, "checksum": "crc32c",
-                    "heatmap_dtype": v1.HEATMAP_DTYPE, "attention_dtype": v1.ATTENTION_DTYPE,
-                    "attention_temperature": v1.ATTENTION_TEMPERATURE},
+        "storage": {"dtype": dtype, "codec": "zstd", "level": v2.ZSTD_LEVEL, "checksum": "crc32c",
+                    "heatmap_dtype": v2.HEATMAP_DTYPE, "attention_dtype": v2.ATTENTION_DTYPE,
+                    "attention_temperature": v2.ATTENTION_TEMPERATURE},
         "views": views.to_json(),
         "dataset": {"dataroot": str(dataset["dataroot"]), "version": str(dataset["version"]),
-                    "split": str(dataset["split"]), "num_sweeps": int(dataset["num_sweeps"])},
-        "sample_count": int(sample_count),
+                    "split": str(dataset["split"]), "num_sweeps": int(dataset["num_sweeps"]),
+                    "fingerprint": str(dataset["fingerprint"]), "sample_tokens_sha256": tokens_sha256(sample_tokens),
+                    "point_loading": dict(dataset["point_loading"])},
+        "sample_count": len(sample_tokens),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "status": v1.STATUS_WRITING,
+        "status": v2.STATUS_WRITING,
+        "generation": new_generation(),
+        "software": software_versions(),
+        "extraction": dict(extraction or {}),
     }
     # the stored form is JSON: normalise now (tuples -> lists) so a fresh and a reloaded manifest compare equal
     manifest = json.loads(json.dumps(manifest))
-    problems = v1.validate_manifest(manifest)
+    problems = v2.validate_manifest(manifest)
     if problems:
         raise ValueError(f"invalid cache manifest: {'; '.join(problems)}")
     return manifest
@@ -144,7 +178,7 @@ _MISSING = "<missing>"
 
 
 def manifest_diff(stored: dict[str, Any], requested: dict[str, Any],
-                  ignore: tuple[str, ...] = v1.VOLATILE_KEYS, only_requested: bool = False) -> list[str]:
+                  ignore: tuple[str, ...] = v2.VOLATILE_KEYS, only_requested: bool = False) -> list[str]:
     """Lines "key: stored -> requested" for every differing leaf.
 
     only_requested: compare just the keys present in `requested` (a partial expectation).

@@ -1,4 +1,4 @@
-"""Reading teacher targets back from a v1 store.
+"""Reading teacher targets back from a v2 store.
 
     cache = TeacherCache.open("runs/cache.zarr")
     cache.check_compatible({"layers": {"neck": {"channels": 384, "shape": [128, 128]}}})
@@ -7,11 +7,19 @@
 `TeacherCache` is safe in DataLoader workers: it keeps only plain data (path, manifest, tokens) between reads and
 opens the zarr arrays lazily in each process (a forked or unpickled copy reopens them), because zarr drives I/O
 through an asyncio thread that does not survive a fork. One read fetches all arrays of a sample-view concurrently.
+
+A read never returns fill values or unchecked bytes: every chunk is fetched, its CRC32C checked and decoded here
+(`chunks.py`), and a missing or corrupt chunk is a CacheError naming the sample token, view and array and the
+command that repairs the store. After each read the store's status and generation are compared with the ones
+seen at open, so a store rewritten under a running job (repair, --overwrite) fails the job instead of feeding it
+a mix of two stores.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...cache_schemas import v1
+from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
+from .chunks import ChunkError, chunk_coords, crc_problem, decode_chunk, expect_v2_codecs, get_chunk_bytes
 from .manifest import LayerSpec, layer_specs, manifest_diff
 from .quantize import dequantize_per_channel
 
@@ -75,18 +84,19 @@ class TeacherCache:
             raise CacheError(f"{path}: not a zarr v3 group ({exc.__class__.__name__}); {hint}") from exc
         manifest = dict(group.attrs)
         version = manifest.get("schema_version")
-        if version != v1.SCHEMA_VERSION:
+        if version != v2.SCHEMA_VERSION:
             raise CacheError(f"{path}: cache schema version {version!r}, this code reads version "
-                             f"{v1.SCHEMA_VERSION}; re-extract the cache with this version")
-        problems = v1.validate_manifest(manifest)
+                             f"{v2.SCHEMA_VERSION}; re-extract the cache with this version")
+        problems = v2.validate_manifest(manifest)
         if problems:
             raise CacheError(f"{path}: malformed cache manifest ({'; '.join(problems[:5])}); re-extract the cache")
-        if manifest["status"] != v1.STATUS_COMPLETE and not allow_partial:
-            done = np.asarray(group[v1.DONE][...]).astype(bool)
+        if manifest["status"] != v2.STATUS_COMPLETE and not allow_partial:
+            from .writer import read_done
+
+            done = read_done(path)
             raise CacheError(f"{path}: the cache is partial (status {manifest['status']!r}, {int(done.sum())} of "
                              f"{done.size} sample-views done); rerun the same extract-teacher command to finish it")
-        tokens = [str(t) for t in group[v1.SAMPLE_TOKENS][...]]
-        views = np.asarray(group[v1.VIEWS][...], dtype=np.float64)
+        tokens, views = _read_static(path, group, manifest)
         return cls(path, manifest, tokens, views, allow_partial, concurrent_reads)
 
     # -- plain metadata ------------------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ class TeacherCache:
 
     @property
     def is_complete(self) -> bool:
-        return self.manifest["status"] == v1.STATUS_COMPLETE
+        return self.manifest["status"] == v2.STATUS_COMPLETE
 
     def __len__(self) -> int:
         return self.num_samples
@@ -138,53 +148,102 @@ class TeacherCache:
             import zarr
 
             group = zarr.open_group(str(self.path), mode="r")
-            names = [v1.HEATMAP, v1.OCCUPANCY, v1.DONE]
+            names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
             for layer in self.layers:
-                names += [v1.feature_array(layer.name), v1.attention_array(layer.name)]
+                names += [v2.feature_array(layer.name), v2.attention_array(layer.name)]
                 if self.manifest["storage"]["dtype"] == "int8":
-                    names += [v1.feature_scale_array(layer.name), v1.feature_offset_array(layer.name)]
+                    names += [v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)]
             self._arrays = {name: group[name] for name in names}
+            for name, array in self._arrays.items():
+                try:
+                    expect_v2_codecs(array)
+                except ChunkError as exc:
+                    raise CacheError(f"{self.path}: {name}: {exc}; re-extract the cache") from None
             self._pool = ThreadPoolExecutor(max_workers=min(8, len(names)), thread_name_prefix="cache-read")
             self._pid = os.getpid()
         return self._arrays
+
+    @property
+    def repair_command(self) -> str:
+        """The command that re-extracts damaged sample-views of this store."""
+        return repair_command(self.manifest, self.path)
+
+    def _read_chunk(self, name: str, sample_index: int, view: int) -> np.ndarray:
+        """One decoded chunk of a per-sample-view array, without its two leading (sample, view) axes."""
+        array = self._arrays[name]
+        try:
+            values = decode_chunk(array, get_chunk_bytes(array, chunk_coords(array, sample_index, view)))
+        except ChunkError as exc:
+            raise CacheError(f"{self.path}: sample {self.sample_tokens[sample_index]} (index {sample_index}) view "
+                             f"{view}, {name}: {exc}; repair the store with `{self.repair_command}`") from None
+        return values[0, 0]
+
+    def check_unchanged(self) -> None:
+        """CacheError if the store was rewritten (new generation) or reopened for writing since it was opened."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        group = self._arrays[v2.DONE].store if self._arrays else None
+        if group is None:
+            return
+        raw = sync(group.get("zarr.json", prototype=default_buffer_prototype()))
+        try:
+            attributes = json.loads(raw.to_bytes()).get("attributes", {}) if raw is not None else {}
+        except ValueError:
+            attributes = {}
+        generation, status = attributes.get("generation"), attributes.get("status")
+        if generation != self.manifest.get("generation") or (self.is_complete and status != v2.STATUS_COMPLETE):
+            raise CacheError(f"{self.path}: the store was rewritten while this job was reading it (generation "
+                             f"{self.manifest.get('generation')} -> {generation}, status {status!r}); the targets "
+                             f"read so far may mix two extractions: wait for the extraction to finish and restart "
+                             f"this job (training: --resume)")
 
     def read(self, sample_index: int, view: int) -> TeacherTargets:
         """The targets of one sample-view (features dequantised to float32 for int8 stores)."""
         if not (0 <= sample_index < self.num_samples and 0 <= view < self.num_views):
             raise IndexError(f"sample-view ({sample_index}, {view}) outside {self.num_samples} x {self.num_views}")
         arrays = self._open_arrays()
-        if not self.is_complete and not bool(arrays[v1.DONE][sample_index, view]):
+        if not self.is_complete and not bool(self._read_chunk(v2.DONE, sample_index, view)):
             raise CacheError(f"{self.path}: sample-view ({sample_index}, {view}) is not extracted yet; finish the "
                              f"extraction with the same extract-teacher command")
-        names = [n for n in arrays if n != v1.DONE]
+        names = [n for n in arrays if n != v2.DONE]
         if self.concurrent_reads:
-            chunks = dict(zip(names, self._pool.map(lambda n: arrays[n][sample_index, view], names)))
+            chunks = dict(zip(names, self._pool.map(lambda n: self._read_chunk(n, sample_index, view), names)))
         else:
-            chunks = {n: arrays[n][sample_index, view] for n in names}
+            chunks = {n: self._read_chunk(n, sample_index, view) for n in names}
+        self.check_unchanged()
         features, attention = {}, {}
         for layer in self.layers:
-            stored = chunks[v1.feature_array(layer.name)]
+            stored = chunks[v2.feature_array(layer.name)]
             if self.manifest["storage"]["dtype"] == "int8":
                 features[layer.name] = torch.from_numpy(dequantize_per_channel(
-                    stored, chunks[v1.feature_scale_array(layer.name)], chunks[v1.feature_offset_array(layer.name)]))
+                    stored, chunks[v2.feature_scale_array(layer.name)], chunks[v2.feature_offset_array(layer.name)]))
             else:
                 # torch's fp16 -> fp32 conversion is about 2x faster than numpy's astype
                 features[layer.name] = torch.from_numpy(stored).float()
-            attention[layer.name] = _as_float32(chunks[v1.attention_array(layer.name)])
+            attention[layer.name] = _as_float32(chunks[v2.attention_array(layer.name)])
         return TeacherTargets(
             sample_token=self.sample_tokens[sample_index], view=view, bev_aug=self.bev_aug(sample_index, view),
-            features=features, heatmap=_as_float32(chunks[v1.HEATMAP]),
-            attention=attention, occupancy=torch.from_numpy(chunks[v1.OCCUPANCY].astype(bool)))
+            features=features, heatmap=_as_float32(chunks[v2.HEATMAP]),
+            attention=attention, occupancy=torch.from_numpy(chunks[v2.OCCUPANCY].astype(bool)))
 
     def read_teacher_head(self) -> dict[str, torch.Tensor]:
         """The teacher CenterHead state_dict stored with the cache (for inheriting the student head)."""
         import zarr
 
         group = zarr.open_group(str(self.path), mode="r")
-        if v1.TEACHER_HEAD not in group:
+        if v2.TEACHER_HEAD not in group:
             return {}
-        head = group[v1.TEACHER_HEAD]
-        return {name: torch.from_numpy(np.array(array[...])) for name, array in _walk_arrays(head, "")}
+        head = group[v2.TEACHER_HEAD]
+        state = {}
+        for name, array in _walk_arrays(head, ""):
+            try:
+                state[name] = torch.from_numpy(decode_chunk(array, get_chunk_bytes(array, (0,) * array.ndim))
+                                               .reshape(array.shape).copy())
+            except ChunkError as exc:
+                raise CacheError(f"{self.path}: teacher_head/{name}: {exc}; repair the store with "
+                                 f"`{self.repair_command}`") from None
+        return state
 
 
 def _walk_arrays(group: Any, prefix: str):
@@ -203,3 +262,68 @@ def _as_float32(values: np.ndarray) -> torch.Tensor:
     """A float32 tensor of a decoded chunk, without a copy when it is float32 already."""
     tensor = torch.from_numpy(np.ascontiguousarray(values))
     return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """The checked sample tokens and views of a store; CacheError naming the array when either is damaged."""
+    from .manifest import tokens_sha256
+
+    problems = {}
+    tokens: list[str] = []
+    views = np.zeros((0, 0, 4))
+    for name in (v2.SAMPLE_TOKENS, v2.VIEWS):
+        try:
+            array = group[name]
+            problem = crc_problem(get_chunk_bytes(array, (0,) * array.ndim))
+            if problem is not None:
+                problems[name] = problem
+            elif name == v2.SAMPLE_TOKENS:
+                tokens = [str(t) for t in array[...]]
+            else:
+                views = np.asarray(array[...], dtype=np.float64)
+        except Exception as exc:  # the array's metadata is gone or unreadable
+            problems[name] = f"unreadable ({type(exc).__name__})"
+    expected = manifest.get("dataset", {}).get("sample_tokens_sha256")
+    if not problems and tokens_sha256(tokens) != expected:
+        problems[v2.SAMPLE_TOKENS] = "the tokens do not match the manifest's sample_tokens_sha256"
+    if problems:
+        text = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+        raise CacheError(f"{path}: {text}; repair the store with `{repair_command(manifest, path)}`")
+    return tokens, views
+
+
+def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """The checked sample tokens and views of a store; CacheError naming the array when either is damaged."""
+    from .manifest import tokens_sha256
+
+    problems = {}
+    tokens: list[str] = []
+    views = np.zeros((0, 0, 4))
+    for name in (v2.SAMPLE_TOKENS, v2.VIEWS):
+        try:
+            array = group[name]
+            problem = crc_problem(get_chunk_bytes(array, (0,) * array.ndim))
+            if problem is not None:
+                problems[name] = problem
+            elif name == v2.SAMPLE_TOKENS:
+                tokens = [str(t) for t in array[...]]
+            else:
+                views = np.asarray(array[...], dtype=np.float64)
+        except Exception as exc:  # the array's metadata is gone or unreadable
+            problems[name] = f"unreadable ({type(exc).__name__})"
+    expected = manifest.get("dataset", {}).get("sample_tokens_sha256")
+    if not problems and tokens_sha256(tokens) != expected:
+        problems[v2.SAMPLE_TOKENS] = "the tokens do not match the manifest's sample_tokens_sha256"
+    if problems:
+        text = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+        raise CacheError(f"{path}: {text}; repair the store with `{repair_command(manifest, path)}`")
+    return tokens, views
+
+
+def repair_command(manifest: dict[str, Any], path: Path | str) -> str:
+    """The extract-teacher command that wrote the store, with --repair (or a generic form when unrecorded)."""
+    command = str(manifest.get("extraction", {}).get("command") or "")
+    if command.startswith("distillbev extract-teacher"):
+        parts = [part for part in shlex.split(command) if part not in ("--overwrite", "--repair")]
+        return shlex.join(parts + ["--repair"])
+    return f"distillbev extract-teacher ... --cache {path} --repair (with the options that extracted it)"

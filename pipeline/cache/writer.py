@@ -1,27 +1,29 @@
-"""Creating, reopening, writing and completing a v1 teacher-feature store.
+"""Creating, reopening, writing and completing a v2 teacher-feature store (the caller holds its `StoreLock`).
 
-`prepare_store` creates a store (or reopens one to resume); `SampleViewWriter` writes one sample-view's chunks and
-only then its done marker; `finalize_store` checks the whole store and sets status "complete". Every write goes
-through zarr's LocalStore, which writes a chunk to a temporary `.partial` file and renames it, so a killed writer
-leaves either the old chunk, the new chunk or a stray `.partial` file (removed on resume), never a torn chunk;
-the done marker, written last, says which sample-views are whole.
+`prepare_store` creates a store (marker first, manifest last) or reopens one to resume; `SampleViewWriter`
+writes one sample-view's chunks, fsyncs them and only then sets its done marker; `finalize_store` checks the
+whole store, fsyncs the markers and sets status "complete". zarr's LocalStore writes a chunk to a temporary
+`.partial` file and renames it, so a killed writer leaves the old chunk, the new chunk or a stray `.partial`
+file (removed on resume), never a torn chunk; and since a done marker is trusted only after its chunks pass
+their checks (`checks.py`), not even a lost or truncated file can make a sample-view count as done.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ...cache_schemas import v1
+from ...cache_schemas import v2
 from ..errors import CacheError
-from .manifest import layer_specs, manifest_diff, views_array, ViewConfig
+from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
 from .quantize import quantize_per_channel
+from .store import (classify_store_path, clear_store, fsync_dir, fsync_file, refuse_unusable, storage_error,
+                    write_marker)
 
 logger = logging.getLogger(__name__)
 
@@ -50,119 +52,218 @@ class SampleViewRecord:
                 + sum(a.nbytes for a in self.attention.values()) + self.occupancy.nbytes)
 
 
-def storage_error(path: Path | str, exc: OSError) -> CacheError:
-    """A one-line CacheError for a failed write under `path`."""
-    if exc.errno == errno.ENOSPC:
-        hint = "free disk space (or pass another --cache path) and rerun the same command to resume"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "make the directory writable or pass another --cache path"
-    else:
-        hint = "check that the path is a writable directory on a local disk, or pass another --cache path"
-    return CacheError(f"{path}: cannot write the teacher cache ({exc.__class__.__name__}: "
-                      f"{exc.strerror or exc}); {hint}")
-
-
 def _codecs() -> dict[str, Any]:
     from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
     # the checksum is a bytes-to-bytes codec: it guards the compressed chunk as stored on disk
-    return {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=v1.ZSTD_LEVEL), Crc32cCodec()]}
+    return {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=v2.ZSTD_LEVEL), Crc32cCodec()],
+            "config": {"write_empty_chunks": True}}
 
 
 def _create_layout(group: Any, manifest: dict[str, Any], sample_tokens: list[str], views: np.ndarray,
                    head_state: dict[str, np.ndarray]) -> None:
-    """All arrays of the v1 layout, plus the data known before any teacher compute (tokens, views, head)."""
+    """All arrays of the v2 layout, plus the data known before any teacher compute (tokens, views, head)."""
     samples, num_views = int(manifest["sample_count"]), int(manifest["views"]["count"])
-    dtype = v1.FEATURE_DTYPES[manifest["storage"]["dtype"]]
+    dtype = v2.FEATURE_DTYPES[manifest["storage"]["dtype"]]
     codecs = _codecs()
     for layer in layer_specs(manifest):
         y, x = layer.shape
-        group.create_array(v1.feature_array(layer.name), shape=(samples, num_views, layer.channels, y, x),
+        group.create_array(v2.feature_array(layer.name), shape=(samples, num_views, layer.channels, y, x),
                            chunks=(1, 1, layer.channels, y, x), dtype=dtype, fill_value=0,
-                           dimension_names=v1.DIMS_MAP, **codecs)
+                           dimension_names=v2.DIMS_MAP, **codecs)
         if dtype == "int8":
-            for name in (v1.feature_scale_array(layer.name), v1.feature_offset_array(layer.name)):
+            for name in (v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)):
                 group.create_array(name, shape=(samples, num_views, layer.channels),
-                                   chunks=(1, 1, layer.channels), dtype=v1.SCALE_DTYPE, fill_value=0,
-                                   dimension_names=v1.DIMS_CHANNEL, **codecs)
-        group.create_array(v1.attention_array(layer.name), shape=(samples, num_views, y, x), chunks=(1, 1, y, x),
-                           dtype=v1.ATTENTION_DTYPE, fill_value=0, dimension_names=v1.DIMS_PLANE, **codecs)
+                                   chunks=(1, 1, layer.channels), dtype=v2.SCALE_DTYPE, fill_value=0,
+                                   dimension_names=v2.DIMS_CHANNEL, **codecs)
+        group.create_array(v2.attention_array(layer.name), shape=(samples, num_views, y, x), chunks=(1, 1, y, x),
+                           dtype=v2.ATTENTION_DTYPE, fill_value=0, dimension_names=v2.DIMS_PLANE, **codecs)
     hy, hx = manifest["heatmap"]["shape"]
-    group.create_array(v1.HEATMAP, shape=(samples, num_views, v1.HEATMAP_CHANNELS, hy, hx),
-                       chunks=(1, 1, v1.HEATMAP_CHANNELS, hy, hx), dtype=v1.HEATMAP_DTYPE, fill_value=0,
-                       dimension_names=v1.DIMS_MAP, **codecs)
+    group.create_array(v2.HEATMAP, shape=(samples, num_views, v2.HEATMAP_CHANNELS, hy, hx),
+                       chunks=(1, 1, v2.HEATMAP_CHANNELS, hy, hx), dtype=v2.HEATMAP_DTYPE, fill_value=0,
+                       dimension_names=v2.DIMS_MAP, **codecs)
     oy, ox = manifest["occupancy"]["shape"]
-    group.create_array(v1.OCCUPANCY, shape=(samples, num_views, oy, ox), chunks=(1, 1, oy, ox), dtype="bool",
-                       fill_value=False, dimension_names=v1.DIMS_PLANE, **codecs)
-    group.create_array(v1.DONE, shape=(samples, num_views), chunks=(1, 1), dtype=v1.DONE_DTYPE, fill_value=0,
-                       dimension_names=v1.DIMS_DONE, **codecs)
-    # written once by the creating process, before any worker starts
-    group.create_array(v1.VIEWS, shape=views.shape, chunks=views.shape, dtype=v1.VIEWS_DTYPE, fill_value=0,
-                       dimension_names=v1.DIMS_VIEWS, **codecs)[...] = views
-    tokens = group.create_array(v1.SAMPLE_TOKENS, shape=(samples,), chunks=(max(samples, 1),), dtype=str,
-                                dimension_names=v1.DIMS_TOKENS)
-    tokens[...] = np.array(sample_tokens, dtype=object)
+    group.create_array(v2.OCCUPANCY, shape=(samples, num_views, oy, ox), chunks=(1, 1, oy, ox), dtype="bool",
+                       fill_value=False, dimension_names=v2.DIMS_PLANE, **codecs)
+    done = group.create_array(v2.DONE, shape=(samples, num_views), chunks=(1, 1), dtype=v2.DONE_DTYPE,
+                              fill_value=0, dimension_names=v2.DIMS_DONE, **codecs)
+    done[...] = 0  # every marker chunk exists from the start: a missing one is damage, not "not done"
+    write_static_arrays(group, manifest, sample_tokens, views, head_state, create=True)
+
+
+def write_static_arrays(group: Any, manifest: dict[str, Any], sample_tokens: list[str], views: np.ndarray,
+                        head_state: dict[str, np.ndarray], create: bool,
+                        only: set[str] | None = None) -> list[str]:
+    """Write the arrays known before any teacher compute: views, sample_tokens, teacher_head/*.
+
+    create: create them first (a new layout); otherwise rewrite the existing ones named in `only` (a repair).
+    Returns the names written.
+    """
+    import warnings
+
+    from zarr.codecs import Crc32cCodec
+
+    codecs = _codecs()
+    values: dict[str, tuple[np.ndarray, dict[str, Any]]] = {
+        v2.VIEWS: (views, {"dtype": v2.VIEWS_DTYPE, "fill_value": 0, "dimension_names": v2.DIMS_VIEWS, **codecs}),
+        v2.SAMPLE_TOKENS: (np.array(sample_tokens, dtype=object),
+                           {"dtype": str, "dimension_names": v2.DIMS_TOKENS, "compressors": [Crc32cCodec()],
+                            "config": {"write_empty_chunks": True}}),
+    }
     for name, value in head_state.items():
         value = np.asarray(value)
-        head = group.create_array(v1.teacher_head_array(name), shape=value.shape, chunks=value.shape,
-                                  dtype=value.dtype, fill_value=0, **codecs)
-        head[...] = value
+        values[v2.teacher_head_array(name)] = (value, {"dtype": value.dtype, "fill_value": 0, **codecs})
+    written = []
+    with warnings.catch_warnings():
+        # variable-length strings are not in the zarr v3 core spec yet; zarr-python reads them back fine
+        warnings.simplefilter("ignore", category=UserWarning)
+        for name, (value, options) in values.items():
+            if only is not None and name not in only:
+                continue
+            if create or name not in group:
+                chunks = (max(value.shape[0], 1),) if name == v2.SAMPLE_TOKENS else value.shape
+                array = group.create_array(name, shape=value.shape, chunks=chunks, overwrite=True, **options)
+            else:
+                array = open_for_writing(group, name)
+            array[...] = value
+            written.append(name)
+    return written
+
+
+def open_for_writing(group: Any, name: str) -> Any:
+    """An existing array of `group` that writes every chunk, fill-valued ones included."""
+    import zarr
+
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        return group[name]
+
+
+def _check_tokens(path: Path, stored: list[str] | None, requested: list[str]) -> None:
+    if stored is not None and stored != list(requested):
+        first = next(i for i, (a, b) in enumerate(zip(stored + [None], requested + [None])) if a != b)
+        raise CacheError(f"{path}: the store's sample_tokens differ from the dataset's split (first difference "
+                         f"at index {first}: stored {_at(stored, first)!r}, dataset {_at(requested, first)!r}); "
+                         f"this store holds another dataset: extract into a new --cache path or pass --overwrite")
+
+
+def _at(values: list[str], index: int) -> str | None:
+    return values[index] if index < len(values) else None
 
 
 def prepare_store(path: str | Path, manifest: dict[str, Any], sample_tokens: list[str],
                   head_state: dict[str, np.ndarray], overwrite: bool = False) -> StoreState:
-    """Create the store at `path`, or reopen an identical one.
+    """Create the store at `path`, or reopen an identical one; the caller holds the store's `StoreLock`.
 
-    A store with a different manifest is refused with a readable diff unless `overwrite` (then it is deleted and
-    recreated). Returns "created", "resumed" (status writing, same manifest) or "complete" (nothing to do).
+    Nothing is written before the request is known to fit: a store with a different manifest (teacher, grid,
+    layers, views, storage, dataset fingerprint, ...) is refused with a readable diff unless `overwrite`, and
+    then it is cleared only if it is this tool's. A folder that holds this tool's marker but no manifest is a
+    store whose creation was interrupted: its layout is rebuilt. The static arrays (views, sample_tokens,
+    teacher_head) of a reopened store are checked and rewritten if damaged. Returns "created", "resumed"
+    (status writing) or "complete".
     """
-    import warnings
-
     import zarr
 
     path = Path(path)
     if len(sample_tokens) != manifest["sample_count"]:
         raise ValueError(f"{len(sample_tokens)} sample tokens for a manifest of {manifest['sample_count']} samples")
-    if path.exists() and not (path / "zarr.json").exists():
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()  # an empty folder: create the store in its place
-        else:  # never delete a user's folder that is not a store, even with --overwrite
-            raise CacheError(f"{path}: exists and is not a teacher cache; choose another --cache path")
-    if path.exists():
+    kind = classify_store_path(path)
+    refuse_unusable(path, kind)
+    if kind in ("ours", "legacy"):
         stored = read_manifest(path)
-        # a zarr group without a manifest is a store whose creation was interrupted
-        diff = manifest_diff(stored, manifest) if stored is not None else ["manifest: <missing> -> <new>"]
-        if diff and not overwrite:
-            raise CacheError(f"{path}: an incompatible teacher cache exists (stored -> requested: "
-                             f"{'; '.join(diff)}); pass --overwrite to replace it or choose another --cache path")
-        if diff:
-            logger.warning("overwriting %s (stored -> requested: %s)", path, "; ".join(diff))
-            try:
-                shutil.rmtree(path)
-            except OSError as exc:
-                raise storage_error(path, exc) from exc
-        elif stored["status"] == v1.STATUS_COMPLETE:
-            return "complete"
-        else:
-            removed = remove_partial_files(path)
-            if removed:
-                logger.info("removed %d unfinished chunk files left by an interrupted run", removed)
-            return "resumed"
+        if stored is None and kind == "ours":
+            logger.info("%s: the layout of an interrupted store creation is rebuilt", path)
+        elif stored is not None:
+            diff = manifest_diff(stored, manifest)
+            if diff and not overwrite:
+                raise CacheError(f"{path}: an incompatible teacher cache exists (stored -> requested: "
+                                 f"{'; '.join(diff)}); nothing was changed; pass --overwrite to replace it or "
+                                 f"choose another --cache path")
+            if diff:
+                logger.warning("overwriting %s (stored -> requested: %s)", path, "; ".join(diff))
+            else:
+                group = zarr.open_group(str(path), mode="r+")
+                _check_tokens(path, _stored_tokens(group), sample_tokens)
+                repaired = repair_static_arrays(path, group, manifest, sample_tokens, head_state)
+                if repaired:
+                    logger.warning("%s: rewrote damaged %s", path, ", ".join(repaired))
+                if stored["status"] == v2.STATUS_COMPLETE:
+                    return "complete"
+                removed = remove_partial_files(path)
+                if removed:
+                    logger.info("removed %d unfinished chunk files left by an interrupted run", removed)
+                set_status(path, v2.STATUS_WRITING, manifest_generation=True)
+                return "resumed"
     views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
     try:
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        with warnings.catch_warnings():
-            # variable-length strings are not in the zarr v3 core spec yet; zarr-python reads them back fine
-            warnings.simplefilter("ignore", category=UserWarning)
-            _create_layout(group, manifest, sample_tokens, views, head_state)
-        # the manifest goes in last: a store without one is treated as not-a-cache and recreated on request
+        path.mkdir(parents=True, exist_ok=True)
+        if kind in ("ours", "legacy"):
+            clear_store(path)
+        write_marker(path)
+        group = zarr.open_group(str(path), mode="a", zarr_format=3)
+        _create_layout(group, manifest, sample_tokens, views, head_state)
+        fsync_tree(path)
+        # the manifest goes in last: a marked store without one is rebuilt by the same command
         group.attrs.put(manifest)
+        fsync_file(path / "zarr.json")
     except OSError as exc:
         raise storage_error(path, exc) from exc
     return "created"
 
 
+def _stored_tokens(group: Any) -> list[str] | None:
+    """The store's sample tokens, or None when that array is damaged (it is then rewritten)."""
+    try:
+        return [str(t) for t in group[v2.SAMPLE_TOKENS][...]]
+    except Exception:
+        return None
+
+
+def repair_static_arrays(path: Path, group: Any, manifest: dict[str, Any], sample_tokens: list[str],
+                         head_state: dict[str, np.ndarray]) -> list[str]:
+    """Rewrite views / sample_tokens / teacher_head arrays whose chunks are missing, corrupt or not as expected."""
+    from .checks import static_array_problems
+
+    views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
+    bad = static_array_problems(group, manifest, sample_tokens, views, head_state)
+    if not bad:
+        return []
+    set_status(path, v2.STATUS_WRITING, manifest_generation=True)
+    try:
+        written = write_static_arrays(group, manifest, sample_tokens, views, head_state, create=False, only=set(bad))
+        fsync_tree(path, names=written)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+    return written
+
+
+def set_status(path: Path, status: str, manifest_generation: bool = False) -> None:
+    """Set the manifest's status (and, with manifest_generation, a fresh generation id), durably."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    update: dict[str, Any] = {"status": status}
+    if manifest_generation:
+        update["generation"] = new_generation()
+    try:
+        group.attrs.update(update)
+        fsync_file(path / "zarr.json")
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+
+
+def fsync_tree(path: Path, names: list[str] | None = None) -> None:
+    """fsync every file (and folder) under `path`, or under the named arrays of it."""
+    roots = [path] if names is None else [path / name for name in names]
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if name != v2.LOCK_FILE:
+                    fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
+    fsync_dir(path)
+
+
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The manifest in the group attributes at `path`, or None if `path` holds no v1-style manifest."""
+    """The manifest in the group attributes at `path`, or None if `path` holds no distillbev manifest."""
     import zarr
 
     try:
@@ -183,26 +284,53 @@ def remove_partial_files(path: Path) -> int:
 
 
 def read_done(path: str | Path) -> np.ndarray:
-    """(S, V) bool done markers; a marker chunk that cannot be decoded counts as not done."""
+    """(S, V) bool done markers; a marker chunk that is missing or cannot be decoded counts as not done."""
     import zarr
 
-    done = zarr.open_array(str(Path(path) / v1.DONE), mode="r")
+    from .chunks import ChunkError, chunk_coords, decode_chunk, get_chunk_bytes
+
+    done = zarr.open_array(str(Path(path) / v2.DONE), mode="r")
+    out = np.zeros(done.shape, dtype=bool)
+    for s, v in np.ndindex(*done.shape):
+        try:
+            out[s, v] = bool(decode_chunk(done, get_chunk_bytes(done, chunk_coords(done, s, v))).item())
+        except ChunkError as exc:
+            logger.warning("done marker (%d, %d) of %s: %s; that sample-view will be rewritten", s, v, path, exc)
+    return out
+
+
+def set_done(path: str | Path, sample_views: list[tuple[int, int]], value: int) -> None:
+    """Set the done markers of `sample_views` (fsync'ed)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    done = open_for_writing(group, v2.DONE)
     try:
-        return np.asarray(done[...]).astype(bool)
-    except Exception:  # a damaged marker chunk: fall back to one read per marker
-        out = np.zeros(done.shape, dtype=bool)
-        for index in np.ndindex(*done.shape):
-            try:
-                out[index] = bool(done[index])
-            except Exception:
-                logger.warning("done marker %s of %s is unreadable; that sample-view will be rewritten", index, path)
-        return out
+        for s, v in sample_views:
+            done[s, v] = value
+        _fsync_chunks(Path(path), done, sample_views)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+
+
+def _fsync_chunks(root: Path, array: Any, sample_views: list[tuple[int, int]]) -> None:
+    """fsync the chunk files of `sample_views` when the store is a local folder (object stores are durable)."""
+    from .chunks import chunk_coords, chunk_key
+
+    if not hasattr(array.store, "root"):
+        return
+    for s, v in sample_views:
+        fsync_file(root / chunk_key(array, chunk_coords(array, s, v)))
 
 
 class SampleViewWriter:
-    """Writes whole sample-views into a prepared store (one instance per process)."""
+    """Writes whole sample-views into a prepared store (one instance per process).
 
-    def __init__(self, path: str | Path) -> None:
+    Every chunk is written (fill-valued ones too) and fsync'ed before the sample-view's done marker; with
+    `still_wanted`, a callable checked before each sample-view, a writer whose parent has gone writes nothing more.
+    """
+
+    def __init__(self, path: str | Path, still_wanted=None) -> None:
         import zarr
 
         self.path = Path(path)
@@ -210,40 +338,53 @@ class SampleViewWriter:
         self.manifest = dict(self.group.attrs)
         self.dtype = self.manifest["storage"]["dtype"]
         self.layers = [layer.name for layer in layer_specs(self.manifest)]
-        self.arrays = {name: self.group[name] for name in self._array_names()}
+        self.arrays = {name: open_for_writing(self.group, name) for name in self._array_names()}
+        self.still_wanted = still_wanted
 
     def _array_names(self) -> list[str]:
-        names = [v1.HEATMAP, v1.OCCUPANCY, v1.DONE]
+        names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
         for layer in self.layers:
-            names += [v1.feature_array(layer), v1.attention_array(layer)]
+            names += [v2.feature_array(layer), v2.attention_array(layer)]
             if self.dtype == "int8":
-                names += [v1.feature_scale_array(layer), v1.feature_offset_array(layer)]
+                names += [v2.feature_scale_array(layer), v2.feature_offset_array(layer)]
         return names
 
     def write(self, record: SampleViewRecord) -> None:
-        """Write every chunk of `record`, then its done marker."""
+        """Write every chunk of `record`, fsync them, then write its done marker."""
+        if self.still_wanted is not None and not self.still_wanted():
+            raise CacheError(f"{self.path}: the extraction that started this writer is gone; stopping before "
+                             f"sample-view ({record.sample_index}, {record.view})")
         s, v = record.sample_index, record.view
         try:
             for layer in self.layers:
                 features = record.features[layer]
                 if self.dtype == "int8":
                     q, scale, offset = quantize_per_channel(features)
-                    self.arrays[v1.feature_array(layer)][s, v] = q
-                    self.arrays[v1.feature_scale_array(layer)][s, v] = scale
-                    self.arrays[v1.feature_offset_array(layer)][s, v] = offset
+                    self.arrays[v2.feature_array(layer)][s, v] = q
+                    self.arrays[v2.feature_scale_array(layer)][s, v] = scale
+                    self.arrays[v2.feature_offset_array(layer)][s, v] = offset
                 else:
-                    self.arrays[v1.feature_array(layer)][s, v] = features.astype(np.float16)
-                self.arrays[v1.attention_array(layer)][s, v] = record.attention[layer].astype(np.float32)
-            self.arrays[v1.HEATMAP][s, v] = record.heatmap.astype(np.float16)
-            self.arrays[v1.OCCUPANCY][s, v] = record.occupancy.astype(bool)
-            self.arrays[v1.DONE][s, v] = 1
+                    self.arrays[v2.feature_array(layer)][s, v] = features.astype(np.float16)
+                self.arrays[v2.attention_array(layer)][s, v] = record.attention[layer].astype(np.float32)
+            self.arrays[v2.HEATMAP][s, v] = record.heatmap.astype(np.float16)
+            self.arrays[v2.OCCUPANCY][s, v] = record.occupancy.astype(bool)
+            for name, array in self.arrays.items():
+                if name != v2.DONE:
+                    _fsync_chunks(self.path, array, [(s, v)])
+            self.arrays[v2.DONE][s, v] = 1
         except OSError as exc:
             raise storage_error(self.path, exc) from exc
 
 
 def finalize_store(path: str | Path, sample_tokens: list[str]) -> None:
-    """Check the store end to end and set status "complete"; raises CacheError (status stays "writing")."""
+    """Check the store end to end and set status "complete" (durably); raises CacheError (status stays "writing").
+
+    Every done marker must be set and every chunk of every sample-view present; the static arrays must hold the
+    split's tokens and the manifest's views. The done markers are fsync'ed before the status says complete.
+    """
     import zarr
+
+    from .checks import missing_chunks
 
     path = Path(path)
     group = zarr.open_group(str(path), mode="r+")
@@ -254,23 +395,30 @@ def finalize_store(path: str | Path, sample_tokens: list[str]) -> None:
         raise CacheError(f"{path}: {missing} of {done.size} sample-views are not extracted; rerun the same "
                          f"extract-teacher command to finish them")
     problems = []
-    stored_tokens = [str(t) for t in group[v1.SAMPLE_TOKENS][...]]
+    absent = missing_chunks(group, manifest)
+    if absent:
+        problems.append(f"{len(absent)} sample-views have missing chunks, e.g. sample {absent[0][0]} view "
+                        f"{absent[0][1]} {absent[0][2]}")
+    stored_tokens = _stored_tokens(group)
     if stored_tokens != list(sample_tokens):
         problems.append("sample_tokens differ from the dataset's")
     expected_views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
-    if not np.array_equal(group[v1.VIEWS][...], expected_views):
+    if not np.array_equal(group[v2.VIEWS][...], expected_views):
         problems.append("views differ from the manifest's seed and ranges")
     samples, num_views = int(manifest["sample_count"]), int(manifest["views"]["count"])
     for layer in layer_specs(manifest):
-        shape = group[v1.feature_array(layer.name)].shape
+        shape = group[v2.feature_array(layer.name)].shape
         if shape != (samples, num_views, layer.channels, *layer.shape):
             problems.append(f"features/{layer.name} has shape {shape}")
     if problems:
         raise CacheError(f"{path}: the finished store failed its consistency check ({'; '.join(problems)}); "
-                         f"rerun extract-teacher with --overwrite")
+                         f"rerun the same extract-teacher command with --repair")
     if remove_partial_files(path):
         logger.info("removed stray chunk files of an interrupted write")
     try:
-        group.attrs["status"] = v1.STATUS_COMPLETE
+        fsync_tree(path, names=[v2.DONE])
+        group.attrs["status"] = v2.STATUS_COMPLETE
+        fsync_file(path / "zarr.json")
+        fsync_dir(path)
     except OSError as exc:
         raise storage_error(path, exc) from exc

@@ -34,7 +34,10 @@ _PIXEL_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[:, None, None
 
 # ----------------------------------------------------------------------------------------------- dataroot, splits
 def check_dataroot(dataroot: str | Path, version: str) -> Path:
-    """Check the dataroot, the version folder and the 13 table files exist; returns the table folder."""
+    """Check the dataroot, the version folder and the 13 table files exist; returns the table folder.
+
+    Every missing table is named in the one `DataError` line; the tables are not parsed here (`check_tables`).
+    """
     root = Path(dataroot)
     if not root.is_dir():
         raise DataError(f"{root}: dataroot not found; pass the folder that holds {version}/, samples/ and sweeps/ "
@@ -44,22 +47,57 @@ def check_dataroot(dataroot: str | Path, version: str) -> Path:
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("v1.0"))
         raise DataError(f"{table_root}: version folder not found (versions in the dataroot: {found or 'none'}); "
                         f"pass --version with one of them")
-    for table in TABLE_NAMES:
-        if not (table_root / f"{table}.json").is_file():
-            raise DataError(f"{table_root / (table + '.json')}: table file missing; a nuScenes dataroot needs all "
-                            f"13 tables ({', '.join(TABLE_NAMES)}); re-extract or regenerate the metadata")
+    problems = check_tables(table_root, parse=False)
+    if problems:
+        raise DataError("; ".join(problems))
     return table_root
 
 
+def check_tables(table_root: str | Path, parse: bool = True) -> list[str]:
+    """One problem line per missing table file and, with `parse`, per table that is not a JSON list.
+
+    Each of the 13 tables is checked on its own (json.load, then dropped), so every broken table is named with
+    its full path and the parser's position, not only the first one the devkit trips over.
+    """
+    table_root = Path(table_root)
+    problems = []
+    for table in TABLE_NAMES:
+        path = table_root / f"{table}.json"
+        if not path.is_file():
+            problems.append(f"{path}: table file missing; a nuScenes dataroot needs all 13 tables "
+                            f"({', '.join(TABLE_NAMES)}); re-extract or regenerate the metadata")
+        elif parse:
+            problem = _table_json_problem(path)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _table_json_problem(path: Path) -> str | None:
+    """The problem line of one table file that does not parse as a JSON list, else None."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{path}: not valid JSON ({exc}); re-extract or regenerate this table"
+    if not isinstance(records, list):
+        return (f"{path}: expected a JSON list of records, found {type(records).__name__}; re-extract or "
+                f"regenerate this table")
+    return None
+
+
 def load_nuscenes(dataroot: str | Path, version: str):
-    """`nuscenes.NuScenes` after `check_dataroot`; a broken table becomes a `DataError`."""
+    """`nuscenes.NuScenes` after `check_dataroot`; broken tables become one `DataError` naming each of them."""
     from nuscenes import NuScenes
 
     table_root = check_dataroot(dataroot, version)
     try:
         return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{table_root}: a table is not valid JSON ({exc}); re-extract or regenerate it") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # The devkit stops at the first broken table; parse each one to name all of them.
+        problems = check_tables(table_root) or [f"{table_root}: a table is not valid JSON ({exc}); re-extract or "
+                                                f"regenerate it"]
+        raise DataError("; ".join(problems)) from exc
     except (AssertionError, KeyError, IndexError, FileNotFoundError, TypeError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{table_root}: the devkit could not load the tables ({type(exc).__name__}: {message}); "
@@ -155,6 +193,27 @@ def read_points(path: str | Path, sample_token: str) -> np.ndarray:
     return np.fromfile(path, dtype=np.float32).reshape(-1, 5)  # (P, 5)
 
 
+def lidar_records(nusc, sample_token: str, num_sweeps: int, sweep_candidates: int,
+                  rng: np.random.Generator | None) -> list[dict]:
+    """LIDAR_TOP sample_data records a key frame's point cloud is built from: [key frame, sweep, ...].
+
+    Sweeps follow sample_data `prev` from the key frame, nearest first, up to `sweep_candidates`; with `rng`
+    `num_sweeps` of them are drawn at random (kept in nearest-first order), without it the nearest `num_sweeps`.
+    """
+    sample = nusc.get("sample", sample_token)
+    key = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    candidates = []
+    record = key
+    while record["prev"] and len(candidates) < sweep_candidates:
+        record = nusc.get("sample_data", record["prev"])
+        candidates.append(record)
+    if rng is not None and len(candidates) > num_sweeps:
+        chosen = [candidates[i] for i in sorted(rng.choice(len(candidates), num_sweeps, replace=False))]
+    else:
+        chosen = candidates[:num_sweeps]
+    return [key, *chosen]
+
+
 def load_lidar_points(nusc, sample_token: str, config: DataConfig,
                       rng: np.random.Generator | None) -> np.ndarray:
     """Key-frame LIDAR_TOP points + `num_sweeps` previous sweeps in the key-frame LiDAR frame.
@@ -162,24 +221,13 @@ def load_lidar_points(nusc, sample_token: str, config: DataConfig,
     Returns (P, 5) float32 x, y, z, intensity, time lag [s] (0 for the key frame). Sweeps follow sample_data
     `prev` like the devkit's `from_file_multisweep`: sweep lidar -> ego(t_sweep) -> global -> ego(t_key) -> key
     lidar. With `rng` the sweeps are a random choice among the `sweep_candidates` nearest (train); without, the
-    nearest `num_sweeps` (test).
+    nearest `num_sweeps` (test). The records come from `lidar_records`.
     """
-    sample = nusc.get("sample", sample_token)
-    key = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    key, *chosen = lidar_records(nusc, sample_token, config.num_sweeps, config.sweep_candidates, rng)
     lidar_to_ego, ego_to_global = sample_data_transforms(nusc, key)
     lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
     key_points = read_points(Path(nusc.dataroot) / key["filename"], sample_token)
     key_points[:, 4] = 0.0
-
-    candidates = []
-    record = key
-    while record["prev"] and len(candidates) < config.sweep_candidates:
-        record = nusc.get("sample_data", record["prev"])
-        candidates.append(record)
-    if rng is not None and len(candidates) > config.num_sweeps:
-        chosen = [candidates[i] for i in sorted(rng.choice(len(candidates), config.num_sweeps, replace=False))]
-    else:
-        chosen = candidates[:config.num_sweeps]
 
     clouds = [key_points]
     for sweep in chosen:

@@ -16,6 +16,7 @@ from distillbev.pipeline.cache.manifest import ViewConfig, build_manifest
 from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVGrid
 
 LAYERS = ["backbone1", "backbone2", "neck"]
+POINT_LOADING = {"num_sweeps": 1, "sweep_selection": "nearest", "point_cloud_range": [-8.0, -8.0, -2.0, 8.0, 8.0, 3.0]}
 NUM_SAMPLES = 5
 
 
@@ -97,7 +98,8 @@ def head_state() -> dict[str, np.ndarray]:
 
 
 def make_manifest(teacher: FakeTeacher, dtype: str = "fp16", views: int = 3, seed: int = 7,
-                  sample_count: int = NUM_SAMPLES, sha: str = "a" * 64, split: str = "mini_train") -> dict:
+                  sample_count: int = NUM_SAMPLES, sha: str = "a" * 64, split: str = "mini_train",
+                  fingerprint: str = "f" * 64) -> dict:
     specs, heatmap_shape, occupancy_shape = probe_teacher(teacher, load_points(0, BEVAugmentation())[1],
                                                           teacher.grid, LAYERS)
     return build_manifest(teacher_config={"name": "fake", "seed": 0}, checkpoint_path="/ckpt/fake.pth",
@@ -105,8 +107,8 @@ def make_manifest(teacher: FakeTeacher, dtype: str = "fp16", views: int = 3, see
                           occupancy_shape=occupancy_shape, dtype=dtype,
                           views=ViewConfig(count=views, seed=seed, flip_x_prob=0.5, flip_y_prob=0.5),
                           dataset={"dataroot": "/data/fake", "version": "v1.0-mini", "split": split,
-                                   "num_sweeps": 1},
-                          sample_count=sample_count)
+                                   "num_sweeps": 1, "fingerprint": fingerprint, "point_loading": POINT_LOADING},
+                          sample_tokens=[token_of(i) for i in range(sample_count)])
 
 
 def run_extract(path: Path, manifest: dict, teacher=None, points=load_points, **kwargs):
@@ -117,7 +119,10 @@ def run_extract(path: Path, manifest: dict, teacher=None, points=load_points, **
                                  run_teacher=teacher, load_points=points, **kwargs)
 
 
+NOT_CHUNKS = ("zarr.json", "distillbev_cache.json", "distillbev.lock")  # metadata, marker, lock
+
+
 def chunk_files(path: Path) -> dict[str, bytes]:
-    """Every chunk file of a store (everything but zarr.json metadata) -> its bytes."""
+    """Every chunk file of a store (everything but metadata, the marker and the lock) -> its bytes."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != "zarr.json"}
+            if p.is_file() and p.name not in NOT_CHUNKS}

@@ -27,7 +27,7 @@ def test_missing_store(tmp_path):
 
 def test_wrong_schema_version(store):
     zarr.open_group(str(store), mode="r+").attrs["schema_version"] = 99
-    with pytest.raises(CacheError, match="schema version 99, this code reads version 1"):
+    with pytest.raises(CacheError, match="schema version 99, this code reads version 2"):
         TeacherCache.open(store)
 
 

@@ -107,12 +107,16 @@ def test_torn_chunk_of_undone_view_is_rewritten(tmp_path, manifest, reference):
 def test_complete_store_is_left_alone(tmp_path, manifest):
     path = tmp_path / "cache.zarr"
     run_extract(path, manifest)
-    before = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+    def stamps():  # every file but the writer lock, which each run takes
+        return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file() and p.name != "distillbev.lock"}
+
+    before = stamps()
     moved = dict(manifest, teacher=dict(manifest["teacher"], checkpoint_path="/elsewhere/fake.pth"),
-                 created_at="2030-01-01T00:00:00+00:00")  # same checkpoint bytes (sha), moved file, later run
+                 created_at="2030-01-01T00:00:00+00:00", generation="0" * 32)  # moved file, later run
     report = run_extract(path, moved)
-    assert (report.state, report.status, report.written) == ("complete", "complete", 0)
-    assert {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()} == before
+    assert (report.state, report.status, report.written, report.checked) == ("complete", "complete", 0, "quick")
+    assert stamps() == before
 
 
 def test_incompatible_store_refused_with_diff_then_overwritten(tmp_path, teacher, manifest):

@@ -10,7 +10,7 @@ import torch
 import zarr
 from cache_fakes import LAYERS, FakeTeacher, head_state, load_points, make_manifest, run_extract, token_of
 
-from distillbev.cache_schemas import v1
+from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention
 from distillbev.pipeline.cache.manifest import view_augmentations, ViewConfig
 from distillbev.pipeline.cache.quantize import dequantize_per_channel, quantize_per_channel
@@ -85,7 +85,7 @@ def test_manifest_round_trip_and_schema(tmp_path, manifest):
     path = tmp_path / "cache.zarr"
     run_extract(path, manifest)
     stored = TeacherCache.open(path).manifest
-    assert v1.validate_manifest(stored) == []
+    assert v2.validate_manifest(stored) == []
     assert stored["status"] == "complete"
     assert {k: v for k, v in stored.items() if k != "status"} == {k: v for k, v in manifest.items() if k != "status"}
     assert stored["layers"]["neck"] == {"channels": 12, "shape": [8, 8], "resolution": 2.0, "stride": 2.0}

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.errors import CheckpointError
+from distillbev.pipeline.errors import CheckpointError, DataError
 
 
 CONFIG = """
@@ -83,9 +83,22 @@ def test_extract_teacher_command(tmp_path, tiny_dataroot, teacher_files):
     assert refused.exit_code != 0 and 'storage.dtype: "fp16" -> "int8"' in str(refused.exception)
 
 
-def test_missing_checkpoint_is_a_checkpoint_error(tmp_path, teacher_files):
+def test_missing_checkpoint_is_a_checkpoint_error(tmp_path, tiny_dataroot, teacher_files):
     config_path, _, _ = teacher_files
-    result = _invoke("--config", str(config_path), "--dataroot", str(tmp_path), "--checkpoint",
+    result = _invoke("--config", str(config_path), "--dataroot", str(tiny_dataroot), "--checkpoint",
                      str(tmp_path / "missing.pth"), "--cache", str(tmp_path / "c.zarr"), "--split", "tiny_train")
     assert isinstance(result.exception, CheckpointError)
     assert "missing.pth" in str(result.exception)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_preflight_reports_checkpoint_and_data_problems_together(tmp_path, teacher_files):
+    config_path, _, _ = teacher_files
+    result = _invoke("--config", str(config_path), "--dataroot", str(tmp_path), "--checkpoint",
+                     str(tmp_path / "missing.pth"), "--cache", str(tmp_path / "c.zarr"), "--split", "tiny_train")
+    assert isinstance(result.exception, DataError)
+    text = str(result.exception)
+    assert text.startswith("pre-flight found 2 problems in the inputs: ") and "\n" not in text
+    assert "missing.pth" in text and "v1.0-tiny: version folder not found" in text
+    assert text.endswith("nothing was computed or written")
+    assert not (tmp_path / "c.zarr").exists()

@@ -87,7 +87,8 @@ def test_real_teacher_flip_view_replay(tmp_path):
                               heatmap_shape=heatmap_shape, occupancy_shape=occupancy_shape, dtype="fp16",
                               views=ViewConfig(count=2, seed=0, rotation_range=(0.0, 0.0), scale_range=(1.0, 1.0),
                                                flip_x_prob=0.0, flip_y_prob=1.0),
-                              dataset={"dataroot": "", "version": "", "split": "", "num_sweeps": 1}, sample_count=1)
+                              dataset={"dataroot": "", "version": "", "split": "", "num_sweeps": 1,
+                                       "fingerprint": "", "point_loading": {}}, sample_tokens=["s0"])
     path = tmp_path / "cache.zarr"
     extract_teacher_cache(path, manifest=manifest, sample_tokens=["s0"],
                           head_state={k: v.numpy() for k, v in model.pts_bbox_head.state_dict().items()},

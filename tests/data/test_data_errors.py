@@ -46,10 +46,11 @@ def test_missing_table_file(tiny_slice_copy):
 
 
 def test_broken_table_json(tiny_slice_copy):
-    (tiny_slice_copy.dataroot / tiny_slice_copy.version / "sample.json").write_text("[{")
+    path = tiny_slice_copy.dataroot / tiny_slice_copy.version / "sample.json"
+    path.write_text("[{")
     with pytest.raises(DataError) as exc_info:
         dataset_for(tiny_slice_copy)
-    assert_one_line(exc_info, "not valid JSON")
+    assert_one_line(exc_info, f"{path}: not valid JSON (")
 
 
 def test_missing_map_png(tiny_slice_copy):

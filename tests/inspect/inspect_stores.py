@@ -60,8 +60,8 @@ def write_store(path: Path, *, tokens: list[str] | None = None, samples: int = 4
         checkpoint_path="/ckpt/teacher.pth", checkpoint_sha256=sha, grid=grid, layers=specs,
         heatmap_shape=head_shape, occupancy_shape=canvas, dtype=dtype, views=view_config,
         dataset=dataset or {"dataroot": "/nonexistent/dataroot", "version": "v1.0-mini", "split": "mini_val",
-                            "num_sweeps": 1},
-        sample_count=len(tokens))
+                            "num_sweeps": 1, "fingerprint": "f" * 64, "point_loading": {"num_sweeps": 1}},
+        sample_tokens=tokens)
     prepare_store(path, manifest, tokens, head_state={"heatmap.bias": np.full((10,), -2.19, dtype=np.float32)})
     writer = SampleViewWriter(path)
     for index, token in enumerate(tokens):

@@ -30,7 +30,8 @@ def tiny_store(tiny_dataroot, tmp_path_factory):
     boxes = [dataset.annotations(i)[0] for i in range(len(dataset))]
     path = tmp_path_factory.mktemp("render") / "tiny.zarr"
     write_store(path, tokens=tokens, views=3, grid=TINY_NUSCENES_GRID, centres=lambda i: boxes[i][:, :2],
-                dataset={"dataroot": str(root), "version": version, "split": "tiny_train", "num_sweeps": 0},
+                dataset={"dataroot": str(root), "version": version, "split": "tiny_train", "num_sweeps": 0,
+                         "fingerprint": "f" * 64, "point_loading": {"num_sweeps": 0}},
                 false_positive_centre=FALSE_POSITIVE)
     return path, boxes
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 
 import zarr
@@ -14,10 +16,12 @@ from distillbev.pipeline.cache.inspect import summarize_cache
 
 def test_summary_fields(store):
     summary = summarize_cache(store).to_json()
-    assert summary["schema_version"] == 1 and summary["status"] == "complete"
+    assert summary["schema_version"] == 2 and summary["status"] == "complete"
     assert summary["teacher"]["checkpoint_sha256_short"] == "b" * 12
+    tokens_sha = hashlib.sha256("\n".join(f"token-{i:03d}" for i in range(4)).encode()).hexdigest()
     assert summary["dataset"] == {"dataroot": "/nonexistent/dataroot", "version": "v1.0-mini", "split": "mini_val",
-                                  "num_sweeps": 1}
+                                  "num_sweeps": 1, "fingerprint": "f" * 64, "point_loading": {"num_sweeps": 1},
+                                  "sample_tokens_sha256": tokens_sha}
     assert summary["bev_grid"]["shape"] == [32, 32]
     assert summary["layers"]["backbone2"]["channels"] == 8 and summary["layers"]["backbone2"]["shape"] == [8, 8]
     assert summary["layers"]["neck"]["dtype"] == "float16" and summary["layers"]["neck"]["codec"] == "zstd-3+crc32c"

@@ -1,4 +1,4 @@
-"""Version 1 of the teacher-feature cache: the zarr v3 layout and the manifest it carries.
+"""Version 2 of the teacher-feature cache: the zarr v3 layout, the files beside it and the manifest it carries.
 
 One zarr group holds everything for S samples x V views (shape letters as in `pipeline/data/types.py`):
 
@@ -13,16 +13,30 @@ One zarr group holds everything for S samples x V views (shape letters as in `pi
     done                      (S, V)            uint8    1 once every chunk of that sample-view is written
     teacher_head/<param>      any               the teacher CenterHead state_dict (float32)
 
-Every per-sample-view array has one chunk per sample-view, so the extraction workers never share a chunk. The
-manifest lives in the group attributes; `status` is "writing" until every done marker is set and the store passed
-its final consistency check, then "complete".
+Every array, `sample_tokens` and `teacher_head/*` included, ends its chunks with a CRC32C checksum; every
+per-sample-view array has one chunk per sample-view, so the extraction workers never share a chunk, and every chunk
+is written even when it equals the fill value, so a missing chunk always means "not written". Two plain files sit
+beside the zarr metadata in the store's folder:
+
+    distillbev_cache.json     the marker: written before anything else, so a store killed while its layout was
+                              being created is still recognised as this tool's (and only such a store is ever
+                              deleted by --overwrite)
+    distillbev.lock           the writer lock (an flock held by the extracting process; host, pid and command inside)
+
+The manifest lives in the group attributes; `status` is "writing" until every sample-view is done and the store
+passed its final check, then "complete". `generation` is a fresh id each time a process starts rewriting the
+store (creation, repair), so a reader can tell that the store changed under it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+MARKER_FILE = "distillbev_cache.json"
+LOCK_FILE = "distillbev.lock"
+MARKER_FORMAT = "distillbev-teacher-cache"
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -53,8 +67,9 @@ DIMS_DONE = ("sample", "view")
 DIMS_TOKENS = ("sample",)
 
 # manifest keys (dotted) that may differ between two runs of the same extraction: the checkpoint is identified
-# by its sha256 and the data by the sample tokens, so moving either file does not block a resume
-VOLATILE_KEYS = ("created_at", "status", "package_version", "teacher.checkpoint_path", "dataset.dataroot")
+# by its sha256 and the data by its content fingerprint, so moving either does not block a resume
+VOLATILE_KEYS = ("created_at", "status", "generation", "package_version", "software", "extraction",
+                 "teacher.checkpoint_path", "dataset.dataroot")
 
 
 def feature_array(layer: str) -> str:
@@ -90,10 +105,14 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "attention_dtype": str, "attention_temperature": float},
     "views": {"count": int, "seed": int, "rotation_range": list, "scale_range": list, "flip_x_prob": float,
               "flip_y_prob": float},
-    "dataset": {"dataroot": str, "version": str, "split": str, "num_sweeps": int},
+    "dataset": {"dataroot": str, "version": str, "split": str, "num_sweeps": int, "fingerprint": str,
+                "sample_tokens_sha256": str, "point_loading": dict},
     "sample_count": int,
     "created_at": str,
     "status": str,
+    "generation": str,
+    "software": dict,  # informational: package versions of the writing process
+    "extraction": dict,  # informational: the command and settings that wrote the store
 }
 LAYER_SCHEMA = {"channels": int, "shape": list, "resolution": float, "stride": float}
 

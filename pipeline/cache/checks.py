@@ -1,0 +1,101 @@
+"""Checks a writer runs on its own store: which sample-views are really done, and which static arrays are whole.
+
+"Done" means verified: a sample-view counts as done only when its marker is set AND every one of its chunks is
+present and (for the full check) carries a matching CRC32C. Two depths:
+
+- quick (`full=False`): every chunk exists and is longer than its checksum (a size query; no data read). Run when
+  the same command meets a complete store.
+- full (`full=True`): every chunk's bytes are read and their CRC32C compared (no decompression). Run on resume
+  (for the sample-views marked done) and by `extract-teacher --repair` (for all).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ...cache_schemas import v2
+from .chunks import CRC_BYTES, chunk_coords, chunk_size, crc_problem, get_chunk_bytes
+from .manifest import layer_specs
+
+Damage = dict[tuple[int, int], list[tuple[str, str]]]  # (sample, view) -> [(array, problem)]
+
+
+def sample_view_array_names(manifest: dict[str, Any]) -> list[str]:
+    """The per-sample-view arrays that hold targets (everything but the done markers)."""
+    names = [v2.HEATMAP, v2.OCCUPANCY]
+    for layer in layer_specs(manifest):
+        names += [v2.feature_array(layer.name), v2.attention_array(layer.name)]
+        if manifest["storage"]["dtype"] == "int8":
+            names += [v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)]
+    return names
+
+
+def _chunk_problem(array: Any, sample: int, view: int, full: bool) -> str | None:
+    coords = chunk_coords(array, sample, view)
+    if full:
+        return crc_problem(get_chunk_bytes(array, coords))
+    size = chunk_size(array, coords)
+    if size is None:
+        return "chunk missing (zarr would read it as fill values)"
+    if size <= CRC_BYTES:
+        return f"chunk truncated to {size} bytes"
+    return None
+
+
+def damaged_sample_views(group: Any, manifest: dict[str, Any], sample_views: list[tuple[int, int]],
+                         full: bool, workers: int = 4, progress: bool = False) -> Damage:
+    """The sample-views among `sample_views` with a missing, truncated or (full) checksum-failing chunk."""
+    from tqdm import tqdm
+
+    arrays = {name: group[name] for name in sample_view_array_names(manifest)}
+
+    def check(sample_view: tuple[int, int]) -> tuple[tuple[int, int], list[tuple[str, str]]]:
+        s, v = sample_view
+        found = []
+        for name, array in arrays.items():
+            problem = _chunk_problem(array, s, v, full)
+            if problem is not None:
+                found.append((name, problem))
+        return sample_view, found
+
+    damage: Damage = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cache-check") as pool:
+        results = pool.map(check, sample_views)
+        for sample_view, found in tqdm(results, total=len(sample_views), unit="view", disable=not progress,
+                                       desc="check chunks (CRC32C)" if full else "check chunks"):
+            if found:
+                damage[sample_view] = found
+    return damage
+
+
+def missing_chunks(group: Any, manifest: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """(sample, view, array) of every chunk that is absent or shorter than its checksum (quick check)."""
+    samples, views = int(manifest["sample_count"]), int(manifest["views"]["count"])
+    every = [(s, v) for s in range(samples) for v in range(views)]
+    damage = damaged_sample_views(group, manifest, every, full=False)
+    return [(s, v, name) for (s, v), found in sorted(damage.items()) for name, _ in found]
+
+
+def static_array_problems(group: Any, manifest: dict[str, Any], sample_tokens: list[str], views: np.ndarray,
+                          head_state: dict[str, np.ndarray]) -> list[str]:
+    """Names of the static arrays (views, sample_tokens, teacher_head/*) that are missing, corrupt or differ."""
+    expected: dict[str, np.ndarray] = {v2.VIEWS: views, v2.SAMPLE_TOKENS: np.array(sample_tokens, dtype=object)}
+    expected.update({v2.teacher_head_array(name): np.asarray(value) for name, value in head_state.items()})
+    bad = []
+    for name, value in expected.items():
+        try:
+            array = group[name]
+            raw = get_chunk_bytes(array, (0,) * array.ndim)
+            if crc_problem(raw) is not None:
+                bad.append(name)
+                continue
+            stored = np.asarray(array[...])
+        except Exception:  # absent array or unreadable metadata
+            bad.append(name)
+            continue
+        if stored.shape != value.shape or not np.array_equal(stored, value):
+            bad.append(name)
+    return bad

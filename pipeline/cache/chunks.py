@@ -1,0 +1,101 @@
+"""Strict chunk access for v2 stores: a chunk that should exist is read, checked and decoded, or named as bad.
+
+zarr returns the fill value for a chunk that is not in the store, and a bare ValueError for a checksum mismatch.
+A teacher cache must never hand out fill values as targets, so the reader and the checks read each chunk's bytes
+themselves (one `get` through the array's own zarr store, any backend) and decode the v2 codec chain
+(bytes -> zstd -> crc32c) here:
+
+    raw = get_chunk_bytes(array, (s, v))          # bytes, or None when the chunk is absent
+    values = decode_chunk(array, raw)             # ChunkError("checksum mismatch") / ("does not decompress")
+    problem = check_chunk_bytes(raw)              # the cheap check: present, long enough, CRC32C matches
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CRC_BYTES = 4
+
+
+class ChunkError(Exception):
+    """One chunk is missing or damaged; the message says how (the caller names the sample, view and array)."""
+
+
+def chunk_coords(array: Any, sample: int, view: int) -> tuple[int, ...]:
+    """Coordinates of the one chunk that holds sample-view (sample, view) of a per-sample-view array."""
+    return (sample, view) + (0,) * (array.ndim - 2)
+
+
+def chunk_key(array: Any, coords: tuple[int, ...]) -> str:
+    """The store key of a chunk, e.g. 'features/neck/c/3/1/0/0/0'."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}" if array.path else \
+        array.metadata.encode_chunk_key(coords)
+
+
+def get_chunk_bytes(array: Any, coords: tuple[int, ...]) -> bytes | None:
+    """The stored bytes of one chunk (None when absent), through the array's zarr store."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buffer = sync(array.store.get(chunk_key(array, coords), prototype=default_buffer_prototype()))
+    return None if buffer is None else buffer.to_bytes()
+
+
+def crc_problem(raw: bytes | None) -> str | None:
+    """Why the stored bytes of a chunk are not a whole, checksummed chunk (None when they are)."""
+    import google_crc32c
+
+    if raw is None:
+        return "chunk missing (zarr would read it as fill values)"
+    if len(raw) <= CRC_BYTES:
+        return f"chunk truncated to {len(raw)} bytes"
+    stored = raw[-CRC_BYTES:]
+    computed = np.uint32(google_crc32c.value(raw[:-CRC_BYTES])).tobytes()
+    if stored != computed:
+        return "CRC32C checksum mismatch (the chunk is corrupt or truncated)"
+    return None
+
+
+def chunk_size(array: Any, coords: tuple[int, ...]) -> int | None:
+    """Stored size in bytes of one chunk (None when absent), without reading it."""
+    from zarr.core.sync import sync
+
+    try:
+        return int(sync(array.store.getsize(chunk_key(array, coords))))
+    except FileNotFoundError:
+        return None
+
+
+def check_chunk_bytes(raw: bytes | None) -> None:
+    """ChunkError unless `raw` is a present chunk with a matching checksum."""
+    problem = crc_problem(raw)
+    if problem is not None:
+        raise ChunkError(problem)
+
+
+def expect_v2_codecs(array: Any) -> None:
+    """ChunkError unless the array stores its chunks as bytes -> zstd -> crc32c (what `decode_chunk` reads)."""
+    names = [type(c).__name__ for c in (*array.filters, array.serializer, *array.compressors) if c is not None]
+    if names != ["BytesCodec", "ZstdCodec", "Crc32cCodec"]:
+        raise ChunkError(f"unexpected codecs {names} (a v2 store uses BytesCodec, ZstdCodec, Crc32cCodec)")
+
+
+def decode_chunk(array: Any, raw: bytes | None) -> np.ndarray:
+    """The values of one chunk, shape `array.chunks`, after checking its presence and CRC32C."""
+    from numcodecs.zstd import Zstd
+
+    check_chunk_bytes(raw)
+    try:
+        payload = Zstd().decode(raw[:-CRC_BYTES])
+    except Exception as exc:  # a frame that passes the CRC yet does not decompress: written wrongly
+        raise ChunkError(f"chunk does not decompress ({type(exc).__name__}: {exc})") from None
+    dtype = np.dtype(array.dtype)
+    endian = getattr(array.serializer, "endian", None)
+    if dtype.itemsize > 1 and endian is not None and getattr(endian, "value", endian) == "big":
+        dtype = dtype.newbyteorder(">")
+    expected = int(np.prod(array.chunks)) * dtype.itemsize
+    if len(payload) != expected:
+        raise ChunkError(f"chunk holds {len(payload)} bytes after decompression, expected {expected}")
+    return np.frombuffer(bytearray(payload), dtype=dtype).reshape(array.chunks)  # writable: torch wraps it

@@ -1,0 +1,241 @@
+"""The store's folder: what may be written or deleted there, the marker, the writer lock and durable writes.
+
+    kind = classify_store_path(path)          # "absent", "empty", "ours", "legacy", "foreign", "file", ...
+    with StoreLock(path, command="distillbev extract-teacher ..."):
+        write_marker(path)
+        ...
+
+Rules (see docs/cache.md):
+- only a folder that carries this tool's marker (`distillbev_cache.json`, written before anything else) or an
+  older store with a distillbev manifest counts as a teacher cache: only such a folder is ever cleared;
+- one writer at a time: `StoreLock` holds an exclusive `flock` on `distillbev.lock` inside the store for the
+  whole extraction. The kernel releases it when its holder dies, however it dies, so a lock left by a killed run
+  is taken over without ceremony; the file names the holder (host, pid, start time, command) for the error a
+  second writer gets. Forked extraction workers share the lock and die with their parent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from ...cache_schemas import v2
+from ..errors import CacheError
+
+logger = logging.getLogger(__name__)
+
+PathKind = Literal["absent", "empty", "ours", "legacy", "foreign", "file", "dangling-link", "not-a-folder"]
+_OWN_FILES = (v2.LOCK_FILE, v2.MARKER_FILE)
+
+
+def classify_store_path(path: Path) -> PathKind:
+    """What is at `path`, from the point of view of a teacher-cache writer.
+
+    absent: nothing there; empty: a folder with nothing but (possibly) this tool's lock file; ours: a folder with
+    this tool's marker; legacy: a zarr group whose attributes hold a distillbev manifest but no marker (stores of
+    schema 1); foreign: any other non-empty folder; file / dangling-link / not-a-folder: refused outright.
+    """
+    if path.is_symlink() and not path.exists():
+        return "dangling-link"
+    if not path.exists():
+        return "absent"
+    if path.is_file():
+        return "file"
+    if not path.is_dir():
+        return "not-a-folder"
+    if (path / v2.MARKER_FILE).is_file():
+        return "ours"
+    entries = [p.name for p in path.iterdir()]
+    if not entries or entries == [v2.LOCK_FILE]:
+        return "empty"
+    if _has_distillbev_manifest(path):
+        return "legacy"
+    return "foreign"
+
+
+def _has_distillbev_manifest(path: Path) -> bool:
+    try:
+        metadata = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
+    return isinstance(attributes, dict) and "schema_version" in attributes and "teacher" in attributes
+
+
+def refuse_unusable(path: Path, kind: PathKind) -> None:
+    """A one-line CacheError for a --cache path that cannot hold a store; returns for usable ones."""
+    hint = "pass a new folder (it is created) or an existing teacher cache as --cache"
+    if kind == "file":
+        raise CacheError(f"{path}: is a file, not a teacher cache folder; {hint}")
+    if kind == "dangling-link":
+        raise CacheError(f"{path}: is a symbolic link to {os.readlink(path)!r}, which does not exist; create the "
+                         f"target folder or {hint}")
+    if kind == "not-a-folder":
+        raise CacheError(f"{path}: is not a folder; {hint}")
+    if kind == "foreign":
+        raise CacheError(f"{path}: exists and is not a teacher cache written by distillbev (no "
+                         f"{v2.MARKER_FILE}); nothing was changed or deleted there, even with --overwrite; {hint}")
+
+
+def write_marker(path: Path) -> None:
+    """Mark `path` as this tool's store (first thing written into a new store; fsync'ed)."""
+    marker = {"format": v2.MARKER_FORMAT, "schema_version": v2.SCHEMA_VERSION,
+              "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_file_durably(path / v2.MARKER_FILE, json.dumps(marker, indent=1).encode())
+
+
+def clear_store(path: Path) -> int:
+    """Delete everything in a store folder except the lock file; returns the number of entries removed.
+
+    The marker goes last (and the caller writes it again first), so a store cleared halfway still counts as ours.
+    """
+    entries = sorted((p for p in path.iterdir() if p.name not in _OWN_FILES), key=lambda p: p.name)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (path / v2.MARKER_FILE).unlink(missing_ok=True)
+    return len(entries)
+
+
+def storage_error(path: Path | str, exc: OSError) -> CacheError:
+    """A one-line CacheError for a failed write under `path`."""
+    if exc.errno == errno.ENOSPC:
+        hint = "free disk space (or pass another --cache path) and rerun the same command to resume"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the directory writable or pass another --cache path"
+    else:
+        hint = "check that the path is a writable directory on a local disk, or pass another --cache path"
+    return CacheError(f"{path}: cannot write the teacher cache ({exc.__class__.__name__}: "
+                      f"{exc.strerror or exc}); {hint}")
+
+
+# -------------------------------------------------------------------------------------------------- durability
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in a folder durable (new files, renames)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders; names are then as durable as they get
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file, fsync it, rename it into place and fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------------------------------- the lock
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), to tell a live holder from a reused pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+class StoreLock:
+    """An exclusive writer lock on a store folder (context manager; `acquire` / `release` also work).
+
+    CacheError when another live process holds it, naming that process and what it runs.
+    """
+
+    def __init__(self, path: Path, command: str = "") -> None:
+        self.path = Path(path)
+        self.lock_path = self.path / v2.LOCK_FILE
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> "StoreLock":
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error(self.path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CacheError(f"{self.path}: another extraction is writing this store ({self.describe_holder()}); "
+                                 f"wait for it to finish, or stop it and rerun this command") from None
+            raise CacheError(f"{self.lock_path}: cannot lock ({exc.strerror or exc}); the file system may not "
+                             f"support flock: put the cache on a local disk") from exc
+        previous = self.holder()
+        if previous and previous.get("pid") and not self._same_process(previous):
+            logger.info("%s: taking over the lock of a finished or killed run (pid %s on %s, started %s)",
+                        self.path, previous.get("pid"), previous.get("host"), previous.get("since"))
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_time(os.getpid()),
+                "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": self.command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def _same_process(self, info: dict[str, Any]) -> bool:
+        return info.get("host") == socket.gethostname() and info.get("pid") == os.getpid()
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the lock file says about its (last) holder."""
+        try:
+            data = json.loads(self.lock_path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def describe_holder(self) -> str:
+        info = self.holder()
+        if not info:
+            return "holder unknown"
+        command = f", running `{info['command']}`" if info.get("command") else ""
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}{command}"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "StoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,173 @@
+"""Pre-flight check of a split's inputs and a content fingerprint of the LiDAR data the teacher reads.
+
+`check_split_inputs` walks the LIDAR_TOP records the test-mode loader reads for every sample of a split (the key
+frame and the nearest `num_sweeps` previous sweeps, via `lidar_records`) and stats each file once: every missing
+or malformed file becomes one problem line, so a long run is not started on a dataroot that fails at sample
+20,000. It never reads point data, so it takes seconds on v1.0-trainval.
+
+The same pass hashes what those records say (file name, timestamp, calibration, ego pose, file size) into a
+fingerprint that is independent of where the dataroot is mounted and changes with any input the teacher sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .loading import lidar_records, load_nuscenes, split_sample_tokens
+
+POINT_BYTES = 20  # 5 float32 per point: x, y, z, intensity, ring
+
+
+@dataclass
+class SplitInputs:
+    """What the pre-flight pass found for one split."""
+
+    problems: list[str]  # one line each, every problem (not only the first)
+    sample_count: int
+    files: int  # distinct LiDAR files checked (key frames + sweeps; a file read by two samples counts once)
+    bytes: int  # their total size (files that exist)
+    fingerprint: str  # sha256 hex over the split's LiDAR records, see `check_split_inputs`
+
+
+def lidar_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int) -> list[list[dict]]:
+    """Per sample, the LIDAR_TOP sample_data records the test-mode loader reads: [key frame, nearest sweeps...].
+
+    Exactly the records of `load_lidar_points(rng=None)`; [] for a sample without a LIDAR_TOP key frame.
+    """
+    if num_sweeps < 0 or sweep_candidates < num_sweeps:
+        raise ValueError(f"need 0 <= num_sweeps <= sweep_candidates, found {num_sweeps} and {sweep_candidates}")
+    inputs = []
+    for token in sample_tokens:
+        if "LIDAR_TOP" not in nusc.get("sample", token)["data"]:
+            inputs.append([])
+        else:
+            inputs.append(lidar_records(nusc, token, num_sweeps, sweep_candidates, None))
+    return inputs
+
+
+def _file_size(path: str) -> tuple[int, str | None]:
+    """(size in bytes, -1 unless a regular file; what is wrong with the file or None) from one os.stat."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return -1, "not found"
+    except OSError as exc:
+        return -1, f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        return -1, "is not a regular file"
+    if info.st_size <= 0 or info.st_size % POINT_BYTES != 0:
+        return info.st_size, "bad size"
+    return info.st_size, None
+
+
+def _file_problem(path: str, size: int, issue: str, readers: list[str]) -> str:
+    """One problem line for a LiDAR file: the path, the sample(s) reading it, what was expected, the fix."""
+    samples = f"sample {readers[0]}"
+    if len(readers) > 1:
+        samples += f" (and {len(readers) - 1} more sample{'s' if len(readers) > 2 else ''})"
+    if issue == "bad size":
+        return (f"{path}: {size} bytes in {samples}, expected a positive multiple of {POINT_BYTES} (5 float32 x, y, "
+                f"z, intensity, ring per point); the file is truncated or not a .pcd.bin, re-extract it")
+    if issue == "not found":
+        return (f"{path}: LiDAR file of {samples} not found; check that samples/ and sweeps/ were extracted into "
+                f"the dataroot")
+    return f"{path}: LiDAR file of {samples} {issue}; re-extract it from the dataset archive"
+
+
+def _record_key(nusc, record: dict, size: int) -> dict:
+    """The fingerprinted content of one LiDAR sample_data record (no absolute paths, floats normalised)."""
+    calibration = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+    pose = nusc.get("ego_pose", record["ego_pose_token"])
+    return {
+        "filename": record["filename"], "timestamp": int(record["timestamp"]), "size": size,
+        "sensor_translation": [float(v) for v in calibration["translation"]],
+        "sensor_rotation": [float(v) for v in calibration["rotation"]],
+        "ego_translation": [float(v) for v in pose["translation"]],
+        "ego_rotation": [float(v) for v in pose["rotation"]],
+    }
+
+
+def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int,
+                       progress: bool = False) -> SplitInputs:
+    """Stat every LiDAR file of the split once and fingerprint the records; never reads point data.
+
+    A file must exist, be a regular file and hold a positive multiple of 20 bytes; each bad file is one problem
+    line naming its path and the sample(s) that read it. The fingerprint is sha256 over one canonical JSON line
+    (sorted keys, floats as repr) for `num_sweeps`, then one per sample in split order: its token and, key frame
+    first then sweeps nearest first, each record's filename, timestamp, calibrated_sensor and ego_pose
+    translation + rotation and file size (-1 if unusable as a file). File names are relative to the dataroot,
+    so moving the dataroot keeps the fingerprint.
+    """
+    from tqdm import tqdm
+
+    dataroot = Path(nusc.dataroot)
+    table_root = dataroot / nusc.version
+    sizes: dict[str, tuple[int, str | None]] = {}  # filename -> (size, issue)
+    readers: dict[str, list[str]] = {}  # filename with an issue -> sample tokens reading it, in split order
+    missing_key_frames = []
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"num_sweeps": int(num_sweeps)}, sort_keys=True).encode() + b"\n")
+    records_of = lidar_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates)
+    for token, records in tqdm(zip(sample_tokens, records_of), total=len(sample_tokens), desc="preflight",
+                               unit="sample", disable=not progress):
+        if not records:
+            missing_key_frames.append(token)
+        keys = []
+        for record in records:
+            filename = record["filename"]
+            if filename not in sizes:
+                sizes[filename] = _file_size(str(dataroot / filename))
+            size, issue = sizes[filename]
+            if issue is not None and token not in readers.setdefault(filename, []):
+                readers[filename].append(token)
+            keys.append(_record_key(nusc, record, size))
+        line = json.dumps({"sample": token, "lidar": keys}, sort_keys=True, separators=(",", ":"))
+        digest.update(line.encode() + b"\n")
+
+    problems = [f"sample {token}: no LIDAR_TOP key frame in {table_root / 'sample_data.json'}; regenerate the "
+                f"tables or leave the sample out of the split" for token in missing_key_frames]
+    problems += [_file_problem(str(dataroot / filename), sizes[filename][0], sizes[filename][1], tokens)
+                 for filename, tokens in readers.items()]
+    total = sum(size for size, _ in sizes.values() if size >= 0)
+    return SplitInputs(problems=problems, sample_count=len(sample_tokens), files=len(sizes), bytes=total,
+                       fingerprint=digest.hexdigest())
+
+
+def dataset_fingerprint(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int) -> str:
+    """sha256 hex of the split's LiDAR inputs (`check_split_inputs`); path-independent."""
+    return check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates).fingerprint
+
+
+def preflight_message(problems: list[str], limit: int = 5) -> str:
+    """One line: '<N> problem(s) in the inputs: p1; p2; ... (and K more)'."""
+    count = len(problems)
+    message = f"{count} problem{'s' if count != 1 else ''} in the inputs: {'; '.join(problems[:limit])}"
+    if count > limit:
+        message += f" (and {count - limit} more)"
+    return message
+
+
+def preflight_split(dataroot: str | Path, version: str, split: str, num_sweeps: int, sweep_candidates: int,
+                    progress: bool = False) -> tuple[object, list[str], SplitInputs]:
+    """Check a split's inputs before a long run -> (devkit NuScenes, sample tokens, `SplitInputs`).
+
+    The dataroot, the version folder and the 13 tables are checked first: every missing table, or every table
+    that is not valid JSON, is named in one `DataError` (as are an unknown split and tables the devkit cannot
+    link). File problems are not raised but returned in `SplitInputs.problems`, so the caller can add its own
+    and report all of them at once (`preflight_message`).
+    """
+    nusc = load_nuscenes(dataroot, version)
+    sample_tokens = split_sample_tokens(nusc, split)
+    return nusc, sample_tokens, check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates, progress)
+
+
+def point_loading_settings(config) -> dict:
+    """The `DataConfig` settings that decide the teacher's test-mode input points (recorded in a cache manifest)."""
+    return {"num_sweeps": int(config.num_sweeps), "sweep_candidates": int(config.sweep_candidates),
+            "sweep_selection": "nearest", "sweep_min_distance": float(config.sweep_min_distance),
+            "point_cloud_range": [float(v) for v in config.point_cloud_range], "point_dims": 5}
