@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .pipeline.errors import DistillBEVError
+from .pipeline.errors import DistillBEVError, one_line
 
 # command name -> (module under distillbev.stages, attribute): an explicit table, no registry.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="distillbev", standalone_mode=False)
     except DistillBEVError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -132,7 +132,8 @@ def command(out: Path, student: str, views: int, device: str, jobs: int, overrid
         run_dir = out / "ablations" / f"{student}_{name}"
         argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out", str(run_dir),
                 "--device", device, *[a for item in overrides for a in ("--set", item)],
-                "--cache", paths["cache"], *[a for item in row_overrides for a in ("--set", item)]]
+                "--cache", paths["cache"], "--teacher-checkpoint", paths["teacher_checkpoint"],
+                *[a for item in row_overrides for a in ("--set", item)]]
         ablation_steps.append(Step(f"ablation {name}", argv, run_dir / "eval" / "metrics_summary.json"))
     run_parallel(ablation_steps, jobs, seconds)
     results = {name: summary_metrics(json.loads(step.done_marker.read_text()))

@@ -98,7 +98,8 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
              students["baseline"] / "eval" / "metrics_summary.json"),
         Step("train-student (distilled)",
              ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(cache),
-              "--out", str(students["distilled"]), "--device", device, *sets],
+              "--teacher-checkpoint", str(teacher_run / "latest.pth"), "--out", str(students["distilled"]),
+              "--device", device, *sets],
              students["distilled"] / "eval" / "metrics_summary.json"),
     ]
     paths = {"dataroot": str(dataroot), "teacher_checkpoint": str(teacher_run / "latest.pth"),

@@ -199,5 +199,5 @@ def command(store: str, as_json: bool, verify: bool, workers: int, stats: bool, 
     if report is not None and not report.ok:
         bad = report.bad_sample_views
         raise CacheError(f"{store}: verification failed with {len(report.problems)} problems in {len(bad)} "
-                         f"sample-views (listed above); re-extract the cache (extract-teacher --overwrite), or rerun "
-                         f"the same extract-teacher command if only unfinished sample-views are listed")
+                         f"sample-views (listed above); repair the store with `{report.repair_command}` (it "
+                         f"re-extracts exactly the damaged sample-views and rewrites damaged tokens, views or head)")

@@ -19,7 +19,8 @@ import click
 @click.option("--targets", type=click.Choice(["cache", "approximate", "online"]), default=None,
               help="Where teacher targets come from (default: the config's `targets`).")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Teacher checkpoint for --targets online.")
+              help="Teacher checkpoint: the live teacher for --targets online; with --cache, the cache must have "
+                   "been extracted from it (its SHA-256 is compared before the first step).")
 @click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
+from .chunks import ChunkError, chunk_coords, crc_problem, decode_chunk, expect_v2_codecs, get_chunk_bytes
 from .manifest import ViewConfig, layer_specs, views_array
 from .reader import TeacherCache
 
@@ -69,11 +70,6 @@ def _open_group(path: Path):
     import zarr
 
     return zarr.open_group(str(path), mode="r")
-
-
-def _chunk_file(path: Path, array: Any, coords: tuple[int, ...]) -> Path:
-    """The file of one chunk in a local zarr v3 store, e.g. <store>/features/neck/c/<s>/<v>/0/0/0."""
-    return path / array.path / array.metadata.encode_chunk_key(coords)
 
 
 def _bytes_under(folder: Path) -> int:
@@ -221,6 +217,7 @@ class VerifyReport:
     sample_views_checked: int
     chunks_read: int
     seconds: float
+    repair_command: str = ""
 
     @property
     def ok(self) -> bool:
@@ -232,7 +229,7 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "sample_views_checked": self.sample_views_checked,
-                "chunks_read": self.chunks_read, "seconds": self.seconds,
+                "chunks_read": self.chunks_read, "seconds": self.seconds, "repair_command": self.repair_command,
                 "problems": [{**asdict(p), "text": p.describe()} for p in self.problems]}
 
 
@@ -269,23 +266,64 @@ def _check_layout(group: Any, manifest: dict[str, Any], specs: list[ArraySpec]) 
         if not found:
             arrays[spec.name] = array
     if v2.SAMPLE_TOKENS in arrays:
-        tokens = [str(t) for t in arrays[v2.SAMPLE_TOKENS][...]]
-        duplicates = sorted({t for t in tokens if tokens.count(t) > 1}) if len(set(tokens)) != len(tokens) else []
-        if duplicates:
-            problems.append(VerifyProblem(f"{len(duplicates)} duplicated tokens, e.g. {duplicates[:3]}",
-                                          v2.SAMPLE_TOKENS))
-        if any(not t for t in tokens):
-            problems.append(VerifyProblem("empty sample token(s)", v2.SAMPLE_TOKENS))
+        problems += _token_problems(arrays[v2.SAMPLE_TOKENS], manifest)
     if v2.VIEWS in arrays:
         try:
-            stored = np.asarray(arrays[v2.VIEWS][...])
+            stored = _decoded_whole(arrays[v2.VIEWS])
             expected = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
             if not np.array_equal(stored, expected):
                 problems.append(VerifyProblem("view augmentations differ from the manifest's seed and ranges",
                                               v2.VIEWS))
-        except Exception as exc:  # a damaged chunk of the views array itself
-            problems.append(VerifyProblem(f"does not decode ({_short_error(exc)})", v2.VIEWS))
+        except ChunkError as exc:
+            problems.append(VerifyProblem(str(exc), v2.VIEWS))
+    problems += _teacher_head_problems(group)
     return problems, arrays
+
+
+def _decoded_whole(array: Any) -> np.ndarray:
+    """The values of a single-chunk array, read strictly (ChunkError when missing or corrupt)."""
+    return decode_chunk(array, get_chunk_bytes(array, (0,) * array.ndim)).reshape(array.shape)
+
+
+def _token_problems(array: Any, manifest: dict[str, Any]) -> list[VerifyProblem]:
+    from .manifest import tokens_sha256
+
+    problem = crc_problem(get_chunk_bytes(array, (0,) * array.ndim))
+    if problem is not None:
+        return [VerifyProblem(problem, v2.SAMPLE_TOKENS)]
+    tokens = [str(t) for t in array[...]]
+    problems = []
+    if tokens_sha256(tokens) != manifest["dataset"].get("sample_tokens_sha256"):
+        problems.append(VerifyProblem("the tokens do not match the manifest's sample_tokens_sha256",
+                                      v2.SAMPLE_TOKENS))
+    if len(set(tokens)) != len(tokens):
+        duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
+        problems.append(VerifyProblem(f"{len(duplicates)} duplicated tokens, e.g. {duplicates[:3]}",
+                                      v2.SAMPLE_TOKENS))
+    if any(not t for t in tokens):
+        problems.append(VerifyProblem("empty sample token(s)", v2.SAMPLE_TOKENS))
+    return problems
+
+
+def _teacher_head_problems(group: Any) -> list[VerifyProblem]:
+    """Every teacher_head/* array must be present, checksummed and finite."""
+    import zarr
+
+    if v2.TEACHER_HEAD not in group:
+        return [VerifyProblem("the teacher head group is missing (the student cannot inherit it)", v2.TEACHER_HEAD)]
+    problems = []
+    for name, array in _all_arrays(group[v2.TEACHER_HEAD], f"{v2.TEACHER_HEAD}/"):
+        if not isinstance(array, zarr.Array):
+            continue
+        try:
+            expect_v2_codecs(array)
+            values = _decoded_whole(array)
+        except ChunkError as exc:
+            problems.append(VerifyProblem(str(exc), name))
+            continue
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            problems.append(VerifyProblem("NaN/Inf values", name))
+    return problems
 
 
 def _short_error(exc: Exception) -> str:
@@ -311,34 +349,30 @@ def _value_problems(name: str, values: np.ndarray) -> list[str]:
     return []
 
 
-def _check_sample(path: Path, arrays: dict, sample: int, token: str, num_views: int) -> tuple[list[VerifyProblem], int]:
-    """Every chunk of one sample's views; returns (problems, chunks read)."""
+def _check_sample(arrays: dict, sample: int, token: str, num_views: int) -> tuple[list[VerifyProblem], int]:
+    """Every chunk of one sample's views, read strictly (a missing chunk is a problem, never zeros)."""
     problems, reads = [], 0
     for view in range(num_views):
         def problem(message, array=None):
             problems.append(VerifyProblem(message, array, sample, token, view))
 
         if v2.DONE in arrays:
+            reads += 1
             try:
-                reads += 1
-                if not bool(arrays[v2.DONE][sample, view]):
+                done = arrays[v2.DONE]
+                if not bool(decode_chunk(done, get_chunk_bytes(done, chunk_coords(done, sample, view))).item()):
                     problem("not extracted (done marker 0)", v2.DONE)
                     continue
-            except Exception as exc:
-                problem(f"done marker does not decode ({_short_error(exc)})", v2.DONE)
+            except ChunkError as exc:
+                problem(f"done marker: {exc}", v2.DONE)
         for name, array in arrays.items():
             if name in (v2.DONE, v2.VIEWS, v2.SAMPLE_TOKENS):
                 continue
-            coords = (sample, view) + (0,) * (array.ndim - 2)
-            # zarr skips chunks equal to the fill value; only an all-empty occupancy canvas is legitimately absent
-            if name != v2.OCCUPANCY and not _chunk_file(path, array, coords).is_file():
-                problem("chunk file missing (it would read as all zeros)", name)
-                continue
+            reads += 1
             try:
-                reads += 1
-                values = np.asarray(array[sample, view])
-            except Exception as exc:  # crc32c mismatch, truncated or undecodable zstd frame
-                problem(f"chunk does not decode: bad checksum or corrupt data ({_short_error(exc)})", name)
+                values = decode_chunk(array, get_chunk_bytes(array, chunk_coords(array, sample, view)))[0, 0]
+            except ChunkError as exc:
+                problem(str(exc), name)
                 continue
             for text in _value_problems(name, values):
                 problem(text, name)
@@ -354,7 +388,7 @@ def verify_cache(path: str | Path, workers: int = 2, progress: bool = True) -> V
     from tqdm import tqdm
 
     start = time.perf_counter()
-    cache = TeacherCache.open(path, allow_partial=True)
+    cache = TeacherCache.open(path, allow_partial=True, check_static=False)
     path = cache.path
     group = _open_group(path)
     manifest = cache.manifest
@@ -363,12 +397,13 @@ def verify_cache(path: str | Path, workers: int = 2, progress: bool = True) -> V
     tokens = cache.sample_tokens if len(cache.sample_tokens) == samples else [f"#{i}" for i in range(samples)]
     reads = 0
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cache-verify") as pool:
-        jobs = pool.map(lambda i: _check_sample(path, arrays, i, tokens[i], num_views), range(samples))
+        jobs = pool.map(lambda i: _check_sample(arrays, i, tokens[i], num_views), range(samples))
         for sample_problems, sample_reads in tqdm(jobs, total=samples, desc="verify", unit="sample",
                                                   disable=not progress):
             problems += sample_problems
             reads += sample_reads
-    return VerifyReport(str(path), problems, samples * num_views, reads, time.perf_counter() - start)
+    return VerifyReport(str(path), problems, samples * num_views, reads, time.perf_counter() - start,
+                        cache.repair_command)
 
 
 # ----------------------------------------------------------------------------------------------------- stats

@@ -70,8 +70,13 @@ class TeacherCache:
         self._pid: int | None = None
 
     @classmethod
-    def open(cls, path: str | Path, allow_partial: bool = False, concurrent_reads: bool = True) -> "TeacherCache":
-        """Open and validate a store; CacheError if it is missing, of another schema or (unless allowed) partial."""
+    def open(cls, path: str | Path, allow_partial: bool = False, concurrent_reads: bool = True,
+             check_static: bool = True) -> "TeacherCache":
+        """Open and validate a store; CacheError if it is missing, of another schema or (unless allowed) partial.
+
+        check_static: CacheError when sample_tokens or views are damaged; without it (verification, which reports
+        them itself) damaged ones read as placeholder tokens "#i" and identity views.
+        """
         import zarr
 
         path = Path(path)
@@ -96,7 +101,14 @@ class TeacherCache:
             done = read_done(path)
             raise CacheError(f"{path}: the cache is partial (status {manifest['status']!r}, {int(done.sum())} of "
                              f"{done.size} sample-views done); rerun the same extract-teacher command to finish it")
-        tokens, views = _read_static(path, group, manifest)
+        try:
+            tokens, views = _read_static(path, group, manifest)
+        except CacheError:
+            if check_static:
+                raise
+            samples, count = int(manifest["sample_count"]), int(manifest["views"]["count"])
+            tokens = [f"#{i}" for i in range(samples)]
+            views = np.tile(BEVAugmentation().as_array(), (samples, count, 1))
         return cls(path, manifest, tokens, views, allow_partial, concurrent_reads)
 
     # -- plain metadata ------------------------------------------------------------------------------------------

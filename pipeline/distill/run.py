@@ -36,19 +36,62 @@ def expected_cache_fields(cfg: StudentExperimentConfig, student: CameraStudent) 
     }
 
 
-def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: CameraStudent):
-    """Open a complete cache and refuse it, with a readable diff, if it does not fit the student config."""
+def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: CameraStudent, train_dataset=None,
+                       teacher_checkpoint: Path | None = None):
+    """Open a complete cache and refuse it, with a readable diff, if it does not fit this run.
+
+    Compared before the first step: the grid extent and head grid (with the layer shapes, which the loss checks,
+    they fix every resolution), version and split, the distilled layers, and, when given, the train dataset's
+    content fingerprint (so a regenerated or edited dataroot is caught) and the teacher checkpoint's SHA-256.
+    """
     from ..cache.reader import TeacherCache
 
     cache = TeacherCache.open(path)
     expected = expected_cache_fields(cfg, student)
     layers = expected.pop("_layers")
+    if teacher_checkpoint is not None:
+        from ..teacher.checkpoint import checkpoint_sha256
+
+        expected["teacher"] = {"checkpoint_sha256": checkpoint_sha256(teacher_checkpoint)}
+    if train_dataset is not None:
+        from ..data.preflight import dataset_fingerprint
+
+        loading = cache.manifest["dataset"]["point_loading"]
+        num_sweeps = int(loading.get("num_sweeps", cache.manifest["dataset"]["num_sweeps"]))
+        expected["dataset"]["fingerprint"] = dataset_fingerprint(
+            train_dataset.nusc, list(train_dataset.sample_tokens), num_sweeps,
+            int(loading.get("sweep_candidates", num_sweeps)))
     cache.check_compatible(expected)
     missing = [name for name in layers if name not in cache.manifest["layers"]]
     if missing:
         raise CacheError(f"{path}: the config distils teacher layers {missing} but the cache holds "
                          f"{sorted(cache.manifest['layers'])}; extract them with --layers or change distill.layers")
     return cache
+
+
+def cache_identity(manifest: dict) -> dict:
+    """What a distilled run's targets depend on; a resumed run must find the same (a repair keeps it)."""
+    return {"teacher_checkpoint_sha256": manifest["teacher"]["checkpoint_sha256"],
+            "teacher_config": manifest["teacher"]["config"], "bev_grid": manifest["bev_grid"],
+            "layers": manifest["layers"], "heatmap": manifest["heatmap"], "views": manifest["views"],
+            "storage": manifest["storage"],
+            "dataset": {key: manifest["dataset"][key] for key in ("version", "split", "fingerprint",
+                                                                  "sample_tokens_sha256", "point_loading")}}
+
+
+def check_resume_identity(out_dir: Path, identity: dict, resume: bool) -> None:
+    """Record the cache identity of a fresh run; refuse to resume a run against a different cache."""
+    from ..cache.manifest import manifest_diff
+
+    path = out_dir / "cache_identity.json"
+    if resume and path.exists():
+        diff = manifest_diff(json.loads(path.read_text()), identity, ignore=())
+        if diff:
+            raise CacheError(f"{path}: this run was trained on other teacher targets than the cache given now "
+                             f"(run -> cache: {'; '.join(diff)}); resume with the run's own cache or start a new "
+                             f"run in another --out")
+        return
+    path.write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
 def build_distill_loss(cfg: StudentExperimentConfig, student: CameraStudent,
@@ -132,6 +175,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     student = CameraStudent(cfg.model).to(device_t)
     mode = "none"
     cache = None
+    train_dataset = None
     distill_loss = None
     teacher = None
     layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
@@ -141,7 +185,9 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             if cache_path is None:
                 raise ConfigError(f"targets {mode!r} needs --cache STORE (or --targets online with "
                                   f"--teacher-checkpoint, or --baseline)")
-            cache = open_checked_cache(cache_path, cfg, student)
+            train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
+            cache = open_checked_cache(cache_path, cfg, student, train_dataset, teacher_checkpoint)
+            check_resume_identity(out_dir, cache_identity(cache.manifest), resume)
             teacher_layers = cache.manifest["layers"]
             head_state = cache.read_teacher_head()
         else:
@@ -167,8 +213,10 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()})
             log.info("student task heads initialised from the teacher (%d tensors)", count)
     bev = cfg.model.bev
+    if train_dataset is None:
+        train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
     train_set = DistillationDataset(
-        NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train"), mode=mode, cache=cache,
+        train_dataset, mode=mode, cache=cache,
         seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
         use_cached_attention=cache is not None
         and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature)
