@@ -174,9 +174,11 @@ def prepare_store(path: str | Path, manifest: dict[str, Any], sample_tokens: lis
         elif stored is not None:
             diff = manifest_diff(stored, manifest)
             if diff and not overwrite:
+                hint = ("; the dataroot's tables or LiDAR files differ from those the store was extracted from"
+                        if any(line.startswith("dataset.fingerprint") for line in diff) else "")
                 raise CacheError(f"{path}: an incompatible teacher cache exists (stored -> requested: "
-                                 f"{'; '.join(diff)}); nothing was changed; pass --overwrite to replace it or "
-                                 f"choose another --cache path")
+                                 f"{'; '.join(diff)}){hint}; nothing was changed; pass --overwrite to replace it "
+                                 f"or choose another --cache path")
             if diff:
                 logger.warning("overwriting %s (stored -> requested: %s)", path, "; ".join(diff))
             else:
