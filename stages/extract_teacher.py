@@ -49,7 +49,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     import dataclasses
     import logging
     import shlex
-    import sys
+    from pathlib import Path
 
     import torch
 
@@ -111,7 +111,14 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     view_config = ViewConfig(count=views, seed=seed, rotation_range=tuple(data_config.bev_rotation_lim),
                              scale_range=tuple(data_config.bev_scale_lim), flip_x_prob=data_config.bev_flip_x_prob,
                              flip_y_prob=data_config.bev_flip_y_prob)
-    command_line = "distillbev " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else ""
+    # the command that reproduces this store (absolute paths), named by --verify and training errors for repairs
+    command_line = shlex.join([
+        "distillbev", "extract-teacher", "--config", str(Path(config_path).resolve()), "--dataroot",
+        str(Path(dataroot).resolve()), "--checkpoint", str(Path(checkpoint).resolve()), "--cache",
+        str(Path(cache_path).absolute()), "--split", split, "--views", str(views), "--seed", str(seed), "--workers",
+        str(workers), "--dtype", dtype, "--layers", ",".join(layer_names), "--batch-size", str(batch_size),
+        "--device", device, *(["--no-background-writer"] if no_background_writer else []),
+        *[arg for item in overrides for arg in ("--set", item)]])
     manifest = build_manifest(
         teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
         layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,
