@@ -317,3 +317,38 @@ def test_workers_die_with_a_killed_parent_and_the_rerun_completes(tmp_path, mani
     report = run_extract(path, manifest, workers=1, threads_per_worker=1)  # the lock is free: no orphan holds it
     assert report.state == "resumed" and report.skipped + report.written == 15
     assert chunk_files(path) == reference
+
+
+def _extract_slowly(path, manifest):
+    teacher = FakeTeacher()
+
+    def slow_teacher(points_list):
+        time.sleep(0.03)
+        return teacher(points_list)
+
+    run_extract(path, manifest, teacher=slow_teacher, workers=1, threads_per_worker=1)
+
+
+@pytest.mark.slow
+def test_three_sigkills_then_resume_is_bit_identical(tmp_path, manifest, reference):
+    import multiprocessing
+
+    path = tmp_path / "cache.zarr"
+    done_counts = []
+    for kill in range(3):
+        process = multiprocessing.get_context("fork").Process(target=_extract_slowly, args=(path, manifest))
+        process.start()
+        target = 3 * (kill + 1)  # each run gets a few sample-views further before it is killed
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if (path / "done" / "zarr.json").exists() and read_done(path).sum() >= target:
+                break
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        assert process.exitcode == -signal.SIGKILL
+        done_counts.append(int(read_done(path).sum()))
+    assert done_counts == sorted(done_counts) and done_counts[-1] < 15
+    report = run_extract(path, manifest, workers=1, threads_per_worker=1)
+    assert report.state == "resumed" and report.skipped == done_counts[-1]
+    assert chunk_files(path) == reference
