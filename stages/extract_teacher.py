@@ -82,8 +82,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     # pre-flight: every input problem (data and checkpoint) in one error, before any teacher compute
     checkpoint_error: CheckpointError | None = None
     try:
-        report = load_teacher_checkpoint(model, checkpoint)
-        logger.info("%s", report.summary())
+        load_teacher_checkpoint(model, checkpoint)  # logs what it loaded
     except CheckpointError as exc:
         checkpoint_error = exc
     try:
