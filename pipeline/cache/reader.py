@@ -304,34 +304,6 @@ def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list
     return tokens, views
 
 
-def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list[str], np.ndarray]:
-    """The checked sample tokens and views of a store; CacheError naming the array when either is damaged."""
-    from .manifest import tokens_sha256
-
-    problems = {}
-    tokens: list[str] = []
-    views = np.zeros((0, 0, 4))
-    for name in (v2.SAMPLE_TOKENS, v2.VIEWS):
-        try:
-            array = group[name]
-            problem = crc_problem(get_chunk_bytes(array, (0,) * array.ndim))
-            if problem is not None:
-                problems[name] = problem
-            elif name == v2.SAMPLE_TOKENS:
-                tokens = [str(t) for t in array[...]]
-            else:
-                views = np.asarray(array[...], dtype=np.float64)
-        except Exception as exc:  # the array's metadata is gone or unreadable
-            problems[name] = f"unreadable ({type(exc).__name__})"
-    expected = manifest.get("dataset", {}).get("sample_tokens_sha256")
-    if not problems and tokens_sha256(tokens) != expected:
-        problems[v2.SAMPLE_TOKENS] = "the tokens do not match the manifest's sample_tokens_sha256"
-    if problems:
-        text = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
-        raise CacheError(f"{path}: {text}; repair the store with `{repair_command(manifest, path)}`")
-    return tokens, views
-
-
 def repair_command(manifest: dict[str, Any], path: Path | str) -> str:
     """The extract-teacher command that wrote the store, with --repair (or a generic form when unrecorded)."""
     command = str(manifest.get("extraction", {}).get("command") or "")

@@ -126,3 +126,16 @@ def chunk_files(path: Path) -> dict[str, bytes]:
     """Every chunk file of a store (everything but metadata, the marker and the lock) -> its bytes."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
             if p.is_file() and p.name not in NOT_CHUNKS}
+
+
+def extract_slowly(path: Path, manifest: dict) -> None:
+    """One worker, about 30 ms per sample-view: a run that a test can SIGKILL part-way."""
+    import time
+
+    teacher = FakeTeacher()
+
+    def slow_teacher(points_list):
+        time.sleep(0.03)
+        return teacher(points_list)
+
+    run_extract(path, manifest, teacher=slow_teacher, workers=1, threads_per_worker=1, background_writer=True)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cache_fakes import FakeTeacher, chunk_files, load_points, make_manifest, run_extract, token_of
+from cache_fakes import (FakeTeacher, chunk_files, extract_slowly, load_points, make_manifest, run_extract,
+                         token_of)
 
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.reader import TeacherCache
@@ -247,8 +248,8 @@ def test_moved_dataroot_resumes_but_other_content_is_refused_before_writing(comp
     assert run_extract(complete, moved).state == "resumed"
     stamps = {p: p.stat().st_mtime_ns for p in complete.rglob("*") if p.name != v2.LOCK_FILE}
     edited = make_manifest(teacher, fingerprint="e" * 64)
-    with pytest.raises(CacheError, match=r'dataset.fingerprint: "f{64}" -> "e{64}"\); the dataroot.s tables or LiDAR files differ from '
-                                         r'those the store was extracted from; nothing was changed'):
+    with pytest.raises(CacheError, match=r'dataset.fingerprint: "f{64}" -> "e{64}"\); the dataroot.s tables or LiDAR '
+                                         r'files differ from those the store was extracted from; nothing was changed'):
         run_extract(complete, edited)
     assert {p: p.stat().st_mtime_ns for p in complete.rglob("*") if p.name != v2.LOCK_FILE} == stamps
 
@@ -319,16 +320,6 @@ def test_workers_die_with_a_killed_parent_and_the_rerun_completes(tmp_path, mani
     assert chunk_files(path) == reference
 
 
-def _extract_slowly(path, manifest):
-    teacher = FakeTeacher()
-
-    def slow_teacher(points_list):
-        time.sleep(0.03)
-        return teacher(points_list)
-
-    run_extract(path, manifest, teacher=slow_teacher, workers=1, threads_per_worker=1)
-
-
 @pytest.mark.slow
 def test_three_sigkills_then_resume_is_bit_identical(tmp_path, manifest, reference):
     import multiprocessing
@@ -336,7 +327,7 @@ def test_three_sigkills_then_resume_is_bit_identical(tmp_path, manifest, referen
     path = tmp_path / "cache.zarr"
     done_counts = []
     for kill in range(3):
-        process = multiprocessing.get_context("fork").Process(target=_extract_slowly, args=(path, manifest))
+        process = multiprocessing.get_context("fork").Process(target=extract_slowly, args=(path, manifest))
         process.start()
         target = 3 * (kill + 1)  # each run gets a few sample-views further before it is killed
         deadline = time.monotonic() + 30

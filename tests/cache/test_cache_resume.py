@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from cache_fakes import FakeTeacher, chunk_files, load_points, make_manifest, run_extract
+from cache_fakes import chunk_files, extract_slowly, load_points, make_manifest, run_extract
 
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.cache.writer import read_done
@@ -46,19 +46,9 @@ def test_worker_killed_by_sigkill_then_resumed(tmp_path, manifest, reference):
     assert chunk_files(path) == reference
 
 
-def _extract_slowly(path, manifest):
-    teacher = FakeTeacher()
-
-    def slow_teacher(points_list):
-        time.sleep(0.03)
-        return teacher(points_list)
-
-    run_extract(path, manifest, teacher=slow_teacher, workers=1, threads_per_worker=1, background_writer=True)
-
-
 def test_whole_run_killed_mid_write_then_resumed(tmp_path, manifest, reference):
     path = tmp_path / "cache.zarr"
-    process = multiprocessing.get_context("fork").Process(target=_extract_slowly, args=(path, manifest))
+    process = multiprocessing.get_context("fork").Process(target=extract_slowly, args=(path, manifest))
     process.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
