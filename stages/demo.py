@@ -32,11 +32,15 @@ class Step:
 
 
 def cache_is_complete(path: Path) -> bool:
-    """True when `path` is a teacher cache whose manifest says complete (a partial one is resumed)."""
+    """True when `path` is a complete teacher cache of this schema (a partial one is resumed, an older one is
+    extracted again by the step, which names it)."""
+    from ..cache_schemas.v2 import SCHEMA_VERSION
+
     metadata = path / "zarr.json"
     if not metadata.exists():
         return False
-    return json.loads(metadata.read_text()).get("attributes", {}).get("status") == "complete"
+    attributes = json.loads(metadata.read_text()).get("attributes", {})
+    return attributes.get("status") == "complete" and attributes.get("schema_version") == SCHEMA_VERSION
 
 
 def with_resume(argv: list[str]) -> list[str]:

@@ -228,12 +228,14 @@ def repair_static_arrays(path: Path, group: Any, manifest: dict[str, Any], sampl
     bad = static_array_problems(group, manifest, sample_tokens, views, head_state)
     if not bad:
         return []
-    set_status(path, v2.STATUS_WRITING, manifest_generation=True)
+    status = dict(group.attrs)["status"]
+    set_status(path, v2.STATUS_WRITING, manifest_generation=True)  # readers of the damaged store stop
     try:
         written = write_static_arrays(group, manifest, sample_tokens, views, head_state, create=False, only=set(bad))
         fsync_tree(path, names=written)
     except OSError as exc:
         raise storage_error(path, exc) from exc
+    set_status(path, status)  # the per-sample-view data did not change: a complete store is complete again
     return written
 
 

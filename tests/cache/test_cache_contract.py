@@ -96,9 +96,13 @@ def test_repair_rewrites_damaged_tokens_views_and_head(complete, manifest, refer
     (complete / "teacher_head" / "task_heads.0.heatmap.1.bias" / "c" / "0").unlink()
     with pytest.raises(CacheError, match=r"sample_tokens: CRC32C checksum mismatch.*--repair"):
         TeacherCache.open(complete)
+    generation = zarr.open_group(str(complete), mode="r").attrs["generation"]
     report = run_extract(complete, manifest, workers=1, threads_per_worker=1)
     assert report.state == "complete" and report.written == 0
     assert chunk_files(complete) == reference
+    attributes = zarr.open_group(str(complete), mode="r").attrs
+    assert attributes["status"] == "complete" and attributes["generation"] != generation
+    assert TeacherCache.open(complete).sample_tokens == [token_of(i) for i in range(5)]
 
 
 def test_all_zero_maps_are_written_and_count_as_done(tmp_path, manifest):
