@@ -33,16 +33,16 @@ def command(dataroot: Path, version: str, split: str, results_path: Path | None,
     from ..pipeline.data.dataset import NuScenesDetectionDataset
     from ..pipeline.data.loading import load_nuscenes, split_sample_tokens
     from ..pipeline.data.types import Detections
-    from ..pipeline.eval import detections_to_results, evaluate_results, format_metrics_table
+    from ..pipeline.eval import detections_to_results, distinct_gt_scores, evaluate_results, format_metrics_table
 
     start = time.perf_counter()
     if gt_as_prediction:
         config = DataConfig(dataroot=str(dataroot), version=version, num_sweeps=0, load_images=False)
         dataset = NuScenesDetectionDataset(config, split, mode="test")
-        detections = []
-        for index, token in enumerate(dataset.sample_tokens):
-            boxes, labels, attributes = dataset.annotations(index)
-            detections.append(Detections(token, boxes, np.ones(len(boxes)), labels, attributes))
+        annotations = [dataset.annotations(index) for index in range(len(dataset))]
+        scores = distinct_gt_scores([len(boxes) for boxes, _, _ in annotations])
+        detections = [Detections(token, boxes, score, labels, attributes) for token, (boxes, labels, attributes), score
+                      in zip(dataset.sample_tokens, annotations, scores)]
         out_dir.mkdir(parents=True, exist_ok=True)
         results_path = out_dir / "results_gt_as_prediction.json"
         results_path.write_text(json.dumps(detections_to_results(detections, dataset)))

@@ -69,6 +69,21 @@ def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: Camera
     return cache
 
 
+def check_live_teacher_grid(cfg: StudentExperimentConfig, teacher, checkpoint: Path) -> None:
+    """ConfigError when the online teacher's BEV extent or head grid differ from the student's (the same fields
+    a cache is checked on), listing "field: teacher -> student" for each."""
+    bev, canvas, head = cfg.model.bev, teacher.canvas_grid, teacher.head_grid
+    differences = [f"bev_grid.{key}: {getattr(canvas, key)} -> {getattr(bev, key)}"
+                   for key in ("x_min", "x_max", "y_min", "y_max")
+                   if float(getattr(canvas, key)) != float(getattr(bev, key))]
+    if tuple(head.shape) != tuple(cfg.model.head.grid.shape):
+        differences.append(f"heatmap.shape: {list(head.shape)} -> {list(cfg.model.head.grid.shape)}")
+    if differences:
+        raise ConfigError(f"{checkpoint}: the online teacher's grid does not fit the student (teacher -> student: "
+                          f"{'; '.join(differences)}); use a teacher config with the student's BEV range and head "
+                          f"grid, or change model.bev / model.head.grid")
+
+
 def cache_identity(manifest: dict) -> dict:
     """What a distilled run's targets depend on; a resumed run must find the same (a repair keeps it)."""
     return {"teacher_checkpoint_sha256": manifest["teacher"]["checkpoint_sha256"],
@@ -205,6 +220,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
                 cfg.data.num_sweeps = int(experiment.get("data", {}).get("num_sweeps", cfg.data.num_sweeps))
                 cfg.data.sweep_candidates = max(cfg.data.sweep_candidates, cfg.data.num_sweeps)
             teacher = live_teacher(config_dict, teacher_checkpoint, device_t)
+            check_live_teacher_grid(cfg, teacher, teacher_checkpoint)
             teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
                               for name in {t for _, t in layers}}
             head_state = teacher.pts_bbox_head.state_dict()

@@ -45,6 +45,13 @@ def teacher_targets_online(teacher: torch.nn.Module, batch, layers: list[str]) -
     return TargetsBatch(features={name: outputs.features[name] for name in layers}, heatmap=heatmap, attention=None)
 
 
+def false_positive_gt_heatmap(gt_boxes, gt_labels, head_config, head_grid) -> torch.Tensor:
+    """(B, Y, X) max-class GT gaussian heatmap for the FP rule, drawn with the head's own radius settings
+    (gaussian_overlap, min_radius), as the head's targets are."""
+    return gt_heatmap_max(gt_boxes, gt_labels, head_grid, gaussian_overlap=head_config.gaussian_overlap,
+                          min_radius=head_config.min_radius)
+
+
 def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
                   head_grid) -> dict[str, torch.Tensor]:
     """Loss terms of one batch (scalars). `head_grid` is the BEVGrid of the detection head."""
@@ -56,7 +63,8 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
     if setup.distill_loss is not None:
         if targets is None:
             targets = teacher_targets_online(setup.teacher, batch, [t for _, t in setup.layers])
-        gt_max = gt_heatmap_max(batch.gt_boxes, batch.gt_labels, head_grid).to(targets.heatmap.device)
+        gt_max = false_positive_gt_heatmap(batch.gt_boxes, batch.gt_labels, student.head.config, head_grid)
+        gt_max = gt_max.to(targets.heatmap.device)
         losses.update(setup.distill_loss(
             student_features=outputs.features, teacher_features=targets.features, gt_boxes=batch.gt_boxes,
             teacher_heatmap=targets.heatmap, gt_heatmap_max=gt_max, teacher_attention=targets.attention))

@@ -137,3 +137,34 @@ def test_inherit_teacher_head_copies_exactly_the_task_heads(tmp_path):
     short = first[len("task_heads."):]
     with pytest.raises(ConfigError, match=rf"{short}: teacher \(.*, 4\) vs student \(.*, 3\)"):
         inherit_teacher_head(student, broken)
+
+
+def test_false_positive_gt_heatmap_follows_the_head_radius_settings():
+    from distillbev.pipeline.distill.train import false_positive_gt_heatmap
+    from distillbev.pipeline.geometry.bev import BEVGrid
+    from distillbev.pipeline.heads.center_head import CenterHeadConfig
+
+    grid = BEVGrid(0.0, 16.0, 0.0, 16.0, 1.0)
+    # a 0.4 m car centred in cell (y 8, x 8): its own gaussian radius is 0 cells, so min_radius decides
+    boxes = [torch.tensor([[8.5, 8.5, 0.0, 0.4, 0.4, 1.5, 0.0, 0.0, 0.0]])]
+    labels = [torch.tensor([0])]
+    narrow = false_positive_gt_heatmap(boxes, labels, CenterHeadConfig(grid=grid, min_radius=2), grid)
+    wide = false_positive_gt_heatmap(boxes, labels, CenterHeadConfig(grid=grid, min_radius=4), grid)
+    assert float(narrow[0, 8, 8]) == 1.0 and float(wide[0, 8, 8]) == 1.0
+    assert float(narrow[0, 8, 11]) == 0.0  # 3 cells away: outside a radius-2 gaussian
+    # radius 4: sigma = (2 * 4 + 1) / 6 = 1.5, so exp(-3^2 / (2 * 1.5^2)) = exp(-2) three cells away
+    assert abs(float(wide[0, 8, 11]) - float(np.exp(-2.0))) < 1e-6
+
+
+def test_online_teacher_of_another_grid_is_refused(tmp_path):
+    from distillbev.pipeline.distill.run import check_live_teacher_grid
+    from distillbev.pipeline.teacher.model import CenterPointTeacher
+
+    module = _tiny_configs()
+    student_cfg = module.tiny_student_config(tmp_path)
+    teacher = CenterPointTeacher(module.tiny_teacher_config(tmp_path).model)
+    check_live_teacher_grid(student_cfg, teacher, Path("teacher.pth"))  # the same +-16 m extent and 40x40 head
+    student_cfg.model.bev.x_min, student_cfg.model.bev.x_max = -20.0, 20.0
+    with pytest.raises(ConfigError) as error:
+        check_live_teacher_grid(student_cfg, teacher, Path("teacher.pth"))
+    assert "bev_grid.x_min: -16.0 -> -20.0; bev_grid.x_max: 16.0 -> 20.0" in str(error.value)

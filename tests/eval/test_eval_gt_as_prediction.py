@@ -15,18 +15,16 @@ from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.data.types import Detections
 from distillbev.pipeline.errors import DataError
-from distillbev.pipeline.eval import detections_to_results, evaluate_results
+from distillbev.pipeline.eval import detections_to_results, distinct_gt_scores, evaluate_results
 
 
 def gt_detections(dataset) -> list[Detections]:
-    """Each sample's GT as detections, read through `dataset[i]` (test mode: identity augmentation)."""
-    detections = []
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        boxes = sample.gt_boxes.double().numpy()
-        detections.append(Detections(sample.sample_token, boxes, np.ones(len(boxes)), sample.gt_labels.numpy(),
-                                     sample.gt_attributes.numpy()))
-    return detections
+    """Each sample's GT as detections, read through `dataset[i]` (test mode: identity augmentation), with
+    distinct scores so that the devkit's TP errors average over every matched box."""
+    samples = [dataset[index] for index in range(len(dataset))]
+    scores = distinct_gt_scores([len(sample.gt_boxes) for sample in samples])
+    return [Detections(sample.sample_token, sample.gt_boxes.double().numpy(), score, sample.gt_labels.numpy(),
+                       sample.gt_attributes.numpy()) for sample, score in zip(samples, scores)]
 
 
 def evaluate_gt(dataroot, version, split, out_dir) -> dict:
@@ -117,3 +115,32 @@ def test_gt_as_prediction_on_synthetic_dataroot(synthetic_dataroot, tmp_path):
     summary = evaluate_gt(synthetic_dataroot, "v1.0-synthetic", "synth_val", tmp_path)
     assert summary["mean_ap"] >= 0.99, summary["mean_dist_aps"]
     assert summary["nd_score"] >= 0.99, summary["label_tp_errors"]
+
+
+def test_distinct_gt_scores_by_hand():
+    scores = distinct_gt_scores([2, 0, 3])
+    assert [len(s) for s in scores] == [2, 0, 3]
+    assert np.allclose(np.concatenate(scores), [1.0, 0.8, 0.6, 0.4, 0.2], rtol=0, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_an_error_on_part_of_the_boxes_is_seen(synthetic_dataroot, tmp_path):
+    """Every other car (by score rank) moved 1 m in x: its TP error is 1 m, the others' 0, so the car mATE lies
+    near their mean (0.5) instead of the error of one match (0 or 1) that tied scores give."""
+    config = DataConfig(dataroot=str(synthetic_dataroot), version="v1.0-synthetic", num_sweeps=0, load_images=False)
+    dataset = NuScenesDetectionDataset(config, "synth_val", "test")
+    detections = gt_detections(dataset)
+    car = 0  # class id of "car"
+    cars = sorted(((float(d.scores[k]), i, k) for i, d in enumerate(detections) for k in range(len(d.boxes))
+                   if d.labels[k] == car), reverse=True)
+    assert len(cars) >= 10
+    for rank, (_, i, k) in enumerate(cars):
+        if rank % 2 == 1:
+            detections[i].boxes[k, 0] += 1.0
+    path = tmp_path / "half_shifted.json"
+    path.write_text(json.dumps(detections_to_results(detections, dataset, use_lidar=True)))
+    summary = evaluate_results(path, dataset, tmp_path / "eval")
+    car_error = summary["label_tp_errors"]["car"]["trans_err"]
+    assert 0.35 < car_error < 0.65, car_error
+    aps = {float(k): v for k, v in summary["label_aps"]["car"].items()}
+    assert min(aps[1.0], aps[2.0], aps[4.0]) >= 0.99  # 1 m is within these thresholds: every car matches
