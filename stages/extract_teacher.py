@@ -25,8 +25,9 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
 @click.option("--cache", "cache_path", required=True, type=click.Path(), help="Output zarr store (a directory).")
 @click.option("--split", required=True, help="Split to extract, e.g. train, mini_train, synth_train.")
-@click.option("--views", default=1, show_default=True, type=click.IntRange(min=1),
-              help="BEV-augmented views per sample (view 0 is the identity).")
+@click.option("--views", default=4, show_default=True, type=click.IntRange(min=1),
+              help="BEV-augmented views per sample (view 0 is the identity); a distilled student replays one of "
+                   "them per sample and epoch, so 1 view means no BEV augmentation (docs/method.md).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view draws.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Extraction processes, each owning a contiguous run of samples.")

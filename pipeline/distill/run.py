@@ -84,6 +84,16 @@ def check_live_teacher_grid(cfg: StudentExperimentConfig, teacher, checkpoint: P
                           f"grid, or change model.bev / model.head.grid")
 
 
+def log_view_coverage(num_views: int) -> None:
+    """Say what BEV augmentation a cached run gets: one of the cache's views per sample and epoch."""
+    if num_views == 1:
+        log.warning("the cache holds 1 view per sample (un-augmented): this distilled run gets no BEV augmentation, "
+                    "while a baseline draws a fresh one every step; extract with --views 4 (docs/method.md)")
+    else:
+        log.info("the cache holds %d views per sample (view 0 un-augmented): each epoch replays one of them, while a "
+                 "baseline draws a fresh BEV augmentation every step (docs/method.md)", num_views)
+
+
 def cache_identity(manifest: dict) -> dict:
     """What a distilled run's targets depend on; a resumed run must find the same (a repair keeps it)."""
     return {"teacher_checkpoint_sha256": manifest["teacher"]["checkpoint_sha256"],
@@ -203,6 +213,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
             cache = open_checked_cache(cache_path, cfg, student, train_dataset, teacher_checkpoint)
             check_resume_identity(out_dir, cache_identity(cache.manifest), resume)
+            log_view_coverage(cache.num_views)
             teacher_layers = cache.manifest["layers"]
             head_state = cache.read_teacher_head()
         else:

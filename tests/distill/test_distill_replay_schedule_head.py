@@ -168,3 +168,17 @@ def test_online_teacher_of_another_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError) as error:
         check_live_teacher_grid(student_cfg, teacher, Path("teacher.pth"))
     assert "bev_grid.x_min: -16.0 -> -20.0; bev_grid.x_max: 16.0 -> 20.0" in str(error.value)
+
+
+def test_a_single_view_cache_is_warned_about(caplog):
+    import logging
+
+    from distillbev.pipeline.distill.run import log_view_coverage
+
+    with caplog.at_level(logging.INFO, logger="distillbev.pipeline.distill.run"):
+        log_view_coverage(1)
+        log_view_coverage(4)
+    levels = [(record.levelname, record.getMessage()[:40]) for record in caplog.records]
+    assert levels == [("WARNING", "the cache holds 1 view per sample (un-aug"),
+                      ("INFO", "the cache holds 4 views per sample (view ")]
+    assert "no BEV augmentation" in caplog.records[0].getMessage()
