@@ -24,12 +24,31 @@ ATTRIBUTES: tuple[str, ...] = (
 ATTRIBUTE_ID = {name: i for i, name in enumerate(ATTRIBUTES)}
 NO_ATTRIBUTE = -1
 
-# The attribute a detection is reported with when a model predicts none (mmdet3d's defaults).
+# mmdet3d's per-class default attributes (NuScenesDataset.DefaultAttribute).
 DEFAULT_ATTRIBUTE = {
     "car": "vehicle.parked", "truck": "vehicle.parked", "construction_vehicle": "vehicle.parked",
     "bus": "vehicle.moving", "trailer": "vehicle.parked", "motorcycle": "cycle.without_rider",
-    "bicycle": "cycle.without_rider", "pedestrian": "pedestrian.standing", "barrier": "", "traffic_cone": "",
+    "bicycle": "cycle.without_rider", "pedestrian": "pedestrian.moving", "barrier": "", "traffic_cone": "",
 }
+MOVING_SPEED = 0.2  # m/s: above it a box counts as moving (mmdet3d's rule)
+_VEHICLES = ("car", "construction_vehicle", "bus", "truck", "trailer")
+_CYCLES = ("bicycle", "motorcycle")
+
+
+def attribute_from_speed(name: str, speed: float) -> str:
+    """The attribute mmdet3d reports for a detection of class `name` moving at `speed` m/s (no predicted one):
+    vehicles moving / parked (a slow bus: stopped), cycles with / without rider, pedestrians moving / standing."""
+    if speed > MOVING_SPEED:
+        if name in _VEHICLES:
+            return "vehicle.moving"
+        if name in _CYCLES:
+            return "cycle.with_rider"
+        return DEFAULT_ATTRIBUTE[name]
+    if name == "pedestrian":
+        return "pedestrian.standing"
+    if name == "bus":
+        return "vehicle.stopped"
+    return DEFAULT_ATTRIBUTE[name]
 
 
 def category_to_class(category_name: str) -> str | None:

@@ -49,4 +49,5 @@ def collate_samples(samples: list[Sample]) -> Batch:
         prev_camera_to_lidar=prev_camera_to_lidar,
         prev_image_aug=prev_image_aug,
         prev_lidar_to_lidar=prev_lidar_to_lidar,
+        depth_points=None if any(s.depth_points is None for s in samples) else [s.depth_points for s in samples],
     )

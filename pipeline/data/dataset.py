@@ -1,8 +1,9 @@
 """`NuScenesDetectionDataset`: one key frame of a nuScenes-format dataroot as a `Sample`, through the devkit.
 
 Real nuScenes and the synthetic dataroot go through exactly the same code. Everything is expressed in the
-key-frame LIDAR_TOP frame; BEV augmentation is applied last, identically to points and GT boxes (cameras keep
-their un-augmented `camera_to_lidar` and carry the augmentation in `Sample.bev_aug`).
+key-frame LIDAR_TOP frame; BEV augmentation is applied identically to points and GT boxes (cameras keep their
+un-augmented `camera_to_lidar` and carry the augmentation in `Sample.bev_aug`), and the point range filter comes
+after it, on the augmented cloud.
 
 GT filtering follows the devkit's detection eval: only the 10 detection classes, and boxes with
 num_lidar_pts + num_radar_pts == 0 are dropped in BOTH modes (the eval drops them from its GT, so keeping them in
@@ -127,9 +128,13 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
         sample = self._sample(index)
         lidar_to_ego, ego_to_global = self.poses(index)
         points = load_lidar_points(self.nusc, sample["token"], config, rng)
-        points = crop_points(points, config.point_cloud_range)  # (P, 5)
         if not bev_aug.is_identity:
             points = bev_aug.apply_points(points)
+        # the camera students' depth targets: every key-frame point, not only those inside the crop
+        depth_points = points[points[:, 4] == 0] if with_images else None  # (P_key, 5)
+        # the range filter runs after the BEV augmentation (as the reference pipelines do): a rotated view keeps
+        # every point that lands inside the range, so no wedge of the augmented grid is left empty
+        points = crop_points(points, config.point_cloud_range)  # (P, 5)
 
         boxes, labels, attributes = self.annotations(index)
         boxes = bev_aug.apply_boxes(boxes)  # (K, 9)
@@ -148,6 +153,8 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
             sample_token=sample["token"],
             timestamp=int(sample["timestamp"]),
             points=torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)),
+            depth_points=None if depth_points is None else
+            torch.from_numpy(np.ascontiguousarray(depth_points, dtype=np.float32)),
             cameras=cameras,
             gt_boxes=torch.from_numpy(boxes.astype(np.float32)),
             gt_labels=torch.from_numpy(labels),

@@ -34,7 +34,10 @@ class CameraInputs:
 class Sample:
     """One key frame as the models see it, everything in the key-frame LiDAR frame.
 
-    points:     (P, 5) float32 x, y, z, intensity, time lag [s] (key frame + sweeps), BEV-augmented.
+    points:     (P, 5) float32 x, y, z, intensity, time lag [s] (key frame + sweeps), BEV-augmented, then
+                cropped to the point-cloud range.
+    depth_points: (P_key, 5) float32 every key-frame point, BEV-augmented, not cropped (BEVDepth's depth
+                targets), or None when the sample has no cameras.
     gt_boxes:   (K, 9) float32 x, y, z, l, w, h, yaw, vx, vy (gravity centre), BEV-augmented.
     gt_labels:  (K,) int64 class ids (`classes.DETECTION_CLASSES`).
     gt_attributes: (K,) int64 attribute ids, -1 for none.
@@ -57,13 +60,15 @@ class Sample:
     prev_cameras: CameraInputs | None = None
     prev_lidar_to_lidar: torch.Tensor | None = None
     view_index: int = 0
+    depth_points: torch.Tensor | None = None
 
 
 @dataclass
 class Batch:
     """A collated list of samples. Tensors with a fixed shape are stacked; variable-size ones stay lists.
 
-    points: list of B (P_b, 5); gt_boxes: list of B (K_b, 9); gt_labels / gt_attributes: lists of B (K_b,).
+    points: list of B (P_b, 5); depth_points: list of B (P_key_b, 5) or None; gt_boxes: list of B (K_b, 9);
+    gt_labels / gt_attributes: lists of B (K_b,).
     images: (B, N, 3, H, W); intrinsics (B, N, 3, 3); camera_to_lidar (B, N, 4, 4); image_aug (B, N, 3, 3);
     bev_aug (B, 4, 4); prev_images etc. as images, or None; prev_lidar_to_lidar (B, 4, 4) or None.
     """
@@ -86,6 +91,7 @@ class Batch:
     prev_camera_to_lidar: torch.Tensor | None = None
     prev_image_aug: torch.Tensor | None = None
     prev_lidar_to_lidar: torch.Tensor | None = None
+    depth_points: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.sample_tokens)
@@ -106,7 +112,7 @@ class Detections:
     """Decoded boxes of one sample in the LiDAR frame (after undoing any BEV augmentation).
 
     boxes: (K, 9) x, y, z, l, w, h, yaw, vx, vy; scores: (K,); labels: (K,) class ids;
-    attributes: (K,) attribute ids or -1 (then the class default is reported).
+    attributes: (K,) attribute ids or -1 (then mmdet3d's speed rule picks one: `classes.attribute_from_speed`).
     """
 
     sample_token: str

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from ..data.classes import ATTRIBUTES, DEFAULT_ATTRIBUTE, DETECTION_CLASSES
+from ..data.classes import ATTRIBUTES, DETECTION_CLASSES, attribute_from_speed
 from ..data.types import Detections
 from ..geometry.transforms import yaw_to_quaternion
 
@@ -60,8 +60,8 @@ def boxes_to_global_records(detections: Detections, lidar_to_ego: np.ndarray,
             attribute = ""
         elif attributes[k] >= 0:
             attribute = ATTRIBUTES[int(attributes[k])]
-        else:
-            attribute = DEFAULT_ATTRIBUTE[name]
+        else:  # no predicted attribute: mmdet3d's rule on the predicted speed
+            attribute = attribute_from_speed(name, float(np.hypot(boxes[k, 7], boxes[k, 8])))
         records.append({
             "sample_token": detections.sample_token,
             "translation": [float(v) for v in centres[k]],

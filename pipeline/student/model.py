@@ -143,8 +143,10 @@ class CameraStudent(nn.Module):
                              f"bevdepth and bevdepth4d")
         geometry = CameraGeometry(batch.intrinsics, batch.camera_to_lidar, batch.image_aug,
                                   batch.bev_aug.to(outputs.depth.device))
-        # key-frame points only (time lag 0): sweeps smear moving objects and depend on the sweep count
-        key_frame = [p[p[:, 4] == 0].to(outputs.depth.device) for p in batch.points]
+        # key-frame points only (time lag 0): sweeps smear moving objects and depend on the sweep count; the
+        # uncropped cloud when the batch has it (facades above the crop's z range still give depth)
+        clouds = batch.depth_points if batch.depth_points is not None else batch.points
+        key_frame = [p[p[:, 4] == 0].to(outputs.depth.device) for p in clouds]
         one_hot, valid = depth_targets(key_frame, geometry,
                                        self.config.image_size, self.config.feature_stride, self.config.depth_bins)
         return depth_bce_loss(outputs.depth, one_hot, valid, self.config.depth_loss_weight)

@@ -183,3 +183,24 @@ def test_dataloader_with_collate(tiny_slice):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_samples, num_workers=0)
     batch = next(iter(loader))
     assert len(batch) == 2 and all(b.shape[1] == 9 for b in batch.gt_boxes)
+
+
+def test_range_filter_runs_after_the_bev_augmentation(tiny_slice, monkeypatch):
+    """A point 14 m out on +x, outside a +-12.8 m range, lands at (9.90, 9.90) after a 45 deg rotation and must be
+    kept; (12, 12), inside the range, lands at (0, 16.97) and must go. Cropping before the augmentation does the
+    opposite, leaving real objects in the rotated view without points."""
+    from distillbev.pipeline.data import dataset as dataset_module
+
+    cloud = np.array([[14.0, 0.0, 0.5, 0.3, 0.0], [12.0, 12.0, 0.5, 0.3, 0.0], [1.0, 2.0, 0.5, 0.3, 0.1]],
+                     dtype=np.float32)
+    monkeypatch.setattr(dataset_module, "load_lidar_points", lambda *args, **kwargs: cloud.copy())
+    dataset = make_dataset(tiny_slice, point_cloud_range=(-12.8, -12.8, -5.0, 12.8, 12.8, 3.0), load_images=True,
+                           final_size=(32, 88))
+    sample = dataset.get(0, bev_aug=BEVAugmentation(rotation=np.pi / 4))
+    half = 14.0 / np.sqrt(2.0)
+    expected = np.array([[half, half, 0.5, 0.3, 0.0], [-np.sqrt(0.5), 3 * np.sqrt(0.5), 0.5, 0.3, 0.1]])
+    assert np.allclose(sample.points.numpy(), expected, atol=1e-5)
+    # the depth targets' cloud: every key-frame point (time lag 0), augmented, not cropped
+    assert np.allclose(sample.depth_points.numpy()[:, :2], [[half, half], [0.0, 12.0 * np.sqrt(2.0)]], atol=1e-5)
+    assert collate_samples([sample, sample]).depth_points[1].shape == (2, 5)
+    assert make_dataset(tiny_slice)[0].depth_points is None  # no cameras, no depth cloud
