@@ -27,7 +27,6 @@ def command(dataroot: Path, version: str, split: str, results_path: Path | None,
     """Run the devkit's detection_cvpr_2019 evaluation and print mAP, NDS, the TP errors and per-class AP."""
     if (results_path is None) == (not gt_as_prediction):
         raise click.UsageError("pass exactly one of --results RESULTS.json or --gt-as-prediction")
-    import numpy as np
 
     from ..pipeline.data.config import DataConfig
     from ..pipeline.data.dataset import NuScenesDetectionDataset

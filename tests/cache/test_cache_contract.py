@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cache_fakes import (FakeTeacher, chunk_files, extract_slowly, load_points, make_manifest, run_extract,
+from cache_fakes import (chunk_files, extract_slowly, load_points, make_manifest, run_extract,
                          token_of)
 
 from distillbev.cache_schemas import v2
