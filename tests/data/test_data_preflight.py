@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import shutil
 from pathlib import Path
@@ -10,12 +12,10 @@ import numpy as np
 import pytest
 
 from distillbev.pipeline.data.config import DataConfig
-from distillbev.pipeline.data.loading import (load_lidar_points, load_nuscenes, read_points, sample_data_transforms,
-                                              split_sample_tokens)
+from distillbev.pipeline.data.loading import load_lidar_points, load_nuscenes, split_sample_tokens
 from distillbev.pipeline.data.preflight import (check_split_inputs, dataset_fingerprint, lidar_inputs,
                                                 preflight_message, preflight_split)
 from distillbev.pipeline.errors import DataError
-from distillbev.pipeline.geometry.transforms import invert_transform
 
 SPLIT = "tiny_val"
 KEY_BYTES = 15 * 20  # 5 points + 10 object centres
@@ -203,48 +203,26 @@ def test_fingerprint_ignores_unrelated_tables(tiny_slice, tiny_slice_copy):
 
 
 # ------------------------------------------------------------------------------- load_lidar_points unchanged
-def reference_lidar_points(nusc, sample_token, config, rng):
-    """The multi-sweep loader written out in full (sweep walk inline), as it was before `lidar_records`."""
-    sample = nusc.get("sample", sample_token)
-    key = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
-    lidar_to_ego, ego_to_global = sample_data_transforms(nusc, key)
-    lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
-    key_points = read_points(Path(nusc.dataroot) / key["filename"], sample_token)
-    key_points[:, 4] = 0.0
-    candidates = []
-    record = key
-    while record["prev"] and len(candidates) < config.sweep_candidates:
-        record = nusc.get("sample_data", record["prev"])
-        candidates.append(record)
-    if rng is not None and len(candidates) > config.num_sweeps:
-        chosen = [candidates[i] for i in sorted(rng.choice(len(candidates), config.num_sweeps, replace=False))]
-    else:
-        chosen = candidates[:config.num_sweeps]
-    clouds = [key_points]
-    for sweep in chosen:
-        points = read_points(Path(nusc.dataroot) / sweep["filename"], sample_token)
-        close = (np.abs(points[:, 0]) < config.sweep_min_distance) & (np.abs(points[:, 1]) < config.sweep_min_distance)
-        points = points[~close]
-        sweep_to_ego, sweep_ego_to_global = sample_data_transforms(nusc, sweep)
-        key_from_sweep = lidar_from_global @ sweep_ego_to_global @ sweep_to_ego
-        points[:, :3] = points[:, :3] @ key_from_sweep[:3, :3].T.astype(np.float32) \
-            + key_from_sweep[:3, 3].astype(np.float32)
-        points[:, 4] = (key["timestamp"] - sweep["timestamp"]) * 1e-6
-        clouds.append(points)
-    return np.concatenate(clouds, axis=0)
+# Pinned from the loader as it was before the sweep walk moved into `lidar_records` (checked then against an
+# inline copy of the old code): (points, sha256 prefix of the float32 bytes, next draw of the rng or None).
+PINNED_CLOUDS = {
+    (9, 10, None): [(23, "a1df200a76fc6e13", None), (41, "000e73491ddd695c", None)],
+    (1, 10, None): [(19, "1f61d137f1a63a90", None), (19, "d4c6eacc2204ceb1", None)],
+    (2, 4, 3): [(23, "a1df200a76fc6e13", 0.08564916714362436), (23, "3b50d4a3cc443ba5", 0.8012744652063969)],
+    (1, 4, 11): [(19, "1f61d137f1a63a90", 0.49927786244011496), (19, "d4c6eacc2204ceb1", 0.49927786244011496)],
+}
 
 
-@pytest.mark.parametrize("num_sweeps, candidates, seed", [(9, 10, None), (1, 10, None), (2, 4, 3), (1, 4, 11)])
+@pytest.mark.parametrize("num_sweeps, candidates, seed", list(PINNED_CLOUDS))
 def test_load_lidar_points_is_unchanged(tiny_slice, num_sweeps, candidates, seed):
     nusc = load_nuscenes(tiny_slice.dataroot, tiny_slice.version)
     config = DataConfig(dataroot=str(tiny_slice.dataroot), version=tiny_slice.version, num_sweeps=num_sweeps,
                         sweep_candidates=candidates, load_images=False)
+    found = []
     for token in tiny_slice.sample_tokens:
-        rng, reference_rng = (None, None) if seed is None else (np.random.default_rng(seed),
-                                                                 np.random.default_rng(seed))
+        rng = None if seed is None else np.random.default_rng(seed)
         points = load_lidar_points(nusc, token, config, rng)
-        expected = reference_lidar_points(nusc, token, config, reference_rng)
-        assert points.dtype == np.float32 and points.shape == expected.shape
-        assert points.tobytes() == expected.tobytes()
-        if rng is not None:
-            assert rng.random() == reference_rng.random()  # the same draws were consumed
+        assert points.dtype == np.float32 and points.shape[1] == 5
+        found.append((points.shape[0], hashlib.sha256(points.tobytes()).hexdigest()[:16],
+                      None if rng is None else rng.random()))  # the same draws were consumed
+    assert found == PINNED_CLOUDS[(num_sweeps, candidates, seed)]
