@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -242,8 +243,16 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     bev = cfg.model.bev
     if train_dataset is None:
         train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
+    indices = None
+    if cfg.train.cbgs:
+        from ..data.classes import DETECTION_CLASSES
+        from .cbgs import cbgs_indices, dataset_class_ids
+
+        indices = cbgs_indices(dataset_class_ids(train_dataset), len(DETECTION_CLASSES),
+                               np.random.default_rng(cfg.train.seed))
+        log.info("CBGS: %d samples resampled to %d per epoch", len(train_dataset), len(indices))
     train_set = DistillationDataset(
-        train_dataset, mode=mode, cache=cache,
+        train_dataset, mode=mode, cache=cache, indices=indices,
         seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
         use_cached_attention=cache is not None
         and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature)

@@ -59,15 +59,18 @@ class DistillationDataset(Dataset):
     """(Sample, TargetsItem | None) pairs over a training split, for one of the targets modes.
 
     The random draws (view choice, fresh augmentation, image augmentation) come from a generator seeded by
-    (seed, epoch, index), so a run is reproducible across DataLoader workers and after a resume.
+    (seed, epoch, position), so a run is reproducible across DataLoader workers and after a resume.
     """
 
     def __init__(self, dataset, mode: TargetsMode, cache=None, seed: int = 0,
                  bev_extent: tuple[float, float, float, float] | None = None,
-                 use_cached_attention: bool = True) -> None:
+                 use_cached_attention: bool = True, indices: list[int] | None = None) -> None:
+        """indices: the dataset index behind each position (CBGS resampling repeats some), default every index once.
+        Draws are seeded by position, so repeated samples get their own augmentation and view."""
         if mode in ("cache", "approximate") and cache is None:
             raise ValueError(f"targets mode {mode!r} needs a cache")
         self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         self.mode = mode
         self.cache = cache
         self.seed = seed
@@ -81,15 +84,16 @@ class DistillationDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
     def _fresh_augmentation(self, rng: np.random.Generator) -> BEVAugmentation:
         data = self.dataset.config
         return sample_bev_augmentation(rng, data.bev_rotation_lim, data.bev_scale_lim,
                                        data.bev_flip_x_prob, data.bev_flip_y_prob)
 
-    def __getitem__(self, index: int) -> tuple[Sample, TargetsItem | None]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, position: int) -> tuple[Sample, TargetsItem | None]:
+        rng = np.random.default_rng([self.seed, self.epoch, position])
+        index = self.indices[position]
         if self.mode == "cache":
             cache_index = self._cache_index[index]
             view = int(rng.integers(self.cache.num_views))

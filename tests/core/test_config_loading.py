@@ -80,3 +80,14 @@ def test_dump_round_trip(tmp_path):
     cfg = load_config(Outer, None, ["inner.sizes=[5, 6]", "tags=[a, b]"])
     dump_config(cfg, tmp_path / "dump.yaml")
     assert load_config(Outer, tmp_path / "dump.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["bevdet", "bevdepth", "bevdet4d", "bevdepth4d"])
+def test_nuscenes_student_configs_follow_the_reference_recipe(name):
+    from distillbev.pipeline.distill.config import StudentExperimentConfig
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "nuscenes"
+    cfg = load_config(StudentExperimentConfig, root / f"student_{name}.yaml")
+    assert cfg.train.cbgs and cfg.train.epochs == 24
+    # the reference's 64 samples per step at lr 2e-4, scaled linearly to this config's batch
+    assert cfg.train.lr == pytest.approx(2e-4 * cfg.train.batch_size / 64, rel=1e-12)
