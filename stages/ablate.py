@@ -1,7 +1,9 @@
 """`distillbev ablate`: the paper's component and layer ablations on the synthetic dataset.
 
 It reuses the demo's dataroot, teacher and cache (running those steps first if needed) and trains one distilled
-student per ablation row with config overrides, so every row has the same data, teacher, schedule and seed.
+student per ablation row with config overrides, so every row has the same data, teacher, schedule and seed. With
+`--seeds N` every row (the baseline included) is trained N times, with train.seed 0..N-1, and reported as
+mean ± sample standard deviation, so a difference between rows can be told from run-to-run noise.
 """
 
 from __future__ import annotations
@@ -86,15 +88,27 @@ def run_parallel(steps: list[Step], jobs: int, seconds: dict[str, float]) -> Non
         raise click.ClickException("ablation runs failed: " + "; ".join(failed))
 
 
-def ablation_table(title: str, rows: list[tuple], results: dict[str, dict]) -> str:
+def mean_and_sd(runs: list[dict]) -> tuple[dict, dict]:
+    """Per metric, the mean over the runs and the sample standard deviation (0 for a single run)."""
+    import statistics
+
+    keys = runs[0].keys()
+    mean = {k: statistics.fmean(r[k] for r in runs) for k in keys}
+    sd = {k: statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0 for k in keys}
+    return mean, sd
+
+
+def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]) -> str:
+    """One markdown table; cells are mean ± sd (x100) when a row has several seeds."""
     lines = [f"### {title}", "",
              "| row | paper mAP | paper NDS | ours mAP | ours NDS | ours mATE | ours mAOE | ours mAVE |",
              "|---|---|---|---|---|---|---|---|"]
     for name, overrides, paper_map, paper_nds in rows:
-        metrics = results[run_name(overrides)]
-        lines.append(f"| {name} | {paper_map:.1f} | {paper_nds:.1f} | {100 * metrics['mAP']:.1f} | "
-                     f"{100 * metrics['NDS']:.1f} | {100 * metrics['mATE']:.1f} | {100 * metrics['mAOE']:.1f} | "
-                     f"{100 * metrics['mAVE']:.1f} |")
+        runs = results[run_name(overrides)]
+        mean, sd = mean_and_sd(runs)
+        cells = [f"{100 * mean[k]:.1f}" + (f" ± {100 * sd[k]:.1f}" if len(runs) > 1 else "")
+                 for k in ("mAP", "NDS", "mATE", "mAOE", "mAVE")]
+        lines.append(f"| {name} | {paper_map:.1f} | {paper_nds:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -107,8 +121,11 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, dict]) -> s
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Student runs trained at once, each as its own process with cores/jobs threads.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train every row this many times (train.seed 0..N-1) and report mean ± sd.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override every student run's config.")
-def command(out: Path, student: str, views: int, device: str, jobs: int, overrides: tuple[str, ...]) -> None:
+def command(out: Path, student: str, views: int, device: str, jobs: int, seeds: int,
+            overrides: tuple[str, ...]) -> None:
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
     paper's numbers."""
@@ -122,35 +139,50 @@ def command(out: Path, student: str, views: int, device: str, jobs: int, overrid
     runs: dict[str, list[str] | None] = {}
     for _, row_overrides, _, _ in COMPONENT_ROWS + LAYER_ROWS:
         runs[run_name(row_overrides)] = row_overrides
-    # the baseline and the full method are the demo's own two student runs (same command, config and seed)
-    demo_runs = {"baseline": steps[3], run_name([]): steps[4]}
-    ablation_steps = []
-    for name, row_overrides in runs.items():
-        if name in demo_runs:
-            ablation_steps.append(demo_runs[name])
-            continue
-        run_dir = out / "ablations" / f"{student}_{name}"
-        argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out", str(run_dir),
-                "--device", device, *[a for item in overrides for a in ("--set", item)],
-                "--cache", paths["cache"], "--teacher-checkpoint", paths["teacher_checkpoint"],
-                *[a for item in row_overrides for a in ("--set", item)]]
-        ablation_steps.append(Step(f"ablation {name}", argv, run_dir / "eval" / "metrics_summary.json"))
-    run_parallel(ablation_steps, jobs, seconds)
-    results = {name: summary_metrics(json.loads(step.done_marker.read_text()))
-               for name, step in zip(runs, ablation_steps)}
+    # seed 0 of the baseline and of the full method are the demo's own two student runs (same command and config)
+    demo_runs = {("baseline", 0): steps[3], (run_name([]), 0): steps[4]}
+    ablation_steps: dict[tuple[str, int], Step] = {}
+    for seed in range(seeds):
+        for name, row_overrides in runs.items():
+            if (name, seed) in demo_runs:
+                ablation_steps[(name, seed)] = demo_runs[(name, seed)]
+                continue
+            suffix = "" if seed == 0 else f"_seed{seed}"
+            run_dir = out / "ablations" / f"{student}_{name}{suffix}"
+            seed_sets = [] if seed == 0 else ["--set", f"train.seed={seed}"]
+            argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out",
+                    str(run_dir), "--device", device, *[a for item in overrides for a in ("--set", item)], *seed_sets]
+            if row_overrides is None:
+                argv.append("--baseline")
+            else:
+                argv += ["--cache", paths["cache"], "--teacher-checkpoint", paths["teacher_checkpoint"],
+                         *[a for item in row_overrides for a in ("--set", item)]]
+            ablation_steps[(name, seed)] = Step(f"ablation {name}{suffix}", argv,
+                                                run_dir / "eval" / "metrics_summary.json")
+    run_parallel(list(ablation_steps.values()), jobs, seconds)
+    results = {name: [summary_metrics(json.loads(ablation_steps[(name, seed)].done_marker.read_text()))
+                      for seed in range(seeds)] for name in runs}
     label = student_label(student)
     text = "\n\n".join([
         f"Ablations of {label} distilled from the CenterPoint-pillar teacher on the synthetic dataset "
-        f"(`distillbev ablate --out {out} --student {student}`); paper numbers: BEVDet4D-R50 on nuScenes val.",
+        f"(`distillbev ablate --out {out} --student {student} --seeds {seeds}`); "
+        + (f"each of our cells is the mean ± sample sd of {seeds} runs (train.seed 0..{seeds - 1}); " if seeds > 1
+           else "each of our rows is one run; ") + "paper numbers: BEVDet4D-R50 on nuScenes val.",
         ablation_table("Components", COMPONENT_ROWS, results),
         ablation_table("Layers", LAYER_ROWS, results),
     ])
     (out / "ablations.md").write_text(text + "\n")
+
+    def report_rows(rows: list[tuple]) -> list[dict]:
+        out_rows = []
+        for n, o, pm, pn in rows:
+            mean, sd = mean_and_sd(results[run_name(o)])
+            out_rows.append({"row": n, "overrides": o, "paper": {"mAP": pm, "NDS": pn}, "ours": mean, "sd": sd,
+                             "runs": results[run_name(o)]})
+        return out_rows
+
     (out / "ablations.json").write_text(json.dumps({
-        "components": [{"row": n, "overrides": o, "paper": {"mAP": pm, "NDS": pn}, "ours": results[run_name(o)]}
-                       for n, o, pm, pn in COMPONENT_ROWS],
-        "layers": [{"row": n, "overrides": o, "paper": {"mAP": pm, "NDS": pn}, "ours": results[run_name(o)]}
-                   for n, o, pm, pn in LAYER_ROWS],
+        "seeds": seeds, "components": report_rows(COMPONENT_ROWS), "layers": report_rows(LAYER_ROWS),
         "seconds": seconds,
     }, indent=2))
     click.echo(text)

@@ -67,3 +67,30 @@ def test_ablate_trains_each_distinct_row_once_and_writes_both_tables(demo_dir):
     assert plain_log.exists()
     text = (demo_dir / "ablations.md").read_text()
     assert "### Components" in text and "### Layers" in text and "| +FP | 37.8 | 49.0 |" in text
+
+
+def test_ablate_seeds_repeats_every_row_and_reports_mean_and_sd(demo_dir):
+    import statistics
+
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--views", "2", "--jobs", "2", "--seeds", "2",
+                                      "--set", "train.epochs=1", "--set", "train.num_workers=0"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((demo_dir / "ablations.json").read_text())
+    assert report["seeds"] == 2
+    # seed 1 of every distinct run, the baseline and the full method included: 7 + 2 runs on top of seed 0's
+    assert len(list((demo_dir / "ablations").glob("*_seed1/eval/metrics_summary.json"))) == 9
+    for row in report["components"] + report["layers"]:
+        assert len(row["runs"]) == 2
+        values = [run["mAP"] for run in row["runs"]]
+        assert row["ours"]["mAP"] == statistics.fmean(values) and row["sd"]["mAP"] == statistics.stdev(values)
+    assert " ± " in (demo_dir / "ablations.md").read_text()
+
+
+def test_mean_and_sd_by_hand():
+    from distillbev.stages.ablate import mean_and_sd
+
+    mean, sd = mean_and_sd([{"mAP": 0.1, "NDS": 0.2}, {"mAP": 0.3, "NDS": 0.2}, {"mAP": 0.2, "NDS": 0.5}])
+    assert abs(mean["mAP"] - 0.2) < 1e-15 and abs(sd["mAP"] - 0.1) < 1e-15  # sample sd: sqrt((0.01 + 0.01) / 2)
+    assert abs(mean["NDS"] - 0.3) < 1e-15 and abs(sd["NDS"] - (0.03 ** 0.5)) < 1e-15  # sqrt((.01+.01+.04) / 2)
+    assert mean_and_sd([{"mAP": 0.4}])[1] == {"mAP": 0.0}
