@@ -302,57 +302,83 @@ def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_
     results depend on the thread count and batch composition, so a resumed or repaired store is bit-identical to
     an uninterrupted extraction when both use the same thread count and batch size.
     """
-    import zarr
-
     started = time.perf_counter()
     path = Path(path)
     refuse_unusable(path, classify_store_path(path))
     if path.is_symlink():
         path = path.resolve()
     with StoreLock(path, command=command):
-        state: str = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
-        total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
-        group = zarr.open_group(str(path), mode="r")
-        every = [(s, v) for s in range(int(manifest["sample_count"])) for v in range(int(manifest["views"]["count"]))]
-        redone: list[tuple[int, int]] = []
-        checked = ""
-        if state == "complete":
-            checked = "crc" if repair else "quick"
-            damage = damaged_sample_views(group, manifest, every, full=repair, progress=progress)
-            if not damage:
-                logger.info("%s: complete (%d sample-views, every chunk %s); nothing to do", path, total,
-                            "passed its CRC32C check" if repair else "present")
-                return ExtractionReport(str(path), state, v2.STATUS_COMPLETE, total, total, 0,
-                                        time.perf_counter() - started, 0, checked=checked)
-            logger.warning("%s: %d damaged sample-views will be re-extracted: %s", path, len(damage),
-                           _describe_damage(damage, sample_tokens))
-            set_status(path, v2.STATUS_WRITING, manifest_generation=True)
-            redone = sorted(damage)
-            set_done(path, redone, 0)
-            state = "repaired"
-        elif state == "resumed":
-            marked = [(int(s), int(v)) for s, v in zip(*np.nonzero(read_done(path)))]
-            damage = damaged_sample_views(group, manifest, marked, full=True, progress=progress)
-            if damage:
-                logger.warning("%s: %d sample-views marked done failed their checks and will be redone: %s", path,
-                               len(damage), _describe_damage(damage, sample_tokens))
-                redone = sorted(damage)
-                set_done(path, redone, 0)
-        done = read_done(path)
-        pending = [(int(s), int(v)) for s, v in zip(*np.nonzero(~done))]
-        if state == "resumed":
+        prepared = prepare_extraction(path, manifest, sample_tokens, head_state, overwrite, repair, progress)
+        total = prepared.total
+        if prepared.state == "complete":
+            return ExtractionReport(str(path), prepared.state, v2.STATUS_COMPLETE, total, total, 0,
+                                    time.perf_counter() - started, 0, checked=prepared.checked)
+        pending = pending_sample_views(path)
+        if prepared.state == "resumed":
             logger.info("%s: resuming, %d of %d sample-views already done", path, total - len(pending), total)
-        runs = split_tasks(pending, workers)
-        views = ViewConfig.from_json(manifest["views"])
-        jobs = [_WorkerJob(path, run, list(sample_tokens), views, run_teacher, load_points, batch_size,
-                           background_writer, max_pending) for run in runs]
-        report = ExtractionReport(str(path), state, v2.STATUS_WRITING, total, total - len(pending), 0, 0.0, 0,
-                                  redone=redone, checked=checked)
+        jobs = [_WorkerJob(path, run, list(sample_tokens), ViewConfig.from_json(manifest["views"]), run_teacher,
+                           load_points, batch_size, background_writer, max_pending)
+                for run in split_tasks(pending, workers)]
+        report = ExtractionReport(str(path), prepared.state, v2.STATUS_WRITING, total, total - len(pending), 0, 0.0,
+                                  0, redone=prepared.redone, checked=prepared.checked)
         _run_jobs(jobs, report, pending, workers, threads_per_worker, started, progress)
         finalize_store(path, sample_tokens)
     report.status = v2.STATUS_COMPLETE
     report.seconds = time.perf_counter() - started
     return report
+
+
+@dataclass
+class PreparedStore:
+    """A store ready for its workers: state "created" / "resumed" / "repaired" / "complete" (nothing to do)."""
+
+    state: str
+    total: int
+    redone: list[tuple[int, int]] = field(default_factory=list)
+    checked: str = ""
+
+
+def prepare_extraction(path: Path, manifest: dict[str, Any], sample_tokens: list[str],
+                       head_state: dict[str, np.ndarray], overwrite: bool, repair: bool,
+                       progress: bool) -> PreparedStore:
+    """Create or reopen the store (the caller holds its lock) and mark every sample-view that must be (re)done.
+
+    Resume re-checks (CRC) the sample-views marked done; a complete store is checked quick or, with `repair`, by
+    CRC, and its damaged sample-views are marked not done under a new generation.
+    """
+    import zarr
+
+    state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
+    total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
+    group = zarr.open_group(str(path), mode="r")
+    if state == "complete":
+        every = [(s, v) for s in range(int(manifest["sample_count"])) for v in range(int(manifest["views"]["count"]))]
+        checked = "crc" if repair else "quick"
+        damage = damaged_sample_views(group, manifest, every, full=repair, progress=progress)
+        if not damage:
+            logger.info("%s: complete (%d sample-views, every chunk %s); nothing to do", path, total,
+                        "passed its CRC32C check" if repair else "present")
+            return PreparedStore("complete", total, checked=checked)
+        logger.warning("%s: %d damaged sample-views will be re-extracted: %s", path, len(damage),
+                       _describe_damage(damage, sample_tokens))
+        set_status(path, v2.STATUS_WRITING, manifest_generation=True)
+        set_done(path, sorted(damage), 0)
+        return PreparedStore("repaired", total, sorted(damage), checked)
+    redone: list[tuple[int, int]] = []
+    if state == "resumed":
+        marked = [(int(s), int(v)) for s, v in zip(*np.nonzero(read_done(path)))]
+        damage = damaged_sample_views(group, manifest, marked, full=True, progress=progress)
+        if damage:
+            logger.warning("%s: %d sample-views marked done failed their checks and will be redone: %s", path,
+                           len(damage), _describe_damage(damage, sample_tokens))
+            redone = sorted(damage)
+            set_done(path, redone, 0)
+    return PreparedStore(state, total, redone)
+
+
+def pending_sample_views(path: Path) -> list[tuple[int, int]]:
+    """(sample, view) of every sample-view not marked done, in order."""
+    return [(int(s), int(v)) for s, v in zip(*np.nonzero(~read_done(path)))]
 
 
 def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tuple[int, int]], workers: int,
