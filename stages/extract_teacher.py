@@ -49,6 +49,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     import dataclasses
     import logging
+    import os
     import shlex
     from pathlib import Path
 
@@ -71,6 +72,17 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
                           "with --device cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun with several ranks
+    if distributed:
+        if workers > 1:
+            raise ConfigError("under torchrun every rank is one extraction process: drop --workers (or set it to 1) "
+                              "and choose the number of processes with --nproc-per-node")
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     config = load_config(TeacherExperimentConfig, config_path, overrides=list(overrides))
     data_config = dataclasses.replace(config.data, dataroot=str(dataroot), load_images=False)
     layer_names = [name.strip() for name in layers.split(",") if name.strip()]
@@ -127,6 +139,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
                  "num_sweeps": data_config.num_sweeps, "fingerprint": inputs.fingerprint,
                  "point_loading": point_loading_settings(data_config)},
         extraction={"command": command_line, "batch_size": batch_size, "workers": workers, "device": device,
+                    "ranks": int(os.environ.get("WORLD_SIZE", "1")),
                     "threads": torch.get_num_threads()})
     head_state = {name: value.detach().cpu().numpy() for name, value in model.pts_bbox_head.state_dict().items()}
 
@@ -138,10 +151,18 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         sample = dataset.get(index, bev_aug=bev_aug, with_images=False)
         return sample.sample_token, sample.points
 
-    result = extract_teacher_cache(cache_path, manifest=manifest, sample_tokens=list(dataset.sample_tokens),
-                                   head_state=head_state, run_teacher=run_teacher, load_points=load_points,
-                                   workers=workers, batch_size=batch_size, background_writer=not no_background_writer,
-                                   overwrite=overwrite, repair=repair, command=command_line)
+    common = dict(manifest=manifest, sample_tokens=list(dataset.sample_tokens), head_state=head_state,
+                  run_teacher=run_teacher, load_points=load_points, batch_size=batch_size,
+                  background_writer=not no_background_writer, overwrite=overwrite, repair=repair,
+                  command=command_line)
+    if distributed:
+        from ..pipeline.cache.distributed import extract_distributed
+
+        result = extract_distributed(cache_path, **common)
+        if torch.distributed.get_rank() != 0:
+            return
+    else:
+        result = extract_teacher_cache(cache_path, workers=workers, **common)
     if result.state == "complete":
         checked = ("every chunk read and its CRC32C checked" if result.checked == "crc"
                    else "every chunk present; `--repair` also reads and CRC-checks them")

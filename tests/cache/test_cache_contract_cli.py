@@ -181,3 +181,20 @@ def test_training_refuses_another_teacher_or_dataset_before_step_one(world, stor
     code, _, err = run(_student_argv(world[0], tmp_path, store, checkpoint=other), capsys)
     line = error_line(err)
     assert code == 1 and "teacher.checkpoint_sha256: " in line and not (tmp_path / "run" / "latest.pth").exists()
+
+
+def test_extract_teacher_under_torchrun_equals_one_process(world, tmp_path):
+    import subprocess
+
+    _, argv, clean = world
+    store = tmp_path / "ranks.zarr"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "distillbev.cli", *argv, "--cache", str(store)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("complete: 2 sample-views") == 1  # rank 0 alone reports
+    assert chunks_of(store) == clean
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "distillbev.cli", *argv, "--cache", str(store), "--workers", "2"],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "under torchrun every rank is one extraction process" in refused.stderr

@@ -1,0 +1,112 @@
+"""Extraction under torchrun with 2 gloo ranks on CPU: the store equals a 1-process extraction byte for byte, and
+a 2-rank run killed part-way resumes with 1 process to the same bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cache_fakes import chunk_files, run_extract
+
+from distillbev.pipeline.cache.distributed import rank_tasks
+from distillbev.pipeline.cache.writer import read_done
+
+SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+from cache_fakes import FakeTeacher, head_state, load_points, make_manifest, token_of
+from distillbev.pipeline.cache.distributed import extract_distributed
+
+dist.init_process_group("gloo")
+teacher = FakeTeacher()
+def run_teacher(points):
+    time.sleep({delay})
+    return teacher(points)
+manifest = make_manifest(FakeTeacher())
+report = extract_distributed({path!r}, manifest=manifest, sample_tokens=[token_of(i) for i in range(5)],
+                             head_state=head_state(), run_teacher=run_teacher, load_points=load_points, threads=1,
+                             progress=False)
+print("rank", dist.get_rank(), "written", report.written, "by", sorted({{r for r, _, _ in report.written_by}}),
+      flush=True)
+dist.destroy_process_group()
+"""
+
+
+def torchrun(path: Path, delay: float = 0.0) -> subprocess.Popen:
+    script = path.parent / f"{path.name}.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), path=str(path), delay=delay))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+@pytest.fixture
+def reference(tmp_path, manifest):
+    path = tmp_path / "reference.zarr"
+    run_extract(path, manifest, workers=1, threads_per_worker=1)
+    return chunk_files(path)
+
+
+def test_rank_tasks_take_whole_samples():
+    pending = [(s, v) for s in range(5) for v in range(2)]
+    assert rank_tasks(pending, 0, 2) == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
+    assert rank_tasks(pending, 1, 2) == [(1, 0), (1, 1), (3, 0), (3, 1)]
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path, reference):
+    path = tmp_path / "ranks.zarr"
+    process = torchrun(path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    # 5 samples x 3 views: rank 0 owns samples 0, 2, 4 (9 sample-views), rank 1 samples 1, 3 (6)
+    assert "rank 0 written 15 by [0, 1]" in output
+    assert chunk_files(path) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the rank processes")
+def test_two_ranks_killed_then_resumed_by_one_process(tmp_path, manifest, reference):
+    path = tmp_path / "ranks.zarr"
+    process = torchrun(path, delay=0.3)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (path / "done" / "zarr.json").exists() and read_done(path).sum() >= 4:
+            break
+        time.sleep(0.05)
+    for pid in [process.pid, *descendants(process.pid)]:  # the launcher and both ranks, as a lost node
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+    done = int(read_done(path).sum())
+    assert 4 <= done < 15
+    report = run_extract(path, manifest, workers=1, threads_per_worker=1)
+    assert report.state == "resumed" and report.skipped == done and report.written == 15 - done
+    assert chunk_files(path) == reference
