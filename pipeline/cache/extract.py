@@ -11,8 +11,9 @@ With `workers=N` the pending samples are split into N contiguous runs, one forke
 whole samples, and every array has one chunk per sample-view, so two processes never write the same chunk.
 Inside a process a bounded queue hands finished sample-views to a writer thread, overlapping compression and I/O
 with the next teacher forward pass. A sample-view's done marker is written after all its chunks; after a crash the
-same command skips the done sample-views and rewrites the rest, giving the same bytes as an uninterrupted run
-(given a deterministic teacher: same device, same thread count).
+same command re-checks the done sample-views, skips those that pass and rewrites the rest, giving the same bytes
+as an uninterrupted run (given a deterministic teacher: same device, same thread count). Under torchrun,
+`distributed.py` runs the same steps with one rank per process.
 """
 
 from __future__ import annotations
