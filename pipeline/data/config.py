@@ -24,6 +24,7 @@ class DataConfig:
     num_sweeps: int = 9  # previous LIDAR_TOP sweeps added to the key frame (10 frames in total)
     sweep_candidates: int = 10  # train mode picks num_sweeps of this many nearest previous sweeps (mmdet3d)
     sweep_min_distance: float = 1.0  # sweep points with |x| and |y| below this (own sensor frame) are dropped
+    pad_empty_sweeps: bool = True  # a key frame with no previous sweep repeats itself num_sweeps times (mmdet3d)
     point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped before BEV aug
 

@@ -221,7 +221,8 @@ def load_lidar_points(nusc, sample_token: str, config: DataConfig,
     Returns (P, 5) float32 x, y, z, intensity, time lag [s] (0 for the key frame). Sweeps follow sample_data
     `prev` like the devkit's `from_file_multisweep`: sweep lidar -> ego(t_sweep) -> global -> ego(t_key) -> key
     lidar. With `rng` the sweeps are a random choice among the `sweep_candidates` nearest (train); without, the
-    nearest `num_sweeps` (test). The records come from `lidar_records`.
+    nearest `num_sweeps` (test). The records come from `lidar_records`. A key frame without any previous sweep
+    is padded with copies of itself when `config.pad_empty_sweeps`.
     """
     key, *chosen = lidar_records(nusc, sample_token, config.num_sweeps, config.sweep_candidates, rng)
     lidar_to_ego, ego_to_global = sample_data_transforms(nusc, key)
@@ -230,6 +231,12 @@ def load_lidar_points(nusc, sample_token: str, config: DataConfig,
     key_points[:, 4] = 0.0
 
     clouds = [key_points]
+    if not chosen and config.num_sweeps > 0 and config.pad_empty_sweeps:
+        # a key frame with no previous sweep (a scene start): the key frame stands in for each missing sweep,
+        # without its own close returns, as mmdet3d's LoadPointsFromMultiSweeps(pad_empty_sweeps=True) does
+        close = (np.abs(key_points[:, 0]) < config.sweep_min_distance) \
+            & (np.abs(key_points[:, 1]) < config.sweep_min_distance)
+        clouds += [key_points[~close]] * config.num_sweeps
     for sweep in chosen:
         points = read_points(Path(nusc.dataroot) / sweep["filename"], sample_token)
         # The ego body's own returns would smear across the key frame once the sweep is moved.

@@ -226,3 +226,32 @@ def test_load_lidar_points_is_unchanged(tiny_slice, num_sweeps, candidates, seed
         found.append((points.shape[0], hashlib.sha256(points.tobytes()).hexdigest()[:16],
                       None if rng is None else rng.random()))  # the same draws were consumed
     assert found == PINNED_CLOUDS[(num_sweeps, candidates, seed)]
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_a_scene_start_without_sweeps_is_padded_with_its_key_frame(tiny_slice_copy, pad):
+    """Key frame 0 cut from its previous sweeps: with padding its cloud is the key frame plus, per missing sweep,
+    the key frame without its own close returns (|x| and |y| < 1 m), all at time lag 0 (mmdet3d's rule)."""
+    from distillbev.pipeline.data.loading import read_points
+
+    nusc = load_nuscenes(tiny_slice_copy.dataroot, tiny_slice_copy.version)
+    token = tiny_slice_copy.sample_tokens[0]
+    key_token = nusc.get("sample", token)["data"]["LIDAR_TOP"]
+    key_file = tiny_slice_copy.dataroot / nusc.get("sample_data", key_token)["filename"]
+
+    def cut(records):
+        for record in records:
+            if record["token"] == key_token:
+                record["prev"] = ""
+
+    edit_table(tiny_slice_copy, "sample_data", cut)
+    nusc = load_nuscenes(tiny_slice_copy.dataroot, tiny_slice_copy.version)
+    config = DataConfig(dataroot=str(tiny_slice_copy.dataroot), version=tiny_slice_copy.version, num_sweeps=2,
+                        load_images=False, pad_empty_sweeps=pad)
+    points = load_lidar_points(nusc, token, config, None)
+    key = read_points(key_file, token)
+    key[:, 4] = 0.0
+    far = key[~((np.abs(key[:, 0]) < 1.0) & (np.abs(key[:, 1]) < 1.0))]
+    expected = np.concatenate([key, far, far]) if pad else key
+    assert len(far) < len(key)  # the tiny key frame has a return within 1 m: the padding really drops it
+    assert points.tobytes() == expected.astype(np.float32).tobytes()
