@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...cache_schemas import v2
-from .chunks import CRC_BYTES, chunk_coords, chunk_size, crc_problem, get_chunk_bytes
+from .chunks import CRC_BYTES, chunk_coords, chunk_size, crc_problem, get_chunk_bytes, single_chunk_bytes
 from .manifest import layer_specs
 
 Damage = dict[tuple[int, int], list[tuple[str, str]]]  # (sample, view) -> [(array, problem)]
@@ -88,8 +88,7 @@ def static_array_problems(group: Any, manifest: dict[str, Any], sample_tokens: l
     for name, value in expected.items():
         try:
             array = group[name]
-            raw = get_chunk_bytes(array, (0,) * array.ndim)
-            if crc_problem(raw) is not None:
+            if crc_problem(single_chunk_bytes(array)) is not None:
                 bad.append(name)
                 continue
             stored = np.asarray(array[...])

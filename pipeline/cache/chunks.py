@@ -99,3 +99,13 @@ def decode_chunk(array: Any, raw: bytes | None) -> np.ndarray:
     if len(payload) != expected:
         raise ChunkError(f"chunk holds {len(payload)} bytes after decompression, expected {expected}")
     return np.frombuffer(bytearray(payload), dtype=dtype).reshape(array.chunks)  # writable: torch wraps it
+
+
+def single_chunk_bytes(array: Any) -> bytes | None:
+    """The stored bytes of an array kept in one chunk (views, sample_tokens, teacher_head/*), None when absent."""
+    return get_chunk_bytes(array, (0,) * array.ndim)
+
+
+def decode_single_chunk(array: Any) -> np.ndarray:
+    """The values of an array kept in one chunk, shape `array.shape`, read strictly (ChunkError when damaged)."""
+    return decode_chunk(array, single_chunk_bytes(array)).reshape(array.shape)

@@ -22,7 +22,8 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .chunks import ChunkError, chunk_coords, crc_problem, decode_chunk, expect_v2_codecs, get_chunk_bytes
+from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk, expect_v2_codecs,
+                     get_chunk_bytes, single_chunk_bytes)
 from .manifest import ViewConfig, layer_specs, views_array
 from .reader import TeacherCache
 
@@ -269,7 +270,7 @@ def _check_layout(group: Any, manifest: dict[str, Any], specs: list[ArraySpec]) 
         problems += _token_problems(arrays[v2.SAMPLE_TOKENS], manifest)
     if v2.VIEWS in arrays:
         try:
-            stored = _decoded_whole(arrays[v2.VIEWS])
+            stored = decode_single_chunk(arrays[v2.VIEWS])
             expected = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
             if not np.array_equal(stored, expected):
                 problems.append(VerifyProblem("view augmentations differ from the manifest's seed and ranges",
@@ -280,15 +281,10 @@ def _check_layout(group: Any, manifest: dict[str, Any], specs: list[ArraySpec]) 
     return problems, arrays
 
 
-def _decoded_whole(array: Any) -> np.ndarray:
-    """The values of a single-chunk array, read strictly (ChunkError when missing or corrupt)."""
-    return decode_chunk(array, get_chunk_bytes(array, (0,) * array.ndim)).reshape(array.shape)
-
-
 def _token_problems(array: Any, manifest: dict[str, Any]) -> list[VerifyProblem]:
     from .manifest import tokens_sha256
 
-    problem = crc_problem(get_chunk_bytes(array, (0,) * array.ndim))
+    problem = crc_problem(single_chunk_bytes(array))
     if problem is not None:
         return [VerifyProblem(problem, v2.SAMPLE_TOKENS)]
     tokens = [str(t) for t in array[...]]
@@ -317,7 +313,7 @@ def _teacher_head_problems(group: Any) -> list[VerifyProblem]:
             continue
         try:
             expect_v2_codecs(array)
-            values = _decoded_whole(array)
+            values = decode_single_chunk(array)
         except ChunkError as exc:
             problems.append(VerifyProblem(str(exc), name))
             continue

@@ -31,7 +31,8 @@ import torch
 from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
-from .chunks import ChunkError, chunk_coords, crc_problem, decode_chunk, expect_v2_codecs, get_chunk_bytes
+from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk, expect_v2_codecs,
+                     get_chunk_bytes, single_chunk_bytes)
 from .manifest import LayerSpec, layer_specs, manifest_diff
 from .quantize import dequantize_per_channel
 
@@ -195,10 +196,10 @@ class TeacherCache:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        group = self._arrays[v2.DONE].store if self._arrays else None
-        if group is None:
+        store = self._arrays[v2.DONE].store if self._arrays else None
+        if store is None:
             return
-        raw = sync(group.get("zarr.json", prototype=default_buffer_prototype()))
+        raw = sync(store.get("zarr.json", prototype=default_buffer_prototype()))
         try:
             attributes = json.loads(raw.to_bytes()).get("attributes", {}) if raw is not None else {}
         except ValueError:
@@ -250,8 +251,7 @@ class TeacherCache:
         state = {}
         for name, array in _walk_arrays(head, ""):
             try:
-                state[name] = torch.from_numpy(decode_chunk(array, get_chunk_bytes(array, (0,) * array.ndim))
-                                               .reshape(array.shape).copy())
+                state[name] = torch.from_numpy(decode_single_chunk(array))
             except ChunkError as exc:
                 raise CacheError(f"{self.path}: teacher_head/{name}: {exc}; repair the store with "
                                  f"`{self.repair_command}`") from None
@@ -286,7 +286,7 @@ def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list
     for name in (v2.SAMPLE_TOKENS, v2.VIEWS):
         try:
             array = group[name]
-            problem = crc_problem(get_chunk_bytes(array, (0,) * array.ndim))
+            problem = crc_problem(single_chunk_bytes(array))
             if problem is not None:
                 problems[name] = problem
             elif name == v2.SAMPLE_TOKENS:

@@ -47,6 +47,27 @@ def torchrun(path: Path, delay: float = 0.0) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def running(script: str) -> list[int]:
+    """Processes whose command line names `script` (the torchrun launcher and its ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if script in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (torchrun starts its ranks in sessions of their own)."""
     children: dict[int, list[int]] = {}
@@ -99,11 +120,19 @@ def test_two_ranks_killed_then_resumed_by_one_process(tmp_path, manifest, refere
         if (path / "done" / "zarr.json").exists() and read_done(path).sum() >= 4:
             break
         time.sleep(0.05)
-    for pid in [process.pid, *descendants(process.pid)]:  # the launcher and both ranks, as a lost node
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    script = str(path.parent / f"{path.name}.py")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the launcher and both ranks, as a lost node (until none is left)
+        victims = [process.pid, *descendants(process.pid), *running(script)]
+        victims = [pid for pid in dict.fromkeys(victims) if alive(pid)]
+        if not victims:
+            break
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
     process.wait()
     done = int(read_done(path).sum())
     assert 4 <= done < 15
