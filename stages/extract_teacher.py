@@ -116,6 +116,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     sha = checkpoint_sha256(checkpoint)
 
     dataset = NuScenesDetectionDataset(data_config, split, mode="test", nusc=nusc)
+    del nusc  # the dataset keeps a flat index; the devkit tables are not needed past this point
     canvas = config.model.canvas_grid
     shapes, channels = model.feature_shapes, model.feature_channels
     specs = [LayerSpec(name, channels[name], shapes[name], (canvas.x_max - canvas.x_min) / shapes[name][1],

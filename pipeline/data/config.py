@@ -26,7 +26,7 @@ class DataConfig:
     sweep_min_distance: float = 1.0  # sweep points with |x| and |y| below this (own sensor frame) are dropped
     pad_empty_sweeps: bool = True  # a key frame with no previous sweep repeats itself num_sweeps times (mmdet3d)
     point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
-    # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped before BEV aug
+    # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped after the BEV aug
 
     # Cameras
     load_images: bool = True  # False for LiDAR-only consumers (the teacher)
@@ -36,7 +36,15 @@ class DataConfig:
     crop_h_lim: tuple[float, float] = (0.0, 0.0)  # fraction of the resized height kept below the crop (BEVDet)
     rot_lim: tuple[float, float] = (-5.4, 5.4)  # train: image rotation in degrees
     image_flip: bool = True  # train: flip each image horizontally with probability 0.5
-    load_previous_frame: bool = False  # also load the previous key frame's cameras (4D students)
+    load_previous_frame: bool = False  # also load an adjacent frame's cameras (4D students)
+    # The 4D adjacent frame, as BEVDet4D's sequential infos: candidate a is the reference camera's (CAM_FRONT)
+    # record number (a + 1) * adjacent_interval - 1 counted back from the key frame, the other cameras nearest in
+    # time to it; train draws a uniformly from [adjacent_train_range), test takes adjacent_test_candidate (the
+    # DistillBEV BEVDepth4D recipe: interval 3 at 12 Hz, [2, 9), 5). With camera records at key frames only (the
+    # synthetic world) interval 1 and candidate 0 is the previous key frame.
+    adjacent_interval: int = 1
+    adjacent_train_range: tuple[int, int] = (0, 1)
+    adjacent_test_candidate: int = 0
 
     # BEV augmentation (train mode), applied identically to points and GT boxes
     bev_rotation_lim: tuple[float, float] = (-0.3925, 0.3925)  # radians
@@ -54,5 +62,17 @@ class DataConfig:
         if self.num_sweeps < 0 or self.sweep_candidates < self.num_sweeps:
             raise ValueError(f"need 0 <= num_sweeps <= sweep_candidates, found {self.num_sweeps} and "
                              f"{self.sweep_candidates}")
+        low, high = self.adjacent_train_range
+        if self.adjacent_interval < 1 or not 0 <= low < high or self.adjacent_test_candidate < 0:
+            raise ValueError(f"need adjacent_interval >= 1, 0 <= adjacent_train_range[0] < adjacent_train_range[1] "
+                             f"and adjacent_test_candidate >= 0, found {self.adjacent_interval}, "
+                             f"{self.adjacent_train_range} and {self.adjacent_test_candidate}")
         if len(self.final_size) != 2 or min(self.final_size) <= 0:
             raise ValueError(f"final_size must be (H, W) with positive values, found {self.final_size}")
+
+    @property
+    def adjacent_candidates(self) -> int:
+        """Adjacent-frame candidates a split index needs per sample (0 without a previous frame)."""
+        if not (self.load_images and self.load_previous_frame):
+            return 0
+        return max(self.adjacent_train_range[1], self.adjacent_test_candidate + 1)

@@ -1,9 +1,11 @@
-"""`NuScenesDetectionDataset`: one key frame of a nuScenes-format dataroot as a `Sample`, through the devkit.
+"""`NuScenesDetectionDataset`: one key frame of a nuScenes-format dataroot as a `Sample`.
 
-Real nuScenes and the synthetic dataroot go through exactly the same code. Everything is expressed in the
-key-frame LIDAR_TOP frame; BEV augmentation is applied identically to points and GT boxes (cameras keep their
-un-augmented `camera_to_lidar` and carry the augmentation in `Sample.bev_aug`), and the point range filter comes
-after it, on the augmented cloud.
+Real nuScenes and the synthetic dataroot go through exactly the same code. The devkit tables are read once into a
+flat `SplitIndex` (`data/index.py`) and the devkit object is dropped, so DataLoader workers share the index's numpy
+buffers instead of each growing a copy of the devkit's dicts. Everything is expressed in the key-frame LIDAR_TOP
+frame; BEV augmentation is applied identically to points and GT boxes (cameras keep their un-augmented
+`camera_to_lidar` and carry the augmentation in `Sample.bev_aug`), and the point range filter comes after it, on the
+augmented cloud.
 
 GT filtering follows the devkit's detection eval: only the 10 detection classes, and boxes with
 num_lidar_pts + num_radar_pts == 0 are dropped in BOTH modes (the eval drops them from its GT, so keeping them in
@@ -19,28 +21,44 @@ import torch
 
 from ..errors import DataError
 from ..geometry.bev import BEVAugmentation, sample_bev_augmentation
-from ..geometry.transforms import invert_transform, quaternion_to_matrix
-from .classes import ATTRIBUTE_ID, CLASS_ID, NO_ATTRIBUTE, category_to_class
+from ..geometry.transforms import invert_transform, make_transform
 from .config import DataConfig
-from .loading import (crop_points, decode_image, load_lidar_points, load_nuscenes, open_image,
-                      sample_data_transforms, sample_image_augmentation, split_sample_tokens)
+from .index import FrameTable, SplitIndex, build_split_index, load_lidar_points
+from .loading import crop_points, decode_image, load_nuscenes, open_image, sample_image_augmentation
 from .types import CameraInputs, Sample
 
 
 class NuScenesDetectionDataset(torch.utils.data.Dataset):
-    """Key frames of one split. `dataset[i]` draws train-mode augmentation; `get` replays an exact view."""
+    """Key frames of one split. `dataset[i]` draws train-mode augmentation; `get` replays an exact view.
 
-    def __init__(self, config: DataConfig, split: str, mode: Literal["train", "test"], nusc=None) -> None:
+    Built from the devkit (`nusc`, loaded from the config's dataroot when not given, used for the index only and
+    not kept) or from a ready `index` (e.g. `SplitIndex.load`).
+    """
+
+    def __init__(self, config: DataConfig, split: str, mode: Literal["train", "test"], nusc=None,
+                 index: SplitIndex | None = None) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', found {mode!r}")
         self.config = config
         self.split = split
         self.mode = mode
-        self.nusc = nusc if nusc is not None else load_nuscenes(config.dataroot, config.version)
         self.epoch = 0
-        self.sample_tokens: list[str] = split_sample_tokens(self.nusc, split)
-        self._index = {token: i for i, token in enumerate(self.sample_tokens)}
-        self._attribute_names = {record["token"]: record["name"] for record in self.nusc.attribute}
+        channels = tuple(config.camera_channels) if config.load_images else ()
+        adjacent = config.adjacent_candidates
+        if index is None:
+            index = build_split_index(nusc if nusc is not None else load_nuscenes(config.dataroot, config.version),
+                                      split, config.sweep_candidates, channels, adjacent, config.adjacent_interval)
+        elif index.split != split or index.camera_channels != channels \
+                or index.sweeps.files.shape[1] < config.sweep_candidates or index.adjacent.files.shape[1] < adjacent \
+                or (adjacent and index.adjacent_interval != config.adjacent_interval):
+            raise DataError(f"the split index of {index.split!r} (cameras {list(index.camera_channels)}, "
+                            f"{index.sweeps.files.shape[1]} sweep candidates, {index.adjacent.files.shape[1]} adjacent "
+                            f"every {index.adjacent_interval}) does not fit split {split!r} with cameras "
+                            f"{list(channels)}, {config.sweep_candidates} sweep candidates and {adjacent} adjacent "
+                            f"every {config.adjacent_interval}; rebuild it")
+        self.index = index
+        self.sample_tokens: list[str] = [token.decode() for token in index.tokens]
+        self._position = {token: i for i, token in enumerate(self.sample_tokens)}
 
     # ------------------------------------------------------------------------------------------- indexing
     def __len__(self) -> int:
@@ -49,7 +67,7 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
     def index_of(self, token: str) -> int:
         """Position of a sample token in this split."""
         try:
-            return self._index[token]
+            return self._position[token]
         except KeyError:
             raise KeyError(f"sample token {token!r} is not in split {self.split!r}") from None
 
@@ -64,48 +82,21 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Sample:
         return self.get(index)
 
+    def devkit(self):
+        """A fresh devkit `NuScenes` of this dataset's dataroot (for the detection eval; not kept)."""
+        return load_nuscenes(self.index.dataroot, self.index.version)
+
     # --------------------------------------------------------------------------------------------- records
-    def _sample(self, index: int) -> dict:
-        return self.nusc.get("sample", self.sample_tokens[index])
-
-    def _sample_data(self, sample: dict, channel: str) -> dict:
-        if channel not in sample["data"]:
-            raise DataError(f"{self.config.dataroot}: sample {sample['token']} has no key-frame {channel} "
-                            f"sample_data; every sample needs LIDAR_TOP and the configured cameras")
-        return self.nusc.get("sample_data", sample["data"][channel])
-
     def poses(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(lidar_to_ego, ego_to_global) 4x4 float64 of the key-frame LIDAR_TOP sample_data."""
-        return sample_data_transforms(self.nusc, self._sample_data(self._sample(index), "LIDAR_TOP"))
+        return self.index.transforms(self.index.lidar, index)
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Un-augmented GT in the key-frame LiDAR frame: boxes (K, 9) float64, labels (K,), attributes (K,)."""
-        sample = self._sample(index)
-        lidar_to_ego, ego_to_global = self.poses(index)
-        lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
-        rotation = lidar_from_global[:3, :3]
-        boxes, labels, attributes = [], [], []
-        for token in sample["anns"]:
-            ann = self.nusc.get("sample_annotation", token)
-            name = category_to_class(ann["category_name"])
-            if name is None or ann["num_lidar_pts"] + ann["num_radar_pts"] == 0:
-                continue
-            centre = rotation @ np.asarray(ann["translation"], dtype=np.float64) + lidar_from_global[:3, 3]
-            box_axes = rotation @ quaternion_to_matrix(ann["rotation"])
-            yaw = np.arctan2(box_axes[1, 0], box_axes[0, 0])
-            width, length, height = ann["size"]
-            velocity = np.nan_to_num(self.nusc.box_velocity(token), nan=0.0)  # global (3,)
-            velocity = rotation @ velocity
-            boxes.append([*centre, length, width, height, yaw, velocity[0], velocity[1]])
-            labels.append(CLASS_ID[name])
-            attribute_tokens = ann["attribute_tokens"]
-            attributes.append(ATTRIBUTE_ID.get(self._attribute_names.get(attribute_tokens[0], ""), NO_ATTRIBUTE)
-                              if attribute_tokens else NO_ATTRIBUTE)
-        return (np.asarray(boxes, dtype=np.float64).reshape(-1, 9), np.asarray(labels, dtype=np.int64),
-                np.asarray(attributes, dtype=np.int64))
+        return self.index.annotations(index)
 
     # ---------------------------------------------------------------------------------------------- views
-    def get(self, index: int, bev_aug: BEVAugmentation | None = None, with_images: bool | None = None,
+    def get(self, index: int, bev_aug: BEVAugmentation | None = None,
             rng: np.random.Generator | None = None) -> Sample:
         """The sample at `index`.
 
@@ -123,11 +114,10 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
         if bev_aug is None:
             bev_aug = BEVAugmentation() if rng is None else sample_bev_augmentation(
                 rng, config.bev_rotation_lim, config.bev_scale_lim, config.bev_flip_x_prob, config.bev_flip_y_prob)
-        with_images = config.load_images if with_images is None else with_images
+        with_images = config.load_images
 
-        sample = self._sample(index)
         lidar_to_ego, ego_to_global = self.poses(index)
-        points = load_lidar_points(self.nusc, sample["token"], config, rng)
+        points = load_lidar_points(self.index, index, config, rng)
         if not bev_aug.is_identity:
             points = bev_aug.apply_points(points)
         # the camera students' depth targets: every key-frame point, not only those inside the crop
@@ -145,13 +135,14 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
 
         cameras = prev_cameras = prev_lidar_to_lidar = None
         if with_images:
-            cameras, augmentations = self._load_cameras(sample, lidar_to_ego, ego_to_global, rng)
+            lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
+            cameras, augmentations = self._load_cameras(self.index.cameras, (index,), lidar_from_global, index, rng)
             if config.load_previous_frame:
-                prev_cameras, prev_lidar_to_lidar = self._load_previous(sample, lidar_to_ego, ego_to_global,
-                                                                        augmentations)
+                prev_cameras, prev_lidar_to_lidar = self._load_adjacent(index, lidar_to_ego, lidar_from_global,
+                                                                        augmentations, rng)
         return Sample(
-            sample_token=sample["token"],
-            timestamp=int(sample["timestamp"]),
+            sample_token=self.sample_tokens[index],
+            timestamp=int(self.index.timestamps[index]),
             points=torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)),
             depth_points=None if depth_points is None else
             torch.from_numpy(np.ascontiguousarray(depth_points, dtype=np.float32)),
@@ -166,21 +157,20 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
             prev_lidar_to_lidar=prev_lidar_to_lidar,
         )
 
-    def _load_cameras(self, sample: dict, lidar_to_ego: np.ndarray, ego_to_global: np.ndarray,
+    def _load_cameras(self, table: FrameTable, where: tuple[int, ...], lidar_from_global: np.ndarray, index: int,
                       rng: np.random.Generator | None, augmentations: list | None = None) -> tuple[CameraInputs, list]:
-        """The configured cameras of `sample`; camera_to_lidar goes through the ego pose at each camera's time."""
-        lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
+        """The cameras of `table[where]` (one record per configured camera) in the LiDAR frame `lidar_from_global`;
+        camera_to_lidar goes through the ego pose at each camera's own time."""
+        token = self.sample_tokens[index]
         images, intrinsics, camera_to_lidar, image_aug, used = [], [], [], [], []
-        for k, channel in enumerate(self.config.camera_channels):
-            record = self._sample_data(sample, channel)
-            calibration = self.nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
-            camera_to_ego, camera_ego_to_global = sample_data_transforms(self.nusc, record)
-            path = f"{self.nusc.dataroot}/{record['filename']}"
-            with open_image(path, sample["token"]) as image:
+        for k in range(len(self.index.camera_channels)):
+            camera_to_ego, camera_ego_to_global = self.index.transforms(table, *where, k)
+            path = self.index.path(table, *where, k)
+            with open_image(path, token) as image:
                 augmentation = augmentations[k] if augmentations is not None else \
                     sample_image_augmentation(self.config, image.size, rng)
-                images.append(decode_image(image, augmentation, path, sample["token"]))
-            intrinsics.append(np.asarray(calibration["camera_intrinsic"], dtype=np.float64))
+                images.append(decode_image(image, augmentation, path, token))
+            intrinsics.append(self.index.intrinsics[table.calibration[(*where, k)]])
             camera_to_lidar.append(lidar_from_global @ camera_ego_to_global @ camera_to_ego)
             image_aug.append(augmentation.matrix())
             used.append(augmentation)
@@ -189,20 +179,46 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
             intrinsics=torch.from_numpy(np.stack(intrinsics).astype(np.float32)),  # (N, 3, 3)
             camera_to_lidar=torch.from_numpy(np.stack(camera_to_lidar).astype(np.float32)),  # (N, 4, 4)
             image_aug=torch.from_numpy(np.stack(image_aug).astype(np.float32)),  # (N, 3, 3)
-            channels=tuple(self.config.camera_channels),
+            channels=tuple(self.index.camera_channels),
         )
         return cameras, used
 
-    def _load_previous(self, sample: dict, lidar_to_ego: np.ndarray, ego_to_global: np.ndarray,
-                       augmentations: list) -> tuple[CameraInputs, torch.Tensor]:
-        """The previous key frame's cameras (same image augmentation) and prev-LiDAR -> current-LiDAR.
+    def adjacent_choice(self, index: int, rng: np.random.Generator | None) -> int:
+        """The adjacent-frame candidate of sample `index` (-1: none, the frame is its own previous frame).
 
-        The first sample of a scene uses itself as its previous frame (as BEVDet4D does).
+        As BEVDet4D's dataset: train draws uniformly from [low, min(high, count)) of the `count` candidates, or
+        takes the last one when count <= low; test takes min(adjacent_test_candidate, count - 1). A single-choice
+        train range draws nothing.
         """
-        previous = self.nusc.get("sample", sample["prev"]) if sample["prev"] else sample
-        prev_lidar_to_ego, prev_ego_to_global = sample_data_transforms(
-            self.nusc, self._sample_data(previous, "LIDAR_TOP"))
-        cameras, _ = self._load_cameras(previous, prev_lidar_to_ego, prev_ego_to_global, None, augmentations)
-        prev_to_current = (invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
-                           @ prev_ego_to_global @ prev_lidar_to_ego)
-        return cameras, torch.from_numpy(prev_to_current.astype(np.float32))
+        count = int(self.index.adjacent_counts[index])
+        if count == 0:
+            return -1
+        low, high = self.config.adjacent_train_range
+        if rng is None:
+            return min(self.config.adjacent_test_candidate, count - 1)
+        if count <= low:
+            return count - 1
+        high = min(high, count)
+        return low if high - low == 1 else int(rng.integers(low, high))
+
+    def _load_adjacent(self, index: int, lidar_to_ego: np.ndarray, lidar_from_global: np.ndarray, augmentations: list,
+                       rng: np.random.Generator | None) -> tuple[CameraInputs, torch.Tensor]:
+        """The adjacent frame's cameras (same image augmentation) in its own LiDAR frame, and that frame -> the
+        current LiDAR frame.
+
+        The adjacent LiDAR frame is the current LiDAR calibration on the ego pose of the reference camera's record
+        (the reference anchors the adjacent frame on CAM_FRONT's ego pose). The first sample of a scene uses itself
+        as its previous frame, with the identity transform (as BEVDet4D does).
+        """
+        choice = self.adjacent_choice(index, rng)
+        if choice < 0:
+            cameras, _ = self._load_cameras(self.index.cameras, (index,), lidar_from_global, index, None,
+                                            augmentations)
+            return cameras, torch.eye(4)
+        table = self.index.adjacent
+        pose = table.ego_pose[index, choice, self.index.reference_camera]
+        adjacent_lidar_to_global = make_transform(pose[:4], pose[4:]) @ lidar_to_ego
+        cameras, _ = self._load_cameras(table, (index, choice), invert_transform(adjacent_lidar_to_global), index,
+                                        None, augmentations)
+        adjacent_to_current = lidar_from_global @ adjacent_lidar_to_global
+        return cameras, torch.from_numpy(adjacent_to_current.astype(np.float32))

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..geometry.transforms import invert_transform, make_transform
 from .config import DataConfig
 
 # The 13 tables `nuscenes.NuScenes` loads from <dataroot>/<version>/.
@@ -170,15 +169,6 @@ def split_sample_tokens(nusc, split: str) -> list[str]:
     return [token for _, _, token in sorted(keyed)]
 
 
-# ----------------------------------------------------------------------------------------------------- poses
-def sample_data_transforms(nusc, sample_data: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(sensor_to_ego, ego_to_global) 4x4 float64 of one sample_data record (ego pose at its own timestamp)."""
-    calibration = nusc.get("calibrated_sensor", sample_data["calibrated_sensor_token"])
-    pose = nusc.get("ego_pose", sample_data["ego_pose_token"])
-    return (make_transform(calibration["rotation"], calibration["translation"]),
-            make_transform(pose["rotation"], pose["translation"]))
-
-
 # ------------------------------------------------------------------------------------------------------ LiDAR
 def read_points(path: str | Path, sample_token: str) -> np.ndarray:
     """A nuScenes .pcd.bin -> (P, 5) float32 x, y, z, intensity, ring (sensor frame)."""
@@ -212,44 +202,6 @@ def lidar_records(nusc, sample_token: str, num_sweeps: int, sweep_candidates: in
     else:
         chosen = candidates[:num_sweeps]
     return [key, *chosen]
-
-
-def load_lidar_points(nusc, sample_token: str, config: DataConfig,
-                      rng: np.random.Generator | None) -> np.ndarray:
-    """Key-frame LIDAR_TOP points + `num_sweeps` previous sweeps in the key-frame LiDAR frame.
-
-    Returns (P, 5) float32 x, y, z, intensity, time lag [s] (0 for the key frame). Sweeps follow sample_data
-    `prev` like the devkit's `from_file_multisweep`: sweep lidar -> ego(t_sweep) -> global -> ego(t_key) -> key
-    lidar. With `rng` the sweeps are a random choice among the `sweep_candidates` nearest (train); without, the
-    nearest `num_sweeps` (test). The records come from `lidar_records`. A key frame without any previous sweep
-    is padded with copies of itself when `config.pad_empty_sweeps`.
-    """
-    key, *chosen = lidar_records(nusc, sample_token, config.num_sweeps, config.sweep_candidates, rng)
-    lidar_to_ego, ego_to_global = sample_data_transforms(nusc, key)
-    lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
-    key_points = read_points(Path(nusc.dataroot) / key["filename"], sample_token)
-    key_points[:, 4] = 0.0
-
-    clouds = [key_points]
-    if not chosen and config.num_sweeps > 0 and config.pad_empty_sweeps:
-        # a key frame with no previous sweep (a scene start): the key frame stands in for each missing sweep,
-        # without its own close returns, as mmdet3d's LoadPointsFromMultiSweeps(pad_empty_sweeps=True) does
-        close = (np.abs(key_points[:, 0]) < config.sweep_min_distance) \
-            & (np.abs(key_points[:, 1]) < config.sweep_min_distance)
-        clouds += [key_points[~close]] * config.num_sweeps
-    for sweep in chosen:
-        points = read_points(Path(nusc.dataroot) / sweep["filename"], sample_token)
-        # The ego body's own returns would smear across the key frame once the sweep is moved.
-        close = (np.abs(points[:, 0]) < config.sweep_min_distance) & (np.abs(points[:, 1]) < config.sweep_min_distance)
-        points = points[~close]
-        sweep_to_ego, sweep_ego_to_global = sample_data_transforms(nusc, sweep)
-        key_from_sweep = lidar_from_global @ sweep_ego_to_global @ sweep_to_ego
-        # float32 is exact enough (1e-5 m at 100 m) and about twice as fast as float64 here.
-        points[:, :3] = points[:, :3] @ key_from_sweep[:3, :3].T.astype(np.float32) \
-            + key_from_sweep[:3, 3].astype(np.float32)
-        points[:, 4] = (key["timestamp"] - sweep["timestamp"]) * 1e-6
-        clouds.append(points)
-    return np.concatenate(clouds, axis=0)  # (P, 5) float32
 
 
 def crop_points(points: np.ndarray, point_cloud_range: tuple[float, ...]) -> np.ndarray:

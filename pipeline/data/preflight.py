@@ -79,17 +79,35 @@ def _file_problem(path: str, size: int, issue: str, readers: list[str]) -> str:
     return f"{path}: LiDAR file of {samples} {issue}; re-extract it from the dataset archive"
 
 
-def _record_key(nusc, record: dict, size: int) -> dict:
-    """The fingerprinted content of one LiDAR sample_data record (no absolute paths, floats normalised)."""
+def _record_key(filename: str, timestamp: int, calibration: list[float], pose: list[float], size: int) -> dict:
+    """The fingerprinted content of one LiDAR record (no absolute paths, floats normalised).
+
+    calibration / pose: w, x, y, z, tx, ty, tz of calibrated_sensor / ego_pose.
+    """
+    return {
+        "filename": filename, "timestamp": int(timestamp), "size": size,
+        "sensor_translation": [float(v) for v in calibration[4:]],
+        "sensor_rotation": [float(v) for v in calibration[:4]],
+        "ego_translation": [float(v) for v in pose[4:]],
+        "ego_rotation": [float(v) for v in pose[:4]],
+    }
+
+
+def _devkit_record_key(nusc, record: dict, size: int) -> dict:
     calibration = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
     pose = nusc.get("ego_pose", record["ego_pose_token"])
-    return {
-        "filename": record["filename"], "timestamp": int(record["timestamp"]), "size": size,
-        "sensor_translation": [float(v) for v in calibration["translation"]],
-        "sensor_rotation": [float(v) for v in calibration["rotation"]],
-        "ego_translation": [float(v) for v in pose["translation"]],
-        "ego_rotation": [float(v) for v in pose["rotation"]],
-    }
+    return _record_key(record["filename"], record["timestamp"], [*calibration["rotation"], *calibration["translation"]],
+                       [*pose["rotation"], *pose["translation"]], size)
+
+
+def _fingerprint_header(num_sweeps: int) -> "hashlib._Hash":
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"num_sweeps": int(num_sweeps)}, sort_keys=True).encode() + b"\n")
+    return digest
+
+
+def _fingerprint_line(token: str, keys: list[dict]) -> bytes:
+    return json.dumps({"sample": token, "lidar": keys}, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
 def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int,
@@ -110,8 +128,7 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
     sizes: dict[str, tuple[int, str | None]] = {}  # filename -> (size, issue)
     readers: dict[str, list[str]] = {}  # filename with an issue -> sample tokens reading it, in split order
     missing_key_frames = []
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"num_sweeps": int(num_sweeps)}, sort_keys=True).encode() + b"\n")
+    digest = _fingerprint_header(num_sweeps)
     records_of = lidar_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates)
     for token, records in tqdm(zip(sample_tokens, records_of), total=len(sample_tokens), desc="preflight",
                                unit="sample", disable=not progress):
@@ -125,9 +142,8 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
             size, issue = sizes[filename]
             if issue is not None and token not in readers.setdefault(filename, []):
                 readers[filename].append(token)
-            keys.append(_record_key(nusc, record, size))
-        line = json.dumps({"sample": token, "lidar": keys}, sort_keys=True, separators=(",", ":"))
-        digest.update(line.encode() + b"\n")
+            keys.append(_devkit_record_key(nusc, record, size))
+        digest.update(_fingerprint_line(token, keys))
 
     problems = [f"sample {token}: no LIDAR_TOP key frame in {table_root / 'sample_data.json'}; regenerate the "
                 f"tables or leave the sample out of the split" for token in missing_key_frames]
@@ -141,6 +157,28 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
 def dataset_fingerprint(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int) -> str:
     """sha256 hex of the split's LiDAR inputs (`check_split_inputs`); path-independent."""
     return check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates).fingerprint
+
+
+def index_fingerprint(index, num_sweeps: int) -> str:
+    """The `dataset_fingerprint` of a split from its `SplitIndex` (no devkit): the same records, the same hash.
+
+    The index must hold at least `num_sweeps` sweep candidates per sample (ValueError otherwise).
+    """
+    if index.sweeps.files.shape[1] < num_sweeps:
+        raise ValueError(f"the index holds {index.sweeps.files.shape[1]} sweep candidates, the fingerprint needs "
+                         f"{num_sweeps}")
+    dataroot = Path(index.dataroot)
+    digest = _fingerprint_header(num_sweeps)
+    for i in range(len(index)):
+        where = [(index.lidar, (i,))] + [(index.sweeps, (i, j)) for j in range(min(int(index.sweep_counts[i]),
+                                                                                       num_sweeps))]
+        keys = []
+        for table, at in where:
+            filename = table.files[at].decode()
+            keys.append(_record_key(filename, table.timestamps[at], index.calibrations[table.calibration[at]].tolist(),
+                                    table.ego_pose[at].tolist(), _file_size(str(dataroot / filename))[0]))
+        digest.update(_fingerprint_line(index.token(i), keys))
+    return digest.hexdigest()
 
 
 def preflight_message(problems: list[str], limit: int = 5) -> str:

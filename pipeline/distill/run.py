@@ -55,13 +55,16 @@ def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: Camera
 
         expected["teacher"] = {"checkpoint_sha256": checkpoint_sha256(teacher_checkpoint)}
     if train_dataset is not None:
-        from ..data.preflight import dataset_fingerprint
+        from ..data.preflight import dataset_fingerprint, index_fingerprint
 
         loading = cache.manifest["dataset"]["point_loading"]
         num_sweeps = int(loading.get("num_sweeps", cache.manifest["dataset"]["num_sweeps"]))
-        expected["dataset"]["fingerprint"] = dataset_fingerprint(
-            train_dataset.nusc, list(train_dataset.sample_tokens), num_sweeps,
-            int(loading.get("sweep_candidates", num_sweeps)))
+        if train_dataset.index.sweeps.files.shape[1] >= num_sweeps:
+            fingerprint = index_fingerprint(train_dataset.index, num_sweeps)
+        else:  # the student's index walked fewer sweeps than the teacher read: walk them with the devkit
+            fingerprint = dataset_fingerprint(train_dataset.devkit(), list(train_dataset.sample_tokens), num_sweeps,
+                                              int(loading.get("sweep_candidates", num_sweeps)))
+        expected["dataset"]["fingerprint"] = fingerprint
     cache.check_compatible(expected)
     missing = [name for name in layers if name not in cache.manifest["layers"]]
     if missing:

@@ -49,7 +49,7 @@ def _out_of_range_placeholder(nusc, sample_token: str) -> dict:
 def evaluate_results(result_path: str | Path, source, out_dir: str | Path) -> dict:
     """Evaluate a results JSON with the devkit's DetectionEval and return its metrics summary.
 
-    `source` is a `NuScenesDetectionDataset` (its devkit handle and split) or a `(nusc, split)` pair. Writes
+    `source` is a `NuScenesDetectionDataset` (a devkit object of its dataroot is loaded for the call, and its split) or a `(nusc, split)` pair. Writes
     metrics_summary.json and metrics_details.json into `out_dir`. Every sample of the split must have an entry in
     the results; entries of other samples are dropped (into a filtered copy in `out_dir`) because the devkit
     rejects them for predefined splits. A file without any box scores mAP 0 / NDS 0 (the devkit cannot load it
@@ -60,7 +60,7 @@ def evaluate_results(result_path: str | Path, source, out_dir: str | Path) -> di
 
     from ..data.loading import split_sample_tokens
 
-    nusc, split = source if isinstance(source, tuple) else (source.nusc, source.split)
+    nusc, split = source if isinstance(source, tuple) else (source.devkit(), source.split)
     result_path, out_dir = Path(result_path), Path(out_dir)
     data = _load_results(result_path)
     expected = split_sample_tokens(nusc, split)

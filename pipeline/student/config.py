@@ -69,6 +69,7 @@ class StudentModelConfig:
     lss_channels: int = 64  # context channels lifted per frame (numC_Trans)
     depth_net_channels: int = 512  # mid channels of BEVDepth's camera-aware depth net
     temporal_pre_process: bool = True  # BEVDet4D: a stride-1 residual stage on each frame's BEV before fusion
+    temporal_pre_process_before_align: bool = True  # the reference's before=True: refine, then align the previous
     bev_encoder_channels: tuple[int, int, int] = (128, 256, 512)  # backbone0/1/2 widths (strides 2, 2, 2)
     bev_encoder_blocks: tuple[int, int, int] = (2, 2, 2)  # residual blocks per BEV encoder stage
     bev_neck_channels: int = 256  # FPN_LSS output = the pre-head feature "neck"

@@ -58,7 +58,8 @@ class CameraStudent(nn.Module):
         bev_channels = config.lss_channels
         self.temporal: TemporalFusion | None = None
         if config.is_temporal:
-            self.temporal = TemporalFusion(config.lss_channels, config.bev, config.temporal_pre_process)
+            self.temporal = TemporalFusion(config.lss_channels, config.bev, config.temporal_pre_process,
+                                           config.temporal_pre_process_before_align)
             bev_channels = self.temporal.out_channels
         self.bev_encoder = BEVEncoder(bev_channels, config.bev_encoder_channels, config.bev_encoder_blocks)
         encoder_channels = self.bev_encoder.out_channels

@@ -38,24 +38,32 @@ def align_previous_bev(previous: torch.Tensor, prev_lidar_to_lidar: torch.Tensor
 
 
 class TemporalFusion(nn.Module):
-    """Align the previous BEV, optionally refine both frames with a shared stride-1 residual stage, concatenate.
+    """Refine both frames with a shared stride-1 residual stage (optional), align the previous one, concatenate.
 
-    The previous frame carries no gradient: the caller computes it under no_grad and this module detaches it again
-    (DistillBEV's `detach=True`), so only the current frame trains the image network.
+    `pre_process_before_align` (the reference's `before=True`, default) refines the previous frame in its own grid
+    and then resamples it; otherwise the resampled previous frame is refined. The previous frame carries no
+    gradient: the caller computes it under no_grad and this module detaches it again (DistillBEV's
+    `detach=True`), so only the current frame trains the image network.
     """
 
-    def __init__(self, channels: int, bev: BEVRange, pre_process: bool = True):
+    def __init__(self, channels: int, bev: BEVRange, pre_process: bool = True, pre_process_before_align: bool = True):
         super().__init__()
         self.bev = bev
         self.pre_process = residual_stage(channels, channels, 2, 1) if pre_process else None
+        self.before_align = pre_process_before_align
         self.out_channels = 2 * channels
 
     def forward(self, current: torch.Tensor, previous: torch.Tensor, prev_lidar_to_lidar: torch.Tensor,
                 bev_aug: torch.Tensor) -> torch.Tensor:
         """current, previous (B, C, Y, X) -> (B, 2C, Y, X) = [current, aligned previous]."""
-        aligned = align_previous_bev(previous.detach(), prev_lidar_to_lidar, bev_aug, self.bev)
+        previous = previous.detach()
         if self.pre_process is not None:
             current = self.pre_process(current)
+            if self.before_align:
+                with torch.no_grad():
+                    previous = self.pre_process(previous)
+        aligned = align_previous_bev(previous, prev_lidar_to_lidar, bev_aug, self.bev)
+        if self.pre_process is not None and not self.before_align:
             with torch.no_grad():
                 aligned = self.pre_process(aligned)
         return torch.cat([current, aligned.detach()], dim=1)

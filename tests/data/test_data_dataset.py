@@ -157,12 +157,16 @@ def test_previous_frame_and_ego_motion(tiny_slice):
     first, second = dataset[0], dataset[1]
     # The first key frame of a scene is its own previous frame.
     np.testing.assert_allclose(first.prev_lidar_to_lidar.numpy(), np.eye(4), atol=1e-6)
-    # Key frame 0's LiDAR origin is 3 m behind key frame 1's (6 m/s for 0.5 s): lidar y = forward.
-    np.testing.assert_allclose(second.prev_lidar_to_lidar.numpy()[:3, 3], [0.0, -3.0, 0.0], atol=1e-5)
+    # The adjacent frame is anchored on CAM_FRONT's ego pose (10 ms) with the LiDAR calibration: its origin is
+    # 6 m/s * 0.49 s = 2.94 m behind key frame 1's LiDAR (500 ms); lidar y = forward.
+    np.testing.assert_allclose(second.prev_lidar_to_lidar.numpy()[:3, 3], [0.0, -2.94, 0.0], atol=1e-5)
     assert second.prev_cameras.images.shape == second.cameras.images.shape
     assert torch.equal(second.prev_cameras.image_aug, second.cameras.image_aug)
-    # Previous cameras are expressed in the previous frame's LiDAR: same extrinsics as frame 0's own cameras.
-    torch.testing.assert_close(second.prev_cameras.camera_to_lidar, first.cameras.camera_to_lidar)
+    # Every camera fired at 10 ms with the anchor, so the adjacent cameras sit at their rig positions: frame 0's own
+    # camera_to_lidar (LiDAR at 0 ms, cameras 6 m/s * 10 ms = 0.06 m further forward) minus that motion.
+    expected = first.cameras.camera_to_lidar.clone()
+    expected[:, 1, 3] -= 0.06
+    torch.testing.assert_close(second.prev_cameras.camera_to_lidar, expected)
 
 
 def test_collate_stacks_fixed_shapes(tiny_slice):

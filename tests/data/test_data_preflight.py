@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from distillbev.pipeline.data.config import DataConfig
-from distillbev.pipeline.data.loading import load_lidar_points, load_nuscenes, split_sample_tokens
+from distillbev.pipeline.data.index import build_split_index, load_lidar_points
+from distillbev.pipeline.data.loading import load_nuscenes, split_sample_tokens
 from distillbev.pipeline.data.preflight import (check_split_inputs, dataset_fingerprint, lidar_inputs,
                                                 preflight_message, preflight_split)
 from distillbev.pipeline.errors import DataError
@@ -218,10 +219,12 @@ def test_load_lidar_points_is_unchanged(tiny_slice, num_sweeps, candidates, seed
     nusc = load_nuscenes(tiny_slice.dataroot, tiny_slice.version)
     config = DataConfig(dataroot=str(tiny_slice.dataroot), version=tiny_slice.version, num_sweeps=num_sweeps,
                         sweep_candidates=candidates, load_images=False)
+    index = build_split_index(nusc, SPLIT, candidates)
+    assert [index.token(i) for i in range(len(index))] == tiny_slice.sample_tokens
     found = []
-    for token in tiny_slice.sample_tokens:
+    for i in range(len(index)):
         rng = None if seed is None else np.random.default_rng(seed)
-        points = load_lidar_points(nusc, token, config, rng)
+        points = load_lidar_points(index, i, config, rng)
         assert points.dtype == np.float32 and points.shape[1] == 5
         found.append((points.shape[0], hashlib.sha256(points.tobytes()).hexdigest()[:16],
                       None if rng is None else rng.random()))  # the same draws were consumed
@@ -248,7 +251,7 @@ def test_a_scene_start_without_sweeps_is_padded_with_its_key_frame(tiny_slice_co
     nusc = load_nuscenes(tiny_slice_copy.dataroot, tiny_slice_copy.version)
     config = DataConfig(dataroot=str(tiny_slice_copy.dataroot), version=tiny_slice_copy.version, num_sweeps=2,
                         load_images=False, pad_empty_sweeps=pad)
-    points = load_lidar_points(nusc, token, config, None)
+    points = load_lidar_points(build_split_index(nusc, SPLIT, 10), 0, config, None)
     key = read_points(key_file, token)
     key[:, 4] = 0.0
     far = key[~((np.abs(key[:, 0]) < 1.0) & (np.abs(key[:, 1]) < 1.0))]

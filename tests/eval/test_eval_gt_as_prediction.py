@@ -53,7 +53,7 @@ def test_wrong_prediction_is_penalised(tiny_slice, tmp_path):
         item.boxes[:, 0] += 3.0
     path = tmp_path / "shifted.json"
     path.write_text(json.dumps(detections_to_results(detections, dataset)))
-    summary = evaluate_results(path, (dataset.nusc, "tiny_val"), tmp_path / "eval")
+    summary = evaluate_results(path, (dataset.devkit(), "tiny_val"), tmp_path / "eval")
     assert summary["mean_ap"] < 0.6
 
 

@@ -152,3 +152,32 @@ def test_depth_bce_loss_values():
     # One valid cell: -log(0.25) + 3 * -log(0.75), averaged over all 16 elements, times 100.
     expected = 100.0 * (-math.log(0.25) - 3 * math.log(0.75)) / 16
     assert depth_bce_loss(uniform, one_hot, valid, 100.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+class Square(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+@pytest.mark.parametrize("before, expected", [(True, 2.0), (False, 1.0)])
+def test_temporal_pre_process_runs_before_or_after_the_alignment(before, expected):
+    """A previous-frame cell of value 2 moved by half a cell (0.4 m along x) splits bilinearly over two cells.
+    Refined first (the reference's before=True, squared here): 4 -> two cells of 2. Aligned first: two cells of 1,
+    squared -> 1 each. The current frame is refined either way."""
+    from distillbev.pipeline.student.temporal import TemporalFusion
+
+    bev = BEVRange(x_min=-4.0, x_max=4.0, y_min=-4.0, y_max=4.0, resolution=0.8)  # 10 x 10
+    fusion = TemporalFusion(1, bev, pre_process=True, pre_process_before_align=before)
+    fusion.pre_process = Square()
+    previous = torch.zeros(1, 1, 10, 10)
+    previous[0, 0, 5, 5] = 2.0
+    current = torch.full((1, 1, 10, 10), 3.0)
+    prev_to_current = torch.eye(4)
+    prev_to_current[0, 3] = 0.4
+    fused = fusion(current, previous, prev_to_current[None], torch.eye(4)[None])
+    assert fused.shape == (1, 2, 10, 10)
+    assert torch.all(fused[0, 0] == 9.0)
+    aligned = fused[0, 1]
+    assert aligned[5, 5].item() == pytest.approx(expected, abs=1e-5)
+    assert aligned[5, 6].item() == pytest.approx(expected, abs=1e-5)
+    assert aligned.sum().item() == pytest.approx(2 * expected, abs=1e-4)
