@@ -96,13 +96,14 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
         return self.index.annotations(index)
 
     # ---------------------------------------------------------------------------------------------- views
-    def get(self, index: int, bev_aug: BEVAugmentation | None = None,
+    def get(self, index: int, bev_aug: BEVAugmentation | None = None, with_images: bool | None = None,
             rng: np.random.Generator | None = None) -> Sample:
         """The sample at `index`.
 
         Train mode draws (in this order) the BEV augmentation unless `bev_aug` is given, the sweep choice and the
-        image augmentations from `rng` (default: `rng_for(index)`). Test mode draws nothing: identity BEV
-        augmentation unless `bev_aug` is given, nearest sweeps, deterministic resize/crop.
+        image augmentations and the adjacent frame from `rng` (default: `rng_for(index)`). Test mode draws nothing:
+        identity BEV augmentation unless `bev_aug` is given, nearest sweeps, deterministic resize/crop.
+        `with_images=False` skips the cameras of a dataset that loads them (e.g. the teacher's points only).
         """
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
@@ -114,7 +115,9 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
         if bev_aug is None:
             bev_aug = BEVAugmentation() if rng is None else sample_bev_augmentation(
                 rng, config.bev_rotation_lim, config.bev_scale_lim, config.bev_flip_x_prob, config.bev_flip_y_prob)
-        with_images = config.load_images
+        with_images = config.load_images if with_images is None else with_images
+        if with_images and not self.index.camera_channels:
+            raise ValueError("with_images=True needs a dataset built with data.load_images (its index has no cameras)")
 
         lidar_to_ego, ego_to_global = self.poses(index)
         points = load_lidar_points(self.index, index, config, rng)
