@@ -27,6 +27,8 @@ class DataConfig:
     pad_empty_sweeps: bool = True  # a key frame with no previous sweep repeats itself num_sweeps times (mmdet3d)
     point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped after the BEV aug
+    range_filter: str = "after_bev_augmentation"  # as the reference; "before_bev_augmentation" = the old order,
+    # kept only to measure what the order costs (docs/method.md)
 
     # Cameras
     load_images: bool = True  # False for LiDAR-only consumers (the teacher)
@@ -62,6 +64,9 @@ class DataConfig:
         if self.num_sweeps < 0 or self.sweep_candidates < self.num_sweeps:
             raise ValueError(f"need 0 <= num_sweeps <= sweep_candidates, found {self.num_sweeps} and "
                              f"{self.sweep_candidates}")
+        if self.range_filter not in ("after_bev_augmentation", "before_bev_augmentation"):
+            raise ValueError(f"range_filter must be 'after_bev_augmentation' or 'before_bev_augmentation', found "
+                             f"{self.range_filter!r}")
         low, high = self.adjacent_train_range
         if self.adjacent_interval < 1 or not 0 <= low < high or self.adjacent_test_candidate < 0:
             raise ValueError(f"need adjacent_interval >= 1, 0 <= adjacent_train_range[0] < adjacent_train_range[1] "

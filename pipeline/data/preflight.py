@@ -209,4 +209,4 @@ def point_loading_settings(config) -> dict:
     return {"num_sweeps": int(config.num_sweeps), "sweep_candidates": int(config.sweep_candidates),
             "sweep_selection": "nearest", "sweep_min_distance": float(config.sweep_min_distance),
             "point_cloud_range": [float(v) for v in config.point_cloud_range], "point_dims": 5,
-            "range_filter": "after_bev_augmentation", "pad_empty_sweeps": bool(config.pad_empty_sweeps)}
+            "range_filter": str(config.range_filter), "pad_empty_sweeps": bool(config.pad_empty_sweeps)}

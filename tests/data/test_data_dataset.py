@@ -208,3 +208,9 @@ def test_range_filter_runs_after_the_bev_augmentation(tiny_slice, monkeypatch):
     assert np.allclose(sample.depth_points.numpy()[:, :2], [[half, half], [0.0, 12.0 * np.sqrt(2.0)]], atol=1e-5)
     assert collate_samples([sample, sample]).depth_points[1].shape == (2, 5)
     assert make_dataset(tiny_slice)[0].depth_points is None  # no cameras, no depth cloud
+    # the old order, kept for measuring it: (14, 0) is cropped before the rotation; the rotated (12, 12) stays at
+    # (0, 16.97), outside the range (the pillar scatter drops it)
+    old = make_dataset(tiny_slice, point_cloud_range=(-12.8, -12.8, -5.0, 12.8, 12.8, 3.0),
+                       range_filter="before_bev_augmentation").get(0, bev_aug=BEVAugmentation(rotation=np.pi / 4))
+    assert np.allclose(old.points.numpy()[:, :2], [[0.0, 12.0 * np.sqrt(2.0)], [-np.sqrt(0.5), 3 * np.sqrt(0.5)]],
+                       atol=1e-5)
