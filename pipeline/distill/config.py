@@ -31,6 +31,17 @@ class StudentTrainConfig:
     num_workers: int = 2  # DataLoader worker processes
     checkpoint_every: int = 1  # epochs between checkpoints
     cbgs: bool = False  # class-balanced grouping and sampling of the train split (as every BEVDet-family recipe)
+    # Progress during training (the inputs of `distillbev figures`); neither changes what the student learns.
+    eval_every: int = 0  # N > 0: evaluate the val split after every N-th epoch too (eval/epoch_XXX/); 0: at the end
+    attention_snapshots: bool = False  # save the pre-head spatial attention after the first and the last epoch
+    attention_samples: int = 4  # train samples per attention snapshot, evenly spaced over the split (BEV view 0)
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every: expected 0 (final evaluation only) or N > 0 epochs, found "
+                             f"{self.eval_every}")
+        if self.attention_samples < 1:
+            raise ValueError(f"attention_samples: expected at least 1, found {self.attention_samples}")
 
 
 @dataclass

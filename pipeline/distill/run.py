@@ -19,6 +19,7 @@ from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
 from ..student.model import CameraStudent
 from .config import StudentExperimentConfig
+from .progress import TrainingProgress, reset_progress
 from .targets import DistillationDataset
 from .train import DistillationSetup, load_resume, run_epochs, seed_everything, write_config
 
@@ -167,9 +168,15 @@ def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
 
 
 def evaluate_student(cfg: StudentExperimentConfig, student: CameraStudent, out_dir: Path,
-                     device: torch.device) -> dict:
-    """Decode the val split (test mode) and score it with the devkit; writes out_dir/eval/."""
-    dataset = NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test")
+                     device: torch.device, eval_dir: Path | None = None,
+                     dataset: NuScenesDetectionDataset | None = None, verbose: bool = True) -> dict:
+    """Decode the val split (test mode) and score it with the devkit; writes eval_dir (default out_dir/eval/).
+
+    dataset: the val split in test mode, when the caller keeps one for several evaluations; verbose: log the whole
+    metrics table (else nothing: the caller logs its own line).
+    """
+    if dataset is None:
+        dataset = NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test")
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False,
                         num_workers=cfg.train.num_workers, collate_fn=collate_samples)
     student.eval()
@@ -179,14 +186,49 @@ def evaluate_student(cfg: StudentExperimentConfig, student: CameraStudent, out_d
             batch = batch.to(device)
             outputs = student(batch)
             detections += student.head.decode(outputs.head, batch.sample_tokens, batch.bev_aug)
-    eval_dir = out_dir / "eval"
+    eval_dir = out_dir / "eval" if eval_dir is None else eval_dir
     eval_dir.mkdir(parents=True, exist_ok=True)
     results = detections_to_results(detections, dataset, use_camera=True)
     result_path = eval_dir / "results_nusc.json"
     result_path.write_text(json.dumps(results))
     summary = evaluate_results(result_path, dataset, eval_dir)
-    log.info("student evaluation on %s:\n%s", cfg.data.val_split, format_metrics_table(summary))
+    if verbose:
+        log.info("student evaluation on %s:\n%s", cfg.data.val_split, format_metrics_table(summary))
     return summary
+
+
+def teacher_attention_source(cache, teacher, temperature: float, device: torch.device):
+    """A function (samples, pair) -> (teacher attention (S, Yt, Xt) float32 of the samples, source) or None, for
+    the attention snapshots: the cache's view 0 (the identity view the snapshot samples are drawn in), else the
+    live teacher on the samples' points, else None (a baseline run has no teacher)."""
+    from ..losses.attention import spatial_attention
+
+    def from_cache(samples, pair) -> tuple[np.ndarray, str] | None:
+        stored_temperature = cache.manifest["storage"]["attention_temperature"]
+        maps = []
+        for sample in samples:
+            index = cache.index_of(sample.sample_token)
+            if not cache.bev_aug(index, 0).is_identity:
+                log.warning("%s: view 0 of sample %s is not the identity view; the attention snapshots are saved "
+                            "without the teacher's maps", cache.path, sample.sample_token)
+                return None
+            targets = cache.read(index, 0)
+            if stored_temperature == temperature:
+                maps.append(targets.attention[pair.teacher].numpy())
+            else:
+                maps.append(spatial_attention(targets.features[pair.teacher][None], temperature)[0].numpy())
+        return np.stack(maps).astype(np.float32), f"cache {cache.path.name} (view 0)"
+
+    @torch.no_grad()
+    def from_teacher(samples, pair) -> tuple[np.ndarray, str]:
+        features = teacher([sample.points.to(device) for sample in samples]).features[pair.teacher]
+        return spatial_attention(features, temperature).cpu().numpy(), "live teacher"
+
+    if cache is not None:
+        return from_cache
+    if teacher is not None:
+        return from_teacher
+    return lambda samples, pair: None
 
 
 def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
@@ -201,6 +243,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     write_config(cfg, out_dir)
     if not resume:
         (out_dir / "train_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        reset_progress(out_dir, 0)  # and a fresh evaluation history (progress.py)
     student = CameraStudent(cfg.model).to(device_t)
     mode = "none"
     cache = None
@@ -269,9 +312,18 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         log.info("resuming from %s at epoch %d (iteration %d)", latest, start_epoch, start_iteration)
     log.info("training %s student (%s targets) on %d samples for %d epochs", cfg.model.variant, mode,
              len(train_set), cfg.train.epochs)
-    run_epochs(cfg, setup, train_set, optimizer, out_dir, device_t, cfg.model.head.grid, start_epoch,
-               start_iteration, max_steps)
-    summary = evaluate_student(cfg, student, out_dir, device_t)
+    val_dataset: list[NuScenesDetectionDataset] = []  # loaded once, at the first evaluation
+
+    def evaluate(eval_dir: Path, final: bool) -> dict:
+        if not val_dataset:
+            val_dataset.append(NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test"))
+        return evaluate_student(cfg, student, out_dir, device_t, eval_dir, val_dataset[0], verbose=final)
+
+    progress = TrainingProgress(cfg, out_dir, setup, device_t, start_epoch, evaluate,
+                                teacher_attention_source(cache, teacher, cfg.distill.temperature, device_t))
+    iteration = run_epochs(cfg, setup, train_set, optimizer, out_dir, device_t, cfg.model.head.grid, start_epoch,
+                           start_iteration, max_steps, after_epoch=progress.after_epoch)
+    summary = progress.finish(iteration)
     (out_dir / "run_info.json").write_text(json.dumps({"targets": mode, "cache": None if cache_path is None
                                                        else str(cache_path), "config": to_dict(cfg)}, indent=2))
     return summary

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,8 +112,13 @@ def load_resume(path: Path, setup: DistillationSetup, optimizer) -> tuple[int, i
 
 def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set: DistillationDataset,
                optimizer, out_dir: Path, device: torch.device, head_grid, start_epoch: int = 0,
-               start_iteration: int = 0, max_steps: int | None = None) -> int:
-    """Train from `start_epoch` to `cfg.train.epochs`; returns the final iteration count."""
+               start_iteration: int = 0, max_steps: int | None = None,
+               after_epoch: Callable[[int, int], None] | None = None) -> int:
+    """Train from `start_epoch` to `cfg.train.epochs`; returns the final iteration count.
+
+    after_epoch(epoch, iteration) runs after each completed epoch (1-based), before its checkpoint is written, so an
+    interrupted run redoes the epoch and its callback together.
+    """
     log_path = out_dir / "train_log.jsonl"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     iteration = start_iteration
@@ -151,6 +157,8 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
             wait_start = time.perf_counter()
             if max_steps is not None and iteration >= max_steps:
                 return iteration
+        if after_epoch is not None:
+            after_epoch(epoch + 1, iteration)
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             ckpt_dir = out_dir / "checkpoints"
             ckpt_dir.mkdir(exist_ok=True)
