@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-student": ("train_student", "command"),
     "evaluate": ("evaluate", "command"),
     "inspect-cache": ("inspect_cache", "command"),
+    "figures": ("figures", "command"),
     "demo": ("demo", "command"),
     "ablate": ("ablate", "command"),
 }
@@ -56,6 +57,7 @@ def cli(verbose: bool) -> None:
     \b
     Pipeline:  make-synthetic -> train-teacher -> extract-teacher -> train-student -> evaluate
     Inspect:   inspect-cache STORE [--verify | --stats | --render SAMPLE | --compare STORE2]
+    Figures:   figures --out DIR RUN [RUN ...]  (training curves, attention maps, qualitative boxes)
     All at once on the embedded synthetic dataset:  distillbev demo --out DIR
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
