@@ -1,7 +1,8 @@
-"""`distillbev demo`: the whole pipeline on the embedded synthetic dataset, with a results table.
+"""`distillbev demo`: the whole pipeline on the embedded synthetic dataset, with a results table and figures.
 
 Each step is the equivalent `distillbev` command run in-process; a step whose output is already complete is
-reused, so rerunning after an interruption continues where it stopped.
+reused, so rerunning after an interruption continues where it stopped. The two students evaluate every 2 epochs
+and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
         synth += ["--scenes", str(scenes)]
     if samples_per_scene is not None:
         synth += ["--samples-per-scene", str(samples_per_scene)]
-    sets = [arg for item in overrides for arg in ("--set", item)]
+    # per-epoch evaluation and attention snapshots feed the figures; the user's --set come after them and win
+    sets = [arg for item in (*FIGURE_SETTINGS, *overrides) for arg in ("--set", item)]
     teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
     steps = [
         Step("make-synthetic", synth, dataroot / "synthetic_summary.json"),
@@ -112,6 +114,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
 
 
 METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
+FIGURE_SETTINGS = ("train.eval_every=2", "train.attention_snapshots=true")  # the student runs' figure inputs
 
 
 def result_row(summary_path: Path, teacher: str | None, student: str, teacher_mode: str, student_mode: str) -> dict:
@@ -169,7 +172,10 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
             device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
-    evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG)."""
+    evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
+    of the two students (figures/: training curves, attention maps, qualitative boxes)."""
+    from ..pipeline.eval.figures import draw_figures
+
     out.mkdir(parents=True, exist_ok=True)
     steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides)
     summary_path = out / "demo_summary.json"
@@ -187,16 +193,25 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     bar_chart(rows, out / "results.png")
+    student_runs = [Path(path) for path in paths["students"].values()]
+    figures = draw_figures(student_runs, out / "figures", cache=Path(paths["cache"]))
     summary = {
         "steps": [{"name": s.name, "command": ["distillbev", *s.argv], "seconds": seconds.get(s.name)} for s in steps],
         "paths": paths,
+        "figures": {"command": ["distillbev", "figures", "--out", str(out / "figures"), "--cache", paths["cache"],
+                                *paths["students"].values()],
+                    "paths": {k: str(v) for k, v in figures.paths.items()},
+                    "attention_similarity": {run: {str(epoch): None if r != r else r for epoch, r in by_epoch.items()}
+                                             for run, by_epoch in figures.similarity.items()},  # NaN -> null
+                    "missing": figures.notes},
         "results": [{"teacher": r["teacher"], "student": r["student"], **{k: r[k] for k in METRIC_KEYS}}
                     for r in rows],
         "total_seconds_this_run": round(time.perf_counter() - started, 1),
     }
     summary_path.write_text(json.dumps(summary, indent=2))
     click.echo(table)
-    click.echo(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}, {summary_path}")
+    click.echo(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}, {summary_path}, "
+               + ", ".join(str(path) for path in figures.paths.values()))
 
 
 def student_label(variant: str) -> str:
