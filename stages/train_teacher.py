@@ -1,4 +1,10 @@
-"""`distillbev train-teacher`: train the CenterPoint-pillar LiDAR teacher and evaluate it on the val split."""
+"""`distillbev train-teacher`: train the CenterPoint-pillar LiDAR teacher and evaluate it on the val split.
+
+Under torchrun it trains with DistributedDataParallel, one process per rank:
+
+    torchrun --standalone --nproc-per-node 8 -m distillbev.cli train-teacher --config ... --device cuda --sync-bn
+    torchrun --standalone --nproc-per-node 8 --no-python distillbev train-teacher ...
+"""
 
 from __future__ import annotations
 
@@ -19,14 +25,19 @@ log = logging.getLogger(__name__)
               help="Run directory for checkpoints, logs and evaluation.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set train.epochs=2 (repeatable).")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda[:N].")
-@click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth (model, optimiser, schedule, RNG).")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device: cpu or cuda[:N]; under torchrun cpu or cuda (each rank takes cuda:LOCAL_RANK).")
+@click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth (model, optimiser, schedule, RNG); "
+                                             "any world size.")
+@click.option("--sync-bn", is_flag=True, help="Under torchrun on CUDA: synchronise BatchNorm across the ranks "
+                                              "(mmdet3d's --sync-bn).")
 def command(config_path: str, dataroot: str, run_dir: str, overrides: tuple[str, ...], device: str,
-            resume: bool) -> None:
+            resume: bool, sync_bn: bool) -> None:
     """Train the LiDAR teacher; writes RUN/latest.pth and RUN/eval/metrics_summary.json."""
     from pathlib import Path
 
     from ..pipeline.config import load_config
+    from ..pipeline.distributed import init_from_env
     from ..pipeline.errors import ConfigError
     from ..pipeline.teacher.config import TeacherExperimentConfig
     from ..pipeline.teacher.train import run_teacher_training
@@ -44,7 +55,10 @@ def command(config_path: str, dataroot: str, run_dir: str, overrides: tuple[str,
     if not resume and (run / "latest.pth").exists():
         raise ConfigError(f"{run}: already holds a teacher run (latest.pth); pass --resume to continue it "
                           f"or choose another --out")
-    summary = run_teacher_training(config, run, device=device, resume=resume)
+    world, device = init_from_env(device)
+    summary = run_teacher_training(config, run, device=device, resume=resume, world=world, sync_bn=sync_bn)
+    if not world.is_main:
+        return
     metrics = summary.get("metrics") or {}
     line = {"run_dir": summary["run_dir"], "steps": summary["steps"], "checkpoint": summary["checkpoint"]}
     if metrics:

@@ -8,6 +8,12 @@ functions so tests can drive them on synthetic tensors. Run directory layout:
     RUN/checkpoints/epoch_N.pth   teacher checkpoint after epoch N (mmdet3d key names)
     RUN/latest.pth                the same plus optimiser / scheduler / epoch / RNG state (for --resume)
     RUN/eval/                     results.json, metrics_summary.json (devkit) after training
+
+Under torchrun (`world.distributed`) every rank trains a DistributedDataParallel replica on its own part of each
+epoch (DistributedSampler, reseeded per epoch), with the configured batch per rank; rank 0 alone writes the config,
+the log (its own losses) and the checkpoints. The evaluation splits the val split over the ranks (r, r + W, ...)
+and rank 0 scores the gathered predictions. A run resumes under another world size: the epoch count carries over
+and the schedule continues at epochs done x the new steps per epoch.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import nn
 
 from ..config import dump_config, to_dict
 from ..data.types import Detections
+from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices, unwrap
 from ..errors import CheckpointError
 from .checkpoint import load_teacher_checkpoint, save_teacher_checkpoint
 from .config import TeacherExperimentConfig, TeacherTrainConfig
@@ -81,8 +88,8 @@ def train_step(model: CenterPointTeacher, points: list[torch.Tensor], gt_boxes: 
                grad_clip: float = 0.0) -> dict[str, float]:
     """One forward/backward/update on a batch (tensors already on the model's device). Returns loss terms."""
     model.train()
-    outputs = model(points)
-    losses = model.pts_bbox_head.loss(outputs.head, gt_boxes, gt_labels)
+    outputs = model(points)  # through the DDP wrapper when there is one (it syncs the gradients)
+    losses = unwrap(model).pts_bbox_head.loss(outputs.head, gt_boxes, gt_labels)
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -101,14 +108,15 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
                     train: TeacherTrainConfig, log_path: Path | None = None, num_steps: int | None = None,
-                    start_step: int = 0) -> dict[str, float]:
+                    start_step: int = 0, show_progress: bool = True) -> dict[str, float]:
     """Train over `loader` (yielding `Batch`es) for one epoch; returns the mean loss terms."""
     from tqdm import tqdm
 
     totals: dict[str, float] = {}
     count = 0
     step = start_step
-    progress = tqdm(loader, total=num_steps, desc=f"teacher epoch {epoch}", leave=False, dynamic_ncols=True)
+    progress = tqdm(loader, total=num_steps, desc=f"teacher epoch {epoch}", leave=False, dynamic_ncols=True,
+                    disable=not show_progress)
     started = time.perf_counter()
     for index, batch in enumerate(progress):
         if num_steps is not None and index >= num_steps:
@@ -134,13 +142,14 @@ def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torc
 
 
 @torch.no_grad()
-def predict(model: CenterPointTeacher, loader: Iterable, device: torch.device) -> list[Detections]:
+def predict(model: CenterPointTeacher, loader: Iterable, device: torch.device,
+            show_progress: bool = True) -> list[Detections]:
     """Decoded detections (LiDAR frame, BEV augmentation undone) for every batch of `loader`."""
     from tqdm import tqdm
 
     model.eval()
     detections: list[Detections] = []
-    for batch in tqdm(loader, desc="teacher predict", leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="teacher predict", leave=False, dynamic_ncols=True, disable=not show_progress):
         batch = batch.to(device)
         outputs = model(batch.points)
         detections += model.pts_bbox_head.decode(outputs.head, list(batch.sample_tokens), batch.bev_aug)
@@ -162,14 +171,17 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_run_state(run_dir: Path, epoch: int, step: int, model: CenterPointTeacher,
-                   optimizer: torch.optim.Optimizer, scheduler: Any, config: TeacherExperimentConfig) -> None:
-    """epoch_N.pth (teacher checkpoint) and latest.pth (+ optimiser, scheduler, epoch, step, RNG)."""
+                   optimizer: torch.optim.Optimizer, scheduler: Any, config: TeacherExperimentConfig,
+                   steps_per_epoch: int = 0, world_size: int = 1) -> None:
+    """epoch_N.pth (teacher checkpoint) and latest.pth (+ optimiser, scheduler, epoch, step, RNG, and the steps per
+    epoch and world size they were counted under)."""
     meta = {"epoch": epoch, "step": step}
     save_teacher_checkpoint(model, run_dir / "checkpoints" / f"epoch_{epoch}.pth", config.model, meta)
     payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "config": to_dict(config.model), "meta": meta, "format": "distillbev-teacher",
                "training": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "epoch": epoch, "step": step, "rng": _rng_state(),
+                            "steps_per_epoch": steps_per_epoch, "world_size": world_size,
                             "experiment": to_dict(config)}}
     temporary = run_dir / "latest.pth.tmp"
     torch.save(payload, temporary)
@@ -177,8 +189,14 @@ def save_run_state(run_dir: Path, epoch: int, step: int, model: CenterPointTeach
 
 
 def load_run_state(run_dir: Path, model: CenterPointTeacher, optimizer: torch.optim.Optimizer,
-                   scheduler: Any) -> tuple[int, int]:
-    """Restore latest.pth into model / optimiser / scheduler / RNG; returns (epochs done, steps done)."""
+                   scheduler: Any, steps_per_epoch: int = 0) -> tuple[int, int]:
+    """Restore latest.pth into model / optimiser / scheduler / RNG; returns (epochs done, steps done).
+
+    When the run was counted under another number of steps per epoch (another world size or batch), the step
+    count and the schedule restart at epochs done x `steps_per_epoch`.
+    """
+    import warnings
+
     path = run_dir / "latest.pth"
     if not path.is_file():
         raise CheckpointError(f"{path}: nothing to resume (no latest.pth in the run directory); "
@@ -188,27 +206,47 @@ def load_run_state(run_dir: Path, model: CenterPointTeacher, optimizer: torch.op
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     _restore_rng(training["rng"])
-    return int(training["epoch"]), int(training["step"])
+    epoch, step = int(training["epoch"]), int(training["step"])
+    saved = int(training.get("steps_per_epoch", 0))
+    if steps_per_epoch and saved and saved != steps_per_epoch:
+        LOGGER.info("resuming with %d steps per epoch (the run had %d, world size %d): the schedule continues at "
+                    "step %d", steps_per_epoch, saved, int(training.get("world_size", 1)), epoch * steps_per_epoch)
+        step = epoch * steps_per_epoch
+        scheduler.last_epoch = step - 1
+        with warnings.catch_warnings():  # no optimizer.step() precedes this re-positioning step
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    return epoch, step
 
 
 def _make_loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 collate: Callable) -> torch.utils.data.DataLoader:
+                 collate: Callable, sampler: Any = None) -> torch.utils.data.DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                                       collate_fn=collate, generator=generator, drop_last=False,
-                                       persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                                       generator=generator, drop_last=False, persistent_workers=False)
 
 
 def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable, device: torch.device,
-                     out_dir: Path, batch_size: int, num_workers: int = 0) -> dict[str, Any]:
-    """Predict the dataset, write results.json and run the nuScenes evaluation into `out_dir`."""
+                     out_dir: Path, batch_size: int, num_workers: int = 0,
+                     world: World = World()) -> dict[str, Any] | None:
+    """Predict the dataset, write results.json and run the nuScenes evaluation into `out_dir`.
+
+    Under torchrun rank r predicts samples r, r + W, ...; rank 0 gathers them in dataset order, writes and scores
+    them and returns the summary (the other ranks return None).
+    """
     from ..eval import detections_to_results, evaluate_results, format_metrics_table
 
+    indices = rank_indices(len(dataset), world)
+    part = dataset if not world.distributed else torch.utils.data.Subset(dataset, indices)
+    loader = _make_loader(part, batch_size, False, num_workers, 0, collate)
+    detections = predict(model, loader, device, show_progress=world.is_main)
+    ordered = gather_ordered(list(zip(indices, detections)), len(dataset), world)
+    if not world.is_main:
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = _make_loader(dataset, batch_size, False, num_workers, 0, collate)
-    detections = predict(model, loader, device)
-    results = detections_to_results(detections, dataset)
+    results = detections_to_results(ordered, dataset)
     result_path = out_dir / "results.json"
     result_path.write_text(json.dumps(results))
     summary = evaluate_results(result_path, dataset, out_dir)
@@ -219,45 +257,65 @@ def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable,
 
 
 def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, device: str | torch.device = "cpu",
-                         resume: bool = False) -> dict[str, Any]:
-    """Train the teacher as configured, checkpointing every epoch; evaluate the val split at the end."""
+                         resume: bool = False, world: World = World(), sync_bn: bool = False) -> dict[str, Any]:
+    """Train the teacher as configured, checkpointing every epoch; evaluate the val split at the end.
+
+    `world`: this rank under torchrun (`distributed.init_from_env`); the default is a single process.
+    """
     from ..data.collate import collate_samples
     from ..data.dataset import NuScenesDetectionDataset
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     train = config.train
     data = dataclasses.replace(config.data, load_images=False)
     seed_everything(train.seed)
-    dump_config(config, run_dir / "config.yaml")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
     train_set = NuScenesDetectionDataset(data, data.train_split, "train")
-    loader = _make_loader(train_set, train.batch_size, True, train.num_workers, train.seed, collate_samples)
+    sampler = None
+    if world.distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            train_set, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=train.seed)
+    loader = _make_loader(train_set, train.batch_size, True, train.num_workers, train.seed, collate_samples, sampler)
     steps_per_epoch = len(loader) if train.max_steps_per_epoch <= 0 else min(len(loader), train.max_steps_per_epoch)
     model = CenterPointTeacher(config.model).to(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, train.epochs * steps_per_epoch)
     start_epoch, step = 0, 0
     if resume:
-        start_epoch, step = load_run_state(run_dir, model, optimizer, scheduler)
+        start_epoch, step = load_run_state(run_dir, model, optimizer, scheduler, steps_per_epoch)
         LOGGER.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+    model = prepare_model(model, world, str(device), sync_bn)
+    if world.is_main:
+        LOGGER.info("training on %d rank(s): batch %d per rank, effective batch %d, %d steps per epoch",
+                    world.world_size, train.batch_size, train.batch_size * world.world_size, steps_per_epoch)
     log_path = run_dir / "train_log.jsonl"
     for epoch in range(start_epoch + 1, train.epochs + 1):
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch - 1)
-        loader.generator.manual_seed(train.seed + epoch)
-        means = train_one_epoch(model, loader, optimizer, scheduler, device, epoch, train, log_path,
-                                num_steps=steps_per_epoch, start_step=step)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        else:
+            loader.generator.manual_seed(train.seed + epoch)
+        means = train_one_epoch(model, loader, optimizer, scheduler, device, epoch, train,
+                                log_path if world.is_main else None, num_steps=steps_per_epoch, start_step=step,
+                                show_progress=world.is_main)
         step += int(means["steps"])
-        _append_jsonl(log_path, {"kind": "epoch", "epoch": epoch, "step": step, **means})
-        LOGGER.info("epoch %d/%d: loss %.4f (heatmap %.4f, box %.4f) in %.1f s", epoch, train.epochs,
-                    means.get("loss", float("nan")), means.get("loss_heatmap", float("nan")),
-                    means.get("loss_box", float("nan")), means["seconds"])
-        save_run_state(run_dir, epoch, step, model, optimizer, scheduler, config)
+        if world.is_main:
+            _append_jsonl(log_path, {"kind": "epoch", "epoch": epoch, "step": step, **means})
+            LOGGER.info("epoch %d/%d: loss %.4f (heatmap %.4f, box %.4f) in %.1f s", epoch, train.epochs,
+                        means.get("loss", float("nan")), means.get("loss_heatmap", float("nan")),
+                        means.get("loss_box", float("nan")), means["seconds"])
+            save_run_state(run_dir, epoch, step, unwrap(model), optimizer, scheduler, config, steps_per_epoch,
+                           world.world_size)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "epochs": train.epochs, "steps": step,
                                "checkpoint": str(run_dir / "latest.pth")}
     if train.evaluate:
+        broadcast_buffers(model, world)  # every rank predicts with the checkpoint's BatchNorm statistics
         val_set = NuScenesDetectionDataset(data, data.val_split, "test")
-        summary["metrics"] = evaluate_teacher(model, val_set, collate_samples, device, run_dir / "eval",
-                                              train.batch_size, train.num_workers)
+        summary["metrics"] = evaluate_teacher(unwrap(model), val_set, collate_samples, device, run_dir / "eval",
+                                              train.batch_size, train.num_workers, world)
+    barrier(world)  # every rank leaves after rank 0 has written its checkpoint and evaluation
     return summary
