@@ -44,6 +44,15 @@ def test_demo_runs_every_step_and_writes_the_summary(demo_dir):
     distilled_log = demo_dir / "students" / "bevdet_distilled" / "train_log.jsonl"
     first = json.loads(distilled_log.read_text().splitlines()[0])
     assert any(key.startswith("kd_neck_") for key in first)  # the distilled run really distils
+    # the figures of its own runs: per-epoch curves, attention snapshots, qualitative boxes
+    figures = summary["figures"]
+    for name in ("curves.png", "attention.png", "qualitative.png"):
+        path = demo_dir / "figures" / name
+        assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert json.dumps(figures)  # recorded in the summary
+    for run in ("bevdet_baseline", "bevdet_distilled"):
+        history = (demo_dir / "students" / run / "eval_history.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in history] == [1]  # 1 epoch: the final evaluation only
 
 
 def test_demo_rerun_reuses_every_step(demo_dir):
