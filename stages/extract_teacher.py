@@ -58,6 +58,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     from ..pipeline.cache.extract import extract_teacher_cache
     from ..pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
     from ..pipeline.config import load_config, to_dict
+    from ..pipeline.distributed import init_from_env, world_from_env
     from ..pipeline.data.dataset import NuScenesDetectionDataset
     from ..pipeline.data.preflight import point_loading_settings, preflight_message, preflight_split
     from ..pipeline.errors import CheckpointError, ConfigError, DataError
@@ -72,17 +73,11 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
                           "with --device cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun with several ranks
-    if distributed:
-        if workers > 1:
-            raise ConfigError("under torchrun every rank is one extraction process: drop --workers (or set it to 1) "
-                              "and choose the number of processes with --nproc-per-node")
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    distributed = world_from_env().distributed  # launched by torchrun with several ranks
+    if distributed and workers > 1:
+        raise ConfigError("under torchrun every rank is one extraction process: drop --workers (or set it to 1) "
+                          "and choose the number of processes with --nproc-per-node")
+    _, device = init_from_env(device)  # joins the process group; a CUDA rank takes cuda:LOCAL_RANK
     config = load_config(TeacherExperimentConfig, config_path, overrides=list(overrides))
     data_config = dataclasses.replace(config.data, dataroot=str(dataroot), load_images=False)
     layer_names = [name.strip() for name in layers.split(",") if name.strip()]
