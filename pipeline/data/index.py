@@ -254,7 +254,7 @@ def _annotations(nusc, sample: dict, lidar_to_ego: np.ndarray, ego_to_global: np
 
 
 def build_split_index(nusc, split: str, sweep_candidates: int, camera_channels: tuple[str, ...] = (),
-                      adjacent_count: int = 0, adjacent_interval: int = 1, progress: bool = False) -> SplitIndex:
+                      adjacent_count: int = 0, adjacent_interval: int = 1, progress: bool = True) -> SplitIndex:
     """Read the devkit tables of `split` once into a `SplitIndex`.
 
     Every sample needs a key-frame LIDAR_TOP record and one for each of `camera_channels`; a missing one is a
@@ -276,7 +276,8 @@ def build_split_index(nusc, split: str, sweep_candidates: int, camera_channels: 
     table_path = Path(nusc.dataroot) / nusc.version / "sample_data.json"
     keys, sweeps, cameras, adjacent, previous, timestamps = [], [], [], [], [], []
     boxes, labels, attributes, offsets = [], [], [], [0]
-    for token in tqdm(tokens, desc=f"index {split}", unit="sample", disable=not progress):
+    # the bar appears only when the walk takes more than 2 s (v1.0-trainval: about a minute)
+    for token in tqdm(tokens, desc=f"index {split}", unit="sample", disable=not progress, delay=2.0, leave=False):
         sample = nusc.get("sample", token)
         missing = [channel for channel in ("LIDAR_TOP", *camera_channels) if channel not in sample["data"]]
         if missing:
