@@ -186,26 +186,27 @@ def main() -> None:
                               "--workers", str(args.workers), "--batches", args.batches],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print("| variant | samples in split | devkit load s | dataset build s | index MB |")
-    print("|---|---|---|---|---|")
-    for result in results:
-        print(f"| {result['variant']} | {result['samples']} | {result['devkit_load_s']:.1f} | {result['build_s']:.1f} "
-              f"| {result['index_mb']:.1f} |")
-    print("\n| variant | after batches | process | RSS MB | PSS MB | USS MB |")
-    print("|---|---|---|---|---|---|")
-    for result in results:
-        for target, processes in result["snapshots"].items():
-            for name, memory in processes.items():
-                print(f"| {result['variant']} | {target} | {name} | {memory['rss']:.0f} | {memory['pss']:.0f} | "
-                      f"{memory['uss']:.0f} |")
-    print("\n| variant | after batches | total PSS MB (main + workers) | worker USS MB (mean) |")
-    print("|---|---|---|---|")
-    for result in results:
-        for target, processes in result["snapshots"].items():
+    print_table(["variant", "samples in split", "devkit load s", "dataset build s", "index MB"],
+                [[r["variant"], r["samples"], f"{r['devkit_load_s']:.1f}", f"{r['build_s']:.1f}",
+                  f"{r['index_mb']:.1f}"] for r in results])
+    print_table(["variant", "after batches", "process", "RSS MB", "PSS MB", "USS MB"],
+                [[r["variant"], target, name, f"{m['rss']:.0f}", f"{m['pss']:.0f}", f"{m['uss']:.0f}"]
+                 for r in results for target, processes in r["snapshots"].items() for name, m in processes.items()])
+    totals = []
+    for r in results:
+        for target, processes in r["snapshots"].items():
             workers = [m for name, m in processes.items() if name != "main"]
-            total = sum(m["pss"] for m in processes.values())
-            print(f"| {result['variant']} | {target} | {total:.0f} | {sum(m['uss'] for m in workers) / len(workers):.0f} |")
+            totals.append([r["variant"], target, f"{sum(m['pss'] for m in processes.values()):.0f}",
+                           f"{sum(m['uss'] for m in workers) / len(workers):.0f}"])
+    print_table(["variant", "after batches", "total PSS MB (main + workers)", "worker USS MB (mean)"], totals)
 
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """One markdown table, preceded by a blank line."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 if __name__ == "__main__":
     main()
