@@ -35,3 +35,16 @@ def tiny_model_config(**overrides) -> TeacherModelConfig:
                   head=head)
     values.update(overrides)
     return TeacherModelConfig(**values)
+
+
+def synthetic_teacher_data(root, num_scenes: int):
+    """A synthetic dataroot at `root` (num_scenes of 2 key frames, 1 val scene, 1 sweep per key frame) and the
+    LiDAR-only `DataConfig` the micro teacher trains on (+-12.8 m, 1 sweep)."""
+    from distillbev.pipeline.data.config import DataConfig
+    from distillbev.pipeline.data.synthetic import generate
+
+    generate.generate_dataset(root, generate.SyntheticConfig(num_scenes=num_scenes, samples_per_scene=2, val_scenes=1,
+                                                             sweeps_per_key_frame=1), progress=False)
+    return DataConfig(dataroot=str(root), version="v1.0-synthetic", train_split="synth_train",
+                      val_split="synth_val", num_sweeps=1, sweep_candidates=1, load_images=False,
+                      point_cloud_range=(-12.8, -12.8, -5.0, 12.8, 12.8, 3.0))

@@ -14,10 +14,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from teacher_helpers import synthetic_teacher_data
 from test_teacher_train import micro_config
 
 from distillbev.pipeline.config import dump_config
-from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherTrainConfig
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    generate = pytest.importorskip("distillbev.pipeline.data.synthetic.generate")
     root = tmp_path_factory.mktemp("ddp") / "data"
-    generate.generate_dataset(root, generate.SyntheticConfig(num_scenes=3, samples_per_scene=2, val_scenes=1,
-                                                             sweeps_per_key_frame=1), progress=False)
-    data = DataConfig(dataroot=str(root), version="v1.0-synthetic", train_split="synth_train",
-                      val_split="synth_val", num_sweeps=1, sweep_candidates=1, load_images=False,
-                      point_cloud_range=(-12.8, -12.8, -5.0, 12.8, 12.8, 3.0))
+    data = synthetic_teacher_data(root, num_scenes=3)
     config = TeacherExperimentConfig(data=data, model=micro_config(),
                                      train=TeacherTrainConfig(epochs=1, batch_size=1, lr=1e-3, log_every=1))
     path = root.parent / "teacher.yaml"

@@ -6,30 +6,24 @@ import json
 
 import pytest
 import torch
+from teacher_helpers import synthetic_teacher_data
 from test_teacher_train import micro_config
 
-from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.teacher.checkpoint import load_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherTrainConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher
 
 
 @pytest.fixture(scope="module")
-def synthetic_dataroot(tmp_path_factory):
-    generate = pytest.importorskip("distillbev.pipeline.data.synthetic.generate")
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    generate.generate_dataset(root, generate.SyntheticConfig(num_scenes=2, samples_per_scene=2, val_scenes=1,
-                                                             sweeps_per_key_frame=1), progress=False)
-    return root
+def synthetic_data(tmp_path_factory):
+    return synthetic_teacher_data(tmp_path_factory.mktemp("synthetic") / "data", num_scenes=2)
 
 
 @pytest.mark.slow
-def test_run_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic_dataroot):
+def test_run_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic_data):
     from distillbev.pipeline.teacher.train import run_teacher_training
 
-    data = DataConfig(dataroot=str(synthetic_dataroot), version="v1.0-synthetic", train_split="synth_train",
-                      val_split="synth_val", num_sweeps=1, sweep_candidates=1, load_images=False,
-                      point_cloud_range=(-12.8, -12.8, -5.0, 12.8, 12.8, 3.0))
+    data = synthetic_data
     config = TeacherExperimentConfig(data=data, model=micro_config(),
                                      train=TeacherTrainConfig(epochs=1, batch_size=2, lr=1e-3, log_every=1))
     run = tmp_path / "run"
