@@ -33,8 +33,10 @@ manifest = make_manifest(FakeTeacher())
 report = extract_distributed({path!r}, manifest=manifest, sample_tokens=[token_of(i) for i in range(5)],
                              head_state=head_state(), run_teacher=run_teacher, load_points=load_points, threads=1,
                              progress=False)
-print("rank", dist.get_rank(), "written", report.written, "by", sorted({{r for r, _, _ in report.written_by}}),
-      flush=True)
+# one write per line (print writes the text and the newline separately, and the ranks share the pipe)
+sys.stdout.write(f"rank {{dist.get_rank()}} written {{report.written}} by "
+                 f"{{sorted({{r for r, _, _ in report.written_by}})}}\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
