@@ -35,7 +35,7 @@ report = extract_distributed({path!r}, manifest=manifest, sample_tokens=[token_o
                              progress=False)
 # one write per line (print writes the text and the newline separately, and the ranks share the pipe)
 sys.stdout.write(f"rank {{dist.get_rank()}} written {{report.written}} by "
-                 f"{{sorted({{r for r, _, _ in report.written_by}})}}\n")
+                 f"{{sorted({{r for r, _, _ in report.written_by}})}}\\n")
 sys.stdout.flush()
 dist.destroy_process_group()
 """
