@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import click
 
+from .options import recorded_storage_options, storage_option
+
 DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher layers (B1, B2, pre-head)
 
 
@@ -23,7 +25,8 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
               help="Teacher experiment config (YAML: data, model, train).")
 @click.option("--dataroot", required=True, type=click.Path(file_okay=False), help="nuScenes-format dataroot.")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
-@click.option("--cache", "cache_path", required=True, type=click.Path(), help="Output zarr store (a directory).")
+@click.option("--cache", "cache_path", required=True, help="Output zarr store: a folder or an s3:// (fsspec) URL.")
+@storage_option
 @click.option("--split", required=True, help="Split to extract, e.g. train, mini_train, synth_train.")
 @click.option("--views", default=4, show_default=True, type=click.IntRange(min=1),
               help="BEV-augmented views per sample (view 0 is the identity); a distilled student replays one of "
@@ -43,9 +46,9 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
               help="Read and CRC-check every chunk of a complete store; re-extract the damaged sample-views.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. data.num_sweeps=4.")
-def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, split: str, views: int, seed: int,
-            workers: int, dtype: str, layers: str, batch_size: int, no_background_writer: bool, overwrite: bool,
-            repair: bool, device: str, overrides: tuple[str, ...]) -> None:
+def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, storage_options: tuple[str, ...],
+            split: str, views: int, seed: int, workers: int, dtype: str, layers: str, batch_size: int,
+            no_background_writer: bool, overwrite: bool, repair: bool, device: str, overrides: tuple[str, ...]) -> None:
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     import dataclasses
     import logging
@@ -56,6 +59,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     import torch
 
     from ..pipeline.cache.extract import extract_teacher_cache
+    from ..pipeline.cache.location import StoreLocation, parse_storage_options
     from ..pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
     from ..pipeline.config import load_config, to_dict
     from ..pipeline.distributed import init_from_env, world_from_env
@@ -73,7 +77,12 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
                           "with --device cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    options = parse_storage_options(storage_options)
+    location = StoreLocation.parse(cache_path, options)
     distributed = world_from_env().distributed  # launched by torchrun with several ranks
+    if workers > 1 and not location.is_local:
+        raise ConfigError(f"--workers {workers} forks processes, and object-store clients do not survive a fork; "
+                          f"for several extraction processes on {location} use torchrun --nproc-per-node {workers}")
     if distributed and workers > 1:
         raise ConfigError("under torchrun every rank is one extraction process: drop --workers (or set it to 1) "
                           "and choose the number of processes with --nproc-per-node")
@@ -123,7 +132,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     command_line = shlex.join([
         "distillbev", "extract-teacher", "--config", str(Path(config_path).resolve()), "--dataroot",
         str(Path(dataroot).resolve()), "--checkpoint", str(Path(checkpoint).resolve()), "--cache",
-        str(Path(cache_path).absolute()), "--split", split, "--views", str(views), "--seed", str(seed), "--workers",
+        str(location.resolved()), *recorded_storage_options(options), "--split", split, "--views", str(views), "--seed", str(seed), "--workers",
         str(workers), "--dtype", dtype, "--layers", ",".join(layer_names), "--batch-size", str(batch_size),
         "--device", device, *(["--no-background-writer"] if no_background_writer else []),
         *[arg for item in overrides for arg in ("--set", item)]])
@@ -154,11 +163,11 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     if distributed:
         from ..pipeline.cache.distributed import extract_distributed
 
-        result = extract_distributed(cache_path, **common)
+        result = extract_distributed(location, **common)
         if torch.distributed.get_rank() != 0:
             return
     else:
-        result = extract_teacher_cache(cache_path, workers=workers, **common)
+        result = extract_teacher_cache(location, workers=workers, **common)
     if result.state == "complete":
         checked = ("every chunk read and its CRC32C checked" if result.checked == "crc"
                    else "every chunk present; `--repair` also reads and CRC-checks them")

@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from .options import storage_option
+
 
 def _size(num_bytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -132,7 +134,8 @@ def _finite(value: Any) -> Any:
 
 
 @click.command("inspect-cache")
-@click.argument("store", type=click.Path())
+@click.argument("store")
+@storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
 @click.option("--verify", is_flag=True, help="Read and check every chunk; exit 1 listing each bad sample-view.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
@@ -146,19 +149,24 @@ def _finite(value: Any) -> Any:
 @click.option("--view", default=0, show_default=True, type=click.IntRange(min=0), help="View drawn by --render.")
 @click.option("--dataroot", type=click.Path(file_okay=False), default=None,
               help="Dataroot for the GT boxes of --render (default: the one in the manifest).")
-@click.option("--compare", "compare_store", type=click.Path(), default=None,
-              help="Another store: per-layer cosine similarity and max-abs difference over common sample-views.")
-def command(store: str, as_json: bool, verify: bool, workers: int, stats: bool, subset: int | None,
+@click.option("--compare", "compare_store", default=None,
+              help="Another store (path or URL, same storage options): per-layer cosine similarity and max-abs difference over common sample-views.")
+def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify: bool, workers: int, stats: bool, subset: int | None,
             render_sample: str | None, out: str | None, view: int, dataroot: str | None,
             compare_store: str | None) -> None:
     """Show what a teacher-feature cache holds (default), or verify, measure, draw or compare it."""
     from ..pipeline.cache import inspect
+    from ..pipeline.cache.location import StoreLocation, parse_storage_options
     from ..pipeline.errors import CacheError
 
     if render_sample is not None and out is None:
         raise click.UsageError("--render needs --out PNG")
     if subset is not None and not stats:
         raise click.UsageError("--subset applies to --stats")
+    options = parse_storage_options(storage_options)
+    store = StoreLocation.parse(store, options)
+    if compare_store is not None:
+        compare_store = StoreLocation.parse(compare_store, options if "://" in compare_store else None)
     actions = verify or stats or render_sample is not None or compare_store is not None
     summary = inspect.summarize_cache(store).to_json()
     result: dict[str, Any] = {"summary": summary}

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test area: the hand-made tiny nuScenes dataroot (tests/data/tiny_nuscenes.py)."""
+"""Fixtures shared by every test area: the hand-made tiny nuScenes dataroot (tests/data/tiny_nuscenes.py) and a
+real S3 server on 127.0.0.1 (tests/s3_server.py)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,21 @@ def tiny_slice_copy(tmp_path, tiny_slice):
     copy.key_lidar_files = [root / p.relative_to(tiny_slice.dataroot) for p in tiny_slice.key_lidar_files]
     copy.camera_files = [root / p.relative_to(tiny_slice.dataroot) for p in tiny_slice.camera_files]
     return copy
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the session (bucket "feats"); stopped at the end."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3_server import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS environment of the test S3 server (credentials, endpoint, region) set for one test."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -24,7 +24,8 @@ from ..errors import CacheError, DistillBEVError
 from .extract import (ExtractionReport, LoadPoints, RunTeacher, _run_jobs, _WorkerJob, pending_sample_views,
                       prepare_extraction)
 from .manifest import ViewConfig
-from .store import StoreLock, classify_store_path, refuse_unusable
+from .location import StoreLocation
+from .store import classify_store, refuse_unusable, writer_lock
 from .writer import finalize_store
 
 
@@ -33,7 +34,7 @@ def rank_tasks(pending: list[tuple[int, int]], rank: int, world_size: int) -> li
     return [(s, v) for s, v in pending if s % world_size == rank]
 
 
-def extract_distributed(path: str | Path, *, manifest: dict[str, Any], sample_tokens: list[str],
+def extract_distributed(path: str | Path | StoreLocation, *, manifest: dict[str, Any], sample_tokens: list[str],
                         head_state: dict[str, np.ndarray], run_teacher: RunTeacher, load_points: LoadPoints,
                         batch_size: int = 1, background_writer: bool = True, max_pending: int = 4,
                         threads: int | None = None, overwrite: bool = False, repair: bool = False,
@@ -43,24 +44,24 @@ def extract_distributed(path: str | Path, *, manifest: dict[str, Any], sample_to
 
     started = time.perf_counter()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    path = Path(path)
+    path = StoreLocation.parse(path)
     lock = None
     outcome: list[Any] = [None]
     if rank == 0:
         try:
-            refuse_unusable(path, classify_store_path(path))
-            path = path.resolve() if path.is_symlink() else path
-            lock = StoreLock(path, command=command).acquire()
+            refuse_unusable(path, classify_store(path))
+            path = path.resolved()
+            lock = writer_lock(path, command=command).acquire()
             prepared = prepare_extraction(path, manifest, sample_tokens, head_state, overwrite, repair, progress)
-            outcome = [("ok", str(path), prepared)]
+            outcome = [("ok", path, prepared)]
         except DistillBEVError as exc:
             outcome = [("error", str(exc), None)]
     dist.broadcast_object_list(outcome, src=0)
-    kind, text, prepared = outcome[0]
+    kind, found, prepared = outcome[0]
     try:
         if kind == "error":
-            raise CacheError(text)
-        path = Path(text)
+            raise CacheError(found)
+        path = found
         total = prepared.total
         if prepared.state == "complete":
             return ExtractionReport(str(path), prepared.state, v2.STATUS_COMPLETE, total, total, 0,
@@ -73,7 +74,8 @@ def extract_distributed(path: str | Path, *, manifest: dict[str, Any], sample_to
                          load_points, batch_size, background_writer, max_pending)
         error = None
         try:
-            _run_jobs([job], report, mine, 1, threads, started, progress and rank == 0)
+            _run_jobs([job], report, mine, 1, threads, started, progress and rank == 0,
+                      lock.still_held if lock is not None else None)
         except DistillBEVError as exc:
             error = f"rank {rank}: {exc}"
         outcomes: list[Any] = [None] * world_size

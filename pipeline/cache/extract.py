@@ -38,7 +38,8 @@ from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation, BEVGrid
 from .manifest import LayerSpec, ViewConfig, layer_specs, view_augmentations
 from .checks import damaged_sample_views
-from .store import StoreLock, classify_store_path, refuse_unusable
+from .location import StoreLocation
+from .store import classify_store, refuse_unusable, writer_lock
 from .writer import (SampleViewRecord, SampleViewWriter, finalize_store, prepare_store, read_done, set_done,
                      set_status)
 
@@ -167,7 +168,7 @@ class _BackgroundWriter:
 
 @dataclass
 class _WorkerJob:
-    path: Path
+    path: StoreLocation
     tasks: list[tuple[int, int]]  # (sample_index, view), sorted
     sample_tokens: list[str]
     views: ViewConfig
@@ -284,7 +285,7 @@ def _describe_damage(damage: dict, sample_tokens: list[str], limit: int = 3) -> 
     return text + (f" (and {len(damage) - limit} more)" if len(damage) > limit else "")
 
 
-def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_tokens: list[str],
+def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[str, Any], sample_tokens: list[str],
                           head_state: dict[str, np.ndarray], run_teacher: RunTeacher, load_points: LoadPoints,
                           workers: int = 1, batch_size: int = 1, background_writer: bool = True,
                           max_pending: int = 4, threads_per_worker: int | None = None, overwrite: bool = False,
@@ -304,11 +305,14 @@ def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_
     an uninterrupted extraction when both use the same thread count and batch size.
     """
     started = time.perf_counter()
-    path = Path(path)
-    refuse_unusable(path, classify_store_path(path))
-    if path.is_symlink():
-        path = path.resolve()
-    with StoreLock(path, command=command):
+    path = StoreLocation.parse(path)
+    refuse_unusable(path, classify_store(path))
+    path = path.resolved()
+    if workers > 1 and not path.is_local:
+        raise CacheError(f"{path}: --workers {workers} forks processes, and object-store clients do not survive a "
+                         f"fork; extract with several processes under torchrun instead (torchrun --nproc-per-node "
+                         f"{workers} -m distillbev.cli extract-teacher ...)")
+    with writer_lock(path, command=command) as lock:
         prepared = prepare_extraction(path, manifest, sample_tokens, head_state, overwrite, repair, progress)
         total = prepared.total
         if prepared.state == "complete":
@@ -322,7 +326,7 @@ def extract_teacher_cache(path: str | Path, *, manifest: dict[str, Any], sample_
                 for run in split_tasks(pending, workers)]
         report = ExtractionReport(str(path), prepared.state, v2.STATUS_WRITING, total, total - len(pending), 0, 0.0,
                                   0, redone=prepared.redone, checked=prepared.checked)
-        _run_jobs(jobs, report, pending, workers, threads_per_worker, started, progress)
+        _run_jobs(jobs, report, pending, workers, threads_per_worker, started, progress, lock.still_held)
         finalize_store(path, sample_tokens)
     report.status = v2.STATUS_COMPLETE
     report.seconds = time.perf_counter() - started
@@ -339,7 +343,7 @@ class PreparedStore:
     checked: str = ""
 
 
-def prepare_extraction(path: Path, manifest: dict[str, Any], sample_tokens: list[str],
+def prepare_extraction(path: StoreLocation, manifest: dict[str, Any], sample_tokens: list[str],
                        head_state: dict[str, np.ndarray], overwrite: bool, repair: bool,
                        progress: bool) -> PreparedStore:
     """Create or reopen the store (the caller holds its lock) and mark every sample-view that must be (re)done.
@@ -347,11 +351,9 @@ def prepare_extraction(path: Path, manifest: dict[str, Any], sample_tokens: list
     Resume re-checks (CRC) the sample-views marked done; a complete store is checked quick or, with `repair`, by
     CRC, and its damaged sample-views are marked not done under a new generation.
     """
-    import zarr
-
     state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
     total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
-    group = zarr.open_group(str(path), mode="r")
+    group = path.open_group(mode="r")
     if state == "complete":
         every = [(s, v) for s in range(int(manifest["sample_count"])) for v in range(int(manifest["views"]["count"]))]
         checked = "crc" if repair else "quick"
@@ -377,14 +379,17 @@ def prepare_extraction(path: Path, manifest: dict[str, Any], sample_tokens: list
     return PreparedStore(state, total, redone)
 
 
-def pending_sample_views(path: Path) -> list[tuple[int, int]]:
+def pending_sample_views(path: StoreLocation) -> list[tuple[int, int]]:
     """(sample, view) of every sample-view not marked done, in order."""
     return [(int(s), int(v)) for s, v in zip(*np.nonzero(~read_done(path)))]
 
 
 def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tuple[int, int]], workers: int,
-              threads_per_worker: int | None, started: float, progress: bool) -> None:
-    """Run the workers' jobs in this process or in forked ones, with a progress bar fed by their reports."""
+              threads_per_worker: int | None, started: float, progress: bool,
+              still_wanted: Callable[[], bool] | None = None) -> None:
+    """Run the workers' jobs in this process or in forked ones, with a progress bar fed by their reports.
+
+    still_wanted: checked before each sample-view written in this process (the store's lock is still held)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(pending), unit="view", desc="extract-teacher", disable=not progress, smoothing=0.1)
@@ -405,7 +410,7 @@ def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tu
         if len(jobs) <= 1 or workers <= 1:
             torch.set_num_threads(threads)  # restored below: only this call computes with it
             for job in jobs:
-                _run_worker(job, lambda r: on_written(0, r.sample_index, r.view, r.nbytes))
+                _run_worker(job, lambda r: on_written(0, r.sample_index, r.view, r.nbytes), still_wanted)
         else:
             _run_processes(jobs, on_written, threads)
     finally:

@@ -24,6 +24,7 @@ from ...cache_schemas import v2
 from ..errors import CacheError
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk, expect_v2_codecs,
                      get_chunk_bytes, single_chunk_bytes)
+from .location import StoreLocation
 from .manifest import ViewConfig, layer_specs, views_array
 from .reader import TeacherCache
 
@@ -67,14 +68,18 @@ def expected_arrays(manifest: dict[str, Any]) -> list[ArraySpec]:
     return specs
 
 
-def _open_group(path: Path):
-    import zarr
-
-    return zarr.open_group(str(path), mode="r")
+def _open_group(path: StoreLocation):
+    return path.open_group(mode="r")
 
 
-def _bytes_under(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+def _bytes_under(location: StoreLocation, prefix: str) -> int:
+    """Stored bytes under one array's prefix (local: every file in its folder, stray ones included)."""
+    if location.is_local:
+        folder = location.path / prefix
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    from zarr.core.sync import sync
+
+    return int(sync(location.zarr_store(read_only=True).getsize_prefix(prefix)))
 
 
 # --------------------------------------------------------------------------------------------------- summary
@@ -156,7 +161,7 @@ def _all_arrays(group: Any, prefix: str = ""):
             yield from _all_arrays(node, f"{prefix}{name}/")
 
 
-def summarize_cache(path: str | Path) -> CacheSummary:
+def summarize_cache(path: str | Path | StoreLocation) -> CacheSummary:
     """Manifest, extraction progress and per-array size on disk of a (complete or partial) store."""
     cache = TeacherCache.open(path, allow_partial=True)
     path = cache.path
@@ -169,7 +174,7 @@ def summarize_cache(path: str | Path) -> CacheSummary:
         if len(array.shape) >= 2 and array.shape[:2] == done.shape and name != v2.VIEWS:
             raw = raw * int(done.sum()) // max(done.size, 1)  # only the extracted sample-views hold data
         arrays.append(ArrayInfo(name, list(array.shape), list(array.chunks), str(array.dtype), codecs,
-                                list(array.metadata.dimension_names or ()), _bytes_under(path / array.path), raw))
+                                list(array.metadata.dimension_names or ()), _bytes_under(path, array.path), raw))
     complete = done.all(axis=1)
     return CacheSummary(str(path), cache.manifest, int(done.sum()), int(done.size), int(complete.sum()),
                         [t for t, ok in zip(cache.sample_tokens, complete) if not ok], arrays)
@@ -375,7 +380,7 @@ def _check_sample(arrays: dict, sample: int, token: str, num_views: int) -> tupl
     return problems, reads
 
 
-def verify_cache(path: str | Path, workers: int = 2, progress: bool = True) -> VerifyReport:
+def verify_cache(path: str | Path | StoreLocation, workers: int = 2, progress: bool = True) -> VerifyReport:
     """Check a store end to end: manifest, layout, completeness and every chunk (checksum, NaN/Inf, ranges).
 
     Samples are checked in parallel by `workers` threads (zarr's decoding releases the GIL). Raises CacheError
@@ -480,7 +485,7 @@ def _map_stats(name: str, shape: list[int], acc: _Accumulator, extra: dict[str, 
                     dead, extra)
 
 
-def cache_stats(path: str | Path, subset: int | None = None, progress: bool = True,
+def cache_stats(path: str | Path | StoreLocation, subset: int | None = None, progress: bool = True,
                 fp_threshold: float = 0.1) -> CacheStats:
     """Per-layer feature, attention, heatmap and occupancy statistics over extracted sample-views.
 
@@ -560,7 +565,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / norm)
 
 
-def compare_caches(path_a: str | Path, path_b: str | Path, progress: bool = True) -> CompareReport:
+def compare_caches(path_a: str | Path | StoreLocation, path_b: str | Path | StoreLocation, progress: bool = True) -> CompareReport:
     """Features, attention and heatmap of two stores over their common tokens and identically augmented views.
 
     CacheError when the layers or map shapes differ (nothing to compare) or no sample-view is in both stores.

@@ -31,6 +31,7 @@ import torch
 from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
+from .location import StoreLocation
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk, expect_v2_codecs,
                      get_chunk_bytes, single_chunk_bytes)
 from .manifest import LayerSpec, layer_specs, manifest_diff
@@ -57,7 +58,7 @@ class TeacherTargets:
 class TeacherCache:
     """Read-only access to a teacher-feature store (use `TeacherCache.open`)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], sample_tokens: list[str], views: np.ndarray,
+    def __init__(self, path: StoreLocation, manifest: dict[str, Any], sample_tokens: list[str], views: np.ndarray,
                  allow_partial: bool, concurrent_reads: bool = True) -> None:
         self.path = path
         self.manifest = manifest
@@ -71,21 +72,28 @@ class TeacherCache:
         self._pid: int | None = None
 
     @classmethod
-    def open(cls, path: str | Path, allow_partial: bool = False, concurrent_reads: bool = True,
+    def open(cls, path: str | Path | StoreLocation, allow_partial: bool = False, concurrent_reads: bool = True,
              check_static: bool = True) -> "TeacherCache":
         """Open and validate a store; CacheError if it is missing, of another schema or (unless allowed) partial.
 
         check_static: CacheError when sample_tokens or views are damaged; without it (verification, which reports
         them itself) damaged ones read as placeholder tokens "#i" and identity views.
         """
-        import zarr
-
-        path = Path(path)
+        path = StoreLocation.parse(path)
         hint = "run `distillbev extract-teacher` to create it"
-        if not path.exists():
+        if path.is_local and not path.path.exists():
             raise CacheError(f"{path}: no teacher cache at this path; {hint}")
+        if not path.is_local:
+            from .store import remote_error
+
+            try:
+                found = path.get("zarr.json")
+            except Exception as exc:
+                raise remote_error(path, exc, "read") from exc
+            if found is None:
+                raise CacheError(f"{path}: no teacher cache at this URL (no zarr.json under it); {hint}")
         try:
-            group = zarr.open_group(str(path), mode="r")
+            group = path.open_group(mode="r")
         except Exception as exc:
             raise CacheError(f"{path}: not a zarr v3 group ({exc.__class__.__name__}); {hint}") from exc
         manifest = dict(group.attrs)
@@ -132,6 +140,11 @@ class TeacherCache:
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def worker_start_method(self) -> str | None:
+        """The DataLoader `multiprocessing_context` for workers that read this cache (None: the default fork)."""
+        return self.path.worker_start_method
+
     def index_of(self, token: str) -> int:
         try:
             return self._index[token]
@@ -158,9 +171,7 @@ class TeacherCache:
 
     def _open_arrays(self) -> dict[str, Any]:
         if self._arrays is None or self._pid != os.getpid():
-            import zarr
-
-            group = zarr.open_group(str(self.path), mode="r")
+            group = self.path.open_group(mode="r")
             names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
             for layer in self.layers:
                 names += [v2.feature_array(layer.name), v2.attention_array(layer.name)]
@@ -242,9 +253,7 @@ class TeacherCache:
 
     def read_teacher_head(self) -> dict[str, torch.Tensor]:
         """The teacher CenterHead state_dict stored with the cache (for inheriting the student head)."""
-        import zarr
-
-        group = zarr.open_group(str(self.path), mode="r")
+        group = self.path.open_group(mode="r")
         if v2.TEACHER_HEAD not in group:
             return {}
         head = group[v2.TEACHER_HEAD]
@@ -276,7 +285,7 @@ def _as_float32(values: np.ndarray) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
-def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def _read_static(path: StoreLocation, group: Any, manifest: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     """The checked sample tokens and views of a store; CacheError naming the array when either is damaged."""
     from .manifest import tokens_sha256
 
@@ -304,7 +313,7 @@ def _read_static(path: Path, group: Any, manifest: dict[str, Any]) -> tuple[list
     return tokens, views
 
 
-def repair_command(manifest: dict[str, Any], path: Path | str) -> str:
+def repair_command(manifest: dict[str, Any], path: Path | str | StoreLocation) -> str:
     """The extract-teacher command that wrote the store, with --repair (or a generic form when unrecorded)."""
     command = str(manifest.get("extraction", {}).get("command") or "")
     if command.startswith("distillbev extract-teacher"):

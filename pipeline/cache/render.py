@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CacheError, DistillBEVError
 from ..geometry.bev import BEVAugmentation, BEVGrid
+from .location import StoreLocation
 from .reader import TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def _augmentation_text(bev_aug: BEVAugmentation) -> str:
             f"flip {', '.join(flips) if flips else 'none'}")
 
 
-def render_sample(path: str | Path, sample: str | int, out: str | Path, view: int = 0,
+def render_sample(path: str | Path | StoreLocation, sample: str | int, out: str | Path, view: int = 0,
                   dataroot: str | None = None, dpi: int = 110) -> RenderResult:
     """Draw one sample-view of a store into a PNG at `out`; see the module docstring for the panels."""
     import matplotlib

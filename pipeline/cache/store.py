@@ -1,8 +1,8 @@
-"""The store's folder: what may be written or deleted there, the marker, the writer lock and durable writes.
+"""The store's place: what may be written or deleted there, the marker, the writer lock and durable writes.
 
-    kind = classify_store_path(path)          # "absent", "empty", "ours", "legacy", "foreign", "file", ...
-    with StoreLock(path, command="distillbev extract-teacher ..."):
-        write_marker(path)
+    kind = classify_store(location)           # "absent", "empty", "ours", "legacy", "foreign", "file", ...
+    with writer_lock(location, command="distillbev extract-teacher ..."):
+        write_marker(location)
         ...
 
 Rules (see docs/cache.md):
@@ -11,7 +11,11 @@ Rules (see docs/cache.md):
 - one writer at a time: `StoreLock` holds an exclusive `flock` on `distillbev.lock` inside the store for the
   whole extraction. The kernel releases it when its holder dies, however it dies, so a lock left by a killed run
   is taken over without ceremony; the file names the holder (host, pid, start time, command) for the error a
-  second writer gets. Forked extraction workers share the lock and die with their parent.
+  second writer gets. Forked extraction workers share the lock and die with their parent. On an object store,
+  where there is no flock, the lock is a lease (`lease.py`): an object naming its holder and an expiry that the
+  holder renews; a killed holder's lease is taken over once it has expired.
+- durability: local files are fsync'ed (and their folders) before a marker that vouches for them; an object
+  store's PUT is durable when it returns, so the fsync helpers do nothing there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Literal
 
 from ...cache_schemas import v2
 from ..errors import CacheError
+from .location import StoreLocation
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +66,53 @@ def classify_store_path(path: Path) -> PathKind:
     return "foreign"
 
 
+def classify_store(location: StoreLocation) -> PathKind:
+    """`classify_store_path` for any location; on an object store a prefix with no keys is "absent"."""
+    if location.is_local:
+        return classify_store_path(location.path)
+    try:
+        entries = location.entries()
+    except Exception as exc:
+        raise remote_error(location, exc, "list") from exc
+    if not entries:
+        return "absent"
+    if v2.MARKER_FILE in entries:
+        return "ours"
+    if entries == [v2.LOCK_FILE]:
+        return "empty"
+    if "zarr.json" in entries and _is_distillbev_metadata(location.get("zarr.json")):
+        return "legacy"
+    return "foreign"
+
+
+def remote_error(location: StoreLocation, exc: BaseException, action: str) -> CacheError:
+    """A one-line CacheError for a failed request to an object store."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return CacheError(f"{location}: cannot {action} the object store ({type(exc).__name__}: {text}); check the "
+                      f"bucket, the endpoint and the credentials (AWS_* environment or --storage-option)")
+
+
 def _has_distillbev_manifest(path: Path) -> bool:
     try:
-        metadata = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
+        return _is_distillbev_metadata((path / "zarr.json").read_bytes())
+    except OSError:
+        return False
+
+
+def _is_distillbev_metadata(raw: bytes | None) -> bool:
+    try:
+        metadata = json.loads(raw or b"null")
+    except ValueError:
         return False
     attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
     return isinstance(attributes, dict) and "schema_version" in attributes and "teacher" in attributes
 
 
-def refuse_unusable(path: Path, kind: PathKind) -> None:
+def refuse_unusable(path: Path | StoreLocation, kind: PathKind) -> None:
     """A one-line CacheError for a --cache path that cannot hold a store; returns for usable ones."""
     hint = "pass a new folder (it is created) or an existing teacher cache as --cache"
+    if isinstance(path, StoreLocation) and path.is_local:
+        path = path.path
     if kind == "file":
         raise CacheError(f"{path}: is a file, not a teacher cache folder; {hint}")
     if kind == "dangling-link":
@@ -85,18 +125,25 @@ def refuse_unusable(path: Path, kind: PathKind) -> None:
                          f"{v2.MARKER_FILE}); nothing was changed or deleted there, even with --overwrite; {hint}")
 
 
-def write_marker(path: Path) -> None:
-    """Mark `path` as this tool's store (first thing written into a new store; fsync'ed)."""
+def write_marker(location: StoreLocation) -> None:
+    """Mark the store as this tool's (first thing written into a new store; fsync'ed on a local disk)."""
     marker = {"format": v2.MARKER_FORMAT, "schema_version": v2.SCHEMA_VERSION,
               "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    write_file_durably(path / v2.MARKER_FILE, json.dumps(marker, indent=1).encode())
+    location.put(v2.MARKER_FILE, json.dumps(marker, indent=1).encode())
 
 
-def clear_store(path: Path) -> int:
-    """Delete everything in a store folder except the lock file; returns the number of entries removed.
+def clear_store(location: StoreLocation) -> int:
+    """Delete everything in a store except the lock; returns the number of entries (local) or keys removed.
 
     The marker goes last (and the caller writes it again first), so a store cleared halfway still counts as ours.
     """
+    if not location.is_local:
+        keys = [key for key in location.keys() if key not in _OWN_FILES]
+        for key in keys:
+            location.delete(key)
+        location.delete(v2.MARKER_FILE)
+        return len(keys)
+    path = location.path
     entries = sorted((p for p in path.iterdir() if p.name not in _OWN_FILES), key=lambda p: p.name)
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
@@ -107,7 +154,7 @@ def clear_store(path: Path) -> int:
     return len(entries)
 
 
-def storage_error(path: Path | str, exc: OSError) -> CacheError:
+def storage_error(path: Path | str | StoreLocation, exc: OSError) -> CacheError:
     """A one-line CacheError for a failed write under `path`."""
     if exc.errno == errno.ENOSPC:
         hint = "free disk space (or pass another --cache path) and rerun the same command to resume"
@@ -153,7 +200,41 @@ def write_file_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def fsync_keys(location: StoreLocation, keys: list[str], folders: bool = False) -> None:
+    """fsync the files of `keys` in a local store, and with `folders` their folders (a rename is durable only then);
+    an object store's writes are durable already."""
+    if location.is_local:
+        for key in keys:
+            fsync_file(location.path / key)
+        for folder in sorted({(location.path / key).parent for key in keys}) if folders else ():
+            fsync_dir(folder)
+
+
+def fsync_store(location: StoreLocation, names: list[str] | None = None) -> None:
+    """fsync every file and folder of a local store, or of its arrays named in `names` (no-op on object stores)."""
+    if not location.is_local:
+        return
+    path = location.path
+    roots = [path] if names is None else [path / name for name in names]
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if name != v2.LOCK_FILE:
+                    fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
+    fsync_dir(path)
+
+
 # ----------------------------------------------------------------------------------------------------- the lock
+def writer_lock(location: StoreLocation, command: str = "") -> "StoreLock | Any":
+    """The writer lock of a store: an flock on a local disk, a lease on an object store."""
+    if location.is_local:
+        return StoreLock(location.path, command=command)
+    from .lease import LeaseLock
+
+    return LeaseLock(location, command=command)
+
+
 def _process_start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (clock ticks since boot), to tell a live holder from a reused pid."""
     try:
@@ -169,8 +250,8 @@ class StoreLock:
     CacheError when another live process holds it, naming that process and what it runs.
     """
 
-    def __init__(self, path: Path, command: str = "") -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | StoreLocation, command: str = "") -> None:
+        self.path = path.path if isinstance(path, StoreLocation) else Path(path)
         self.lock_path = self.path / v2.LOCK_FILE
         self.command = command
         self._fd: int | None = None
@@ -233,6 +314,10 @@ class StoreLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def still_held(self) -> bool:
+        """Whether this process still holds the lock (an flock cannot be lost while its holder lives)."""
+        return self.held
 
     def __enter__(self) -> "StoreLock":
         return self.acquire()

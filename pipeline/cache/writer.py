@@ -11,7 +11,6 @@ their checks (`checks.py`), not even a lost or truncated file can make a sample-
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +21,8 @@ from ...cache_schemas import v2
 from ..errors import CacheError
 from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
 from .quantize import quantize_per_channel
-from .store import (classify_store_path, clear_store, fsync_dir, fsync_file, refuse_unusable, storage_error,
-                    write_marker)
+from .location import StoreLocation
+from .store import classify_store, clear_store, fsync_keys, fsync_store, refuse_unusable, storage_error, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def open_for_writing(group: Any, name: str) -> Any:
         return group[name]
 
 
-def _check_tokens(path: Path, stored: list[str] | None, requested: list[str]) -> None:
+def _check_tokens(path: StoreLocation, stored: list[str] | None, requested: list[str]) -> None:
     if stored is not None and stored != list(requested):
         first = next(i for i, (a, b) in enumerate(zip(stored + [None], requested + [None])) if a != b)
         raise CacheError(f"{path}: the store's sample_tokens differ from the dataset's split (first difference "
@@ -149,7 +148,7 @@ def _at(values: list[str], index: int) -> str | None:
     return values[index] if index < len(values) else None
 
 
-def prepare_store(path: str | Path, manifest: dict[str, Any], sample_tokens: list[str],
+def prepare_store(path: str | Path | StoreLocation, manifest: dict[str, Any], sample_tokens: list[str],
                   head_state: dict[str, np.ndarray], overwrite: bool = False) -> StoreState:
     """Create the store at `path`, or reopen an identical one; the caller holds the store's `StoreLock`.
 
@@ -160,12 +159,10 @@ def prepare_store(path: str | Path, manifest: dict[str, Any], sample_tokens: lis
     teacher_head) of a reopened store are checked and rewritten if damaged. Returns "created", "resumed"
     (status writing) or "complete".
     """
-    import zarr
-
-    path = Path(path)
+    path = StoreLocation.parse(path)
     if len(sample_tokens) != manifest["sample_count"]:
         raise ValueError(f"{len(sample_tokens)} sample tokens for a manifest of {manifest['sample_count']} samples")
-    kind = classify_store_path(path)
+    kind = classify_store(path)
     refuse_unusable(path, kind)
     if kind in ("ours", "legacy"):
         stored = read_manifest(path)
@@ -182,7 +179,7 @@ def prepare_store(path: str | Path, manifest: dict[str, Any], sample_tokens: lis
             if diff:
                 logger.warning("overwriting %s (stored -> requested: %s)", path, "; ".join(diff))
             else:
-                group = zarr.open_group(str(path), mode="r+")
+                group = path.open_group(mode="r+")
                 _check_tokens(path, _stored_tokens(group), sample_tokens)
                 repaired = repair_static_arrays(path, group, manifest, sample_tokens, head_state)
                 if repaired:
@@ -196,16 +193,17 @@ def prepare_store(path: str | Path, manifest: dict[str, Any], sample_tokens: lis
                 return "resumed"
     views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if path.is_local:
+            path.path.mkdir(parents=True, exist_ok=True)
         if kind in ("ours", "legacy"):
             clear_store(path)
         write_marker(path)
-        group = zarr.open_group(str(path), mode="a", zarr_format=3)
+        group = path.open_group(mode="a")
         _create_layout(group, manifest, sample_tokens, views, head_state)
-        fsync_tree(path)
+        fsync_store(path)
         # the manifest goes in last: a marked store without one is rebuilt by the same command
         group.attrs.put(manifest)
-        fsync_file(path / "zarr.json")
+        fsync_keys(path, ["zarr.json"], folders=True)
     except OSError as exc:
         raise storage_error(path, exc) from exc
     return "created"
@@ -219,7 +217,7 @@ def _stored_tokens(group: Any) -> list[str] | None:
         return None
 
 
-def repair_static_arrays(path: Path, group: Any, manifest: dict[str, Any], sample_tokens: list[str],
+def repair_static_arrays(path: StoreLocation, group: Any, manifest: dict[str, Any], sample_tokens: list[str],
                          head_state: dict[str, np.ndarray]) -> list[str]:
     """Rewrite views / sample_tokens / teacher_head arrays whose chunks are missing, corrupt or not as expected."""
     from .checks import static_array_problems
@@ -232,68 +230,56 @@ def repair_static_arrays(path: Path, group: Any, manifest: dict[str, Any], sampl
     set_status(path, v2.STATUS_WRITING, manifest_generation=True)  # readers of the damaged store stop
     try:
         written = write_static_arrays(group, manifest, sample_tokens, views, head_state, create=False, only=set(bad))
-        fsync_tree(path, names=written)
+        fsync_store(path, names=written)
     except OSError as exc:
         raise storage_error(path, exc) from exc
     set_status(path, status)  # the per-sample-view data did not change: a complete store is complete again
     return written
 
 
-def set_status(path: Path, status: str, manifest_generation: bool = False) -> None:
+def set_status(path: StoreLocation | Path, status: str, manifest_generation: bool = False) -> None:
     """Set the manifest's status (and, with manifest_generation, a fresh generation id), durably."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r+")
+    path = StoreLocation.parse(path)
+    group = path.open_group(mode="r+")
     update: dict[str, Any] = {"status": status}
     if manifest_generation:
         update["generation"] = new_generation()
     try:
         group.attrs.update(update)
-        fsync_file(path / "zarr.json")
+        fsync_keys(path, ["zarr.json"], folders=True)
     except OSError as exc:
         raise storage_error(path, exc) from exc
 
 
-def fsync_tree(path: Path, names: list[str] | None = None) -> None:
-    """fsync every file (and folder) under `path`, or under the named arrays of it."""
-    roots = [path] if names is None else [path / name for name in names]
-    for root in roots:
-        for folder, _, files in os.walk(root):
-            for name in files:
-                if name != v2.LOCK_FILE:
-                    fsync_file(Path(folder) / name)
-            fsync_dir(Path(folder))
-    fsync_dir(path)
-
-
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
+def read_manifest(path: str | Path | StoreLocation) -> dict[str, Any] | None:
     """The manifest in the group attributes at `path`, or None if `path` holds no distillbev manifest."""
     import zarr
 
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = StoreLocation.parse(path).open_group(mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
         return None
     attributes = dict(group.attrs)
     return attributes if "schema_version" in attributes else None
 
 
-def remove_partial_files(path: Path) -> int:
-    """Delete the temporary files of chunk writes that a killed process left behind."""
+def remove_partial_files(path: StoreLocation) -> int:
+    """Delete the temporary files of chunk writes that a killed process left behind (an object store has none:
+    a PUT is atomic)."""
+    if not path.is_local:
+        return 0
     count = 0
-    for stray in path.rglob("*.partial"):
+    for stray in path.path.rglob("*.partial"):
         stray.unlink(missing_ok=True)
         count += 1
     return count
 
 
-def read_done(path: str | Path) -> np.ndarray:
+def read_done(path: str | Path | StoreLocation) -> np.ndarray:
     """(S, V) bool done markers; a marker chunk that is missing or cannot be decoded counts as not done."""
-    import zarr
-
     from .chunks import ChunkError, chunk_coords, decode_chunk, get_chunk_bytes
 
-    done = zarr.open_array(str(Path(path) / v2.DONE), mode="r")
+    done = StoreLocation.parse(path).open_group(mode="r")[v2.DONE]
     out = np.zeros(done.shape, dtype=bool)
     for s, v in np.ndindex(*done.shape):
         try:
@@ -303,28 +289,23 @@ def read_done(path: str | Path) -> np.ndarray:
     return out
 
 
-def set_done(path: str | Path, sample_views: list[tuple[int, int]], value: int) -> None:
+def set_done(path: str | Path | StoreLocation, sample_views: list[tuple[int, int]], value: int) -> None:
     """Set the done markers of `sample_views` (fsync'ed)."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r+")
-    done = open_for_writing(group, v2.DONE)
+    path = StoreLocation.parse(path)
+    done = open_for_writing(path.open_group(mode="r+"), v2.DONE)
     try:
         for s, v in sample_views:
             done[s, v] = value
-        _fsync_chunks(Path(path), done, sample_views)
+        _fsync_chunks(path, done, sample_views)
     except OSError as exc:
         raise storage_error(path, exc) from exc
 
 
-def _fsync_chunks(root: Path, array: Any, sample_views: list[tuple[int, int]]) -> None:
+def _fsync_chunks(root: StoreLocation, array: Any, sample_views: list[tuple[int, int]]) -> None:
     """fsync the chunk files of `sample_views` when the store is a local folder (object stores are durable)."""
     from .chunks import chunk_coords, chunk_key
 
-    if not hasattr(array.store, "root"):
-        return
-    for s, v in sample_views:
-        fsync_file(root / chunk_key(array, chunk_coords(array, s, v)))
+    fsync_keys(root, [chunk_key(array, chunk_coords(array, s, v)) for s, v in sample_views])
 
 
 class SampleViewWriter:
@@ -334,11 +315,9 @@ class SampleViewWriter:
     `still_wanted`, a callable checked before each sample-view, a writer whose parent has gone writes nothing more.
     """
 
-    def __init__(self, path: str | Path, still_wanted=None) -> None:
-        import zarr
-
-        self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r+")
+    def __init__(self, path: str | Path | StoreLocation, still_wanted=None) -> None:
+        self.path = StoreLocation.parse(path)
+        self.group = self.path.open_group(mode="r+")
         self.manifest = dict(self.group.attrs)
         self.dtype = self.manifest["storage"]["dtype"]
         self.layers = [layer.name for layer in layer_specs(self.manifest)]
@@ -356,7 +335,8 @@ class SampleViewWriter:
     def write(self, record: SampleViewRecord) -> None:
         """Write every chunk of `record`, fsync them, then write its done marker."""
         if self.still_wanted is not None and not self.still_wanted():
-            raise CacheError(f"{self.path}: the extraction that started this writer is gone; stopping before "
+            raise CacheError(f"{self.path}: the extraction that started this writer is gone or lost its lock; "
+                             f"stopping before "
                              f"sample-view ({record.sample_index}, {record.view})")
         s, v = record.sample_index, record.view
         try:
@@ -380,18 +360,16 @@ class SampleViewWriter:
             raise storage_error(self.path, exc) from exc
 
 
-def finalize_store(path: str | Path, sample_tokens: list[str]) -> None:
+def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str]) -> None:
     """Check the store end to end and set status "complete" (durably); raises CacheError (status stays "writing").
 
     Every done marker must be set and every chunk of every sample-view present; the static arrays must hold the
     split's tokens and the manifest's views. The done markers are fsync'ed before the status says complete.
     """
-    import zarr
-
     from .checks import missing_chunks
 
-    path = Path(path)
-    group = zarr.open_group(str(path), mode="r+")
+    path = StoreLocation.parse(path)
+    group = path.open_group(mode="r+")
     manifest = dict(group.attrs)
     done = read_done(path)
     missing = int((~done).sum())
@@ -420,9 +398,8 @@ def finalize_store(path: str | Path, sample_tokens: list[str]) -> None:
     if remove_partial_files(path):
         logger.info("removed stray chunk files of an interrupted write")
     try:
-        fsync_tree(path, names=[v2.DONE])
+        fsync_store(path, names=[v2.DONE])
         group.attrs["status"] = v2.STATUS_COMPLETE
-        fsync_file(path / "zarr.json")
-        fsync_dir(path)
+        fsync_keys(path, ["zarr.json"], folders=True)
     except OSError as exc:
         raise storage_error(path, exc) from exc

@@ -139,3 +139,11 @@ def extract_slowly(path: Path, manifest: dict) -> None:
         return teacher(points_list)
 
     run_extract(path, manifest, teacher=slow_teacher, workers=1, threads_per_worker=1, background_writer=True)
+
+
+def store_chunks(location) -> dict[str, bytes]:
+    """`chunk_files` for any store location (local folder or object-store URL), read through zarr's store."""
+    from distillbev.pipeline.cache.location import StoreLocation
+
+    location = StoreLocation.parse(location)
+    return {key: location.get(key) for key in location.keys() if key.rsplit("/", 1)[-1] not in NOT_CHUNKS}

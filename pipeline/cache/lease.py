@@ -1,0 +1,248 @@
+"""The writer lock of a store on object storage: a lease object that its holder keeps renewing.
+
+    with LeaseLock(location, command="distillbev extract-teacher ...") as lock:
+        ...                          # a background thread renews the lease every ttl / 4
+        if not lock.still_held(): ...  # the lease was lost (renewals failed for a whole ttl, or it was taken)
+
+An object store has no flock, so the lock is the object `distillbev.lock`: JSON naming the holder (host, pid,
+command, a random owner id) and `expires_at` (UTC seconds). Acquiring creates it only if absent (a conditional
+PUT, `If-None-Match: *`); a lease whose `expires_at` has passed belongs to a killed or hung run and is replaced
+only if it is still the object that was read (`If-Match` on its ETag), so of two processes racing for a dead lease
+exactly one wins. Renewal is the same compare-and-swap on the ETag of the holder's last write. Releasing deletes
+it. With obstore (the default S3 backend) every step is atomic on servers with conditional writes (AWS S3 since
+2024, SeaweedFS, MinIO); through fsspec the create is a check-then-write and the takeover a delete-then-create,
+which is safe against a dead holder but not against two live racers starting within the same second.
+
+A killed holder's lease blocks new writers until it expires (`ttl`, 120 s by default, or the environment variable
+`DISTILLBEV_LEASE_SECONDS`); the error a second writer gets says until when. Expiry compares the writer's clock
+with the holder's: keep the nodes' clocks synchronised (NTP) to well under the ttl.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from ...cache_schemas import v2
+from ..errors import CacheError
+from .location import StoreLocation
+
+logger = logging.getLogger(__name__)
+DEFAULT_TTL = 120.0
+
+
+def lease_seconds() -> float:
+    raw = os.environ.get("DISTILLBEV_LEASE_SECONDS")
+    if not raw:
+        return DEFAULT_TTL
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CacheError(f"DISTILLBEV_LEASE_SECONDS={raw!r}: expected a number of seconds, e.g. 120") from None
+    if value < 2:
+        raise CacheError(f"DISTILLBEV_LEASE_SECONDS={raw!r}: a lease shorter than 2 s cannot be renewed in time")
+    return value
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class _Objects:
+    """Conditional reads and writes of one key: through obstore when the store is an ObjectStore, else zarr's API."""
+
+    def __init__(self, location: StoreLocation, key: str) -> None:
+        self.location, self.key = location, key
+        store = location.zarr_store()
+        inner = getattr(store, "store", None)
+        self.obstore = inner if inner is not None and type(inner).__module__.startswith("obstore") else None
+
+    def read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(the lease's JSON or None when absent, its ETag when known)."""
+        if self.obstore is not None:
+            import obstore
+
+            try:
+                result = obstore.get(self.obstore, self.key)
+            except FileNotFoundError:
+                return None, None
+            raw, etag = bytes(result.bytes()), result.meta.get("e_tag")
+        else:
+            raw, etag = self.location.get(self.key), None
+            if raw is None:
+                return None, None
+        try:
+            data = json.loads(raw or b"null")
+        except ValueError:
+            data = None
+        return (data if isinstance(data, dict) else {}), etag
+
+    def create(self, data: bytes) -> str | None | bool:
+        """Write `data` only if the key is absent: its ETag (obstore), True (fsspec), False when it exists."""
+        if self.obstore is not None:
+            import obstore
+            from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+            try:
+                return obstore.put(self.obstore, self.key, data, mode="create")["e_tag"] or True
+            except (AlreadyExistsError, PreconditionError):
+                return False
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        sync(self.location.zarr_store().set_if_not_exists(
+            self.key, default_buffer_prototype().buffer.from_bytes(data)))
+        stored, _ = self.read()
+        return True if stored is not None and stored.get("owner") == json.loads(data)["owner"] else False
+
+    def replace(self, etag: str | None, data: bytes) -> str | None | bool:
+        """Replace the object only if it is still the one read with `etag`; its new ETag / True, or False."""
+        if self.obstore is not None and etag is not None:
+            import obstore
+            from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+            try:
+                return obstore.put(self.obstore, self.key, data, mode={"e_tag": etag})["e_tag"] or True
+            except (PreconditionError, AlreadyExistsError, FileNotFoundError):
+                return False
+        self.location.delete(self.key)
+        return self.create(data)
+
+    def delete(self) -> None:
+        self.location.delete(self.key)
+
+
+class LeaseLock:
+    """An exclusive writer lease on an object-store location (context manager; `acquire` / `release` also work)."""
+
+    def __init__(self, location: StoreLocation, command: str = "", ttl: float | None = None) -> None:
+        self.location = location
+        self.command = command
+        self.ttl = lease_seconds() if ttl is None else float(ttl)
+        self.owner = uuid.uuid4().hex
+        self._objects: _Objects | None = None
+        self._etag: str | None | bool = None
+        self._held = False
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> StoreLocation:
+        return self.location
+
+    def _info(self) -> bytes:
+        now = time.time()
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "owner": self.owner,
+                           "since": _iso(now), "expires_at": now + self.ttl, "command": self.command}).encode()
+
+    def acquire(self) -> "LeaseLock":
+        from .store import remote_error
+
+        self._objects = _Objects(self.location, v2.LOCK_FILE)
+        try:
+            for _ in range(5):
+                current, etag = self._objects.read()
+                if current is None:
+                    result = self._objects.create(self._info())
+                else:
+                    expires = float(current.get("expires_at", 0) or 0)
+                    if expires > time.time():
+                        raise CacheError(f"{self.location}: another extraction is writing this store "
+                                         f"({describe(current)}); its lease runs until {_iso(expires)} and is renewed "
+                                         f"while it runs: wait for it to finish, or stop it and rerun this command "
+                                         f"after {_iso(expires)}")
+                    logger.info("%s: taking over the expired lease of %s", self.location, describe(current))
+                    result = self._objects.replace(etag, self._info())
+                if result is not False:
+                    self._etag, self._held = result, True
+                    break
+            else:
+                raise CacheError(f"{self.location}: could not take the writer lease (other processes kept taking "
+                                 f"it); rerun this command")
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise remote_error(self.location, exc, "lock") from exc
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name="cache-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        last_renewal = time.time()
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                etag = self._etag if isinstance(self._etag, str) else None
+                if etag is None:  # fsspec: no ETag to compare, so check the owner first
+                    current, _ = self._objects.read()
+                    if current is None or current.get("owner") != self.owner:
+                        self._lose(f"the lease now names {describe(current) if current else 'nobody'}")
+                        return
+                result = self._objects.replace(etag, self._info()) if etag else self._overwrite()
+                if result is False:
+                    current, _ = self._objects.read()
+                    self._lose(f"the lease was taken by {describe(current) if current else 'nobody'}")
+                    return
+                self._etag, last_renewal = result, time.time()
+            except Exception as exc:  # a network error: keep trying until the lease would have expired
+                if time.time() - last_renewal > self.ttl:
+                    self._lose(f"renewals failed for {self.ttl:.0f} s ({type(exc).__name__}: {exc})")
+                    return
+                logger.warning("%s: renewing the writer lease failed (%s); retrying", self.location, exc)
+
+    def _overwrite(self) -> bool:
+        self.location.put(v2.LOCK_FILE, self._info())
+        return True
+
+    def _lose(self, why: str) -> None:
+        self._lost = why
+        logger.error("%s: lost the writer lease: %s; this process stops writing", self.location, why)
+
+    def still_held(self) -> bool:
+        """False once the lease was lost (the writer then stops before its next sample-view)."""
+        return self._held and self._lost is None
+
+    def lost_reason(self) -> str | None:
+        return self._lost
+
+    def holder(self) -> dict[str, Any] | None:
+        objects = self._objects or _Objects(self.location, v2.LOCK_FILE)
+        return objects.read()[0]
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            current, _ = self._objects.read()
+            if current is not None and current.get("owner") == self.owner:
+                self._objects.delete()
+        except Exception as exc:  # the lease then expires by itself
+            logger.warning("%s: could not delete the writer lease (%s); it expires at its own time",
+                           self.location, exc)
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def __enter__(self) -> "LeaseLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def describe(info: dict[str, Any]) -> str:
+    command = f", running `{info['command']}`" if info.get("command") else ""
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}{command}"

@@ -1,0 +1,284 @@
+"""Where a teacher cache lives: a local folder or an object-store URL, opened as one of zarr's own stores.
+
+    location = StoreLocation.parse("s3://feats/nuscenes/cp.zarr", {"endpoint_url": "http://127.0.0.1:8333"})
+    group = location.open_group(mode="r")        # zarr.open_group on location.zarr_store(read_only=True)
+    raw = location.get("distillbev_cache.json")  # bytes or None, any backend
+
+A location is plain data (the URL and its storage options), so it pickles into DataLoader workers and every
+process opens its own store on first use (`zarr_store` caches one per process id: obstore and s3fs clients do not
+survive a fork).
+
+Backends, all zarr's: `LocalStore` for a path (or `file://` URL); for `s3://bucket/prefix`, `ObjectStore` over
+obstore's `S3Store` (the default) or `FsspecStore` over s3fs (`--storage-option backend=fsspec`); every other
+fsspec URL (`gs://`, `az://`, `memory://`, ...) through `FsspecStore.from_url` with the options passed through.
+S3 credentials, endpoint and region come from the usual AWS environment (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ENDPOINT_URL`, `AWS_REGION` / `AWS_DEFAULT_REGION`), then from
+the storage options, which win: `key`, `secret`, `token`, `endpoint_url`, `region` (s3fs's names). A plain-http
+endpoint is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from ..errors import CacheError
+
+S3_OPTIONS = ("key", "secret", "token", "endpoint_url", "region", "backend")
+BACKENDS = ("obstore", "fsspec")
+_OBSTORE_USED_BY: int | None = None  # pid of the process that opened an obstore client (kept across a fork)
+
+
+def parse_storage_options(pairs: Iterable[str]) -> dict[str, str]:
+    """`--storage-option KEY=VALUE` arguments -> a dict (CacheError naming a malformed one)."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CacheError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:8333")
+        options[key.strip()] = value
+    return options
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A cache store's address: `url` (a local path or a URL) and its storage options (sorted key/value pairs)."""
+
+    url: str
+    options: tuple[tuple[str, str], ...] = ()
+    _stores: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @classmethod
+    def parse(cls, where: "str | Path | StoreLocation", storage_options: dict[str, str] | None = None,
+              ) -> "StoreLocation":
+        """A location from a path, a URL or a location (whose options the given ones extend)."""
+        if isinstance(where, StoreLocation):
+            if not storage_options:
+                return where
+            return cls(where.url, tuple(sorted({**dict(where.options), **storage_options}.items())))
+        text = str(where)
+        scheme = urlsplit(text).scheme if "://" in text else ""
+        if scheme == "file":
+            text = urlsplit(text).path
+        elif scheme:
+            parts = urlsplit(text)
+            if not parts.netloc:
+                raise CacheError(f"{text}: a store URL needs a bucket (or host), e.g. s3://bucket/prefix/cache.zarr")
+            text = f"{scheme}://{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+        options = tuple(sorted((storage_options or {}).items()))
+        location = cls(text, options)
+        location._check_options()
+        return location
+
+    # -- what it is ------------------------------------------------------------------------------------------------
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme if "://" in self.url else ""
+
+    @property
+    def is_local(self) -> bool:
+        return not self.scheme
+
+    @property
+    def path(self) -> Path:
+        """The local folder (only for local locations)."""
+        if not self.is_local:
+            raise CacheError(f"{self.url}: an object-store location has no local path")
+        return Path(self.url)
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "url", state["url"])
+        object.__setattr__(self, "options", state["options"])
+        object.__setattr__(self, "_stores", {})
+
+    def resolved(self) -> "StoreLocation":
+        """A local location as an absolute path with symbolic links resolved; a URL unchanged."""
+        if not self.is_local:
+            return self
+        path = Path(self.url)
+        return StoreLocation(str(path.resolve() if path.is_symlink() else path.absolute()), self.options)
+
+    @property
+    def backend(self) -> str:
+        """"local", "obstore" or "fsspec"."""
+        if self.is_local:
+            return "local"
+        if self.scheme != "s3":
+            return "fsspec"
+        return dict(self.options).get("backend", "obstore")
+
+    def _check_options(self) -> None:
+        options = dict(self.options)
+        if self.is_local and options:
+            raise CacheError(f"{self.url}: --storage-option {sorted(options)} given for a local path; storage options "
+                             f"apply to object-store URLs (s3://...)")
+        if self.scheme == "s3":
+            unknown = sorted(set(options) - set(S3_OPTIONS))
+            if unknown and options.get("backend") != "fsspec":
+                raise CacheError(f"{self.url}: unknown storage option(s) {unknown} for s3://; expected "
+                                 f"{list(S3_OPTIONS)} (or backend=fsspec to pass s3fs options through)")
+            if options.get("backend", "obstore") not in BACKENDS:
+                raise CacheError(f"{self.url}: storage option backend={options['backend']!r}; expected one of "
+                                 f"{list(BACKENDS)}")
+
+    # -- zarr stores -------------------------------------------------------------------------------------------------
+    @property
+    def worker_start_method(self) -> str | None:
+        """The multiprocessing start method for DataLoader workers that read this location: None (the default,
+        fork) for a local folder; "forkserver" for an object store, whose clients do not survive a fork."""
+        return None if self.is_local else "forkserver"
+
+    def zarr_store(self, read_only: bool = False) -> Any:
+        """zarr's store for this location, one per process and mode (opened on first use)."""
+        key = (os.getpid(), read_only)
+        if key not in self._stores:
+            self._stores.clear()  # stores of a parent process are not used after a fork
+            self._stores[key] = self._open_store(read_only)
+        return self._stores[key]
+
+    def _open_store(self, read_only: bool) -> Any:
+        if self.is_local:
+            from zarr.storage import LocalStore
+
+            return LocalStore(self.url, read_only=read_only)
+        if self.backend == "obstore":
+            return self._obstore(read_only)
+        from zarr.storage import FsspecStore
+
+        options = self._fsspec_options()
+        try:
+            return FsspecStore.from_url(self.url, storage_options=options, read_only=read_only)
+        except (ImportError, ValueError) as exc:
+            raise CacheError(f"{self.url}: cannot open this URL through fsspec ({type(exc).__name__}: {exc}); "
+                             f"install the fsspec driver of {self.scheme}:// (e.g. s3fs, gcsfs, adlfs)") from None
+
+    def s3_settings(self) -> dict[str, str]:
+        """The S3 connection settings: AWS environment first, storage options over it (s3fs's names)."""
+        env = os.environ
+        settings = {"key": env.get("AWS_ACCESS_KEY_ID", ""), "secret": env.get("AWS_SECRET_ACCESS_KEY", ""),
+                    "token": env.get("AWS_SESSION_TOKEN", ""), "endpoint_url": env.get("AWS_ENDPOINT_URL", ""),
+                    "region": env.get("AWS_REGION", env.get("AWS_DEFAULT_REGION", ""))}
+        settings.update({k: v for k, v in self.options if k in settings})
+        return {k: v for k, v in settings.items() if v}
+
+    def bucket_and_prefix(self) -> tuple[str, str]:
+        parts = urlsplit(self.url)
+        return parts.netloc, parts.path.strip("/")
+
+    def _obstore(self, read_only: bool) -> Any:
+        global _OBSTORE_USED_BY
+        if _OBSTORE_USED_BY is not None and _OBSTORE_USED_BY != os.getpid():
+            # obstore's runtime threads are gone in a forked child: its first request would hang for ever
+            raise CacheError(f"{self.url}: this process was forked from one that had opened an obstore client "
+                             f"(pid {_OBSTORE_USED_BY}), and obstore does not survive a fork; start such processes "
+                             f"with multiprocessing's 'forkserver' or 'spawn' method (DataLoader "
+                             f"multiprocessing_context), or use --storage-option backend=fsspec")
+        try:
+            from obstore.store import S3Store
+        except ImportError:
+            raise CacheError(f"{self.url}: the obstore package is not installed; `pip install obstore` or pass "
+                             f"--storage-option backend=fsspec (needs s3fs)") from None
+        from zarr.storage import ObjectStore
+
+        bucket, prefix = self.bucket_and_prefix()
+        s3 = self.s3_settings()
+        kwargs: dict[str, Any] = {"region": s3.get("region", "us-east-1"), "virtual_hosted_style_request": False}
+        for ours, theirs in (("key", "access_key_id"), ("secret", "secret_access_key"), ("token", "session_token"),
+                             ("endpoint_url", "endpoint")):
+            if ours in s3:
+                kwargs[theirs] = s3[ours]
+        if s3.get("endpoint_url", "").startswith("http://"):
+            kwargs["client_options"] = {"allow_http": True}
+        if "key" not in s3:
+            kwargs["skip_signature"] = True  # anonymous access to a public bucket
+        _OBSTORE_USED_BY = os.getpid()
+        return ObjectStore(S3Store(bucket, prefix=prefix or None, **kwargs), read_only=read_only)
+
+    def _fsspec_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {k: v for k, v in self.options if k != "backend"}
+        if self.scheme != "s3":
+            return options
+        s3 = self.s3_settings()
+        for name in ("key", "secret", "token", "endpoint_url"):
+            if name in s3:
+                options[name] = s3[name]
+        options.pop("region", None)
+        if "region" in s3:
+            options.setdefault("client_kwargs", {})["region_name"] = s3["region"]
+        if "key" not in s3:
+            options.setdefault("anon", True)
+        return options
+
+    def open_group(self, mode: str = "r") -> Any:
+        """zarr.open_group on this location ("r" opens the store read-only)."""
+        import zarr
+
+        return zarr.open_group(store=self.zarr_store(read_only=mode == "r"), mode=mode,
+                               **({"zarr_format": 3} if mode in ("a", "w", "w-") else {}))
+
+    # -- plain keys ----------------------------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        """The bytes stored under `key` (None when absent)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        buffer = sync(self.zarr_store(read_only=True).get(key, prototype=default_buffer_prototype()))
+        return None if buffer is None else buffer.to_bytes()
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` under `key` (a local file is written through a temporary file and fsync'ed)."""
+        if self.is_local:
+            from .store import write_file_durably
+
+            target = self.path / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_file_durably(target, data)
+            return
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        sync(self.zarr_store().set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def delete(self, key: str) -> None:
+        from zarr.core.sync import sync
+
+        sync(self.zarr_store().delete(key))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under `prefix` (recursively), sorted."""
+        from zarr.core.sync import sync
+
+        async def collect() -> list[str]:
+            store = self.zarr_store(read_only=True)
+            return [key async for key in (store.list_prefix(prefix) if prefix else store.list())]
+
+        return sorted(sync(collect()))
+
+    def entries(self) -> list[str]:
+        """The names directly under the store's root (keys and "folders")."""
+        from zarr.core.sync import sync
+
+        async def collect() -> list[str]:
+            return [key async for key in self.zarr_store(read_only=True).list_dir("")]
+
+        return sorted(sync(collect()))
+
+    def size_under(self, prefix: str) -> int:
+        """Stored bytes of every key under `prefix`."""
+        from zarr.core.sync import sync
+
+        store = self.zarr_store(read_only=True)
+        return sum(int(sync(store.getsize(key))) for key in self.keys(prefix))
