@@ -150,9 +150,10 @@ def _finite(value: Any) -> Any:
 @click.option("--dataroot", type=click.Path(file_okay=False), default=None,
               help="Dataroot for the GT boxes of --render (default: the one in the manifest).")
 @click.option("--compare", "compare_store", default=None,
-              help="Another store (path or URL, same storage options): per-layer cosine similarity and max-abs difference over common sample-views.")
-def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify: bool, workers: int, stats: bool, subset: int | None,
-            render_sample: str | None, out: str | None, view: int, dataroot: str | None,
+              help="Another store (path or URL, same storage options): per-layer cosine similarity and max-abs "
+                   "difference over common sample-views.")
+def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify: bool, workers: int, stats: bool,
+            subset: int | None, render_sample: str | None, out: str | None, view: int, dataroot: str | None,
             compare_store: str | None) -> None:
     """Show what a teacher-feature cache holds (default), or verify, measure, draw or compare it."""
     from ..pipeline.cache import inspect

@@ -565,7 +565,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / norm)
 
 
-def compare_caches(path_a: str | Path | StoreLocation, path_b: str | Path | StoreLocation, progress: bool = True) -> CompareReport:
+def compare_caches(path_a: str | Path | StoreLocation, path_b: str | Path | StoreLocation,
+                   progress: bool = True) -> CompareReport:
     """Features, attention and heatmap of two stores over their common tokens and identically augmented views.
 
     CacheError when the layers or map shapes differ (nothing to compare) or no sample-view is in both stores.
