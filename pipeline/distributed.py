@@ -108,16 +108,24 @@ def rank_indices(length: int, world: World) -> list[int]:
     return list(range(world.rank, length, world.world_size))
 
 
+def check_sync_bn(world: World, device: str, sync_bn: bool) -> None:
+    """ConfigError when --sync-bn cannot work here (a CPU device, or no torchrun ranks); a stage calls it before it
+    writes anything, `prepare_model` again before converting."""
+    if not sync_bn:
+        return
+    if not str(device).startswith("cuda"):
+        raise ConfigError("--sync-bn: SyncBatchNorm has no CPU implementation (it needs CUDA and nccl); drop "
+                          "--sync-bn on CPU, each rank then normalises over its own batch")
+    if not world.distributed:
+        raise ConfigError("--sync-bn synchronises BatchNorm across torchrun ranks; it needs --nproc-per-node > 1")
+
+
 def prepare_model(model, world: World, device: str, sync_bn: bool):
     """The model to train on this rank: SyncBN-converted when asked (CUDA only), DDP-wrapped under torchrun."""
     import torch
 
     if sync_bn:
-        if not str(device).startswith("cuda"):
-            raise ConfigError("--sync-bn: SyncBatchNorm has no CPU implementation (it needs CUDA and nccl); drop "
-                              "--sync-bn on CPU, each rank then normalises over its own batch")
-        if not world.distributed:
-            raise ConfigError("--sync-bn synchronises BatchNorm across torchrun ranks; it needs --nproc-per-node > 1")
+        check_sync_bn(world, device, sync_bn)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world.distributed:
         device_ids = [torch.device(device).index] if str(device).startswith("cuda") else None

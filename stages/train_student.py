@@ -1,4 +1,10 @@
-"""`distillbev train-student`: a camera student, baseline or distilled from the cached teacher."""
+"""`distillbev train-student`: a camera student, baseline or distilled from the cached teacher.
+
+Under torchrun it trains with DistributedDataParallel, one process per rank (`train.batch_size` per rank):
+
+    torchrun --standalone --nproc-per-node 8 -m distillbev.cli train-student --config ... --device cuda --sync-bn
+    torchrun --standalone --nproc-per-node 8 --no-python distillbev train-student ...
+"""
 
 from __future__ import annotations
 
@@ -21,21 +27,27 @@ import click
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Teacher checkpoint: the live teacher for --targets online; with --cache, the cache must have "
                    "been extracted from it (its SHA-256 is compared before the first step).")
-@click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth (any world size).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N; under torchrun cpu or cuda (each rank takes cuda:LOCAL_RANK).")
+@click.option("--sync-bn", is_flag=True, help="Under torchrun on CUDA: synchronise BatchNorm across the ranks "
+                                              "(mmdet3d's --sync-bn).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 def command(config_path: Path, dataroot: Path | None, cache_path: Path | None, out: Path, baseline: bool,
             targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
-            max_steps: int | None, overrides: tuple[str, ...]) -> None:
+            max_steps: int | None, overrides: tuple[str, ...], sync_bn: bool) -> None:
     """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D student, then evaluate it with the devkit.
 
     Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
     checked against the config before the first step. Writes RUN/config.yaml, RUN/train_log.jsonl (every loss
     term per step), RUN/checkpoints/, RUN/latest.pth and RUN/eval/metrics_summary.json.
     """
+    import logging
+
     from ..pipeline.config import load_config
     from ..pipeline.distill.config import StudentExperimentConfig
+    from ..pipeline.distributed import check_sync_bn, init_from_env
     from ..pipeline.distill.run import train_student
     from ..pipeline.eval import format_metrics_table
 
@@ -47,6 +59,11 @@ def command(config_path: Path, dataroot: Path | None, cache_path: Path | None, o
     cfg = load_config(StudentExperimentConfig, config_path, sets)
     if dataroot is not None:
         cfg.data.dataroot = str(dataroot)
+    world, device = init_from_env(device)
+    check_sync_bn(world, device, sync_bn)  # refused before anything is written
+    if not world.is_main:  # rank 0 alone reports; the others say only what went wrong
+        logging.getLogger("distillbev").setLevel(logging.WARNING)
     summary = train_student(cfg, out, cache_path=cache_path, device=device, resume=resume,
-                            teacher_checkpoint=teacher_checkpoint, max_steps=max_steps)
-    click.echo(format_metrics_table(summary))
+                            teacher_checkpoint=teacher_checkpoint, max_steps=max_steps, world=world, sync_bn=sync_bn)
+    if world.is_main:
+        click.echo(format_metrics_table(summary))

@@ -14,6 +14,9 @@
 Both are cut back to the checkpoint's epoch when a run resumes, so a resumed run never holds an entry twice, and
 the evaluations and snapshots run with the random state saved and restored around them, so a run with them trains
 exactly as one without.
+
+Under torchrun every rank takes part in each evaluation (it predicts its share of the val split) and rank 0 alone
+scores it, records it and takes the snapshots.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..distributed import World
 from ..eval.nuscenes_eval import summary_metrics
 from ..losses.attention import spatial_attention
 from ..losses.config import DistillConfig, LayerPairConfig
@@ -226,13 +230,15 @@ def attention_similarity(student_maps: np.ndarray, teacher_maps: np.ndarray) -> 
 class TrainingProgress:
     """Per-epoch evaluation and attention snapshots of one run; `after_epoch` is `run_epochs`' epoch callback.
 
-    evaluate(eval_dir) runs the devkit evaluation of the val split into eval_dir and returns its summary;
-    teacher_attention(samples, pair) returns the teacher's (S, Yt, Xt) maps and their source, or None.
+    evaluate(eval_dir, final) runs the devkit evaluation of the val split into eval_dir and returns its summary
+    (None on the ranks other than 0, which only predict their share); teacher_attention(samples, pair) returns the
+    teacher's (S, Yt, Xt) maps and their source, or None.
     """
 
     def __init__(self, cfg, out_dir: Path, setup, device: torch.device, start_epoch: int,
-                 evaluate: Callable[[Path, bool], dict],
-                 teacher_attention: Callable[[list, LayerPairConfig], tuple[np.ndarray, str] | None]) -> None:
+                 evaluate: Callable[[Path, bool], dict | None],
+                 teacher_attention: Callable[[list, LayerPairConfig], tuple[np.ndarray, str] | None],
+                 world: World = World()) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.setup = setup
@@ -241,9 +247,11 @@ class TrainingProgress:
         self.teacher_attention = teacher_attention
         self.completed = start_epoch
         self.pair = pre_head_pair(cfg.distill)
+        self.world = world
         self._samples: list | None = None
         self._teacher: tuple[np.ndarray, str] | None = None
-        reset_progress(out_dir, start_epoch)
+        if world.is_main:
+            reset_progress(out_dir, start_epoch)
 
     def after_epoch(self, epoch: int, iteration: int) -> None:
         """After epoch `epoch` (1-based), before its checkpoint: the early snapshot and the intermediate
@@ -253,23 +261,27 @@ class TrainingProgress:
         if epoch >= train.epochs:
             return
         with preserved_rng():
-            if train.attention_snapshots and epoch == 1:
+            if train.attention_snapshots and epoch == 1 and self.world.is_main:
                 self.snapshot(epoch, iteration)
             if train.eval_every and epoch % train.eval_every == 0:
                 eval_dir = epoch_eval_dir(self.out_dir, epoch)
-                record = record_evaluation(self.out_dir, epoch, iteration, eval_dir, self.evaluate(eval_dir, False))
-                log.info("epoch %d: mAP %.4f, NDS %.4f (%s)", epoch, record["mAP"], record["NDS"], eval_dir)
+                summary = self.evaluate(eval_dir, False)
+                if self.world.is_main:
+                    record = record_evaluation(self.out_dir, epoch, iteration, eval_dir, summary)
+                    log.info("epoch %d: mAP %.4f, NDS %.4f (%s)", epoch, record["mAP"], record["NDS"], eval_dir)
         self.setup.student.train()
 
-    def finish(self, iteration: int) -> dict:
-        """The final snapshot and evaluation (into RUN/eval/); returns the devkit summary."""
+    def finish(self, iteration: int) -> dict | None:
+        """The final snapshot and evaluation (into RUN/eval/); returns the devkit summary (None on ranks other
+        than 0)."""
         # a run stopped by --max-steps ends inside the epoch after the last completed one
         epoch = self.cfg.train.epochs if self.completed >= self.cfg.train.epochs else self.completed + 1
-        if self.cfg.train.attention_snapshots:
+        if self.cfg.train.attention_snapshots and self.world.is_main:
             self.snapshot(epoch, iteration)
         eval_dir = self.out_dir / "eval"
         summary = self.evaluate(eval_dir, True)
-        record_evaluation(self.out_dir, epoch, iteration, eval_dir, summary)
+        if self.world.is_main:
+            record_evaluation(self.out_dir, epoch, iteration, eval_dir, summary)
         return summary
 
     def _snapshot_samples(self) -> list:

@@ -1,4 +1,11 @@
-"""Wiring of a stage-two run: data, cache, student, DistillBEV loss, optimiser, resume, evaluation."""
+"""Wiring of a stage-two run: data, cache, student, DistillBEV loss, optimiser, resume, evaluation.
+
+Under torchrun (`world.distributed`, from `distributed.init_from_env`) every rank builds the same run from the same
+seed, trains a DistributedDataParallel replica of the student and the DistillBEV loss on its shard of each epoch
+(`train.train_sampler`, with `train.batch_size` per rank), and takes part in every evaluation: the ranks take rank
+0's BatchNorm statistics, predict val samples r, r + W, ..., and rank 0 scores the gathered predictions. Rank 0
+alone writes into the run directory (config, log, checkpoints, cache identity, evaluations, attention snapshots).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..data.collate import collate_samples
 from ..data.dataset import NuScenesDetectionDataset
+from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices
 from ..errors import CacheError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
@@ -21,7 +29,8 @@ from ..student.model import CameraStudent
 from .config import StudentExperimentConfig
 from .progress import TrainingProgress, reset_progress
 from .targets import DistillationDataset
-from .train import DistillationSetup, load_resume, run_epochs, seed_everything, write_config
+from .train import (DistillationSetup, TrainableModules, load_resume, run_epochs, seed_everything, steps_per_epoch,
+                    train_sampler, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +118,9 @@ def cache_identity(manifest: dict) -> dict:
                                                                   "sample_tokens_sha256", "point_loading")}}
 
 
-def check_resume_identity(out_dir: Path, identity: dict, resume: bool) -> None:
-    """Record the cache identity of a fresh run; refuse to resume a run against a different cache."""
+def check_resume_identity(out_dir: Path, identity: dict, resume: bool, write: bool = True) -> None:
+    """Record the cache identity of a fresh run (when `write`: rank 0 under torchrun); refuse to resume a run
+    against a different cache."""
     from ..cache.manifest import manifest_diff
 
     path = out_dir / "cache_identity.json"
@@ -121,7 +131,8 @@ def check_resume_identity(out_dir: Path, identity: dict, resume: bool) -> None:
                              f"(run -> cache: {'; '.join(diff)}); resume with the run's own cache or start a new "
                              f"run in another --out")
         return
-    path.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    if write:
+        path.write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
 def build_distill_loss(cfg: StudentExperimentConfig, student: CameraStudent,
@@ -169,23 +180,31 @@ def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
 
 def evaluate_student(cfg: StudentExperimentConfig, student: CameraStudent, out_dir: Path,
                      device: torch.device, eval_dir: Path | None = None,
-                     dataset: NuScenesDetectionDataset | None = None, verbose: bool = True) -> dict:
+                     dataset: NuScenesDetectionDataset | None = None, verbose: bool = True,
+                     world: World = World()) -> dict | None:
     """Decode the val split (test mode) and score it with the devkit; writes eval_dir (default out_dir/eval/).
 
     dataset: the val split in test mode, when the caller keeps one for several evaluations; verbose: log the whole
-    metrics table (else nothing: the caller logs its own line).
+    metrics table (else nothing: the caller logs its own line). Under torchrun rank r decodes samples r, r + W, ...
+    (no padding), and rank 0 gathers them in dataset order, writes and scores them and returns the summary (the
+    other ranks return None); the ranks must hold the same BatchNorm statistics (`broadcast_buffers`).
     """
     if dataset is None:
         dataset = NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test")
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False,
+    indices = rank_indices(len(dataset), world)
+    part = dataset if not world.distributed else torch.utils.data.Subset(dataset, indices)
+    loader = DataLoader(part, batch_size=cfg.train.batch_size, shuffle=False,
                         num_workers=cfg.train.num_workers, collate_fn=collate_samples)
     student.eval()
     detections = []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+        for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not world.is_main):
             batch = batch.to(device)
             outputs = student(batch)
             detections += student.head.decode(outputs.head, batch.sample_tokens, batch.bev_aug)
+    detections = gather_ordered(list(zip(indices, detections)), len(dataset), world)
+    if not world.is_main:
+        return None
     eval_dir = out_dir / "eval" if eval_dir is None else eval_dir
     eval_dir.mkdir(parents=True, exist_ok=True)
     results = detections_to_results(detections, dataset, use_camera=True)
@@ -233,17 +252,23 @@ def teacher_attention_source(cache, teacher, temperature: float, device: torch.d
 
 def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
                   device: str = "cpu", resume: bool = False, teacher_checkpoint: Path | None = None,
-                  teacher_config: dict | None = None, max_steps: int | None = None) -> dict:
-    """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary."""
+                  teacher_config: dict | None = None, max_steps: int | None = None, world: World = World(),
+                  sync_bn: bool = False) -> dict | None:
+    """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary (None on ranks other than 0).
+
+    world: this rank under torchrun (`distributed.init_from_env`), the default a single process; sync_bn: convert
+    BatchNorm to SyncBatchNorm (CUDA ranks only).
+    """
     device_t = torch.device(device)
     if not resume and (out_dir / "latest.pth").exists():
         raise ConfigError(f"{out_dir}: already holds a student run (latest.pth); pass --resume to continue it or "
                           f"choose another --out")
-    seed_everything(cfg.train.seed)
-    write_config(cfg, out_dir)
-    if not resume:
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-        reset_progress(out_dir, 0)  # and a fresh evaluation history (progress.py)
+    seed_everything(cfg.train.seed)  # every rank: the same initial weights, CBGS list and draws
+    if world.is_main:
+        write_config(cfg, out_dir)
+        if not resume:
+            (out_dir / "train_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+            reset_progress(out_dir, 0)  # and a fresh evaluation history (progress.py)
     student = CameraStudent(cfg.model).to(device_t)
     mode = "none"
     cache = None
@@ -259,7 +284,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
                                   f"--teacher-checkpoint, or --baseline)")
             train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
             cache = open_checked_cache(cache_path, cfg, student, train_dataset, teacher_checkpoint)
-            check_resume_identity(out_dir, cache_identity(cache.manifest), resume)
+            check_resume_identity(out_dir, cache_identity(cache.manifest), resume, write=world.is_main)
             log_view_coverage(cache.num_views)
             teacher_layers = cache.manifest["layers"]
             head_state = cache.read_teacher_head()
@@ -302,28 +327,41 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
         use_cached_attention=cache is not None
         and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature)
+    sampler = train_sampler(train_set, world, cfg.train.seed)
+    epoch_steps = steps_per_epoch(cfg, train_set, sampler)
     params = list(student.parameters()) + ([] if distill_loss is None else list(distill_loss.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=teacher, layers=layers)
     start_epoch = start_iteration = 0
     latest = out_dir / "latest.pth"
     if resume and latest.exists():
-        start_epoch, start_iteration = load_resume(latest, setup, optimizer)
+        start_epoch, start_iteration = load_resume(latest, setup, optimizer, epoch_steps)
         log.info("resuming from %s at epoch %d (iteration %d)", latest, start_epoch, start_iteration)
+    model = None  # one process steps `setup` itself, exactly as before torchrun support
+    if world.distributed or sync_bn:
+        model = prepare_model(TrainableModules(setup, cfg.model.head.grid), world, str(device_t), sync_bn)
     log.info("training %s student (%s targets) on %d samples for %d epochs", cfg.model.variant, mode,
              len(train_set), cfg.train.epochs)
+    log.info("training on %d rank(s): batch %d per rank, effective batch %d, %d steps per epoch", world.world_size,
+             cfg.train.batch_size, cfg.train.batch_size * world.world_size, epoch_steps)
     val_dataset: list[NuScenesDetectionDataset] = []  # loaded once, at the first evaluation
 
-    def evaluate(eval_dir: Path, final: bool) -> dict:
+    def evaluate(eval_dir: Path, final: bool) -> dict | None:
         if not val_dataset:
             val_dataset.append(NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test"))
-        return evaluate_student(cfg, student, out_dir, device_t, eval_dir, val_dataset[0], verbose=final)
+        if model is not None:
+            broadcast_buffers(model, world)  # every rank predicts with rank 0's (the checkpoint's) BN statistics
+        return evaluate_student(cfg, student, out_dir, device_t, eval_dir, val_dataset[0], verbose=final,
+                                world=world)
 
     progress = TrainingProgress(cfg, out_dir, setup, device_t, start_epoch, evaluate,
-                                teacher_attention_source(cache, teacher, cfg.distill.temperature, device_t))
+                                teacher_attention_source(cache, teacher, cfg.distill.temperature, device_t), world)
     iteration = run_epochs(cfg, setup, train_set, optimizer, out_dir, device_t, cfg.model.head.grid, start_epoch,
-                           start_iteration, max_steps, after_epoch=progress.after_epoch)
+                           start_iteration, max_steps, after_epoch=progress.after_epoch, world=world, model=model,
+                           sampler=sampler)
     summary = progress.finish(iteration)
-    (out_dir / "run_info.json").write_text(json.dumps({"targets": mode, "cache": None if cache_path is None
-                                                       else str(cache_path), "config": to_dict(cfg)}, indent=2))
+    if world.is_main:
+        (out_dir / "run_info.json").write_text(json.dumps({"targets": mode, "cache": None if cache_path is None
+                                                           else str(cache_path), "config": to_dict(cfg)}, indent=2))
+    barrier(world)  # every rank leaves after rank 0 has written its checkpoints and evaluation
     return summary

@@ -2,6 +2,10 @@
 
 `train_student` wires the run (data, cache, models, optimiser, checkpoints); the step and the epoch are small
 functions so benchmarks and tests can drive them directly.
+
+Under torchrun `run_epochs` steps a DistributedDataParallel wrapper of `TrainableModules` (the student and the
+DistillBEV loss) on this rank's shard of each epoch (`train_sampler`); rank 0 alone writes the log (its own losses)
+and the checkpoints, which record the steps per epoch and the world size so a run resumes under another one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import dump_config, to_dict
+from ..distributed import World
 from ..errors import CheckpointError
 from ..heads.targets import gt_heatmap_max
 from ..losses.distill import DistillBEVLoss
@@ -72,6 +77,47 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
     return losses
 
 
+class TrainableModules(torch.nn.Module):
+    """The student and the DistillBEV loss (its adapters and g convs) as one module whose forward is the whole
+    `training_step`; under torchrun one DistributedDataParallel wrapper holds it.
+
+    One wrapper rather than one per module: the student's features only reach a loss through the distillation
+    module, so a single forward covers every trainable parameter, one reducer averages all their gradients in one
+    pass, and one buffer broadcast per step keeps the student's and the adapters' BatchNorm statistics at rank 0's.
+    The frozen teacher of `online` targets is not a submodule (nothing of it is synchronised).
+    """
+
+    def __init__(self, setup: DistillationSetup, head_grid) -> None:
+        super().__init__()
+        self.student = setup.student
+        if setup.distill_loss is not None:
+            self.distill_loss = setup.distill_loss
+        self._setup = setup
+        self._head_grid = head_grid
+
+    def forward(self, batch, targets: TargetsBatch | None) -> dict[str, torch.Tensor]:
+        return training_step(self._setup, batch, targets, self._head_grid)
+
+
+def train_sampler(train_set: DistillationDataset, world: World,
+                  seed: int) -> torch.utils.data.distributed.DistributedSampler | None:
+    """This rank's shard of every epoch under torchrun, None for one process (which shuffles as it always has).
+
+    A DistributedSampler over the dataset's positions: each epoch (set_epoch) a permutation drawn from seed + epoch,
+    padded with its first positions to a multiple of the world size, rank r taking positions r, r + W, ... of it. With
+    CBGS the positions are the resampled index list, so the ranks split that list the same way.
+    """
+    if not world.distributed:
+        return None
+    return torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=world.world_size, rank=world.rank,
+                                                           shuffle=True, seed=seed, drop_last=False)
+
+
+def steps_per_epoch(cfg: StudentExperimentConfig, train_set: DistillationDataset, sampler=None) -> int:
+    """Steps of one epoch on this rank: its shard (the whole set for one process) in full batches (drop_last)."""
+    return (len(train_set) if sampler is None else len(sampler)) // cfg.train.batch_size
+
+
 def learning_rate(cfg: StudentExperimentConfig, epoch: int, iteration: int) -> float:
     """Linear warmup over the first iterations, then step decay (x0.1) after each epoch in lr_steps."""
     train = cfg.train
@@ -83,7 +129,8 @@ def learning_rate(cfg: StudentExperimentConfig, epoch: int, iteration: int) -> f
 
 
 def save_checkpoint(path: Path, setup: DistillationSetup, optimizer, epoch: int, iteration: int,
-                    cfg: StudentExperimentConfig) -> None:
+                    cfg: StudentExperimentConfig, steps_per_epoch: int = 0, world_size: int = 1) -> None:
+    """The run state after `epoch`, with the steps per epoch and the world size its iteration count was made under."""
     tmp = path.with_suffix(".tmp")
     torch.save({
         "state_dict": setup.student.state_dict(),
@@ -93,11 +140,18 @@ def save_checkpoint(path: Path, setup: DistillationSetup, optimizer, epoch: int,
         "iteration": iteration,
         "config": to_dict(cfg),
         "torch_rng": torch.get_rng_state(),
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world_size,
     }, tmp)
     tmp.replace(path)  # a kill mid-save never leaves a truncated checkpoint behind
 
 
-def load_resume(path: Path, setup: DistillationSetup, optimizer) -> tuple[int, int]:
+def load_resume(path: Path, setup: DistillationSetup, optimizer, steps_per_epoch: int = 0) -> tuple[int, int]:
+    """Restore the run state; returns (epochs done, iterations done).
+
+    When the checkpoint counted another number of steps per epoch (another world size or batch), the iteration
+    count, and with it the warmup, restarts at epochs done x `steps_per_epoch`; the epoch count carries over.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as exc:
@@ -107,29 +161,42 @@ def load_resume(path: Path, setup: DistillationSetup, optimizer) -> tuple[int, i
         setup.distill_loss.load_state_dict(state["distill_state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    return state["epoch"], state["iteration"]
+    epoch, iteration = state["epoch"], state["iteration"]
+    saved = int(state.get("steps_per_epoch", 0))
+    if steps_per_epoch and saved and saved != steps_per_epoch:
+        log.info("resuming with %d steps per epoch (the run had %d, world size %d): the schedule continues at "
+                 "iteration %d", steps_per_epoch, saved, int(state.get("world_size", 1)), epoch * steps_per_epoch)
+        iteration = epoch * steps_per_epoch
+    return epoch, iteration
 
 
 def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set: DistillationDataset,
                optimizer, out_dir: Path, device: torch.device, head_grid, start_epoch: int = 0,
                start_iteration: int = 0, max_steps: int | None = None,
-               after_epoch: Callable[[int, int], None] | None = None) -> int:
+               after_epoch: Callable[[int, int], None] | None = None, world: World = World(),
+               model: torch.nn.Module | None = None, sampler=None) -> int:
     """Train from `start_epoch` to `cfg.train.epochs`; returns the final iteration count.
 
     after_epoch(epoch, iteration) runs after each completed epoch (1-based), before its checkpoint is written, so an
     interrupted run redoes the epoch and its callback together.
+    Under torchrun: `model` is the DDP-wrapped `TrainableModules` the steps go through (None: `training_step` on
+    `setup` itself), `sampler` this rank's `train_sampler`; only rank 0 (`world.is_main`) writes.
     """
     log_path = out_dir / "train_log.jsonl"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     iteration = start_iteration
+    epoch_steps = steps_per_epoch(cfg, train_set, sampler)
     for epoch in range(start_epoch, cfg.train.epochs):
         train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.train.num_workers, collate_fn=collate_with_targets,
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                            drop_last=True, num_workers=cfg.train.num_workers, collate_fn=collate_with_targets,
                             generator=torch.Generator().manual_seed(cfg.train.seed + epoch),
                             persistent_workers=False)
         setup.student.train()
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False)
+        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
+                        disable=not world.is_main)
         wait_start = time.perf_counter()
         for batch, targets in progress:
             data_seconds = time.perf_counter() - wait_start
@@ -138,7 +205,8 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
             lr = learning_rate(cfg, epoch, iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = training_step(setup, batch, targets, head_grid)
+            # through the DDP wrapper under torchrun (it averages the gradients over the ranks in backward)
+            losses = training_step(setup, batch, targets, head_grid) if model is None else model(batch, targets)
             total = sum(losses.values())
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {iteration}: "
@@ -151,19 +219,20 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
             values = {k: float(v.detach()) for k, v in losses.items()}
             record = {"epoch": epoch, "iteration": iteration, "lr": lr, "loss": float(total.detach()),
                       "grad_norm": float(grad_norm), "data_seconds": data_seconds, **values}
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if world.is_main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             progress.set_postfix(postfix_terms(values) | {"loss": f"{record['loss']:.3g}"})
             wait_start = time.perf_counter()
             if max_steps is not None and iteration >= max_steps:
                 return iteration
         if after_epoch is not None:
             after_epoch(epoch + 1, iteration)
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+        if world.is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs):
             ckpt_dir = out_dir / "checkpoints"
             ckpt_dir.mkdir(exist_ok=True)
-            save_checkpoint(ckpt_dir / f"epoch_{epoch + 1}.pth", setup, optimizer, epoch + 1, iteration, cfg)
-            save_checkpoint(out_dir / "latest.pth", setup, optimizer, epoch + 1, iteration, cfg)
+            for path in (ckpt_dir / f"epoch_{epoch + 1}.pth", out_dir / "latest.pth"):
+                save_checkpoint(path, setup, optimizer, epoch + 1, iteration, cfg, epoch_steps, world.world_size)
     return iteration
 
 
