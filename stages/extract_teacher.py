@@ -135,7 +135,8 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         str(location.resolved()), *recorded_storage_options(options), "--split", split, "--views", str(views),
         "--seed", str(seed), "--workers", str(workers), "--dtype", dtype, "--layers", ",".join(layer_names),
         "--batch-size", str(batch_size), "--device", device,
-        *(["--no-background-writer"] if no_background_writer else []), *[arg for item in overrides for arg in ("--set", item)]])
+        *(["--no-background-writer"] if no_background_writer else []),
+        *[arg for item in overrides for arg in ("--set", item)]])
     manifest = build_manifest(
         teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
         layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,

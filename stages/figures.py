@@ -11,16 +11,17 @@ import click
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the PNGs (default: RUN/figures when one run is given).")
-@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
-              help="Teacher cache for the teacher's attention maps (default: the maps saved with a distilled run's "
-                   "snapshots, else the cache recorded in a distilled run's run_info.json).")
+@click.option("--cache", "cache_path", default=None,
+              help="Teacher cache (a folder or an s3:// URL) for the teacher's attention maps (default: the maps "
+                   "saved with a distilled run's snapshots, else the cache recorded in a distilled run's "
+                   "run_info.json).")
 @click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
               help="Val samples in the qualitative figure (evenly spaced over the split).")
 @click.option("--score-threshold", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
               help="Predicted boxes below this score are not drawn.")
 @click.option("--dataroot", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="nuScenes-format dataroot (overrides the runs' data.dataroot, e.g. after moving the data).")
-def command(runs: tuple[Path, ...], out: Path | None, cache_path: Path | None, samples: int,
+def command(runs: tuple[Path, ...], out: Path | None, cache_path: str | None, samples: int,
             score_threshold: float, dataroot: Path | None) -> None:
     """Draw curves.png (val mAP / NDS per epoch), attention.png (student attention after the first and the last
     epoch next to the teacher's, with their Pearson correlation) and qualitative.png (GT and every run's boxes in

@@ -12,14 +12,18 @@ from pathlib import Path
 
 import click
 
+from .options import storage_option
+
 
 @click.command("train-student")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Student experiment YAML (configs/synthetic/student_*.yaml, configs/nuscenes/student_*.yaml).")
 @click.option("--dataroot", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="nuScenes-format dataroot (overrides data.dataroot).")
-@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
-              help="Teacher-feature cache made by extract-teacher (targets cache / approximate).")
+@click.option("--cache", "cache_path", default=None,
+              help="Teacher-feature cache made by extract-teacher (targets cache / approximate): a folder or an "
+                   "s3:// (fsspec) URL.")
+@storage_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @click.option("--baseline", is_flag=True, help="Train without distillation (same schedule and seed).")
 @click.option("--targets", type=click.Choice(["cache", "approximate", "online"]), default=None,
@@ -34,8 +38,8 @@ import click
                                               "(mmdet3d's --sync-bn).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
-def command(config_path: Path, dataroot: Path | None, cache_path: Path | None, out: Path, baseline: bool,
-            targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
+def command(config_path: Path, dataroot: Path | None, cache_path: str | None, storage_options: tuple[str, ...],
+            out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
             max_steps: int | None, overrides: tuple[str, ...], sync_bn: bool) -> None:
     """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D student, then evaluate it with the devkit.
 
@@ -45,6 +49,7 @@ def command(config_path: Path, dataroot: Path | None, cache_path: Path | None, o
     """
     import logging
 
+    from ..pipeline.cache.location import StoreLocation, parse_storage_options
     from ..pipeline.config import load_config
     from ..pipeline.distill.config import StudentExperimentConfig
     from ..pipeline.distributed import check_sync_bn, init_from_env
@@ -59,11 +64,12 @@ def command(config_path: Path, dataroot: Path | None, cache_path: Path | None, o
     cfg = load_config(StudentExperimentConfig, config_path, sets)
     if dataroot is not None:
         cfg.data.dataroot = str(dataroot)
+    cache = None if cache_path is None else StoreLocation.parse(cache_path, parse_storage_options(storage_options))
     world, device = init_from_env(device)
     check_sync_bn(world, device, sync_bn)  # refused before anything is written
     if not world.is_main:  # rank 0 alone reports; the others say only what went wrong
         logging.getLogger("distillbev").setLevel(logging.WARNING)
-    summary = train_student(cfg, out, cache_path=cache_path, device=device, resume=resume,
+    summary = train_student(cfg, out, cache_path=cache, device=device, resume=resume,
                             teacher_checkpoint=teacher_checkpoint, max_steps=max_steps, world=world, sync_bn=sync_bn)
     if world.is_main:
         click.echo(format_metrics_table(summary))

@@ -43,6 +43,14 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, str]:
     return options
 
 
+def store_exists(location: "StoreLocation | str | Path") -> bool:
+    """Whether a zarr group is at `location` (a local folder that exists, or a URL with a zarr.json under it)."""
+    location = StoreLocation.parse(location)
+    if location.is_local:
+        return location.path.exists()
+    return location.get("zarr.json") is not None
+
+
 @dataclass(frozen=True)
 class StoreLocation:
     """A cache store's address: `url` (a local path or a URL) and its storage options (sorted key/value pairs)."""

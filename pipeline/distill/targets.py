@@ -83,6 +83,12 @@ class DistillationDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def worker_start_method(self) -> str | None:
+        """DataLoader `multiprocessing_context` for this dataset's workers: the cache's (forkserver for an
+        object-store cache, whose clients do not survive a fork), else None (the default fork)."""
+        return None if self.cache is None else self.cache.worker_start_method
+
     def __len__(self) -> int:
         return len(self.indices)
 

@@ -193,7 +193,8 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
         loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                             drop_last=True, num_workers=cfg.train.num_workers, collate_fn=collate_with_targets,
                             generator=torch.Generator().manual_seed(cfg.train.seed + epoch),
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            multiprocessing_context=train_set.worker_start_method if cfg.train.num_workers else None)
         setup.student.train()
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
                         disable=not world.is_main)

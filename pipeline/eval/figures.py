@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache.location import StoreLocation, store_exists
 from ..config import load_config
 from ..distill.config import StudentExperimentConfig
 from ..distill.progress import (HISTORY_FILE, AttentionSnapshot, attention_similarity, load_snapshot, read_history,
@@ -48,7 +49,7 @@ class StudentRun:
     path: Path
     config: StudentExperimentConfig
     distilled: bool
-    cache: Path | None
+    cache: StoreLocation | None
 
     @property
     def name(self) -> str:
@@ -83,7 +84,7 @@ def load_run(path: Path) -> StudentRun:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     targets = info.get("targets", cfg.targets if cfg.distillation else "none")
     cache = info.get("cache")
-    return StudentRun(path, cfg, targets != "none", None if cache is None else Path(cache))
+    return StudentRun(path, cfg, targets != "none", None if cache is None else StoreLocation.parse(cache))
 
 
 def _warn(notes: list[str], message: str) -> None:
@@ -154,7 +155,8 @@ def _attention_panel(fig, ax, attention: np.ndarray, extent: tuple[float, float,
     ax.tick_params(labelsize=7)
 
 
-def teacher_maps_from_cache(path: Path, snapshot: AttentionSnapshot, run: StudentRun) -> tuple[np.ndarray, str]:
+def teacher_maps_from_cache(path: StoreLocation, snapshot: AttentionSnapshot,
+                            run: StudentRun) -> tuple[np.ndarray, str]:
     """(S, Yt, Xt) teacher attention of the snapshot's samples at view 0 of the cache at `path`; CacheError naming
     what does not fit (grid, layer, sample, view 0 not the identity)."""
     from ..cache.reader import TeacherCache
@@ -185,7 +187,7 @@ def teacher_maps_from_cache(path: Path, snapshot: AttentionSnapshot, run: Studen
 
 
 def teacher_maps_for(snapshot: AttentionSnapshot, run: StudentRun, stored: list[AttentionSnapshot],
-                     caches: list[Path]) -> tuple[np.ndarray | None, str]:
+                     caches: list[StoreLocation]) -> tuple[np.ndarray | None, str]:
     """The teacher's maps for a snapshot's samples: stored with it or with another run's snapshot of the same
     samples, else read from the first cache that fits; (None, why not) otherwise."""
     for other in [snapshot, *stored]:
@@ -204,21 +206,23 @@ def teacher_maps_for(snapshot: AttentionSnapshot, run: StudentRun, stored: list[
                   f"{run.config.data.train_split!r})")
 
 
-def plot_attention(runs: list[StudentRun], out: Path, notes: list[str], cache: Path | None = None
-                   ) -> dict[str, dict[int, float]]:
+def plot_attention(runs: list[StudentRun], out: Path, notes: list[str],
+                   cache: StoreLocation | Path | str | None = None) -> dict[str, dict[int, float]]:
     """attention.png (rows = runs; early student, late student, teacher); returns run -> epoch -> mean r."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if cache is not None and not Path(cache).exists():
+    cache = None if cache is None else StoreLocation.parse(cache)
+    if cache is not None and not store_exists(cache):
         raise CacheError(f"{cache}: no teacher cache at this path; pass the store made by `distillbev "
                          f"extract-teacher` for the runs' train split")
     snapshots = {run.name: [load_snapshot(p) for p in snapshot_paths(run.path)] for run in runs}
     stored = [s for found in snapshots.values() for s in found]
-    caches = [Path(cache)] if cache is not None else []
-    caches += [run.cache for run in runs if run.cache is not None and run.cache.exists() and run.cache not in caches]
+    caches = [cache] if cache is not None else []
+    caches += [run.cache for run in runs
+               if run.cache is not None and store_exists(run.cache) and run.cache not in caches]
     fig, axes = plt.subplots(len(runs), 3, squeeze=False, constrained_layout=True,
                              figsize=(3 * ATTENTION_COLUMN_INCHES, ATTENTION_ROW_INCHES * len(runs) + 0.5))
     similarity: dict[str, dict[int, float]] = {}
@@ -265,7 +269,7 @@ def plot_attention(runs: list[StudentRun], out: Path, notes: list[str], cache: P
 
 
 # ----------------------------------------------------------------------------------------------------- entry
-def draw_figures(run_dirs: list[Path], out: Path, cache: Path | None = None, samples: int = 3,
+def draw_figures(run_dirs: list[Path], out: Path, cache: StoreLocation | Path | str | None = None, samples: int = 3,
                  score_threshold: float = 0.3, dataroot: str | None = None) -> FiguresReport:
     """curves.png, attention.png and qualitative.png of the runs into `out`.
 

@@ -295,11 +295,15 @@ def test_rank_zero_writes_one_run_and_one_process_resumes_it(world, tmp_path):
     assert list(gathered) == list(single) and len(single) == 3
     assert sum(len(boxes) for boxes in single.values()) > 0
     for token, boxes in single.items():
-        assert len(gathered[token]) == len(boxes)
-        for a, b in zip(gathered[token], boxes):
-            assert a["detection_name"] == b["detection_name"]
-            np.testing.assert_allclose(a["translation"], b["translation"], atol=1e-4)
-            assert a["detection_score"] == pytest.approx(b["detection_score"], abs=1e-5)
+        # the barely trained student's scores tie to 1e-6, so near-equal boxes may come in another order: match each
+        remaining = list(gathered[token])
+        assert len(remaining) == len(boxes)
+        for box in boxes:
+            match = next((a for a in remaining if a["detection_name"] == box["detection_name"]
+                          and np.abs(np.subtract(a["translation"], box["translation"])).max() < 1e-4), None)
+            assert match is not None, (token, box)
+            assert match["detection_score"] == pytest.approx(box["detection_score"], abs=1e-5)
+            remaining.remove(match)
     rank0, rank1 = (torch.load(tmp_path / "dump" / f"final_rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # train-mode BN and the full loss too
 
