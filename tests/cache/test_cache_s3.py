@@ -147,6 +147,20 @@ def test_killed_extraction_on_s3_resumes_after_its_lease_expires(s3_env, manifes
         name: size for name, size in local.items() if name.startswith("features/")}
 
 
+def test_repair_on_s3_redoes_exactly_the_corrupt_sample_view(s3_env, manifest, reference):
+    location = StoreLocation.parse(s3_env.url("repair.zarr"))
+    run_extract(location, manifest, workers=1, threads_per_worker=1)
+    key = "features/neck/c/3/1/0/0/0"  # sample 3, view 1
+    damaged = bytearray(location.get(key))
+    damaged[-10] ^= 0x01
+    location.put(key, bytes(damaged))
+    verified = verify_cache(location, progress=False)
+    assert not verified.ok and verified.bad_sample_views == [("token-003", 1)]
+    report = run_extract(location, manifest, workers=1, threads_per_worker=1, repair=True)
+    assert (report.state, report.redone, report.written) == ("repaired", [(3, 1)], 1)
+    assert store_chunks(location) == reference and verify_cache(location, progress=False).ok
+
+
 def test_lease_is_renewed_while_held_and_refuses_a_second_writer(s3_env):
     location = StoreLocation.parse(s3_env.url("lease.zarr"))
     with LeaseLock(location, command="first", ttl=2.0) as first:

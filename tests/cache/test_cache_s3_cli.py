@@ -30,6 +30,13 @@ def test_extract_verify_and_train_from_s3(world, s3_env, tmp_path, capsys):
     assert code == 0 and "verify: OK, 2 sample-views" in out, err
     code, out, _ = run(["inspect-cache", url, "--json"], capsys)
     assert code == 0 and json.loads(out)["summary"]["path"] == url
+    png = tmp_path / "sample0.png"
+    code, out, err = run(["inspect-cache", url, "--render", "0", "--view", "1", "--out", str(png)], capsys)
+    assert code == 0 and f"wrote {png}" in out and png.stat().st_size > 10_000, err
+    code, out, err = run(["inspect-cache", url, "--compare", str(tiny.cache_path), "--json"], capsys)
+    compared = json.loads(out)["compare"]
+    assert code == 0 and compared["sample_views"] == 2, err
+    assert compared["arrays"] and all(entry["max_abs"] == 0 for entry in compared["arrays"])
 
     student = _student_argv(tiny, tmp_path, url)  # one DataLoader worker, batch 1
     student[student.index("--max-steps") + 1] = "2"
