@@ -45,9 +45,10 @@ def tiny_slice_copy(tmp_path, tiny_slice):
     return copy
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server on 127.0.0.1 for the session (bucket "feats"); stopped at the end."""
+    """A SeaweedFS S3 server on 127.0.0.1 for one test module (bucket "feats"); stopped after it, so an idle
+    server does not take CPU from the rest of the suite."""
     sys.path.insert(0, str(Path(__file__).parent))
     from s3_server import SeaweedS3
 
