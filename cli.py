@@ -17,6 +17,7 @@ from .pipeline.errors import DistillBEVError, one_line
 # command name -> (module under distillbev.stages, attribute): an explicit table, no registry.
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("make_synthetic", "command"),
+    "dataset-stats": ("dataset_stats", "command"),
     "train-teacher": ("train_teacher", "command"),
     "extract-teacher": ("extract_teacher", "command"),
     "train-student": ("train_student", "command"),

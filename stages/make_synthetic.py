@@ -12,14 +12,17 @@ import click
 @click.option("--val-scenes", type=int, default=None, help="How many of the scenes form the val split (default 2).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0); same seed, same bytes.")
 @click.option("--version", "version", type=str, default=None, help="Table folder name (default v1.0-synthetic).")
+@click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="1: one coloured box per object on a flat grid; 2: the street world (objects built from parts, "
+                   "materials, clutter, nuScenes range and class frequencies).")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that holds no synthetic dataroot.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val_scenes: int | None,
-            seed: int | None, version: str | None, overwrite: bool, no_progress: bool) -> None:
+            seed: int | None, version: str | None, world: str, overwrite: bool, no_progress: bool) -> None:
     """Generate a synthetic nuScenes-format dataset (LiDAR, six cameras, 13 tables, custom splits)."""
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
-    config = SyntheticConfig()
+    config = SyntheticConfig() if world == "1" else SyntheticConfig.street()
     if scenes is not None:
         config.num_scenes = scenes
         # Keep a train scene when only the scene count is given.

@@ -9,15 +9,17 @@ face at its own brightness (top brightest, front lighter than the sides, back da
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ...geometry.transforms import box_corners, invert_transform, transform_points
-from .lidar import solid_boxes
+from .lidar import face_normals, solid_boxes
 from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, FACE_TOP, box_hits, ground_hits
 from .rig import IMAGE_HEIGHT, IMAGE_WIDTH
+from .world import EgoPath, Scene
 
 RENDER_SCALE = 4  # rays are cast at 400x225 and upsampled
 JPEG_QUALITY = 90
@@ -40,7 +42,8 @@ def pixel_rays(intrinsics: np.ndarray) -> np.ndarray:
     return rays / np.linalg.norm(rays, axis=-1, keepdims=True)
 
 
-def _pixel_window(corners_camera: np.ndarray, intrinsics: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice] | None:
+def _pixel_window(corners_camera: np.ndarray, intrinsics: np.ndarray,
+                  shape: tuple[int, int]) -> tuple[slice, slice] | None:
     """Low-resolution (rows, cols) window that contains a box with corners (8, 3) in the camera frame."""
     height, width = shape
     in_front = corners_camera[:, 2] > 0.05
@@ -82,24 +85,122 @@ def _background(origin: np.ndarray, dirs_global: np.ndarray, visibility_range: f
     return colour.reshape(*dirs_global.shape[:2], 3), ranges.reshape(dirs_global.shape[:2])
 
 
+@dataclass(frozen=True)
+class GroundStyle:
+    """World v2 lighting and street surface of one scene: the ego path (for lane markings), the sun direction
+    (3,), the exposure, the asphalt grey and a noise seed."""
+
+    path: EgoPath
+    sun: np.ndarray
+    exposure: float
+    asphalt: float
+    seed: int
+
+    @classmethod
+    def for_scene(cls, scene: Scene, seed: int) -> "GroundStyle":
+        rng = np.random.default_rng([seed, scene.index, 77])
+        return cls(scene.path, np.asarray(scene.sun[:3]), float(scene.sun[3]), float(rng.uniform(62.0, 96.0)),
+                   int(rng.integers(1 << 30)))
+
+    def shade(self, normals: np.ndarray) -> np.ndarray:
+        """Lambert factor (N,) of surfaces with unit normals (N, 3): ambient sky light plus direct sun."""
+        return self.exposure * (0.45 + 0.55 * np.clip(normals @ self.sun, 0.0, None))
+
+
+def value_noise(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.ndarray:
+    """Smooth deterministic noise in [-1, 1] over the plane, with features of about `scale` metres."""
+    gx, gy = x / scale, y / scale
+    ix, iy = np.floor(gx), np.floor(gy)
+    fx, fy = gx - ix, gy - iy
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+
+    def corner(dx: float, dy: float) -> np.ndarray:
+        h = np.sin((ix + dx) * 127.1 + (iy + dy) * 311.7 + seed * 0.001) * 43758.5453
+        return 2.0 * (h - np.floor(h)) - 1.0
+
+    top = corner(0, 0) * (1 - fx) + corner(1, 0) * fx
+    bottom = corner(0, 1) * (1 - fx) + corner(1, 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def street_coordinates(path: EgoPath, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lateral offset from the ego lane's centre line, positive to the left; arc length along it) of points
+    (N, 2), for the constant-curvature path."""
+    h0 = path.start_heading
+    tangent, normal = np.array([np.cos(h0), np.sin(h0)]), np.array([-np.sin(h0), np.cos(h0)])
+    offset = xy - np.asarray(path.start_xy)
+    if abs(path.curvature) < 1e-9:
+        return offset @ normal, offset @ tangent
+    radius = 1.0 / path.curvature  # signed: the centre is on the left for a left turn
+    centre = np.asarray(path.start_xy) + radius * normal
+    to_point = xy - centre
+    lateral = np.sign(radius) * (abs(radius) - np.linalg.norm(to_point, axis=-1))
+    angle = np.arctan2(to_point @ tangent, -(to_point @ normal) * np.sign(radius))
+    return lateral, angle * abs(radius)
+
+
+def _street_background(origin: np.ndarray, dirs_global: np.ndarray, visibility_range: float,
+                       style: GroundStyle) -> tuple[np.ndarray, np.ndarray]:
+    """World v2 ground and sky: textured asphalt with lane markings, sidewalks, sun shading and haze."""
+    from .layout import LANE, SIDEWALK_WIDTH
+
+    flat = dirs_global.reshape(-1, 3)
+    ranges = ground_hits(origin, flat)
+    colour = np.empty((len(flat), 3))
+    ground = np.isfinite(ranges)
+    elevation = np.clip(flat[~ground, 2], 0.0, 1.0)[:, None]
+    colour[~ground] = (SKY_HORIZON + (SKY_ZENITH - SKY_HORIZON) * np.sqrt(elevation)) * min(style.exposure, 1.1)
+    hit = origin + flat[ground] * ranges[ground, None]
+    distance = np.hypot(hit[:, 0] - origin[0], hit[:, 1] - origin[1])
+    lateral, along = street_coordinates(style.path, hit[:, :2])
+    grain = 0.07 * value_noise(hit[:, 0], hit[:, 1], 0.6, style.seed) + 0.05 * value_noise(
+        hit[:, 0], hit[:, 1], 4.0, style.seed + 1)
+    grey = style.asphalt * (1.0 + grain)
+    kerb_right, kerb_left = -(LANE / 2 + 2.6), LANE * 1.5 + 2.6
+    sidewalk = (lateral < kerb_right) | (lateral > kerb_left)
+    grey = np.where(sidewalk, grey + 55.0 + 10.0 * value_noise(hit[:, 0], hit[:, 1], 1.5, style.seed + 2), grey)
+    beyond = (lateral < kerb_right - SIDEWALK_WIDTH) | (lateral > kerb_left + SIDEWALK_WIDTH)
+    grey = np.where(beyond, style.asphalt * 0.8 + 25.0 * value_noise(hit[:, 0], hit[:, 1], 3.0, style.seed + 3),
+                    grey)
+
+    def line(centre: float, half_width: float = 0.07) -> np.ndarray:
+        return np.abs(lateral - centre) < half_width
+
+    dashes = ((along % 9.0) < 3.0) & line(LANE / 2)
+    marking = line(-LANE / 2) | line(LANE * 1.5) | dashes
+    grey = np.where(marking & ~sidewalk, 205.0 + 10 * grain, grey)
+    grey = np.where(line(kerb_right, 0.1) | line(kerb_left, 0.1), grey * 0.6, grey)  # kerb shadow line
+    brightness = grey * style.shade(np.tile([0.0, 0.0, 1.0], (len(grey), 1)))
+    tint = np.where(sidewalk[:, None], np.array([1.0, 0.99, 0.95]), np.array([1.0, 1.0, 1.02]))
+    fog = (1.0 - np.exp(-distance / (1.2 * visibility_range)))[:, None]
+    colour[ground] = brightness[:, None] * tint * (1.0 - fog) + HAZE * fog
+    return colour.reshape(*dirs_global.shape[:2], 3), ranges.reshape(dirs_global.shape[:2])
+
+
 def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_camera: np.ndarray,
-                  boxes: np.ndarray, colours: np.ndarray, visibility_range: float
+                  boxes: np.ndarray, colours: np.ndarray, visibility_range: float, owners: np.ndarray | None = None,
+                  num_owners: int | None = None, style: GroundStyle | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one low-resolution image.
 
     global_from_camera: (4, 4) camera pose; intrinsics: (3, 3) of the full-size image; rays_camera: (h, w, 3)
     from `pixel_rays`; boxes: (K, 7) annotation boxes in the global frame (only those to be drawn);
-    colours: (K, 3) RGB per box.
-    Returns the image (h, w, 3) uint8, the visible pixel count (K,) and the pixel count each box would cover
-    without occlusion by other boxes (K,).
+    colours: (K, 3) RGB per box. World v2 (`style` given): boxes are object parts, `owners` (K,) the object slot
+    of each (of `num_owners`), shaded by the sun over a textured street.
+    Returns the image (h, w, 3) uint8, the visible pixel count and the pixel count each box (each owner) would
+    cover without occlusion by other boxes.
     """
     rotation, origin = global_from_camera[:3, :3], global_from_camera[:3, 3]
     dirs_global = rays_camera @ rotation.T  # (h, w, 3)
     shape = rays_camera.shape[:2]
-    image, depth = _background(origin, dirs_global, visibility_range)
+    if style is None:
+        image, depth = _background(origin, dirs_global, visibility_range)
+    else:
+        image, depth = _street_background(origin, dirs_global, visibility_range, style)
     owner = np.full(shape, -1)
     face = np.zeros(shape, dtype=np.int64)
-    solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7))
+    solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7)) if style is None else \
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
     unoccluded = np.zeros(len(solids), dtype=np.int64)
     if len(solids):
         corners_camera = transform_points(invert_transform(global_from_camera),
@@ -117,10 +218,22 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
         owner[window] = np.where(nearer, k, owner[window])
         face[window] = np.where(nearer, box_face.reshape(nearer.shape), face[window])
     drawn = owner >= 0
-    if drawn.any():
+    if drawn.any() and style is None:
         shade = np.vectorize(FACE_SHADE.get, otypes=[np.float64])(face[drawn])
         image[drawn] = np.asarray(colours, dtype=np.float64)[owner[drawn]] * shade[:, None]
+    elif drawn.any():
+        normals = face_normals(face[drawn], solids[owner[drawn], 6])
+        distance = depth[drawn][:, None]
+        fog = 1.0 - np.exp(-distance / (1.2 * visibility_range))
+        lit = np.asarray(colours, dtype=np.float64)[owner[drawn]] * style.shade(normals)[:, None]
+        image[drawn] = lit * (1.0 - fog) + HAZE * fog
     visible = np.bincount(owner[drawn], minlength=len(solids)) if len(solids) else np.zeros(0, dtype=np.int64)
+    if owners is not None:  # parts -> objects
+        count = int(num_owners if num_owners is not None else (owners.max() + 1 if len(owners) else 0))
+        visible = np.bincount(owners, weights=visible, minlength=count).astype(np.int64) if len(owners) else \
+            np.zeros(count, dtype=np.int64)
+        unoccluded = np.bincount(owners, weights=unoccluded, minlength=count).astype(np.int64) if len(owners) \
+            else np.zeros(count, dtype=np.int64)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), visible, unoccluded
 
 

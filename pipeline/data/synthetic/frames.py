@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...geometry.transforms import make_transform, points_in_boxes, transform_points, yaw_to_quaternion
-from .camera import pixel_rays, render_camera
+from .camera import GroundStyle, pixel_rays, render_camera
 from .catalog import CLASS_SPECS
-from .lidar import LidarPattern, cast_lidar
+from .lidar import LidarPattern, cast_lidar, cast_lidar_materials, solid_boxes
+from .materials import MATERIALS, part_colour
+from .shapes import parts_in_world
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL, RIG
 from .world import Scene
 
@@ -67,11 +69,51 @@ def visible_objects(scene: Scene, timestamp: int, visibility_range: float) -> tu
     return within, boxes[within]
 
 
+# World 2: when each camera is exposed relative to the LiDAR key frame [us]. The cameras fire as the spinning
+# LiDAR (20 Hz, 50 ms per turn) sweeps across their field of view, as on the nuScenes car, so their offsets
+# follow their mounting yaw (about -25 ms to +25 ms).
+CAMERA_YAW_DEG = {"CAM_FRONT": 0.0, "CAM_FRONT_RIGHT": -55.0, "CAM_FRONT_LEFT": 55.0, "CAM_BACK": 180.0,
+                  "CAM_BACK_LEFT": 110.0, "CAM_BACK_RIGHT": -110.0}
+
+
+def camera_times(scene: Scene, timestamp: int) -> list[int]:
+    """Exposure time [us] of each camera (CAMERA_CHANNELS order) of the key frame at LiDAR time `timestamp`."""
+    if scene.world != 2:
+        return [timestamp] * len(CAMERA_CHANNELS)
+    rng = np.random.default_rng([scene.index, int(timestamp - scene.start_timestamp) + 10_000_000, 5])
+    out = []
+    for channel in CAMERA_CHANNELS:
+        turn = ((-CAMERA_YAW_DEG[channel] + 180.0) % 360.0) / 360.0 - 0.5  # clockwise spin, front at 0
+        out.append(int(timestamp + round(turn * 50_000 + rng.normal(0.0, 1_500))))
+    return out
+
+
 def _frame_rng(settings: SensorSettings, scene: Scene, timestamp: int, stream: int) -> np.random.Generator:
     """An independent generator per (scene, timestamp, stream), so frames can be simulated in any order."""
     # Seed entries must be non-negative: sweeps before the first key frame have negative offsets (>= -0.45 s).
     offset_us = int(timestamp - scene.start_timestamp) + 10_000_000
     return np.random.default_rng([settings.seed, scene.index, offset_us, stream])
+
+
+def object_solids(scene: Scene, visible: np.ndarray, boxes: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """World v2: the physical part boxes of the visible objects with annotation boxes `boxes` (V, 7).
+
+    Returns solids (N, 7) in the global frame (inset like `solid_boxes`), their reflectivity (N,), RGB albedo
+    (N, 3) and the visible slot each belongs to (N,).
+    """
+    solids, reflectivity, colours, owners = [], [], [], []
+    for slot, (index, box) in enumerate(zip(visible, boxes)):
+        obj = scene.objects[index]
+        part_boxes = solid_boxes(parts_in_world(obj.parts, box))
+        solids.append(part_boxes)
+        reflectivity += [MATERIALS[part.material].reflectivity for part in obj.parts]
+        colours += [part_colour(part.material, obj.paint) for part in obj.parts]
+        owners += [slot] * len(obj.parts)
+    if not solids:
+        return np.zeros((0, 7)), np.zeros(0), np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
+    return (np.concatenate(solids), np.asarray(reflectivity), np.asarray(colours, dtype=np.float64),
+            np.asarray(owners, dtype=np.int64))
 
 
 def simulate_lidar(scene: Scene, timestamp: int, settings: SensorSettings, count_points: bool) -> LidarFrame:
@@ -82,9 +124,17 @@ def simulate_lidar(scene: Scene, timestamp: int, settings: SensorSettings, count
     """
     global_from_lidar = global_from_ego(scene, timestamp) @ RIG[LIDAR_CHANNEL].ego_from_sensor
     visible, boxes = visible_objects(scene, timestamp, settings.visibility_range)
-    intensities = np.array([CLASS_SPECS[scene.objects[i].class_name].intensity for i in visible])
-    points = cast_lidar(global_from_lidar, boxes, intensities, settings.pattern, settings.visibility_range,
-                        _frame_rng(settings, scene, timestamp, 0), settings.range_noise)
+    rng = _frame_rng(settings, scene, timestamp, 0)
+    if scene.world == 2:
+        solids, reflectivity, _, _ = object_solids(scene, visible, boxes)
+        points, _ = cast_lidar_materials(global_from_lidar, solids, reflectivity, settings.pattern,
+                                         settings.visibility_range, rng, settings.range_noise)
+        annotated = np.array([scene.objects[i].annotated for i in visible], dtype=bool)
+        visible, boxes = visible[annotated], boxes[annotated]  # clutter is seen but never annotated
+    else:
+        intensities = np.array([CLASS_SPECS[scene.objects[i].class_name].intensity for i in visible])
+        points = cast_lidar(global_from_lidar, boxes, intensities, settings.pattern, settings.visibility_range,
+                            rng, settings.range_noise)
     num_points = np.zeros(len(visible), dtype=np.int64)
     if count_points and len(visible):
         global_points = transform_points(global_from_lidar, points[:, :3].astype(np.float64))
@@ -105,19 +155,32 @@ class CameraRig:
         self.rays = {channel: pixel_rays(RIG[channel].intrinsics) for channel in CAMERA_CHANNELS}
 
     def render(self, scene: Scene, timestamp: int, settings: SensorSettings) -> CameraFrame:
-        ego_pose = global_from_ego(scene, timestamp)
+        """The six cameras of the key frame at LiDAR time `timestamp`. In world 2 each camera is exposed at its
+        own time (`camera_times`), from the ego pose and with the objects where they are at that time."""
         visible, boxes = visible_objects(scene, timestamp, settings.visibility_range)
-        colours = np.array([CLASS_SPECS[scene.objects[i].class_name].colour for i in visible],
-                           dtype=np.float64).reshape(-1, 3)
+        style = GroundStyle.for_scene(scene, settings.seed) if scene.world == 2 else None
         images = []
         seen = np.zeros(len(visible), dtype=np.int64)
         coverable = np.zeros(len(visible), dtype=np.int64)
-        for channel in CAMERA_CHANNELS:
+        for channel, time_us in zip(CAMERA_CHANNELS, camera_times(scene, timestamp)):
             calibration = RIG[channel]
+            ego_pose = global_from_ego(scene, time_us)
+            if scene.world == 2:
+                solids, _, colours, owners = object_solids(scene, visible, scene.boxes_at(time_us)[visible]
+                                                           if len(visible) else boxes)
+            else:
+                solids = boxes
+                colours = np.array([CLASS_SPECS[scene.objects[i].class_name].colour for i in visible],
+                                   dtype=np.float64).reshape(-1, 3)
+                owners = None
             image, shown, unoccluded = render_camera(ego_pose @ calibration.ego_from_sensor, calibration.intrinsics,
-                                                     self.rays[channel], boxes, colours, settings.visibility_range)
+                                                     self.rays[channel], solids, colours, settings.visibility_range,
+                                                     owners=owners, num_owners=len(visible), style=style)
             images.append(image)
             seen += shown
             coverable += unoccluded
         fraction = np.where(coverable > 0, seen / np.maximum(coverable, 1), 0.0)
+        if scene.world == 2:
+            annotated = np.array([scene.objects[i].annotated for i in visible], dtype=bool)
+            visible, fraction = visible[annotated], fraction[annotated]
         return CameraFrame(timestamp, np.stack(images), visible, fraction)

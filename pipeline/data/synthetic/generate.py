@@ -25,10 +25,11 @@ from tqdm import tqdm
 from ...errors import ConfigError, DataError
 from ..classes import DETECTION_CLASSES
 from .camera import save_jpeg
-from .frames import CameraRig, LidarFrame, SensorSettings, simulate_lidar
+from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, simulate_lidar
 from .lidar import LidarPattern
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL
 from .tables import DatasetTables
+from .layout import OTHER_KINDS, build_street_scene
 from .world import Scene, build_scene
 
 logger = logging.getLogger(__name__)
@@ -53,13 +54,20 @@ class SyntheticConfig:
     val_scenes: int = 2  # the last `val_scenes` scenes form the val split
     visibility_range: float = 30.0  # objects beyond this distance from the ego are neither rendered nor hit by LiDAR
     sweeps_per_key_frame: int = 9  # 20 Hz LiDAR sweeps before each key frame
-    objects_per_scene: int = 28  # objects drawn per scene (one of each of the 10 classes first), before overlap rejection
+    objects_per_scene: int = 28  # objects drawn per scene (world 1: one of each class first), before overlap rejection
     ego_speed_range: tuple[float, float] = (3.0, 8.0)  # ego speed drawn per scene [m/s]
     max_curvature: float = 0.02  # |curvature| of the ego path [1/m] (radius >= 50 m)
     lidar_azimuth_steps: int = 1084  # LiDAR columns per revolution (32 beams each)
     lidar_range_noise: float = 0.01  # LiDAR range noise std [m]
     start_timestamp: int = 1_600_000_000_000_000  # first key frame of scene 0 [us]; scenes are 60 s apart
-    max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it
+    max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it (world 1)
+    world: int = 1  # 1: one coloured box per object on a flat grid; 2: the street world of layout.py
+
+    @classmethod
+    def street(cls, **overrides) -> "SyntheticConfig":
+        """The world-2 defaults: nuScenes range and density (sensors to 70 m, about 40 detection-class objects
+        around each key frame), no sweeps before a scene's first key frame."""
+        return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 110, **overrides})
 
 
 @dataclass
@@ -76,7 +84,8 @@ def check_config(config: SyntheticConfig) -> None:
     problems = [
         ("num_scenes", config.num_scenes >= 2, "at least 2 (a train and a val scene)"),
         ("samples_per_scene", config.samples_per_scene >= 1, "at least 1"),
-        ("val_scenes", 1 <= config.val_scenes < config.num_scenes, f"between 1 and num_scenes - 1 ({config.num_scenes - 1})"),
+        ("val_scenes", 1 <= config.val_scenes < config.num_scenes,
+         f"between 1 and num_scenes - 1 ({config.num_scenes - 1})"),
         ("visibility_range", config.visibility_range > 0, "positive"),
         ("sweeps_per_key_frame", 0 <= config.sweeps_per_key_frame <= 9, "0..9 (20 Hz between 2 Hz key frames)"),
         ("objects_per_scene", config.objects_per_scene >= len(DETECTION_CLASSES), "at least 10 (one per class)"),
@@ -84,6 +93,7 @@ def check_config(config: SyntheticConfig) -> None:
         ("val_split", config.val_split not in PREDEFINED_SPLITS and config.val_split != config.train_split,
          "a custom name different from train_split"),
         ("lidar_azimuth_steps", config.lidar_azimuth_steps >= 64, "at least 64"),
+        ("world", config.world in (1, 2), "1 or 2"),
     ]
     for field, ok, expected in problems:
         if not ok:
@@ -97,8 +107,19 @@ def sensor_settings(config: SyntheticConfig) -> SensorSettings:
 
 
 def plan_scene(config: SyntheticConfig, scene_index: int) -> ScenePlan:
-    """Draws scene `scene_index` deterministically; redraws it until all 10 classes have key-frame points."""
+    """Draws scene `scene_index` deterministically; in world 1, redraws it until all 10 classes have key-frame
+    points (world 2 keeps nuScenes' frequencies: a rare class may be absent from a scene)."""
     settings = sensor_settings(config)
+    if config.world == 2:
+        rng = np.random.default_rng([config.seed, scene_index, 2])
+        scene = build_street_scene(scene_index, rng, start_timestamp=config.start_timestamp + scene_index * 60_000_000,
+                                   num_key_frames=config.samples_per_scene,
+                                   sweeps_per_key_frame=config.sweeps_per_key_frame,
+                                   objects_per_scene=config.objects_per_scene,
+                                   speed_range=tuple(config.ego_speed_range), max_curvature=config.max_curvature,
+                                   reach=config.visibility_range)
+        key_frames = [simulate_lidar(scene, t, settings, count_points=True) for t in scene.key_frame_times_us]
+        return ScenePlan(scene, key_frames, 0)
     for attempt in range(config.max_scene_attempts):
         rng = np.random.default_rng([config.seed, scene_index, attempt])
         scene = build_scene(scene_index, rng, start_timestamp=config.start_timestamp + scene_index * 60_000_000,
@@ -172,7 +193,7 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
 
     settings = sensor_settings(config)
     cameras = CameraRig()
-    tables = DatasetTables(config.seed)
+    tables = DatasetTables(config.seed, extra_categories=tuple(OTHER_KINDS) if config.world == 2 else ())
     scene_names: list[str] = []
     val_classes: set[str] = set()
     first_val = config.num_scenes - config.val_scenes
@@ -204,20 +225,22 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
             counts["key_frame_points"] += len(key_frame.points)
             tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading)
             camera_frame = cameras.render(scene, key_time, settings)
-            for channel, image in zip(CAMERA_CHANNELS, camera_frame.images):
-                filename = f"samples/{channel}/{log_name}__{channel}__{key_time}.jpg"
+            for channel, image, time_us in zip(CAMERA_CHANNELS, camera_frame.images, camera_times(scene, key_time)):
+                filename = f"samples/{channel}/{log_name}__{channel}__{time_us}.jpg"
                 save_jpeg(image, out_dir / filename)
-                tables.add_sample_data(scene_index, channel, sample_token, key_time, True, filename, ego_xy, heading)
+                camera_xy, camera_heading = scene.ego_pose_2d(time_us)
+                tables.add_sample_data(scene_index, channel, sample_token, time_us, True, filename, camera_xy,
+                                       camera_heading)
             assert np.array_equal(camera_frame.visible, key_frame.visible)
             boxes = scene.boxes_at(key_time)
             for slot, object_index in enumerate(key_frame.visible):
                 if key_frame.num_points[slot] == 0:
                     continue
                 obj = scene.objects[object_index]
-                tables.add_annotation(scene_index, int(object_index), obj.class_name, sample_token, key_index,
+                tables.add_annotation(scene_index, int(object_index), obj.category_name, sample_token, key_index,
                                       boxes[object_index], obj.attribute, int(key_frame.num_points[slot]),
                                       float(camera_frame.visible_fraction[slot]))
-                if scene_index >= first_val:
+                if scene_index >= first_val and not obj.category:
                     val_classes.add(obj.class_name)
             bar.update(1)
     bar.close()

@@ -13,8 +13,9 @@ import numpy as np
 
 from ...geometry.transforms import box_corners, invert_transform, transform_points
 from .catalog import GROUND_INTENSITY
-from .raycast import FACE_BACK, FACE_FRONT, box_hits, ground_hits
+from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, box_hits, ground_hits
 
+GROUND_REFLECTIVITY = 0.09  # asphalt (world v2)
 FRONT_FACE_GAIN = 2.0  # intensity factor of returns from a box's front (+x) face
 BACK_FACE_GAIN = 0.5  # and from its back face
 
@@ -67,22 +68,19 @@ def _azimuth_columns(corners_lidar: np.ndarray, pattern: LidarPattern) -> np.nda
     return np.arange(first, last + 1) % pattern.num_azimuths
 
 
-def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np.ndarray, pattern: LidarPattern,
-               max_range: float, rng: np.random.Generator, range_noise: float = 0.01) -> np.ndarray:
-    """One LiDAR sweep in the LiDAR frame.
+def _cast(global_from_lidar: np.ndarray, solids: np.ndarray, pattern: LidarPattern
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cast every ray of the pattern against the ground and `solids` (K, 7) in the global frame.
 
-    global_from_lidar: (4, 4) LiDAR pose at the sweep's timestamp; boxes: (K, 7) annotation boxes in the global
-    frame at that timestamp (only those to be seen); intensities: (K,) mean intensity per box.
-    Returns points (P, 5) float32 x, y, z, intensity, ring; rays with no hit within max_range give no point.
+    Returns ray directions (R, 3) in the LiDAR and the global frame, the nearest range (R,) (inf: no hit), the
+    solid each ray hit (R,) (-1: the ground) and the face it entered (R,) (raycast.FACE_*, -1 for the ground).
     """
     dirs_lidar = pattern.directions()  # (R, 3)
     rotation, origin = global_from_lidar[:3, :3], global_from_lidar[:3, 3]
     dirs_global = dirs_lidar @ rotation.T
     ranges = ground_hits(origin, dirs_global)  # (R,)
-    owner = np.full(len(ranges), -1)  # -1 = ground, else box index
-    face = np.full(len(ranges), -1)  # the box face each ray entered (raycast.FACE_*), -1 for the ground
-
-    solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7))
+    owner = np.full(len(ranges), -1)
+    face = np.full(len(ranges), -1)
     if len(solids):
         corners_lidar = transform_points(invert_transform(global_from_lidar),
                                          box_corners(solids).reshape(-1, 3)).reshape(-1, 8, 3)
@@ -94,7 +92,63 @@ def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np
             ranges[rays[nearer]] = box_range[nearer]
             owner[rays[nearer]] = k
             face[rays[nearer]] = box_face[nearer]
+    return dirs_lidar, dirs_global, ranges, owner, face
 
+
+def face_normals(face: np.ndarray, yaw: np.ndarray) -> np.ndarray:
+    """Outward unit normals (R, 3) in the global frame of the faces `face` (R,) (raycast.FACE_*, -1 = the
+    ground) of upright boxes with yaw `yaw` (R,)."""
+    c, s = np.cos(yaw), np.sin(yaw)
+    normals = np.zeros((len(face), 3))
+    normals[:, 2] = 1.0  # the ground and top faces
+    for value, (nx, ny) in ((FACE_FRONT, (c, s)), (FACE_BACK, (-c, -s)), (FACE_LEFT, (-s, c)),
+                            (FACE_RIGHT, (s, -c))):
+        hit = face == value
+        normals[hit] = np.stack([nx[hit], ny[hit], np.zeros(int(hit.sum()))], axis=-1)
+    normals[face == FACE_BOTTOM] = (0.0, 0.0, -1.0)
+    return normals
+
+
+def cast_lidar_materials(global_from_lidar: np.ndarray, solids: np.ndarray, reflectivity: np.ndarray,
+                         pattern: LidarPattern, max_range: float, rng: np.random.Generator,
+                         range_noise: float = 0.02, dropout: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+    """One LiDAR sweep of the world v2 in the LiDAR frame: intensity from material and incidence, not class.
+
+    solids: (K, 7) physical boxes in the global frame (object parts, already inside their annotation boxes);
+    reflectivity: (K,) diffuse reflectance of each. A return's intensity is 255 * reflectance * (0.25 + 0.75 *
+    cos(incidence)) with 15% noise; a return is lost with probability `dropout`, more often on dark surfaces, at
+    grazing incidence and at long range, as a real scanner loses them. Range noise grows with range.
+    Returns points (P, 5) float32 x, y, z, intensity, ring and the solid each point hit (P,) (-1: the ground).
+    """
+    dirs_lidar, dirs_global, ranges, owner, face = _cast(global_from_lidar, solids, pattern)
+    keep = np.nonzero(ranges <= max_range)[0]
+    hit = owner[keep]
+    yaw = np.where(hit >= 0, solids[np.maximum(hit, 0), 6] if len(solids) else 0.0, 0.0)
+    cos_incidence = np.abs((face_normals(face[keep], yaw) * dirs_global[keep]).sum(-1))
+    reflect = np.where(hit >= 0, np.asarray(reflectivity, dtype=np.float64)[np.maximum(hit, 0)]
+                       if len(solids) else 0.0, GROUND_REFLECTIVITY)
+    loss = (dropout + 0.3 * np.exp(-reflect / 0.05) + 0.25 * (cos_incidence < 0.15)
+            + 0.3 * (ranges[keep] / max_range) ** 4)
+    survive = rng.uniform(size=len(keep)) >= np.clip(loss, 0.0, 0.95)
+    keep, hit, cos_incidence, reflect = keep[survive], hit[survive], cos_incidence[survive], reflect[survive]
+    noisy = ranges[keep] + rng.normal(0.0, 1.0, size=len(keep)) * range_noise * (1.0 + ranges[keep] / 50.0)
+    xyz = dirs_lidar[keep] * noisy[:, None]
+    intensity = 255.0 * reflect * (0.25 + 0.75 * cos_incidence) * rng.uniform(0.85, 1.15, size=len(keep))
+    ring = keep // pattern.num_azimuths
+    points = np.concatenate([xyz, np.clip(intensity, 0.0, 255.0).round()[:, None], ring[:, None]], axis=1)
+    return points.astype(np.float32), hit
+
+
+def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np.ndarray, pattern: LidarPattern,
+               max_range: float, rng: np.random.Generator, range_noise: float = 0.01) -> np.ndarray:
+    """One LiDAR sweep in the LiDAR frame.
+
+    global_from_lidar: (4, 4) LiDAR pose at the sweep's timestamp; boxes: (K, 7) annotation boxes in the global
+    frame at that timestamp (only those to be seen); intensities: (K,) mean intensity per box.
+    Returns points (P, 5) float32 x, y, z, intensity, ring; rays with no hit within max_range give no point.
+    """
+    solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7))
+    dirs_lidar, dirs_global, ranges, owner, face = _cast(global_from_lidar, solids, pattern)
     keep = np.nonzero(ranges <= max_range)[0]  # (P,) ray ids with a return
     noisy_range = ranges[keep] + rng.normal(0.0, range_noise, size=len(keep))
     xyz = dirs_lidar[keep] * noisy_range[:, None]

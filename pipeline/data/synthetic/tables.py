@@ -50,8 +50,10 @@ def _floats(values: np.ndarray | list[float]) -> list[float]:
 class DatasetTables:
     """Accumulates the records of all 13 tables for one dataroot."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, extra_categories: tuple[str, ...] = ()) -> None:
+        """extra_categories: nuScenes categories beyond the 10 classes' own that the world annotates."""
         self.seed = seed
+        self.extra_categories = extra_categories
         self.tables: dict[str, list[dict]] = {name: [] for name in TABLE_NAMES}
         self._instance_tokens: set[str] = set()
         self._add_vocabulary()
@@ -64,6 +66,10 @@ class DatasetTables:
         for index, spec in enumerate(CLASS_SPECS.values()):
             self.tables["category"].append({"token": self.token("category", spec.category), "name": spec.category,
                                             "description": f"Synthetic {spec.name.replace('_', ' ')}.",
+                                            "index": index})
+        for index, name in enumerate(self.extra_categories, start=len(CLASS_SPECS)):
+            self.tables["category"].append({"token": self.token("category", name), "name": name,
+                                            "description": f"Synthetic {name} (outside the detection classes).",
                                             "index": index})
         for name in ATTRIBUTES:
             self.tables["attribute"].append({"token": self.token("attribute", name), "name": name,
@@ -116,7 +122,7 @@ class DatasetTables:
             "filename": filename, "prev": "", "next": "", "_channel": channel, "_scene": scene_index})
         return token
 
-    def add_annotation(self, scene_index: int, object_index: int, class_name: str, sample_token: str,
+    def add_annotation(self, scene_index: int, object_index: int, category: str, sample_token: str,
                        key_index: int, box: np.ndarray, attribute: str, num_lidar_pts: int,
                        visible_fraction: float) -> str:
         """Adds one sample_annotation for box (7,) = (x, y, z, l, w, h, yaw); creates the instance on first use."""
@@ -124,7 +130,7 @@ class DatasetTables:
         if instance_token not in self._instance_tokens:
             self._instance_tokens.add(instance_token)
             self.tables["instance"].append({
-                "token": instance_token, "category_token": self.token("category", CLASS_SPECS[class_name].category),
+                "token": instance_token, "category_token": self.token("category", category),
                 "nbr_annotations": 0, "first_annotation_token": "", "last_annotation_token": ""})
         token = self.token("sample_annotation", scene_index, object_index, key_index)
         self.tables["sample_annotation"].append({

@@ -47,16 +47,24 @@ class EgoPath:
 class SceneObject:
     """An upright box on the ground: centre xy at t = 0, yaw, constant velocity (vx, vy) along its heading."""
 
-    class_name: str
+    class_name: str  # a detection class, or (world v2) a clutter / other-category kind of shapes.py
     size_wlh: tuple[float, float, float]
     xy: tuple[float, float]
     yaw: float
     velocity: tuple[float, float]
     attribute: str  # nuScenes attribute name, "" for barrier / traffic cone
+    parts: tuple = ()  # world v2: the shapes.Part boxes it is built from; () = one solid box (world v1)
+    paint: tuple[int, int, int] = (0, 0, 0)  # world v2: paint colour of its painted parts
+    category: str = ""  # world v2: nuScenes category when not the class's own (objects of other categories)
+    annotated: bool = True  # False for static clutter (buildings, trees, poles), which no table records
 
     @property
     def spec(self) -> ClassSpec:
         return CLASS_SPECS[self.class_name]
+
+    @property
+    def category_name(self) -> str:
+        return self.category or CLASS_SPECS[self.class_name].category
 
     def boxes_at(self, t: np.ndarray) -> np.ndarray:
         """Boxes (T, 7) = (x, y, z, l, w, h, yaw) at times t (T,) [s]; z is the gravity centre."""
@@ -79,6 +87,9 @@ class Scene:
     sweeps_per_key_frame: int
     path: EgoPath
     objects: tuple[SceneObject, ...]
+    first_sweeps: bool = True  # sweeps before the first key frame (world v1); a real scene starts with none
+    world: int = 1  # 1: one solid per object, class colours (world.py); 2: parts and materials (layout.py)
+    sun: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # world v2: sun direction (3,) and exposure
 
     def seconds(self, timestamp_us: int | np.ndarray) -> np.ndarray:
         """Scene time [s] (0 at the first key frame) of absolute timestamps [us]."""
@@ -86,6 +97,8 @@ class Scene:
 
     def sweep_times_us(self, key_index: int) -> list[int]:
         """Timestamps of the LiDAR sweeps before key frame `key_index`, oldest first."""
+        if key_index == 0 and not self.first_sweeps:
+            return []
         key = self.key_frame_times_us[key_index]
         return [key - j * SWEEP_INTERVAL_US for j in range(self.sweeps_per_key_frame, 0, -1)]
 
