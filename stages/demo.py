@@ -2,7 +2,12 @@
 
 Each step is the equivalent `distillbev` command run in-process; a step whose output is already complete is
 reused, so rerunning after an interruption continues where it stopped. The two students evaluate every 2 epochs
-and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end.
+and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end
+(OUT/figures_<student>/ for a student other than bevdet).
+
+Another `--student` on the same OUT reuses its dataroot, teacher and cache and adds that student's baseline and
+distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
+the earlier students.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import click
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "synthetic"
+STUDENTS = ("bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer")  # configs/synthetic/student_<name>.yaml
 
 
 @dataclass
@@ -160,8 +166,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory (reused on rerun: finished steps are skipped).")
-@click.option("--student", type=click.Choice(["bevdet", "bevdepth", "bevdet4d", "bevdepth4d"]), default="bevdet",
-              show_default=True, help="Camera student variant.")
+@click.option("--student", type=click.Choice(STUDENTS), default="bevdet", show_default=True,
+              help="Camera student (configs/synthetic/student_<name>.yaml).")
 @click.option("--views", type=int, default=4, show_default=True, help="Cached BEV-augmented views per sample.")
 @click.option("--scenes", type=int, default=None, help="Synthetic scenes (default: the generator's default).")
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
@@ -180,30 +186,39 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides)
     summary_path = out / "demo_summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    seconds = {s["name"]: s["seconds"] for s in previous.get("steps", [])}
+    commands = {tuple(["distillbev", *s.argv]) for s in steps}
+    # seconds of this plan's steps recorded by an earlier run (matched by command: two students' steps share names)
+    seconds = {s["name"]: s["seconds"] for s in previous.get("steps", []) if tuple(s["command"]) in commands}
     started = time.perf_counter()
     run_steps(steps, seconds)
     teacher_name = "CenterPoint"
-    rows = [
-        result_row(steps[1].done_marker, None, teacher_name, "-", "L"),
-        result_row(steps[3].done_marker, None, student_label(student), "-", "C"),
-        result_row(steps[4].done_marker, teacher_name, student_label(student), "L", "C"),
-    ]
+    rows = [result_row(steps[1].done_marker, None, teacher_name, "-", "L")]
+    for name in STUDENTS:  # every student with both runs finished in OUT, this one included
+        runs = out / "students" / f"{name}_baseline", out / "students" / f"{name}_distilled"
+        markers = [run / "eval" / "metrics_summary.json" for run in runs]
+        if all(marker.exists() for marker in markers):
+            rows += [result_row(markers[0], None, student_label(name), "-", "C"),
+                     result_row(markers[1], teacher_name, student_label(name), "L", "C")]
     table = markdown_table(rows)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     bar_chart(rows, out / "results.png")
     student_runs = [Path(path) for path in paths["students"].values()]
-    figures = draw_figures(student_runs, out / "figures", cache=Path(paths["cache"]))
+    figures_dir = out / "figures" if student == "bevdet" else out / f"figures_{student}"
+    figures = draw_figures(student_runs, figures_dir, cache=Path(paths["cache"]))
+    this_run = [{"name": s.name, "command": ["distillbev", *s.argv], "seconds": seconds.get(s.name)} for s in steps]
+    earlier = [s for s in previous.get("steps", []) if tuple(s["command"]) not in commands]
+    figures_entry = {"command": ["distillbev", "figures", "--out", str(figures_dir), "--cache", paths["cache"],
+                                 *paths["students"].values()],
+                     "paths": {k: str(v) for k, v in figures.paths.items()},
+                     "attention_similarity": {run: {str(epoch): None if r != r else r for epoch, r in by_epoch.items()}
+                                              for run, by_epoch in figures.similarity.items()},  # NaN -> null
+                     "missing": figures.notes}
     summary = {
-        "steps": [{"name": s.name, "command": ["distillbev", *s.argv], "seconds": seconds.get(s.name)} for s in steps],
+        "steps": earlier + this_run,
         "paths": paths,
-        "figures": {"command": ["distillbev", "figures", "--out", str(out / "figures"), "--cache", paths["cache"],
-                                *paths["students"].values()],
-                    "paths": {k: str(v) for k, v in figures.paths.items()},
-                    "attention_similarity": {run: {str(epoch): None if r != r else r for epoch, r in by_epoch.items()}
-                                             for run, by_epoch in figures.similarity.items()},  # NaN -> null
-                    "missing": figures.notes},
+        "figures": figures_entry,
+        "figures_by_student": previous.get("figures_by_student", {}) | {student: figures_entry},
         "results": [{"teacher": r["teacher"], "student": r["student"], **{k: r[k] for k in METRIC_KEYS}}
                     for r in rows],
         "total_seconds_this_run": round(time.perf_counter() - started, 1),
@@ -215,4 +230,5 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
 
 
 def student_label(variant: str) -> str:
-    return {"bevdet": "BEVDet", "bevdepth": "BEVDepth", "bevdet4d": "BEVDet4D", "bevdepth4d": "BEVDepth4D"}[variant]
+    return {"bevdet": "BEVDet", "bevdepth": "BEVDepth", "bevdet4d": "BEVDet4D", "bevdepth4d": "BEVDepth4D",
+            "bevformer": "BEVFormer"}[variant]

@@ -41,7 +41,7 @@ from .options import storage_option
 def command(config_path: Path, dataroot: Path | None, cache_path: str | None, storage_options: tuple[str, ...],
             out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
             max_steps: int | None, overrides: tuple[str, ...], sync_bn: bool) -> None:
-    """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D student, then evaluate it with the devkit.
+    """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D / BEVFormer student, then evaluate it with the devkit.
 
     Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
     checked against the config before the first step. Writes RUN/config.yaml, RUN/train_log.jsonl (every loss

@@ -25,7 +25,7 @@ from ..distributed import World, barrier, broadcast_buffers, gather_ordered, pre
 from ..errors import CacheError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
-from ..student.model import CameraStudent
+from ..student.build import build_student
 from .config import StudentExperimentConfig
 from .progress import TrainingProgress, reset_progress
 from .targets import DistillationDataset
@@ -35,7 +35,7 @@ from .train import (DistillationSetup, TrainableModules, load_resume, run_epochs
 log = logging.getLogger(__name__)
 
 
-def expected_cache_fields(cfg: StudentExperimentConfig, student: CameraStudent) -> dict:
+def expected_cache_fields(cfg: StudentExperimentConfig, student: torch.nn.Module) -> dict:
     """The manifest entries a cache must match for this student config (checked before the first step)."""
     bev = cfg.model.bev
     teacher_layers = sorted({pair.teacher for pair in cfg.distill.layers})
@@ -47,7 +47,7 @@ def expected_cache_fields(cfg: StudentExperimentConfig, student: CameraStudent) 
     }
 
 
-def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: CameraStudent, train_dataset=None,
+def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: torch.nn.Module, train_dataset=None,
                        teacher_checkpoint: Path | None = None):
     """Open a complete cache and refuse it, with a readable diff, if it does not fit this run.
 
@@ -135,7 +135,7 @@ def check_resume_identity(out_dir: Path, identity: dict, resume: bool, write: bo
         path.write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
-def build_distill_loss(cfg: StudentExperimentConfig, student: CameraStudent,
+def build_distill_loss(cfg: StudentExperimentConfig, student: torch.nn.Module,
                        teacher_layers: dict[str, dict]) -> DistillBEVLoss:
     """The DistillBEV loss module; teacher channels and shapes come from the cache manifest (or the live teacher)."""
     bev = cfg.model.bev
@@ -149,11 +149,19 @@ def build_distill_loss(cfg: StudentExperimentConfig, student: CameraStudent,
     )
 
 
-def inherit_teacher_head(student: CameraStudent, head_state: dict[str, torch.Tensor]) -> int:
-    """Initialise the student's CenterHead task heads from the teacher's (DistillBEV's inherit_head).
+def inherit_teacher_head(student: torch.nn.Module, head_state: dict[str, torch.Tensor]) -> int:
+    """Initialise the student's CenterHead task heads from the teacher's (DistillBEV's inherit_head); returns the
+    number of tensors copied.
 
-    Only `task_heads.*` are copied, strictly: a shape mismatch is a ConfigError naming the key.
+    Only `task_heads.*` are copied, strictly: a shape mismatch is a ConfigError naming the key. The BEVFormer student
+    has a DETR head, which a CenterPoint teacher cannot initialise (the reference inherits it from a mirrored
+    LiDAR transformer): it is skipped with a logged reason and 0 is returned.
     """
+    if student.config.is_transformer:
+        log.warning("inherit_teacher_head: skipped for the BEVFormer student: its DETR head (object queries, class "
+                    "and box branches) has no counterpart in the CenterPoint teacher's CenterHead; the head trains "
+                    "from its initialisation (docs/method.md, BEVFormer student)")
+        return 0
     task_state = {k[len("task_heads."):]: v for k, v in head_state.items() if k.startswith("task_heads.")}
     own = student.head.task_heads.state_dict()
     mismatched = [f"{k}: teacher {tuple(v.shape)} vs student {tuple(own[k].shape)}"
@@ -178,7 +186,7 @@ def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def evaluate_student(cfg: StudentExperimentConfig, student: CameraStudent, out_dir: Path,
+def evaluate_student(cfg: StudentExperimentConfig, student: torch.nn.Module, out_dir: Path,
                      device: torch.device, eval_dir: Path | None = None,
                      dataset: NuScenesDetectionDataset | None = None, verbose: bool = True,
                      world: World = World()) -> dict | None:
@@ -269,7 +277,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         if not resume:
             (out_dir / "train_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
             reset_progress(out_dir, 0)  # and a fresh evaluation history (progress.py)
-    student = CameraStudent(cfg.model).to(device_t)
+    student = build_student(cfg.model).to(device_t)
     mode = "none"
     cache = None
     train_dataset = None
@@ -310,7 +318,8 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         distill_loss = build_distill_loss(cfg, student, teacher_layers).to(device_t)
         if cfg.inherit_teacher_head:
             count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()})
-            log.info("student task heads initialised from the teacher (%d tensors)", count)
+            if count:
+                log.info("student task heads initialised from the teacher (%d tensors)", count)
     bev = cfg.model.bev
     if train_dataset is None:
         train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FeatureName = Literal["backbone0", "backbone1", "backbone2", "neck"]
-AdapterKind = Literal["upsample_3layer", "conv1x1"]
+AdapterKind = Literal["upsample_3layer", "conv1x1", "resample_conv1x1"]
 
 
 @dataclass
@@ -21,7 +21,10 @@ class LayerPairConfig:
 
     student: FeatureName  # student feature name
     teacher: FeatureName  # teacher feature name
-    adapter: AdapterKind  # "upsample_3layer" (bilinear upsample + 3 x conv1x1-BN-ReLU) or "conv1x1"
+    # "upsample_3layer" (bilinear upsample + 3 x conv1x1-BN-ReLU), "conv1x1" (integer upsample factor) or
+    # "resample_conv1x1" (bilinear resampling onto the teacher grid at any ratio, then a 1x1 conv: BEVFormer's 200^2
+    # BEV against the CenterPoint teacher's 128^2 pre-head feature over the same extent)
+    adapter: AdapterKind
     use_false_positive: bool = False  # add the false-positive region (the paper uses it at the pre-head pair only)
 
     @property

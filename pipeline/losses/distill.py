@@ -62,8 +62,10 @@ class LayerDistillation(nn.Module):
         self.pair = pair
         self.teacher_channels = teacher_channels
         self.teacher_shape = tuple(teacher_shape)
-        factor = upsample_factor(tuple(student_shape), self.teacher_shape, pair.name)
-        self.adapter = build_adapter(pair.adapter, student_channels, teacher_channels, factor)
+        # a resampling adapter takes any grid ratio; the others need an integer upsample factor
+        factor = 1 if pair.adapter == "resample_conv1x1" else upsample_factor(tuple(student_shape),
+                                                                               self.teacher_shape, pair.name)
+        self.adapter = build_adapter(pair.adapter, student_channels, teacher_channels, factor, self.teacher_shape)
         self.spatial_conv = SpatialPoolConv() if use_spatial_l1 else None
 
     def adapt(self, student_features: Tensor) -> Tensor:
@@ -146,6 +148,11 @@ class DistillBEVLoss(nn.Module):
     def uses_false_positive(self, pair: LayerPairConfig) -> bool:
         """Whether this pair gets the FP region under the current switches."""
         return pair.use_false_positive and self.config.false_positive and self.config.region_decomposition
+
+    @property
+    def needs_gt_heatmap(self) -> bool:
+        """Whether some pair has the false-positive region, which reads the teacher and GT heatmaps."""
+        return any(self.uses_false_positive(pair) for pair in self.pairs)
 
     def forward(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
                 gt_boxes: list[Tensor], teacher_heatmap: Tensor | None = None, gt_heatmap_max: Tensor | None = None,

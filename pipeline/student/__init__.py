@@ -1,1 +1,2 @@
-"""Camera students (BEVDet, BEVDepth, BEVDet4D, BEVDepth4D) in plain torch; `model.CameraStudent` composes them."""
+"""Camera students in plain torch: `model.CameraStudent` (BEVDet, BEVDepth, BEVDet4D, BEVDepth4D) and
+`bevformer.model.BEVFormerStudent`; `build.build_student` picks one from the config."""

@@ -1,8 +1,9 @@
-"""Typed configuration of the camera students (BEVDet, BEVDepth, BEVDet4D, BEVDepth4D).
+"""Typed configuration of the camera students (BEVDet, BEVDepth, BEVDet4D, BEVDepth4D, BEVFormer).
 
 The defaults are the full-size paper recipe (ResNet-50, 256x704 input, depth bins 1..60 m, BEV 128^2 at 0.8 m over
 +-51.2 m, 64 LSS channels per frame, BEV encoder [128, 256, 512], neck 256). The small CPU configs in
-configs/synthetic/ override what differs.
+configs/synthetic/ override what differs. The `bevformer` variant reads image_size, num_cameras, backbone, bev and
+head.grid from this config and its transformer from the `bevformer` section (bevformer/config.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 from ..geometry.bev import BEVGrid
 from ..heads.center_head import CenterHeadConfig
 
-StudentVariant = Literal["bevdet", "bevdepth", "bevdet4d", "bevdepth4d"]
+StudentVariant = Literal["bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer"]
 
 
 @dataclass
@@ -57,9 +58,15 @@ class BEVRange:
 
 @dataclass
 class StudentModelConfig:
-    """A camera student; `variant` picks depth supervision (bevdepth*) and two-frame fusion (*4d)."""
+    """A camera student; `variant` picks depth supervision (bevdepth*) and two-frame fusion (*4d), or BEVFormer.
 
-    variant: StudentVariant = "bevdepth4d"  # which of the four students
+    For `bevformer` the LSS fields (depth bins, lss / depth-net / BEV-encoder channels, temporal settings) are unused;
+    `bev` must equal `bevformer.bev`, and `head` (a CenterHeadConfig) only gives `head.grid`: the grid of the
+    teacher heatmap, which the cache check and the false-positive region read (same extent as `bev`, any
+    resolution: the CenterPoint teacher's head grid).
+    """
+
+    variant: StudentVariant = "bevdepth4d"  # which student
     image_size: tuple[int, int] = (256, 704)  # (H, W) of the augmented input images
     num_cameras: int = 6  # N cameras per sample
     backbone: ImageBackboneConfig = field(default_factory=ImageBackboneConfig)
@@ -75,11 +82,18 @@ class StudentModelConfig:
     bev_neck_channels: int = 256  # FPN_LSS output = the pre-head feature "neck"
     head: CenterHeadConfig = field(default_factory=CenterHeadConfig)
     depth_loss_weight: float = 100.0  # BEVDepth's loss_depth_weight on the depth BCE
+    bevformer: BEVFormerConfig | None = None  # the BEVFormer transformer (variant bevformer only)
 
     def __post_init__(self) -> None:
         height, width = self.image_size
         if height % 32 or width % 32:
             raise ValueError(f"image_size {self.image_size} must be multiples of 32 (the ResNet's stride)")
+        if self.variant == "bevformer":
+            self._check_bevformer()
+            return
+        if self.bevformer is not None:
+            raise ValueError(f"model.bevformer is set but variant is {self.variant!r}; remove the bevformer section "
+                             f"or set variant: bevformer")
         if self.depth_bins.count <= 0:
             raise ValueError(f"depth_bins {self.depth_bins} give no bins; need start < stop and step > 0")
         grid = self.bev.grid()
@@ -90,15 +104,39 @@ class StudentModelConfig:
             raise ValueError(f"head.grid {self.head.grid} must equal the student's BEV grid {grid} (the head runs on "
                              f"the neck output, which has the BEV grid's shape); set head.grid to the bev range")
 
+    def _check_bevformer(self) -> None:
+        if self.bevformer is None:
+            raise ValueError("variant bevformer needs a model.bevformer section (a BEVFormerConfig); see "
+                             "configs/synthetic/student_bevformer.yaml")
+        if self.bevformer.bev != self.bev:
+            raise ValueError(f"model.bevformer.bev {self.bevformer.bev} differs from model.bev {self.bev}; write the "
+                             f"grid once and reuse it with a YAML anchor (bev: &bev ..., bevformer: {{bev: *bev}})")
+        grid, head_grid = self.bev.grid(), self.head.grid
+        extent = (grid.x_min, grid.x_max, grid.y_min, grid.y_max)
+        if (head_grid.x_min, head_grid.x_max, head_grid.y_min, head_grid.y_max) != extent:
+            raise ValueError(f"head.grid {head_grid} must span the BEV range {extent} (it is the teacher heatmap's "
+                             f"grid over the same area); set head.grid to the teacher's head grid")
+
     @property
     def uses_depth_supervision(self) -> bool:
         return self.variant in ("bevdepth", "bevdepth4d")
 
     @property
     def is_temporal(self) -> bool:
-        return self.variant in ("bevdet4d", "bevdepth4d")
+        """The student reads the previous frame's cameras (BEVDet4D fusion, BEVFormer's temporal self-attention)."""
+        return self.variant in ("bevdet4d", "bevdepth4d", "bevformer")
+
+    @property
+    def is_transformer(self) -> bool:
+        """The BEVFormer student (encoder + DETR head) rather than a lift-splat one."""
+        return self.variant == "bevformer"
 
     @property
     def feature_stride(self) -> int:
         """Image pixels per image-feature cell (the neck outputs stride 16)."""
         return 16
+
+
+# Imported last: bevformer/config.py builds on BEVRange above. The name is needed when the strict loader resolves
+# StudentModelConfig's field types.
+from .bevformer.config import BEVFormerConfig  # noqa: E402

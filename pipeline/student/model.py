@@ -43,6 +43,9 @@ class StudentOutputs:
 class CameraStudent(nn.Module):
     def __init__(self, config: StudentModelConfig):
         super().__init__()
+        if config.is_transformer:
+            raise ValueError("variant bevformer is not a lift-splat student; build it with "
+                             "pipeline.student.build.build_student (BEVFormerStudent)")
         self.config = config
         self.backbone = ResNet(config.backbone.depth, config.backbone.width_multiplier)
         if config.backbone.pretrained:

@@ -95,6 +95,8 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         # (layer3, layer4) channels, the inputs of the image neck.
         self.out_channels = (widths[2] * block.expansion, widths[3] * block.expansion)
+        # (layer2, layer3, layer4) channels, the inputs of an FPN (`forward_pyramid`).
+        self.pyramid_channels = (widths[1] * block.expansion, *self.out_channels)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -109,6 +111,13 @@ class ResNet(nn.Module):
         stride16 = self.layer3(x)
         stride32 = self.layer4(stride16)
         return stride16, stride32
+
+    def forward_pyramid(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B*N, 3, H, W) -> (layer2 (B*N, C2, H/8, W/8), layer3 (.., H/16, W/16), layer4 (.., H/32, W/32))."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        stride8 = self.layer2(self.layer1(x))
+        stride16 = self.layer3(stride8)
+        return stride8, stride16, self.layer4(stride16)
 
 
 def load_torchvision_checkpoint(model: ResNet, path: str | Path) -> None:

@@ -42,7 +42,11 @@ def test_shipped_configs_load(path):
     experiment = load_config(StudentExperimentConfig, path)
     config = experiment.model
     assert config.variant == path.stem.removeprefix("student_")
-    assert config.head.grid.shape == config.bev.grid().shape
+    if config.is_transformer:  # head.grid is the teacher heatmap's grid: the BEV range, any resolution
+        grid, head = config.bev.grid(), config.head.grid
+        assert (head.x_min, head.x_max, head.y_min, head.y_max) == (grid.x_min, grid.x_max, grid.y_min, grid.y_max)
+    else:
+        assert config.head.grid.shape == config.bev.grid().shape
     # The data layer must feed exactly what the model expects.
     assert tuple(experiment.data.final_size) == tuple(config.image_size)
     assert experiment.data.load_previous_frame == config.is_temporal
@@ -50,7 +54,7 @@ def test_shipped_configs_load(path):
 
 def test_shipped_config_set_is_complete():
     names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/student_*.yaml")}
-    assert names == {f"{folder}/student_{v}" for folder in ("synthetic", "nuscenes") for v in VARIANTS}
+    assert names == {f"{folder}/student_{v}" for folder in ("synthetic", "nuscenes") for v in (*VARIANTS, "bevformer")}
 
 
 def test_config_rejects_head_grid_mismatch():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,6 +44,16 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     miss = probabilities * (1 - targets) + (1 - probabilities) * targets  # 1 - p_t
     weight = (alpha * targets + (1 - alpha) * (1 - targets)) * miss.pow(gamma)
     return (cross_entropy * weight).sum()
+
+
+def mean_over_ranks(count: float, device: torch.device) -> float:
+    """The reference's reduce_mean of a loss normaliser (sync_cls_avg_factor): the mean of `count` over the torchrun
+    ranks, or `count` itself in one process. Every rank must call it (it is a collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    total = torch.tensor(float(count), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
 
 
 def branch(embed_dims: int, out_channels: int, hidden_layers: int, layer_norm: bool) -> nn.Sequential:
@@ -118,7 +129,8 @@ class BEVFormerHead(nn.Module):
         gt_boxes: B tensors (M_b, 9) in the augmented LiDAR frame; gt_labels: B tensors (M_b,) global class ids
         (classes the head does not predict are dropped, as are boxes with a zero size). Returns
         {"loss_cls", "loss_box"} for the last layer and {"d{i}.loss_cls", "d{i}.loss_box"} for the earlier ones;
-        the total is `sum(losses.values())`. Both are normalised by the number of matched GT boxes in the batch.
+        the total is `sum(losses.values())`. Both are normalised by the number of matched GT boxes in the batch, averaged
+        over the ranks under torchrun (`mean_over_ranks`), so every rank's loss has the same scale.
         """
         head = self.config.head
         device = outputs.class_logits.device
@@ -156,7 +168,7 @@ class BEVFormerHead(nn.Module):
             difference = (codes[b, queries].float() - gt_codes[gts]).abs() * self.code_weights  # (P, 10)
             box_error = box_error + difference.sum()
             num_matched += len(queries)
-        normaliser = max(float(num_matched), 1.0)
+        normaliser = max(mean_over_ranks(float(num_matched), logits.device), 1.0)
         loss_cls = sigmoid_focal_loss(logits.float(), class_targets, head.focal_alpha, head.focal_gamma) / normaliser
         return loss_cls, box_error / normaliser
 

@@ -1,0 +1,94 @@
+"""The BEVFormer student distilled from a cached CenterPoint teacher: one training step on the tiny synthetic world
+(tests/distill/test_distill_equivalence.py) has finite losses and the KD terms of exactly one pair, and a short
+`train_student` run trains from the cache, skips the head inheritance and writes a devkit evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from test_distill_equivalence import HALF_EXTENT, TinyWorld, build_tiny_world, tiny_student_config
+
+from distillbev.pipeline.cache.reader import TeacherCache
+from distillbev.pipeline.distill.config import StudentExperimentConfig
+from distillbev.pipeline.distill.run import build_distill_loss, train_student
+from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets
+from distillbev.pipeline.distill.train import DistillationSetup, training_step
+from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.losses.config import DistillConfig, LayerPairConfig
+from distillbev.pipeline.student.bevformer.config import (BEVFormerConfig, BEVFormerEncoderConfig,
+                                                          BEVFormerHeadConfig)
+from distillbev.pipeline.student.build import build_student
+from distillbev.pipeline.student.config import BEVRange, ImageBackboneConfig, StudentModelConfig
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_bevformer_config(world: TinyWorld) -> StudentExperimentConfig:
+    """A tiny BEVFormer on the tiny world's 64x192 images, BEV 40x40 at 0.8 m = the tiny teacher's pre-head grid, with
+    DistillBEV's BEVFormer recipe (one neck pair, 1x1 conv, teacher attention, no FP)."""
+    base = tiny_student_config(world.dataroot)
+    bev = BEVRange(-HALF_EXTENT, HALF_EXTENT, -HALF_EXTENT, HALF_EXTENT, 0.8, -5.0, 3.0)
+    transformer = BEVFormerConfig(
+        embed_dims=16, bev=bev,
+        encoder=BEVFormerEncoderConfig(num_layers=1, num_heads=2, num_levels=2, spatial_points=2, temporal_points=2,
+                                       num_z_anchors=2, feedforward_channels=32),
+        head=BEVFormerHeadConfig(num_queries=20, num_layers=2, num_heads=2, num_points=2, feedforward_channels=32,
+                                 post_center_range=(-20.0, -20.0, -10.0, 20.0, 20.0, 10.0)))
+    model = StudentModelConfig(variant="bevformer", image_size=base.model.image_size,
+                               backbone=ImageBackboneConfig(depth=18, width_multiplier=0.25), bev=bev,
+                               head=base.model.head, bevformer=transformer)
+    distill = DistillConfig(layers=[LayerPairConfig("neck", "neck", "conv1x1", False)], foreground_weight=5e-3,
+                            background_weight=4e-3, false_positive_weight=0.0, false_positive=False,
+                            spatial_l1_weight=5e-4, student_attention_ratio=0.0)
+    train = dataclasses.replace(base.train, epochs=1, batch_size=1, num_workers=0, warmup_iters=1)
+    return dataclasses.replace(base, model=model, distill=distill, train=train)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("bevformer_distill"), views=2)
+
+
+def test_a_distilled_step_has_finite_losses_and_the_terms_of_one_pair(world):
+    cfg = tiny_bevformer_config(world)
+    torch.manual_seed(0)
+    student = build_student(cfg.model)
+    cache = TeacherCache.open(world.cache_path)
+    distill_loss = build_distill_loss(cfg, student, cache.manifest["layers"])
+    dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
+    train_set = DistillationDataset(dataset, mode="cache", cache=cache, bev_extent=world.extent)
+    batch, targets = collate_with_targets([train_set[0]])
+    setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=None, layers=[("neck", "neck")])
+    losses = training_step(setup, batch, targets, cfg.model.head.grid)
+    kd = sorted(name for name in losses if name.startswith("kd_"))
+    assert kd == ["kd_neck_bg", "kd_neck_fg", "kd_neck_spatial"]  # one pair, no FP region
+    assert {"loss_cls", "loss_box", "d0.loss_cls", "d0.loss_box"} <= set(losses)
+    assert all(torch.isfinite(value) for value in losses.values())
+    assert losses["kd_neck_bg"] > 0 and losses["kd_neck_spatial"] > 0
+    sum(losses.values()).backward()
+    assert distill_loss.layers["neck"].adapter.conv.weight.grad.abs().sum() > 0
+    assert student.encoder.bev_queries.weight.grad.abs().sum() > 0
+
+
+def test_train_student_distils_from_the_cache_and_evaluates_with_the_devkit(world, tmp_path, caplog):
+    cfg = tiny_bevformer_config(world)
+    assert cfg.inherit_teacher_head  # left on: the run must skip it for this student instead of failing
+    out = tmp_path / "run"
+    summary = train_student(cfg, out, cache_path=world.cache_path, teacher_checkpoint=world.checkpoint)
+    assert "skipped for the BEVFormer student" in caplog.text
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(records) == 1  # one train sample at batch 1
+    assert sorted(k for k in records[0] if k.startswith("kd_")) == ["kd_neck_bg", "kd_neck_fg", "kd_neck_spatial"]
+    assert all(math.isfinite(v) for k, v in records[0].items() if isinstance(v, float))
+    results = json.loads((out / "eval" / "results_nusc.json").read_text())["results"]
+    val = NuScenesDetectionDataset(cfg.data, cfg.data.val_split, mode="test")
+    assert sorted(results) == sorted(val.sample_tokens)
+    # NMS-free decode: at most top-k over 20 queries x 10 classes per sample
+    assert all(len(boxes) <= 200 for boxes in results.values()) and sum(map(len, results.values())) > 0
+    assert 0.0 <= summary["mean_ap"] <= 1.0 and "tp_errors" in summary
+    state = torch.load(out / "latest.pth", weights_only=False)
+    assert any(key.startswith("encoder.") for key in state["state_dict"])
