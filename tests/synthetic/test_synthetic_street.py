@@ -204,3 +204,29 @@ def test_no_appearance_cue_names_the_class(roots):
     # real-world colours, so colour is not at chance)
     assert scores["shape"] > 0.75, scores
     assert scores["colour"] < scores["shape"] - 0.25 and scores["intensity"] < scores["shape"] - 0.3, scores
+
+
+def test_the_ego_brakes_stops_and_drives_off_along_its_profile():
+    from distillbev.pipeline.data.synthetic.world import EgoPath
+
+    path = EgoPath((0.0, 0.0), 0.0, 4.0, 0.0, profile=((1.0, 4.0), (3.0, 0.0), (4.0, 0.0), (6.0, 4.0)))
+    # 4 m/s until t = 1, braking to 0 at t = 3 (4 m more), standing until t = 4, back at 4 m/s at t = 6 (4 m more)
+    assert path.arc([-1.0, 0.0, 1.0, 2.0, 3.0, 3.5, 4.0, 6.0, 7.0]) == pytest.approx(
+        [-4.0, 0.0, 4.0, 7.0, 8.0, 8.0, 8.0, 12.0, 16.0])
+    assert path.time_at_arc(8.0) == pytest.approx(3.0, abs=0.01) and path.time_at_arc(-2.0) == pytest.approx(-0.5)
+    xy, heading = path.pose([3.5])
+    assert xy[0] == pytest.approx([8.0, 0.0]) and heading[0] == 0.0
+
+
+def test_a_turning_object_follows_its_circle():
+    from distillbev.pipeline.data.synthetic.world import SceneObject
+
+    obj = SceneObject("car", (1.9, 4.6, 1.7), (1.0, 2.0), 0.0, (5.0, 0.0), "vehicle.moving", yaw_rate=0.5)
+    t = np.array([0.0, 1.0, np.pi])
+    boxes = obj.boxes_at(t)
+    radius = 5.0 / 0.5
+    expected = np.stack([1.0 + radius * np.sin(0.5 * t), 2.0 + radius * (1 - np.cos(0.5 * t))], axis=-1)
+    assert boxes[:, :2] == pytest.approx(expected, abs=2e-3) and boxes[:, 6] == pytest.approx(0.5 * t)
+    braking = SceneObject("car", (1.9, 4.6, 1.7), (0.0, 0.0), 0.0, (4.0, 0.0), "vehicle.moving", acceleration=-2.0)
+    assert braking.boxes_at(np.array([1.0, 2.0, 5.0]))[:, 0] == pytest.approx([3.0, 4.0, 4.0], abs=1e-3)
+    assert (braking.attribute_at(1.0), braking.attribute_at(3.0)) == ("vehicle.moving", "vehicle.stopped")

@@ -238,7 +238,8 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
                     continue
                 obj = scene.objects[object_index]
                 tables.add_annotation(scene_index, int(object_index), obj.category_name, sample_token, key_index,
-                                      boxes[object_index], obj.attribute, int(key_frame.num_points[slot]),
+                                      boxes[object_index], obj.attribute_at(float(scene.seconds(key_time))),
+                                      int(key_frame.num_points[slot]),
                                       float(camera_frame.visible_fraction[slot]))
                 if scene_index >= first_val and not obj.category:
                     val_classes.add(obj.class_name)

@@ -43,15 +43,27 @@ OTHER_KINDS = {"animal": ("animal", (0.4, 0.9, 0.7)),
 
 def _object(kind: str, size_wlh, centre: np.ndarray, yaw: float, speed: float, t_pass: float, attribute: str,
             rng: np.random.Generator, *, category: str = "", annotated: bool = True, rider: bool = False,
-            paint_kind: str | None = None) -> SceneObject:
-    """An object whose centre is `centre` (2,) at scene time `t_pass`, moving at `speed` along `yaw`."""
+            paint_kind: str | None = None, yaw_rate: float = 0.0, acceleration: float = 0.0) -> SceneObject:
+    """An object whose centre is `centre` (2,) with heading `yaw` and speed `speed` at scene time `t_pass`; a
+    moving one may turn (`yaw_rate`) and speed up or brake (`acceleration`)."""
     w, l, h = size_wlh
-    velocity = (speed * np.cos(yaw), speed * np.sin(yaw))
-    xy = np.asarray(centre) - np.array(velocity) * t_pass
     parts = class_parts(kind, l, w, h, rng, rider=rider)
+    paint = paint_colour(paint_kind or kind, rng)
+    if speed == 0.0 or (yaw_rate == 0.0 and acceleration == 0.0):
+        velocity = (speed * np.cos(yaw), speed * np.sin(yaw))
+        xy = np.asarray(centre) - np.array(velocity) * t_pass
+        return SceneObject(kind, (float(w), float(l), float(h)), (float(xy[0]), float(xy[1])),
+                           float((yaw + np.pi) % (2 * np.pi) - np.pi), (float(velocity[0]), float(velocity[1])),
+                           attribute, parts, paint, category, annotated)
+    yaw0 = yaw - yaw_rate * t_pass
+    speed0 = max(speed - acceleration * t_pass, 0.0)
+    probe = SceneObject(kind, (w, l, h), (0.0, 0.0), yaw0, (speed0 * np.cos(yaw0), speed0 * np.sin(yaw0)),
+                        attribute, (), paint, category, annotated, yaw_rate, acceleration)
+    xy = np.asarray(centre) - probe.boxes_at(np.array([t_pass]))[0, :2]
     return SceneObject(kind, (float(w), float(l), float(h)), (float(xy[0]), float(xy[1])),
-                       float((yaw + np.pi) % (2 * np.pi) - np.pi), (float(velocity[0]), float(velocity[1])),
-                       attribute, parts, paint_colour(paint_kind or kind, rng), category, annotated)
+                       float((yaw0 + np.pi) % (2 * np.pi) - np.pi),
+                       (float(speed0 * np.cos(yaw0)), float(speed0 * np.sin(yaw0))), attribute, parts, paint,
+                       category, annotated, float(yaw_rate), float(acceleration))
 
 
 def _jitter(size, rng: np.random.Generator, spread: float = 0.1):
@@ -66,7 +78,7 @@ class _Street:
 
     def at(self, s: float, lateral: float) -> tuple[np.ndarray, float, float]:
         """(centre (2,), road heading, scene time when the ego passes s)."""
-        t = s / self.path.speed
+        t = self.path.time_at_arc(s)
         xy, heading = self.path.pose(t)
         normal = np.array([-np.sin(heading[0]), np.cos(heading[0])])
         return xy[0] + lateral * normal, float(heading[0]), float(t)
@@ -109,7 +121,10 @@ def _proposals(street: _Street, rng: np.random.Generator, s_range: tuple[float, 
                 centre, heading, t = street.at(s, lateral)
                 yaw = heading + (0.0 if role == "ego_lane" else np.pi) + rng.normal(0, 0.03)
                 speed = float(np.clip(street.path.speed + rng.normal(0, 2.0), 1.0, 14.0))
-                group.append(_object(kind, size, centre, yaw, speed, t, "vehicle.moving", rng))
+                # lane traffic follows the street's curve, and speeds up or brakes a little
+                turn = street.path.curvature * speed * (1.0 if role == "ego_lane" else -1.0)
+                group.append(_object(kind, size, centre, yaw, speed, t, "vehicle.moving", rng, yaw_rate=turn,
+                                     acceleration=float(np.clip(rng.normal(0, 0.6), -2.0, 1.5))))
             else:
                 kerb = -(LANE / 2 + 0.3 + size[0] / 2) if role == "parked_right" else (LANE * 1.5 + 0.3 + size[0] / 2)
                 centre, heading, t = street.at(s, kerb + rng.normal(0, 0.15))
@@ -127,7 +142,8 @@ def _proposals(street: _Street, rng: np.random.Generator, s_range: tuple[float, 
                 attribute = "pedestrian.moving" if walking else str(rng.choice(
                     ["pedestrian.standing", "pedestrian.standing", "pedestrian.sitting_lying_down"]))
                 group.append(_object("pedestrian", _jitter(SIZES["pedestrian"], rng, 0.12), centre, yaw, speed, t,
-                                     attribute, rng, paint_kind="pedestrian"))
+                                     attribute, rng, paint_kind="pedestrian",
+                                     yaw_rate=float(rng.normal(0, 0.08)) if walking else 0.0))
         elif kind in ("motorcycle", "bicycle"):
             riding = rng.uniform() < 0.6
             size = _jitter(SIZES[kind], rng, 0.08)
@@ -207,15 +223,23 @@ def build_street_scene(index: int, rng: np.random.Generator, *, start_timestamp:
     """Draw one v2 scene: about `objects_per_scene` detection-class objects over the stretch of street the ego
     sees (from `reach` m behind its first key frame to `reach` m beyond its last), plus clutter."""
     heading = rng.uniform(-np.pi, np.pi)
-    path = EgoPath((float(rng.uniform(200.0, 1800.0)), float(rng.uniform(200.0, 1800.0))), float(heading),
-                   float(rng.uniform(*speed_range)), float(rng.uniform(-max_curvature, max_curvature)))
+    speed = float(rng.uniform(*speed_range))
+    duration = (num_key_frames - 1) * KEY_FRAME_INTERVAL_US * 1e-6
+    profile: tuple[tuple[float, float], ...] = ()
+    if rng.uniform() < 0.35:  # the ego brakes to a halt (2 m/s^2), waits, and drives off again (1.5 m/s^2)
+        brake = float(rng.uniform(0.0, max(duration * 0.6, 0.1)))
+        halt = brake + speed / 2.0
+        wait = float(rng.uniform(0.5, 3.0))
+        profile = ((brake, speed), (halt, 0.0), (halt + wait, 0.0), (halt + wait + speed / 1.5, speed))
+    path = EgoPath((float(rng.uniform(200.0, 1800.0)), float(rng.uniform(200.0, 1800.0))), float(heading), speed,
+                   float(rng.uniform(-max_curvature, max_curvature)), profile)
     key_times = tuple(start_timestamp + k * KEY_FRAME_INTERVAL_US for k in range(num_key_frames))
     scene = Scene(index, start_timestamp, key_times, sweeps_per_key_frame, path, (), first_sweeps=False)
     times_s = scene.seconds(scene.lidar_times_us())
     ego = _ego_corners(path, times_s, OBJECT_CLEARANCE)
     street = _Street(path)
-    last_arc = path.speed * scene.seconds(key_times[-1])
-    s_range = (-reach, float(last_arc) + reach)
+    last_arc = float(path.arc(scene.seconds(key_times[-1]))[0])
+    s_range = (-reach, last_arc + reach)
     placed: list[SceneObject] = []
     corners: list[np.ndarray] = []
 

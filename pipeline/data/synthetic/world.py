@@ -24,17 +24,61 @@ OBJECT_CLEARANCE = 0.4  # minimum gap kept between two objects and between an ob
 
 @dataclass(frozen=True)
 class EgoPath:
-    """Constant-speed, constant-curvature path: pose(t) for t in seconds since the first key frame."""
+    """Constant-curvature path: pose(t) for t in seconds since the first key frame.
+
+    The ego drives at `speed`, or (world 2) along `profile`: knots (t, v) of a piecewise-linear speed in time
+    (constant `speed` before the first knot, the last knot's speed after the last), so it may brake, stop and
+    start again.
+    """
 
     start_xy: tuple[float, float]  # global position at t = 0
     start_heading: float  # yaw at t = 0 [rad]
     speed: float  # [m/s]
     curvature: float  # [1/m]; heading changes by curvature * arc length
+    profile: tuple[tuple[float, float], ...] = ()
+
+    def arc(self, t: np.ndarray | float) -> np.ndarray:
+        """Arc length (T,) driven since t = 0 (negative before it)."""
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        if not self.profile:
+            return self.speed * t
+        knots_t = np.array([k[0] for k in self.profile])
+        knots_v = np.array([k[1] for k in self.profile])
+        grid_t = np.concatenate([[min(knots_t[0], 0.0)], knots_t]) if knots_t[0] > 0 else knots_t
+        grid_v = np.interp(grid_t, knots_t, knots_v, left=self.speed)
+        grid_s = np.concatenate([[0.0], np.cumsum(np.diff(grid_t) * (grid_v[1:] + grid_v[:-1]) / 2)])
+        grid_s -= np.interp(0.0, grid_t, grid_s) if grid_t[0] <= 0.0 else 0.0
+        out = np.empty_like(t)
+        before, after = t < grid_t[0], t > grid_t[-1]
+        inside = ~(before | after)
+        out[before] = grid_s[0] + (t[before] - grid_t[0]) * self.speed
+        out[after] = grid_s[-1] + (t[after] - grid_t[-1]) * grid_v[-1]
+        # within a segment the speed is linear in time: s = s0 + v0 dt + (v1 - v0) dt^2 / (2 T)
+        index = np.clip(np.searchsorted(grid_t, t[inside], side="right") - 1, 0, len(grid_t) - 2)
+        dt = t[inside] - grid_t[index]
+        span = np.maximum(grid_t[index + 1] - grid_t[index], 1e-9)
+        out[inside] = (grid_s[index] + grid_v[index] * dt
+                       + (grid_v[index + 1] - grid_v[index]) * dt ** 2 / (2 * span))
+        return out
+
+    def time_at_arc(self, s: float) -> float:
+        """The first time the ego is at arc length s (extrapolated at the end speeds beyond the profile)."""
+        if not self.profile:
+            return s / self.speed
+        grid = np.linspace(min(self.profile[0][0], 0.0) - 30.0, self.profile[-1][0] + 30.0, 4001)
+        arcs = np.maximum.accumulate(self.arc(grid))
+        if s <= arcs[0]:
+            return float(grid[0] + (s - arcs[0]) / self.speed)
+        if s >= arcs[-1]:
+            return float(grid[-1] + (s - arcs[-1]) / max(self.profile[-1][1], 1e-3))
+        i = int(np.searchsorted(arcs, s))  # the first grid time at or past s; interpolate from the one before
+        fraction = (s - arcs[i - 1]) / max(arcs[i] - arcs[i - 1], 1e-12)
+        return float(grid[i - 1] + fraction * (grid[i] - grid[i - 1]))
 
     def pose(self, t: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Positions (T, 2) and headings (T,) at times t (T,) [s]."""
         t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-        arc = self.speed * t
+        arc = self.arc(t)
         half_turn = 0.5 * self.curvature * arc
         # chord length of the arc = arc * sin(half_turn) / half_turn (np.sinc is sin(pi x) / (pi x)).
         chord = arc * np.sinc(half_turn / np.pi)
@@ -57,6 +101,33 @@ class SceneObject:
     paint: tuple[int, int, int] = (0, 0, 0)  # world v2: paint colour of its painted parts
     category: str = ""  # world v2: nuScenes category when not the class's own (objects of other categories)
     annotated: bool = True  # False for static clutter (buildings, trees, poles), which no table records
+    yaw_rate: float = 0.0  # world 2: turn rate of a moving object [rad/s] (its heading follows its velocity)
+    acceleration: float = 0.0  # world 2: along its heading [m/s^2]; its speed never goes below 0
+
+    def _motion(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Displacement (T, 2) from t = 0, heading (T,) and speed (T,) of a turning / accelerating object."""
+        speed0 = float(np.hypot(*self.velocity))
+        if self.yaw_rate == 0.0:  # straight: the speed is linear in time until it reaches 0
+            stop = -speed0 / self.acceleration if self.acceleration else np.inf
+            t_moving = np.minimum(t, stop) if self.acceleration < 0 else np.maximum(t, stop)
+            distance = speed0 * t_moving + 0.5 * self.acceleration * t_moving ** 2
+            direction = np.array([np.cos(self.yaw), np.sin(self.yaw)])
+            speed = np.maximum(speed0 + self.acceleration * t, 0.0)
+            return distance[:, None] * direction, np.full(len(t), self.yaw), speed
+        steps = np.linspace(0.0, 1.0, 65)[None, :] * t[:, None]  # (T, 65) times from 0 to t
+        speed = np.maximum(speed0 + self.acceleration * steps, 0.0)
+        heading = self.yaw + self.yaw_rate * steps
+        vx, vy = speed * np.cos(heading), speed * np.sin(heading)
+        dx = np.trapz(vx, steps, axis=1)
+        dy = np.trapz(vy, steps, axis=1)
+        return np.stack([dx, dy], axis=-1), heading[:, -1], speed[:, -1]
+
+    def attribute_at(self, t: float) -> str:
+        """The attribute at scene time t: a world-2 vehicle that has braked to a halt is "vehicle.stopped"."""
+        if self.acceleration == 0.0 or not self.attribute.startswith("vehicle.moving"):
+            return self.attribute
+        _, _, speed = self._motion(np.array([t], dtype=np.float64))
+        return "vehicle.stopped" if speed[0] < 0.2 else self.attribute
 
     @property
     def spec(self) -> ClassSpec:
@@ -71,9 +142,15 @@ class SceneObject:
         t = np.asarray(t, dtype=np.float64)
         w, l, h = self.size_wlh
         out = np.empty((len(t), 7))
-        out[:, 0] = self.xy[0] + self.velocity[0] * t
-        out[:, 1] = self.xy[1] + self.velocity[1] * t
-        out[:, 2:7] = (h / 2.0, l, w, h, self.yaw)
+        if self.yaw_rate == 0.0 and self.acceleration == 0.0:
+            out[:, 0] = self.xy[0] + self.velocity[0] * t
+            out[:, 1] = self.xy[1] + self.velocity[1] * t
+            out[:, 2:7] = (h / 2.0, l, w, h, self.yaw)
+            return out
+        displacement, heading, _ = self._motion(t)
+        out[:, 0:2] = np.asarray(self.xy) + displacement
+        out[:, 2:6] = (h / 2.0, l, w, h)
+        out[:, 6] = (heading + np.pi) % (2 * np.pi) - np.pi
         return out
 
 
