@@ -5,7 +5,6 @@ Two tiny dataroots (2 scenes x 3 key frames, seeds 0 and 1) are generated once f
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
