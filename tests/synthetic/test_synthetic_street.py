@@ -89,12 +89,29 @@ def test_tables_record_other_categories_but_no_clutter(roots):
     others = [name for name, c in zip(annotated, classes) if c is None]
     assert others and all(name in categories for name in others)  # ignored by the benchmark, still annotated
     # the key frames' annotations are boxes with points: num_lidar_pts equals the points inside the box
-    sample = nusc.sample[1]
-    _, xyz_global = global_points(nusc, roots[0], sample)
-    for token in sample["anns"]:
-        annotation = nusc.get("sample_annotation", token)
-        inside = int(points_in_boxes(xyz_global, annotation_box(annotation)[None]).sum())
-        assert inside == annotation["num_lidar_pts"] > 0, annotation["category_name"]
+    for sample in (nusc.sample[1], nusc.sample[4]):  # one key frame of each scene (each car)
+        _, xyz_global = global_points(nusc, roots[0], sample)
+        for token in sample["anns"]:
+            annotation = nusc.get("sample_annotation", token)
+            inside = int(points_in_boxes(xyz_global, annotation_box(annotation)[None]).sum())
+            assert inside == annotation["num_lidar_pts"] > 0, annotation["category_name"]
+
+
+def test_each_car_has_its_own_calibration(roots):
+    nusc = load(roots[0])
+    cars = {}
+    for scene in nusc.scene:
+        sample = nusc.get("sample", scene["first_sample_token"])
+        vehicle = nusc.get("log", scene["log_token"])["vehicle"]
+        cars[vehicle] = {channel: nusc.get("calibrated_sensor", nusc.get("sample_data", token)
+                                           ["calibrated_sensor_token"]) for channel, token in sample["data"].items()}
+    assert sorted(cars) == ["synthetic-ego", "synthetic-ego-1"]
+    a, b = cars["synthetic-ego"], cars["synthetic-ego-1"]
+    for channel in a:
+        moved = np.abs(np.subtract(a[channel]["translation"], b[channel]["translation"]))
+        assert 0 < moved.max() <= 0.03 + 1e-9 and a[channel]["rotation"] != b[channel]["rotation"]
+    focal = b["CAM_FRONT"]["camera_intrinsic"][0][0] / a["CAM_FRONT"]["camera_intrinsic"][0][0]
+    assert focal != 1.0 and abs(focal - 1.0) <= 0.015
 
 
 def test_scenes_start_without_sweeps_and_cameras_have_their_own_times(roots):

@@ -12,7 +12,7 @@ from .catalog import CLASS_SPECS
 from .lidar import LidarPattern, cast_lidar, cast_lidar_materials, solid_boxes
 from .materials import MATERIALS, part_colour
 from .shapes import parts_in_world
-from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL, RIG
+from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL, rig_variant
 from .world import Scene
 
 # Key-frame points closer than this to a box surface are dropped: consumers count points in float32 after
@@ -122,7 +122,7 @@ def simulate_lidar(scene: Scene, timestamp: int, settings: SensorSettings, count
     With count_points (key frames), points within BOUNDARY_GUARD of a visible box surface are dropped and the
     points inside each visible box are counted in the global frame.
     """
-    global_from_lidar = global_from_ego(scene, timestamp) @ RIG[LIDAR_CHANNEL].ego_from_sensor
+    global_from_lidar = global_from_ego(scene, timestamp) @ rig_variant(scene.car)[LIDAR_CHANNEL].ego_from_sensor
     visible, boxes = visible_objects(scene, timestamp, settings.visibility_range)
     rng = _frame_rng(settings, scene, timestamp, 0)
     if scene.world == 2:
@@ -152,7 +152,14 @@ class CameraRig:
     """The six cameras with their low-resolution pixel rays computed once."""
 
     def __init__(self) -> None:
-        self.rays = {channel: pixel_rays(RIG[channel].intrinsics) for channel in CAMERA_CHANNELS}
+        self._rays: dict[int, dict[str, np.ndarray]] = {}
+
+    def rays(self, car: int) -> dict[str, np.ndarray]:
+        """Low-resolution pixel rays of each camera of car `car` (computed once per car)."""
+        if car not in self._rays:
+            rig = rig_variant(car)
+            self._rays[car] = {channel: pixel_rays(rig[channel].intrinsics) for channel in CAMERA_CHANNELS}
+        return self._rays[car]
 
     def render(self, scene: Scene, timestamp: int, settings: SensorSettings) -> CameraFrame:
         """The six cameras of the key frame at LiDAR time `timestamp`. In world 2 each camera is exposed at its
@@ -163,7 +170,7 @@ class CameraRig:
         seen = np.zeros(len(visible), dtype=np.int64)
         coverable = np.zeros(len(visible), dtype=np.int64)
         for channel, time_us in zip(CAMERA_CHANNELS, camera_times(scene, timestamp)):
-            calibration = RIG[channel]
+            calibration = rig_variant(scene.car)[channel]
             ego_pose = global_from_ego(scene, time_us)
             if scene.world == 2:
                 solids, _, colours, owners = object_solids(scene, visible, scene.boxes_at(time_us)[visible]
@@ -174,7 +181,8 @@ class CameraRig:
                                    dtype=np.float64).reshape(-1, 3)
                 owners = None
             image, shown, unoccluded = render_camera(ego_pose @ calibration.ego_from_sensor, calibration.intrinsics,
-                                                     self.rays[channel], solids, colours, settings.visibility_range,
+                                                     self.rays(scene.car)[channel], solids, colours,
+                                                     settings.visibility_range,
                                                      owners=owners, num_owners=len(visible), style=style)
             images.append(image)
             seen += shown

@@ -29,7 +29,7 @@ from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, simulat
 from .lidar import LidarPattern
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL
 from .tables import DatasetTables
-from .layout import OTHER_KINDS, build_street_scene
+from .layout import NUM_CARS, OTHER_KINDS, build_street_scene
 from .world import Scene, build_scene
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
 
     settings = sensor_settings(config)
     cameras = CameraRig()
-    tables = DatasetTables(config.seed, extra_categories=tuple(OTHER_KINDS) if config.world == 2 else ())
+    tables = DatasetTables(config.seed, extra_categories=tuple(OTHER_KINDS) if config.world == 2 else (),
+                           cars=NUM_CARS if config.world == 2 else 1)
     scene_names: list[str] = []
     val_classes: set[str] = set()
     first_val = config.num_scenes - config.val_scenes
@@ -206,6 +207,7 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
         name = f"scene-{scene_index:04d}"
         log_name = f"synthetic-seed{config.seed}-{scene_index:04d}"
         scene_names.append(name)
+        tables.scene_car[scene_index] = scene.car
         tables.add_scene(scene_index, name, log_name, f"Synthetic drive at {scene.path.speed:.1f} m/s, "
                          f"{len(scene.objects)} objects, draw {plan.attempt}")
         for key_index, key_time in enumerate(scene.key_frame_times_us):

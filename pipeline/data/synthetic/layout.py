@@ -28,6 +28,7 @@ from .world import (KEY_FRAME_INTERVAL_US, OBJECT_CLEARANCE, EgoPath, Scene, Sce
                     rectangle_corners, rectangles_overlap)
 
 LANE = 3.5  # [m]
+NUM_CARS = 2  # scenes alternate between two recording cars, each with its own calibration (rig.rig_variant)
 KERB_RIGHT, KERB_LEFT = -1.75 - 1.2, 1.75 + LANE + 1.2  # parking lane outer edges [m]
 SIDEWALK_WIDTH = 3.5
 
@@ -264,4 +265,4 @@ def build_street_scene(index: int, rng: np.random.Generator, *, start_timestamp:
     sun = (float(np.cos(elevation) * np.cos(azimuth)), float(np.cos(elevation) * np.sin(azimuth)),
            float(np.sin(elevation)), float(rng.uniform(0.8, 1.15)))
     return Scene(index, start_timestamp, key_times, sweeps_per_key_frame, path, tuple(placed), first_sweeps=False,
-                 world=2, sun=sun)
+                 world=2, sun=sun, car=index % NUM_CARS)

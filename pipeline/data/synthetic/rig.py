@@ -78,3 +78,39 @@ RIG: dict[str, SensorCalibration] = {
 # The ego vehicle's footprint in its own frame (a Renault Zoe: about 4.1 m x 1.7 m, rear axle 0.8 m from the back),
 # as (centre x, centre y, length, width); objects are kept clear of it at every LiDAR timestamp.
 EGO_FOOTPRINT: tuple[float, float, float, float] = (1.25, 0.0, 4.1, 1.8)
+
+
+def rig_variant(index: int) -> dict[str, SensorCalibration]:
+    """The rig of car `index`: car 0 is the calibration above; every other car has its own, as each nuScenes log's
+    car was calibrated on its own: every sensor moved by up to 3 cm and turned by up to 0.6 degrees about each
+    axis, every camera's focal length changed by up to 1.5% and its principal point by up to 6 px. Drawn from
+    a fixed generator per car, so car k has the same rig in every dataroot."""
+    if index == 0:
+        return RIG
+    rng = np.random.default_rng([20260, index])
+    out = {}
+    for channel, calibration in RIG.items():
+        angles = np.deg2rad(rng.uniform(-0.6, 0.6, size=3))
+        half = angles / 2
+        # small rotation about x, y, z composed as one quaternion (w, x, y, z), applied after the sensor's own
+        qx = np.array([np.cos(half[0]), np.sin(half[0]), 0, 0])
+        qy = np.array([np.cos(half[1]), 0, np.sin(half[1]), 0])
+        qz = np.array([np.cos(half[2]), 0, 0, np.sin(half[2])])
+        turn = _quaternion_product(qz, _quaternion_product(qy, qx))
+        rotation = _quaternion_product(turn, np.asarray(calibration.rotation))
+        translation = np.asarray(calibration.translation) + rng.uniform(-0.03, 0.03, size=3)
+        focal, principal = calibration.focal, calibration.principal_point
+        if focal is not None:
+            focal = float(focal * (1.0 + rng.uniform(-0.015, 0.015)))
+            principal = tuple(float(v) for v in np.asarray(principal) + rng.uniform(-6.0, 6.0, size=2))
+        out[channel] = SensorCalibration(channel, calibration.modality, tuple(float(v) for v in translation),
+                                         tuple(float(v) for v in rotation / np.linalg.norm(rotation)), focal, principal)
+    return out
+
+
+def _quaternion_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product a * b of quaternions (w, x, y, z)."""
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b
+    return np.array([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])

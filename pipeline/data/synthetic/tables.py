@@ -17,7 +17,7 @@ import numpy as np
 from ...geometry.transforms import yaw_to_quaternion
 from ..classes import ATTRIBUTES
 from .catalog import CLASS_SPECS
-from .rig import IMAGE_HEIGHT, IMAGE_WIDTH, RIG
+from .rig import IMAGE_HEIGHT, IMAGE_WIDTH, RIG, rig_variant
 
 TABLE_NAMES: tuple[str, ...] = (
     "category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log", "scene",
@@ -50,10 +50,13 @@ def _floats(values: np.ndarray | list[float]) -> list[float]:
 class DatasetTables:
     """Accumulates the records of all 13 tables for one dataroot."""
 
-    def __init__(self, seed: int, extra_categories: tuple[str, ...] = ()) -> None:
-        """extra_categories: nuScenes categories beyond the 10 classes' own that the world annotates."""
+    def __init__(self, seed: int, extra_categories: tuple[str, ...] = (), cars: int = 1) -> None:
+        """extra_categories: nuScenes categories beyond the 10 classes' own that the world annotates; cars: how
+        many recording cars (rigs, rig.rig_variant) the scenes use."""
         self.seed = seed
         self.extra_categories = extra_categories
+        self.cars = cars
+        self.scene_car: dict[int, int] = {}
         self.tables: dict[str, list[dict]] = {name: [] for name in TABLE_NAMES}
         self._instance_tokens: set[str] = set()
         self._add_vocabulary()
@@ -82,16 +85,24 @@ class DatasetTables:
         for channel, calibration in RIG.items():
             self.tables["sensor"].append({"token": self.token("sensor", channel), "channel": channel,
                                           "modality": calibration.modality})
-            intrinsic = calibration.intrinsics.tolist() if calibration.modality == "camera" else []
-            self.tables["calibrated_sensor"].append({
-                "token": self.token("calibrated_sensor", channel), "sensor_token": self.token("sensor", channel),
-                "translation": _floats(calibration.translation), "rotation": _floats(calibration.rotation),
-                "camera_intrinsic": intrinsic})
+        for car in range(self.cars):
+            for channel, calibration in rig_variant(car).items():
+                intrinsic = calibration.intrinsics.tolist() if calibration.modality == "camera" else []
+                self.tables["calibrated_sensor"].append({
+                    "token": self._calibration_token(channel, car), "sensor_token": self.token("sensor", channel),
+                    "translation": _floats(calibration.translation), "rotation": _floats(calibration.rotation),
+                    "camera_intrinsic": intrinsic})
+
+    def _calibration_token(self, channel: str, car: int) -> str:
+        # car 0 keeps the token of the one-car world
+        return self.token("calibrated_sensor", channel) if car == 0 else self.token("calibrated_sensor", channel, car)
 
     def add_scene(self, scene_index: int, name: str, log_name: str, description: str) -> str:
         """Adds a log and a scene; returns the scene token."""
         log_token = self.token("log", scene_index)
-        self.tables["log"].append({"token": log_token, "logfile": log_name, "vehicle": "synthetic-ego",
+        car = self.scene_car.get(scene_index, 0)
+        self.tables["log"].append({"token": log_token, "logfile": log_name,
+                                   "vehicle": "synthetic-ego" if car == 0 else f"synthetic-ego-{car}",
                                    "date_captured": "2020-09-13", "location": "synthetic-flatland"})
         scene_token = self.token("scene", scene_index)
         self.tables["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": 0,
@@ -116,7 +127,8 @@ class DatasetTables:
         is_camera = RIG[channel].modality == "camera"
         self.tables["sample_data"].append({
             "token": token, "sample_token": sample_token, "ego_pose_token": ego_token,
-            "calibrated_sensor_token": self.token("calibrated_sensor", channel), "timestamp": int(timestamp),
+            "calibrated_sensor_token": self._calibration_token(channel, self.scene_car.get(scene_index, 0)),
+            "timestamp": int(timestamp),
             "fileformat": "jpg" if is_camera else "pcd", "is_key_frame": bool(is_key_frame),
             "height": IMAGE_HEIGHT if is_camera else 0, "width": IMAGE_WIDTH if is_camera else 0,
             "filename": filename, "prev": "", "next": "", "_channel": channel, "_scene": scene_index})

@@ -167,6 +167,7 @@ class Scene:
     first_sweeps: bool = True  # sweeps before the first key frame (world v1); a real scene starts with none
     world: int = 1  # 1: one solid per object, class colours (world.py); 2: parts and materials (layout.py)
     sun: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # world v2: sun direction (3,) and exposure
+    car: int = 0  # which car (rig.rig_variant) recorded the scene; world 1 has one car
 
     def seconds(self, timestamp_us: int | np.ndarray) -> np.ndarray:
         """Scene time [s] (0 at the first key frame) of absolute timestamps [us]."""
