@@ -67,7 +67,7 @@ class SyntheticConfig:
     def street(cls, **overrides) -> "SyntheticConfig":
         """The world-2 defaults: nuScenes range and density (sensors to 70 m, about 40 detection-class objects
         around each key frame), no sweeps before a scene's first key frame."""
-        return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 110, **overrides})
+        return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 160, **overrides})
 
 
 @dataclass

@@ -96,7 +96,7 @@ SIZES = {"car": (1.95, 4.62, 1.73), "truck": (2.51, 6.93, 2.84), "construction_v
 
 
 # mean objects per placed group: cones and barriers come in lines of 3-7, pedestrians alone or in groups
-GROUP_SIZE = {"traffic_cone": 5.0, "barrier": 5.0, "pedestrian": 1.9}
+GROUP_SIZE = {"traffic_cone": 4.2, "barrier": 4.2, "pedestrian": 2.6}
 
 
 def _draw_class(rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> str:
@@ -245,15 +245,11 @@ def build_street_scene(index: int, rng: np.random.Generator, *, start_timestamp:
     corners: list[np.ndarray] = []
 
     def place(candidates: list[SceneObject]) -> None:
-        accepted = []
+        """Place each member of a group that fits (a line of cones may lose the cone a parked car stands on)."""
         for candidate in candidates:
             c = _corners(candidate, times_s)
-            if rectangles_overlap(c, ego).any():
-                return  # a group is placed whole or not at all
-            if any(rectangles_overlap(c, other).any() for other in corners + [x for _, x in accepted]):
-                return
-            accepted.append((candidate, c))
-        for candidate, c in accepted:
+            if rectangles_overlap(c, ego).any() or any(rectangles_overlap(c, other).any() for other in corners):
+                continue
             placed.append(candidate)
             corners.append(c)
 
