@@ -11,7 +11,9 @@ import click
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per scene (default 10).")
 @click.option("--val-scenes", type=int, default=None, help="How many of the scenes form the val split (default 2).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0); same seed, same bytes.")
-@click.option("--version", "version", type=str, default=None, help="Table folder name (default v1.0-synthetic).")
+@click.option("--version", "version", type=str, default=None,
+              help="Table folder name (default v1.0-synthetic). v1.0-mini writes the official mini layout: 10 "
+                   "scenes under the official mini scene names, split by the devkit's own mini_train / mini_val.")
 @click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="1: one coloured box per object on a flat grid; 2: the street world (objects built from parts, "
                    "materials, clutter, nuScenes range and class frequencies).")
@@ -23,6 +25,8 @@ def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
     config = SyntheticConfig() if world == "1" else SyntheticConfig.street()
+    if version == "v1.0-mini" and scenes is None:
+        scenes = 10
     if scenes is not None:
         config.num_scenes = scenes
         # Keep a train scene when only the scene count is given.

@@ -79,8 +79,33 @@ class ScenePlan:
     attempt: int
 
 
+MINI_VERSION = "v1.0-mini"
+
+
+def official_mini_scenes() -> tuple[list[str], list[str]]:
+    """The devkit's own scene names of the mini_train (8) and mini_val (2) splits."""
+    from nuscenes.utils.splits import create_splits_scenes
+
+    splits = create_splits_scenes()
+    return list(splits["mini_train"]), list(splits["mini_val"])
+
+
+def is_official_mini(config: SyntheticConfig) -> bool:
+    """With version v1.0-mini the dataroot takes the official mini layout: the 10 scenes carry the official mini
+    scene names and the splits are the devkit's own mini_train / mini_val (no splits.json), so the devkit's
+    scripts and mmdet3d's converter, which accept only trainval / test / mini, read it unchanged."""
+    return config.version == MINI_VERSION
+
+
 def check_config(config: SyntheticConfig) -> None:
     """Raises ConfigError naming the first invalid field."""
+    if is_official_mini(config):
+        train, val = official_mini_scenes()
+        if (config.num_scenes, config.val_scenes) != (len(train) + len(val), len(val)):
+            raise ConfigError(f"synthetic config: version {MINI_VERSION} takes the official mini layout of "
+                              f"{len(train) + len(val)} scenes, {len(val)} of them val; found num_scenes "
+                              f"{config.num_scenes} and val_scenes {config.val_scenes}; pass --scenes 10 "
+                              f"--val-scenes 2 or another --version")
     problems = [
         ("num_scenes", config.num_scenes >= 2, "at least 2 (a train and a val scene)"),
         ("samples_per_scene", config.samples_per_scene >= 1, "at least 1"),
@@ -198,13 +223,14 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
     scene_names: list[str] = []
     val_classes: set[str] = set()
     first_val = config.num_scenes - config.val_scenes
+    official = official_mini_scenes() if is_official_mini(config) else None
     counts = {"sweeps": 0, "key_frame_points": 0}
     bar = tqdm(total=config.num_scenes * config.samples_per_scene, desc="synthetic key frames", unit="sample",
                disable=not progress)
     for scene_index in range(config.num_scenes):
         plan = plan_scene(config, scene_index)
         scene = plan.scene
-        name = f"scene-{scene_index:04d}"
+        name = (official[0] + official[1])[scene_index] if official else f"scene-{scene_index:04d}"
         log_name = f"synthetic-seed{config.seed}-{scene_index:04d}"
         scene_names.append(name)
         tables.scene_car[scene_index] = scene.car
@@ -254,13 +280,15 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
     tables.link()
     partial = out_dir / f".{config.version}.partial"
     tables.write(partial)
-    splits = {config.train_split: scene_names[:first_val], config.val_split: scene_names[first_val:]}
-    (partial / "splits.json").write_text(json.dumps(splits, indent=1))
+    if official is None:  # the official mini layout uses the devkit's own split lists
+        splits = {config.train_split: scene_names[:first_val], config.val_split: scene_names[first_val:]}
+        (partial / "splits.json").write_text(json.dumps(splits, indent=1))
     partial.rename(out_dir / config.version)
 
     summary = {
         "out_dir": str(out_dir), "version": config.version, "scenes": config.num_scenes,
         "train_scenes": first_val, "val_scenes": config.val_scenes,
+        "splits": ["mini_train", "mini_val"] if official else [config.train_split, config.val_split],
         "samples": len(tables.tables["sample"]), "sweeps": counts["sweeps"],
         "annotations": len(tables.tables["sample_annotation"]), "instances": len(tables.tables["instance"]),
         "key_frame_points": counts["key_frame_points"],
