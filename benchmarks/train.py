@@ -1,6 +1,7 @@
 """Cost of one student training step: no distillation, DistillBEV with cached targets, DistillBEV with a live teacher.
 
-    OMP_NUM_THREADS=1 python benchmarks/train.py [--steps 5] [--shapes small,full] [--full-steps 2] [--out FILE]
+    OMP_NUM_THREADS=1 python benchmarks/train.py [--student bevdet|bevformer] [--steps 5] [--shapes small,full]
+        [--full-steps 2] [--modes baseline,cached,online] [--out FILE]
 
 Per shape it prints a markdown table: the mean wall time of a step (DataLoader wait + forward + losses + backward +
 gradient clipping + AdamW, after `--warmup` steps) for (a) the baseline student, (b) the student with targets read
@@ -9,11 +10,15 @@ no_grad inside the step (same loss); the share of the step spent blocked on the 
 cached / online ratio. It ends with the approximate-mode gap (`warp.py`): per-layer cosine between the identity
 view's cached maps warped into an augmentation and the teacher run on the augmented cloud.
 
-- small: configs/synthetic/student_bevdet.yaml + teacher.yaml on a generated synthetic dataroot, a two-view cache
-  extracted by `extract-teacher` from a randomly initialised teacher (timing needs no trained weights);
-- full: configs/nuscenes/student_bevdepth4d.yaml + teacher_pillar02.yaml on synthetic tensors of the real shapes
-  (B=1, 6 cameras 256x704 plus the previous frame, ~250k points for the teacher, ~30k key-frame points for the
-  student's depth targets) and a cache written at the teacher's full layer shapes for 3 samples.
+- small: configs/synthetic/student_bevdet.yaml (--student bevformer: student_bevformer.yaml) + teacher.yaml on a
+  generated synthetic dataroot, a two-view cache extracted by `extract-teacher` from a randomly initialised teacher
+  (timing needs no trained weights);
+- full: configs/nuscenes/student_bevdepth4d.yaml (--student bevformer: student_bevformer.yaml, 928x1600 images)
+  + teacher_pillar02.yaml on synthetic tensors of the real shapes (B=1, 6 cameras plus the previous frame, ~250k
+  points for the teacher, ~30k key-frame points for the student's depth targets) and a cache written at the
+  teacher's full layer shapes for 3 samples.
+Each table also gives the peak resident memory of the process after each mode (ru_maxrss: it never decreases, so a
+mode's value is the maximum of it and every mode run before it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import resource
 import shutil
 import tempfile
 import time
@@ -45,7 +51,7 @@ from distillbev.pipeline.distill.targets import DistillationDataset, collate_wit
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
 from distillbev.pipeline.distill.warp import warp_bev
 from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.student.model import CameraStudent
+from distillbev.pipeline.student.build import build_student
 from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher
@@ -73,8 +79,8 @@ class ShapeSetup:
     teacher_config: TeacherExperimentConfig | None = None  # small shapes: the random teacher and its checkpoint
     checkpoint: Path | None = None
 
-    def make_student(self) -> CameraStudent:
-        return CameraStudent(self.cfg.model)
+    def make_student(self) -> torch.nn.Module:
+        return build_student(self.cfg.model)
 
 
 def extract_cache(teacher_cfg: TeacherExperimentConfig, checkpoint: Path, folder: Path, dataroot: Path,
@@ -91,10 +97,14 @@ def extract_cache(teacher_cfg: TeacherExperimentConfig, checkpoint: Path, folder
     return cache_path
 
 
-def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> ShapeSetup:
-    """configs/synthetic student_bevdet + teacher on a generated dataroot; a random teacher's two-view cache."""
+FULL_STUDENTS = {"bevdet": "student_bevdepth4d.yaml", "bevformer": "student_bevformer.yaml"}  # configs/nuscenes/
+
+
+def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, student: str = "bevdet") -> ShapeSetup:
+    """configs/synthetic student_<student> + teacher on a generated dataroot; a random teacher's two-view cache."""
     folder.mkdir(parents=True)
-    cfg = load_config(StudentExperimentConfig, REPO / "configs" / "synthetic" / "student_bevdet.yaml")
+    student_config = REPO / "configs" / "synthetic" / f"student_{student}.yaml"
+    cfg = load_config(StudentExperimentConfig, student_config)
     teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "synthetic" / "teacher.yaml")
     samples_per_scene = 6
     train_scenes = math.ceil((steps + warmup) * cfg.train.batch_size / samples_per_scene)
@@ -119,7 +129,7 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> Sh
         return NuScenesDetectionDataset(data, data.train_split, mode="train")
 
     return ShapeSetup(
-        description="configs/synthetic/student_bevdet.yaml + configs/synthetic/teacher.yaml",
+        description=f"configs/synthetic/{student_config.name} + configs/synthetic/teacher.yaml",
         note=(f"synthetic dataroot ({train_scenes} train scenes x {samples_per_scene} samples, JPEG decoding in "
               f"the workers), cache extracted from a random teacher ({teacher_cfg.data.num_sweeps} sweeps, 2 views, "
               f"fp16); the student loads {cfg.data.num_sweeps} sweeps, the online teacher "
@@ -129,10 +139,12 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> Sh
         warmup=warmup, steps=steps, teacher_config=teacher_cfg, checkpoint=checkpoint)
 
 
-def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> ShapeSetup:
-    """configs/nuscenes student_bevdepth4d + teacher_pillar02 on random tensors of the real shapes, B=1."""
+def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int, student: str = "bevdet") -> ShapeSetup:
+    """configs/nuscenes student_bevdepth4d (or student_bevformer) + teacher_pillar02 on random tensors of the real
+    shapes, B=1."""
     folder.mkdir(parents=True)
-    cfg = load_config(StudentExperimentConfig, REPO / "configs" / "nuscenes" / "student_bevdepth4d.yaml")
+    student_config = REPO / "configs" / "nuscenes" / FULL_STUDENTS[student]
+    cfg = load_config(StudentExperimentConfig, student_config)
     teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "nuscenes" / "teacher_pillar02.yaml")
     torch.manual_seed(0)
     teacher = CenterPointTeacher(teacher_cfg.model).eval().requires_grad_(False)
@@ -156,11 +168,13 @@ def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int) -> Sha
 
     if warmup + steps > num_samples:
         raise SystemExit(f"full shapes: {num_samples} cached samples, --warmup + --full-steps must be <= that")
+    height, width = cfg.data.final_size
     return ShapeSetup(
-        description="configs/nuscenes/student_bevdepth4d.yaml + configs/nuscenes/teacher_pillar02.yaml",
-        note=("random tensors of the real shapes (B=1, 6 cameras 256x704 + the previous frame, ~250k points for "
-              "the online teacher, ~30k for the student's depth targets, images drawn instead of decoded), a cache "
-              f"of {num_samples} samples x 2 views written at the teacher's layer shapes (fp16); a few steps only"),
+        description=f"configs/nuscenes/{student_config.name} + configs/nuscenes/teacher_pillar02.yaml",
+        note=(f"random tensors of the real shapes (B=1, 6 cameras {height}x{width} + the previous frame, ~250k "
+              "points for the online teacher, ~30k for the student's depth targets, images drawn instead of "
+              f"decoded), a cache of {num_samples} samples x 2 views written at the teacher's layer shapes (fp16); a "
+              "few steps only"),
         cfg=cfg, teacher=teacher, teacher_layers={layer.name: layer.to_json() for layer in layers},
         cache_path=cache_path, dataset_for=dataset_for, batch_size=1, workers=workers, warmup=warmup, steps=steps)
 
@@ -294,12 +308,40 @@ def time_steps(setup: DistillationSetup, train_set: DistillationDataset, batch_s
     return records
 
 
-def benchmark_shape(name: str, shape: ShapeSetup) -> list[str]:
-    """Run the three modes of one shape; markdown lines of its table."""
+def time_inference(shape: ShapeSetup) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of the student's eval-mode forward under no_grad (what an evaluation step costs), one
+    sample per step, `shape.steps` steps after `shape.warmup`; for shapes whose training step does not fit."""
+    from distillbev.pipeline.data.collate import collate_samples
+
+    torch.manual_seed(0)
+    student = shape.make_student().eval()
+    dataset = shape.dataset_for("none")
+    wall, cpu = [], []
+    for step in range(shape.warmup + shape.steps):
+        batch = collate_samples([dataset.get(step % len(dataset))])
+        started, cpu_started = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            student(batch)
+        if step >= shape.warmup:
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)
+    return wall, cpu
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process so far, GiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def benchmark_shape(name: str, shape: ShapeSetup, modes: tuple[tuple[str, str], ...] = MODES) -> list[str]:
+    """Run the modes of one shape (default all three); markdown lines of its table."""
     cfg = shape.cfg
     layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
     results = {}
-    for label, mode in MODES:
+    peaks = {}
+    if not modes:
+        return []
+    for label, mode in modes:
         torch.manual_seed(0)
         student = shape.make_student()
         distill_loss = None if mode == "none" else build_distill_loss(cfg, student, shape.teacher_layers)
@@ -313,20 +355,26 @@ def benchmark_shape(name: str, shape: ShapeSetup) -> list[str]:
         logging.info("%s: timing %s (%d + %d steps)", name, label, shape.warmup, shape.steps)
         results[label] = time_steps(setup, train_set, shape.batch_size, shape.workers, cfg.model.head.grid,
                                     shape.warmup, shape.steps, cfg.train.grad_clip)
-    baseline = mean_and_spread([r.wall for r in results["baseline"]])[0]
+        peaks[label] = peak_memory_gib()
+    labels = [label for label, _ in modes]
+    reference = "baseline" if "baseline" in results else labels[0]
+    baseline = mean_and_spread([r.wall for r in results[reference]])[0]
     lines = [f"### {name}: {shape.description}", "",
              f"batch {shape.batch_size}, {shape.workers} DataLoader worker(s), mean over {shape.steps} steps after "
              f"{shape.warmup} warm-up step(s); {shape.note}", "",
-             "| mode | step s (mean ± sd) | step / baseline | CPU s of the step | teacher forward s | data wait s "
-             "| data wait % of step |", "|---|---|---|---|---|---|---|"]
-    for label, _ in MODES:
+             f"| mode | step s (mean ± sd) | step / {reference} | CPU s of the step | teacher forward s | data wait s "
+             "| data wait % of step | peak RSS GiB so far |", "|---|---|---|---|---|---|---|---|"]
+    for label in labels:
         rows = results[label]
         step_mean, step_sd = mean_and_spread([r.wall for r in rows])
         share = sum(r.data for r in rows) / sum(r.wall for r in rows)
         lines.append(f"| {label} | {step_mean:.3f} ± {step_sd:.3f} | {step_mean / baseline:.2f}x "
                      f"| {mean_and_spread([r.cpu for r in rows])[0]:.3f} "
                      f"| {mean_and_spread([r.teacher for r in rows])[0]:.3f} "
-                     f"| {mean_and_spread([r.data for r in rows])[0]:.3f} | {100 * share:.1f}% |")
+                     f"| {mean_and_spread([r.data for r in rows])[0]:.3f} | {100 * share:.1f}% "
+                     f"| {peaks[label]:.1f} |")
+    if not {"cached", "online"} <= set(results):
+        return lines + [""]
     cached = mean_and_spread([r.wall for r in results["cached"]])[0]
     online = mean_and_spread([r.wall for r in results["online"]])[0]
     cached_cpu = mean_and_spread([r.cpu for r in results["cached"]])[0]
@@ -343,6 +391,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first at the small shapes")
     parser.add_argument("--full-warmup", type=int, default=1, help="untimed steps first at the full shapes")
     parser.add_argument("--shapes", default="small,full", help="comma-separated: small, full")
+    parser.add_argument("--student", default="bevdet", choices=sorted(FULL_STUDENTS),
+                        help="bevdet: the synthetic bevdet and nuScenes bevdepth4d configs; bevformer: the BEVFormer "
+                             "configs")
+    parser.add_argument("--modes", default="baseline,cached,online",
+                        help="comma-separated subset of baseline, cached, online (training steps) and inference "
+                             "(the eval-mode forward alone)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: small 1, full 1)")
     parser.add_argument("--gap-samples", type=int, default=4, help="samples of the approximate-mode gap")
     parser.add_argument("--trained-teacher", type=Path, default=Path("/work/demo/teacher/latest.pth"),
@@ -355,17 +409,34 @@ def main() -> None:
     unknown = set(shapes) - {"small", "full"}
     if unknown:
         raise SystemExit(f"--shapes: unknown {sorted(unknown)}; use small and/or full")
+    chosen = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = tuple((label, mode) for label, mode in MODES if label in chosen)
+    inference = "inference" in chosen
+    if len(modes) + inference != len(chosen):
+        raise SystemExit(f"--modes: unknown {sorted(set(chosen) - {label for label, _ in MODES} - {'inference'})}; "
+                         f"use baseline, cached, online and/or inference")
     folder = Path(tempfile.mkdtemp(prefix="train_bench_", dir=args.dir))
     lines = ["## Training step", "", machine_header(), ""]
     try:
         small = None
         if "small" in shapes or args.gap_samples > 0:
-            small = small_shape_setup(folder / "small", args.steps, args.warmup, args.workers or 1)
+            small = small_shape_setup(folder / "small", args.steps, args.warmup, args.workers or 1, args.student)
+        selected = {}
         if "small" in shapes:
-            lines += benchmark_shape("small", small)
+            selected["small"] = small
         if "full" in shapes:
-            lines += benchmark_shape("full", full_shape_setup(folder / "full", args.full_steps, args.full_warmup,
-                                                              args.workers or 1))
+            selected["full"] = full_shape_setup(folder / "full", args.full_steps, args.full_warmup, args.workers or 1,
+                                                args.student)
+        for name, shape in selected.items():
+            lines += benchmark_shape(name, shape, modes)
+            if inference:
+                wall, cpu = time_inference(shape)
+                lines += [f"### {name}, inference: {shape.description}", "",
+                          f"eval-mode forward under no_grad, 1 sample, mean over {shape.steps} steps after "
+                          f"{shape.warmup} warm-up step(s)", "",
+                          "| mode | forward s (mean ± sd) | CPU s | peak RSS GiB so far |", "|---|---|---|---|",
+                          f"| inference | {mean_and_spread(wall)[0]:.3f} ± {mean_and_spread(wall)[1]:.3f} "
+                          f"| {mean_and_spread(cpu)[0]:.3f} | {peak_memory_gib():.1f} |", ""]
         if args.gap_samples > 0:
             lines += approximate_gap(small, folder / "gap", args.trained_teacher, args.gap_samples)
     finally:

@@ -92,3 +92,27 @@ def test_train_student_distils_from_the_cache_and_evaluates_with_the_devkit(worl
     assert 0.0 <= summary["mean_ap"] <= 1.0 and "tp_errors" in summary
     state = torch.load(out / "latest.pth", weights_only=False)
     assert any(key.startswith("encoder.") for key in state["state_dict"])
+
+
+def test_two_torchrun_ranks_train_the_bevformer_student_through_ddp(world, tmp_path):
+    """2 CPU ranks (gloo): the DDP wrapper of the student and the DistillBEV loss takes a step on each rank (the one
+    train sample is padded to 2 positions, so each rank trains once at batch 1), the matched-box normaliser is
+    all-reduced across them, and rank 0 writes the log and the evaluation."""
+    import os
+    import subprocess
+    import sys
+
+    from distillbev.pipeline.config import dump_config
+
+    config = tmp_path / "student.yaml"
+    dump_config(tiny_bevformer_config(world), config)
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "distillbev.cli"]
+    result = subprocess.run([*launcher, "train-student", "--config", str(config), "--cache", str(world.cache_path),
+                             "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and all(math.isfinite(records[0][k]) for k in ("loss", "kd_neck_fg", "loss_cls"))
+    assert (out / "eval" / "metrics_summary.json").is_file()
