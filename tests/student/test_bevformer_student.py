@@ -123,7 +123,8 @@ def test_the_configs_load_strictly_with_the_grids_of_their_teachers():
 def test_config_errors_name_the_field():
     path = ROOT / "configs" / "synthetic" / "student_bevformer.yaml"
     # the YAML writes the grid once (an anchor), so an override moves both; a copied grid can drift apart
-    assert load_config(StudentExperimentConfig, path, ["model.bev.resolution=1.6"]).model.bevformer.bev.resolution == 1.6
+    moved = load_config(StudentExperimentConfig, path, ["model.bev.resolution=1.6"]).model
+    assert moved.bevformer.bev.resolution == 1.6 and moved.bevformer.bev.grid().shape == (40, 40)
     data = yaml.safe_load(path.read_text())
     data["model"]["bevformer"]["bev"] = dict(data["model"]["bev"], resolution=1.6)
     with pytest.raises(ConfigError, match="model.bevformer.bev .* differs from model.bev"):

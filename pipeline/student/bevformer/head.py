@@ -129,8 +129,8 @@ class BEVFormerHead(nn.Module):
         gt_boxes: B tensors (M_b, 9) in the augmented LiDAR frame; gt_labels: B tensors (M_b,) global class ids
         (classes the head does not predict are dropped, as are boxes with a zero size). Returns
         {"loss_cls", "loss_box"} for the last layer and {"d{i}.loss_cls", "d{i}.loss_box"} for the earlier ones;
-        the total is `sum(losses.values())`. Both are normalised by the number of matched GT boxes in the batch, averaged
-        over the ranks under torchrun (`mean_over_ranks`), so every rank's loss has the same scale.
+        the total is `sum(losses.values())`. Both are normalised by the number of matched GT boxes in the batch,
+        averaged over the ranks under torchrun (`mean_over_ranks`), so every rank's loss has the same scale.
         """
         head = self.config.head
         device = outputs.class_logits.device
