@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("figures", "command"),
     "demo": ("demo", "command"),
     "ablate": ("ablate", "command"),
+    "make-virtual-points": ("make_virtual_points", "command"),
 }
 
 

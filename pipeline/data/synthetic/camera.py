@@ -179,7 +179,8 @@ def _street_background(origin: np.ndarray, dirs_global: np.ndarray, visibility_r
 
 def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_camera: np.ndarray,
                   boxes: np.ndarray, colours: np.ndarray, visibility_range: float, owners: np.ndarray | None = None,
-                  num_owners: int | None = None, style: GroundStyle | None = None
+                  num_owners: int | None = None, style: GroundStyle | None = None,
+                  owner_out: np.ndarray | None = None, silhouette_out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one low-resolution image.
 
@@ -188,7 +189,10 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
     colours: (K, 3) RGB per box. World v2 (`style` given): boxes are object parts, `owners` (K,) the object slot
     of each (of `num_owners`), shaded by the sun over a textured street.
     Returns the image (h, w, 3) uint8, the visible pixel count and the pixel count each box (each owner) would
-    cover without occlusion by other boxes.
+    cover without occlusion by other boxes. `owner_out` (h, w) int, when given, receives the box (the owner) that
+    is nearest at each pixel, -1 where the ground or the sky is; `silhouette_out` (num_owners,), when given with
+    `owners`, the pixels each owner would cover without other owners (the union of its parts, so an object does not
+    hide itself).
     """
     rotation, origin = global_from_camera[:3, :3], global_from_camera[:3, 3]
     dirs_global = rays_camera @ rotation.T  # (h, w, 3)
@@ -202,6 +206,7 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
     solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7)) if style is None else \
         np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
     unoccluded = np.zeros(len(solids), dtype=np.int64)
+    covered: dict[int, list[np.ndarray]] = {}  # owner -> flat pixel indices its parts hit
     if len(solids):
         corners_camera = transform_points(invert_transform(global_from_camera),
                                           box_corners(solids).reshape(-1, 3)).reshape(-1, 8, 3)
@@ -213,6 +218,9 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
         box_range, box_face = box_hits(origin, window_dirs.reshape(-1, 3), solid)
         box_range = box_range.reshape(window_dirs.shape[:2])
         unoccluded[k] = int(np.isfinite(box_range).sum())
+        if silhouette_out is not None:
+            rows, cols = np.nonzero(np.isfinite(box_range))
+            covered.setdefault(int(owners[k]), []).append((rows + window[0].start) * shape[1] + cols + window[1].start)
         nearer = box_range < depth[window]
         depth[window] = np.where(nearer, box_range, depth[window])
         owner[window] = np.where(nearer, k, owner[window])
@@ -228,6 +236,13 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
         lit = np.asarray(colours, dtype=np.float64)[owner[drawn]] * style.shade(normals)[:, None]
         image[drawn] = lit * (1.0 - fog) + HAZE * fog
     visible = np.bincount(owner[drawn], minlength=len(solids)) if len(solids) else np.zeros(0, dtype=np.int64)
+    if silhouette_out is not None:
+        silhouette_out[...] = 0
+        for slot, pieces in covered.items():
+            silhouette_out[slot] = len(np.unique(np.concatenate(pieces)))
+    if owner_out is not None:
+        owner_out[...] = np.where(drawn, np.asarray(owners)[np.maximum(owner, 0)], -1) if owners is not None \
+            and len(solids) else owner
     if owners is not None:  # parts -> objects
         count = int(num_owners if num_owners is not None else (owners.max() + 1 if len(owners) else 0))
         visible = np.bincount(owners, weights=visible, minlength=count).astype(np.int64) if len(owners) else \

@@ -45,12 +45,22 @@ class LidarFrame:
 @dataclass
 class CameraFrame:
     """Six low-resolution renders (N, h, w, 3) uint8 in CAMERA_CHANNELS order, and for the visible objects (V,)
-    the fraction of their pixels (summed over cameras) not hidden by nearer objects."""
+    the fraction of their pixels (summed over cameras) not hidden by nearer objects.
+
+    With `CameraRig.render(..., with_owners=True)` also, over every rendered object (R,) annotated or not:
+    `rendered` (R,) their scene object indices, `owners` (N, h, w) the slot in `rendered` nearest at each
+    low-resolution pixel (-1: ground or sky), `pixels` (N, R) their visible and `coverable` (N, R) their silhouette
+    (the pixels they would cover without other objects) low-resolution pixel counts per camera.
+    """
 
     timestamp: int
     images: np.ndarray
     visible: np.ndarray
     visible_fraction: np.ndarray
+    rendered: np.ndarray | None = None
+    owners: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    coverable: np.ndarray | None = None
 
 
 def global_from_ego(scene: Scene, timestamp: int) -> np.ndarray:
@@ -161,12 +171,13 @@ class CameraRig:
             self._rays[car] = {channel: pixel_rays(rig[channel].intrinsics) for channel in CAMERA_CHANNELS}
         return self._rays[car]
 
-    def render(self, scene: Scene, timestamp: int, settings: SensorSettings) -> CameraFrame:
+    def render(self, scene: Scene, timestamp: int, settings: SensorSettings, with_owners: bool = False) -> CameraFrame:
         """The six cameras of the key frame at LiDAR time `timestamp`. In world 2 each camera is exposed at its
-        own time (`camera_times`), from the ego pose and with the objects where they are at that time."""
+        own time (`camera_times`), from the ego pose and with the objects where they are at that time.
+        `with_owners` adds the per-pixel object maps and per-camera pixel counts (see `CameraFrame`)."""
         visible, boxes = visible_objects(scene, timestamp, settings.visibility_range)
         style = GroundStyle.for_scene(scene, settings.seed) if scene.world == 2 else None
-        images = []
+        images, owner_maps, pixels, coverables = [], [], [], []
         seen = np.zeros(len(visible), dtype=np.int64)
         coverable = np.zeros(len(visible), dtype=np.int64)
         for channel, time_us in zip(CAMERA_CHANNELS, camera_times(scene, timestamp)):
@@ -180,15 +191,26 @@ class CameraRig:
                 colours = np.array([CLASS_SPECS[scene.objects[i].class_name].colour for i in visible],
                                    dtype=np.float64).reshape(-1, 3)
                 owners = None
+            rays = self.rays(scene.car)[channel]
+            owner_map = np.full(rays.shape[:2], -1, dtype=np.int64) if with_owners else None
+            silhouette = np.zeros(len(visible), dtype=np.int64) if with_owners and owners is not None else None
             image, shown, unoccluded = render_camera(ego_pose @ calibration.ego_from_sensor, calibration.intrinsics,
-                                                     self.rays(scene.car)[channel], solids, colours,
-                                                     settings.visibility_range,
-                                                     owners=owners, num_owners=len(visible), style=style)
+                                                     rays, solids, colours, settings.visibility_range,
+                                                     owners=owners, num_owners=len(visible), style=style,
+                                                     owner_out=owner_map, silhouette_out=silhouette)
             images.append(image)
+            if with_owners:
+                owner_maps.append(owner_map)
+                pixels.append(shown)
+                coverables.append(silhouette if silhouette is not None else unoccluded)
             seen += shown
             coverable += unoccluded
         fraction = np.where(coverable > 0, seen / np.maximum(coverable, 1), 0.0)
+        rendered = visible
         if scene.world == 2:
             annotated = np.array([scene.objects[i].annotated for i in visible], dtype=bool)
             visible, fraction = visible[annotated], fraction[annotated]
-        return CameraFrame(timestamp, np.stack(images), visible, fraction)
+        if not with_owners:
+            return CameraFrame(timestamp, np.stack(images), visible, fraction)
+        return CameraFrame(timestamp, np.stack(images), visible, fraction, rendered, np.stack(owner_maps),
+                           np.stack(pixels), np.stack(coverables))

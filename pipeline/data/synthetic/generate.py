@@ -3,6 +3,7 @@
 Layout written under `out_dir`:
     samples/LIDAR_TOP/*.pcd.bin, sweeps/LIDAR_TOP/*.pcd.bin, samples/CAM_*/*.jpg, maps/<token>.png,
     <version>/<13 tables>.json, <version>/splits.json, synthetic_manifest.json, synthetic_summary.json.
+    World 2 with instance_masks: masks/CAM_*/<image stem>.png + .json and masks_truth/ (masks.py).
 The manifest (generator, config, "complete": false) is written first and marks the folder as a synthetic dataroot
 that may be regenerated in place; the tables are written last into a temporary folder that is then renamed, and
 only then are the manifest marked complete and synthetic_summary.json written. An interrupted run therefore has
@@ -15,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from ..classes import DETECTION_CLASSES
 from .camera import save_jpeg
 from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, simulate_lidar
 from .lidar import LidarPattern
+from .masks import MASK_FOLDER, TRUTH_FOLDER, MaskErrorModel, write_key_frame_masks
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL
 from .tables import DatasetTables
 from .layout import NUM_CARS, OTHER_KINDS, build_street_scene
@@ -62,12 +64,15 @@ class SyntheticConfig:
     start_timestamp: int = 1_600_000_000_000_000  # first key frame of scene 0 [us]; scenes are 60 s apart
     max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it (world 1)
     world: int = 1  # 1: one coloured box per object on a flat grid; 2: the street world of layout.py
+    instance_masks: bool = False  # world 2: per-camera instance masks of a segmenter beside samples/ (masks.py)
+    mask_errors: MaskErrorModel = field(default_factory=MaskErrorModel)  # how those masks differ from the truth
 
     @classmethod
     def street(cls, **overrides) -> "SyntheticConfig":
         """The world-2 defaults: nuScenes range and density (sensors to 70 m, about 40 detection-class objects
-        around each key frame), no sweeps before a scene's first key frame."""
-        return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 160, **overrides})
+        around each key frame), no sweeps before a scene's first key frame, instance masks of every camera."""
+        return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 160, "instance_masks": True,
+                      **overrides})
 
 
 @dataclass
@@ -119,11 +124,16 @@ def check_config(config: SyntheticConfig) -> None:
          "a custom name different from train_split"),
         ("lidar_azimuth_steps", config.lidar_azimuth_steps >= 64, "at least 64"),
         ("world", config.world in (1, 2), "1 or 2"),
+        ("instance_masks", not config.instance_masks or config.world == 2, "false in world 1 (masks need world 2)"),
     ]
     for field, ok, expected in problems:
         if not ok:
             raise ConfigError(f"synthetic config field '{field}' must be {expected}, found "
                               f"{getattr(config, field)!r}; fix the value")
+    try:
+        config.mask_errors.check()
+    except ValueError as exc:
+        raise ConfigError(f"synthetic config field 'mask_errors': {exc}") from None
 
 
 def sensor_settings(config: SyntheticConfig) -> SensorSettings:
@@ -179,7 +189,8 @@ def prepare_dataroot(out_dir: Path, version: str, overwrite: bool) -> None:
     if any(out_dir.iterdir()) and not is_ours and not overwrite:
         raise DataError(f"{out_dir} is not empty and holds no synthetic dataroot ({MANIFEST_NAME} missing); "
                         f"choose an empty folder or pass --overwrite")
-    stale = [SUMMARY_NAME, "samples", "sweeps", "maps", version, f".{version}.partial", MANIFEST_NAME]
+    stale = [SUMMARY_NAME, "samples", "sweeps", "maps", MASK_FOLDER, TRUTH_FOLDER, version, f".{version}.partial",
+             MANIFEST_NAME]
     if is_ours and isinstance(previous.get("config", {}).get("version"), str):
         stale.append(previous["config"]["version"])
     for name in stale:
@@ -252,13 +263,18 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
             _write_points(out_dir / filename, key_frame.points)
             counts["key_frame_points"] += len(key_frame.points)
             tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading)
-            camera_frame = cameras.render(scene, key_time, settings)
+            camera_frame = cameras.render(scene, key_time, settings, with_owners=config.instance_masks)
+            image_filenames = []
             for channel, image, time_us in zip(CAMERA_CHANNELS, camera_frame.images, camera_times(scene, key_time)):
                 filename = f"samples/{channel}/{log_name}__{channel}__{time_us}.jpg"
+                image_filenames.append(filename)
                 save_jpeg(image, out_dir / filename)
                 camera_xy, camera_heading = scene.ego_pose_2d(time_us)
                 tables.add_sample_data(scene_index, channel, sample_token, time_us, True, filename, camera_xy,
                                        camera_heading)
+            if config.instance_masks:
+                write_key_frame_masks(out_dir, scene, camera_frame, image_filenames, camera_times(scene, key_time),
+                                      config.seed, config.mask_errors)
             assert np.array_equal(camera_frame.visible, key_frame.visible)
             boxes = scene.boxes_at(key_time)
             for slot, object_index in enumerate(key_frame.visible):
