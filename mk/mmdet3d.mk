@@ -16,7 +16,7 @@ venv-mmdet3d: $(VENV_MMDET3D)/.installed
 
 ## Equivalence of our teacher with mmdet3d's CenterPoint (key names, shapes, numerics, checkpoints both ways).
 test-mmdet3d: venv-mmdet3d
-	$(VENV_MMDET3D)/bin/python -m pytest -q -m mmdet3d tests/teacher
+	$(VENV_MMDET3D)/bin/python -m pytest -q -m mmdet3d tests/teacher tests/student
 
 clean-venv-mmdet3d:
 	rm -rf $(VENV_MMDET3D)
