@@ -20,6 +20,7 @@ plain points keep every LiDAR point, so a painted point appears twice (once plai
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def read_virtual_points(path: str | Path, sample_data_token: str = "") -> Virtua
         data = np.load(path, allow_pickle=True).item()
         virtual, real = np.asarray(data["virtual_points"]), np.asarray(data["real_points"])
         indices = np.asarray(data["real_points_indice"])
-    except (OSError, ValueError, KeyError, AttributeError, EOFError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, AttributeError, EOFError, TypeError, pickle.UnpicklingError) as exc:
         raise DataError(f"{path}: not an MVP virtual-point file{owner} ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())}); delete it and rerun `{MAKE_COMMAND}`") from None
     shapes_ok = virtual.ndim == 2 and virtual.shape[1] == VIRTUAL_WIDTH and real.ndim == 2 and \

@@ -5,7 +5,8 @@ each (the sweep candidates of the loader, `DataConfig.sweep_candidates`), each o
 channel, the record nearest in time among the camera record of the LiDAR record's sample and up to 6 records before
 it (as MVP's info files pick them); its masks come from `masks/CAM_X/<image stem>.png|json` (docs/mvp.md).
 
-Resumable: a finished file is skipped, and every file is written atomically. Deterministic: the pixels drawn for a
+Resumable: a finished file is skipped, every file is written atomically, and the temporary files an interrupted
+run left are removed. Deterministic: the pixels drawn for a
 sample_data depend only on `seed` and its token, so any order, any worker count and any resume give the same bytes.
 """
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ..data.loading import load_nuscenes, read_points, split_sample_tokens
 from ..data.synthetic.masks import mask_paths
 from ..geometry.transforms import invert_transform, make_transform
-from .points import virtual_path, write_virtual_points
+from .points import FILE_SUFFIX, virtual_path, write_virtual_points
 from .virtual import NUM_VIRTUAL, CameraView, read_camera_masks, virtual_points
 
 CAMERA_CHANNELS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -131,6 +132,9 @@ def make_virtual_points(dataroot: str | Path, version: str, split: str | None = 
     """Write the virtual points of a dataroot (see the module doc); returns counts of jobs, written and skipped."""
     dataroot = Path(dataroot)
     jobs = build_jobs(load_nuscenes(dataroot, version), split, sweeps)
+    for folder in {virtual_path(dataroot / job.filename).parent for job in jobs}:
+        for leftover in folder.glob(f".*{FILE_SUFFIX}.*.tmp"):  # temporary files of an interrupted run
+            leftover.unlink()
     pending = [job for job in jobs if not virtual_path(dataroot / job.filename).is_file()]
     arguments = [(dataroot, job, num_virtual, seed) for job in pending]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="virtual points", unit="sweep",

@@ -146,68 +146,84 @@ class MaskImage:
     truth: dict = field(default_factory=dict)
 
 
-def _upsample(owners: np.ndarray) -> np.ndarray:
-    """Low-resolution owner map (h, w) -> full-size (H, W), each low-resolution pixel covering its block."""
-    return np.repeat(np.repeat(owners, RENDER_SCALE, axis=0), RENDER_SCALE, axis=1)
+@dataclass
+class _Region:
+    """A boolean mask `crop` placed at full-size pixel (row, col) of the image."""
+
+    row: int
+    col: int
+    crop: np.ndarray
+
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.row, self.row + self.crop.shape[0]), slice(self.col, self.col + self.crop.shape[1])
 
 
-def _perturb(mask: np.ndarray, model: MaskErrorModel, rng: np.random.Generator) -> np.ndarray:
-    """Erode / dilate, shift and fray a full-size boolean mask (H, W); returns the new mask (may be empty)."""
+def _object_regions(owners: np.ndarray) -> list[_Region | None]:
+    """Each slot's full-size region (None where it has no pixel) from the low-resolution owner map (h, w)."""
+    out: list[_Region | None] = []
+    for slot, found in enumerate(ndimage.find_objects(owners + 1)):
+        if found is None:
+            out.append(None)
+            continue
+        rows, cols = found
+        block = np.repeat(np.repeat(owners[rows, cols] == slot, RENDER_SCALE, axis=0), RENDER_SCALE, axis=1)
+        out.append(_Region(rows.start * RENDER_SCALE, cols.start * RENDER_SCALE, block))
+    return out
+
+
+def _perturb(region: _Region, model: MaskErrorModel, rng: np.random.Generator) -> _Region:
+    """Erode / dilate, shift and fray a region; the result is clipped to the image and may be empty."""
     radius = int(np.round(rng.normal(model.boundary_bias, model.boundary_sigma))) if model.boundary_sigma else \
         int(np.round(model.boundary_bias))
     shift = np.round(rng.normal(0.0, model.jitter_sigma, size=2)).astype(int) if model.jitter_sigma else \
         np.zeros(2, dtype=int)
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        return mask
-    pad = abs(radius) + int(np.abs(shift).max()) + 2
-    r0, r1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, mask.shape[0])
-    c0, c1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, mask.shape[1])
-    crop = mask[r0:r1, c0:c1]
+    pad = max(radius, 0) + 2
+    crop = np.pad(region.crop, pad)
     if radius > 0:
         crop = ndimage.binary_dilation(crop, iterations=radius)
     elif radius < 0:
         crop = ndimage.binary_erosion(crop, iterations=-radius)
-    crop = np.roll(crop, tuple(shift), axis=(0, 1))
     if model.ragged > 0 and crop.any():
         edge = crop ^ ndimage.binary_erosion(crop)
         outer = ndimage.binary_dilation(crop) & ~crop
         flips = rng.random(crop.shape) < model.ragged
         crop = (crop & ~(edge & flips)) | (outer & flips)
-    out = np.zeros_like(mask)
-    out[r0:r1, c0:c1] = crop
-    return out
+    row, col = region.row - pad + int(shift[0]), region.col - pad + int(shift[1])
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + crop.shape[0], IMAGE_HEIGHT), min(col + crop.shape[1], IMAGE_WIDTH)
+    if r0 >= r1 or c0 >= c1:
+        return _Region(0, 0, np.zeros((0, 0), dtype=bool))
+    return _Region(r0, c0, crop[r0 - row:r1 - row, c0 - col:c1 - col])
 
 
-def _background_blob(owners_full: np.ndarray, model: MaskErrorModel, rng: np.random.Generator) -> np.ndarray:
-    """An elliptic blob (H, W) bool on the lower half of the image, where no object is."""
-    height, width = owners_full.shape
-    cy, cx = rng.uniform(0.55 * height, height), rng.uniform(0, width)
+def _background_blob(owners: np.ndarray, model: MaskErrorModel, rng: np.random.Generator) -> _Region:
+    """An elliptic blob on the lower half of the image, where no object is (owners: low-resolution map)."""
+    cy, cx = rng.uniform(0.55 * IMAGE_HEIGHT, IMAGE_HEIGHT), rng.uniform(0, IMAGE_WIDTH)
     ay, ax = rng.uniform(*model.background_radius, size=2)
-    r0, r1 = int(max(cy - ay, 0)), int(min(cy + ay + 1, height))
-    c0, c1 = int(max(cx - ax, 0)), int(min(cx + ax + 1, width))
+    r0, r1 = int(max(cy - ay, 0)), int(min(cy + ay + 1, IMAGE_HEIGHT))
+    c0, c1 = int(max(cx - ax, 0)), int(min(cx + ax + 1, IMAGE_WIDTH))
     yy, xx = np.mgrid[r0:r1, c0:c1]
-    blob = np.zeros((height, width), dtype=bool)
-    blob[r0:r1, c0:c1] = ((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2 <= 1.0
-    return blob & (owners_full < 0)
+    free = owners[yy // RENDER_SCALE, xx // RENDER_SCALE] < 0
+    return _Region(r0, c0, (((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2 <= 1.0) & free)
 
 
 def segment(truth: CameraTruth, model: MaskErrorModel, rng: np.random.Generator) -> MaskImage:
     """Draw one image's masks from the truth under the error model (see the module doc)."""
-    owners_full = _upsample(truth.owners)
+    regions = _object_regions(truth.owners)
     clutter_classes = dict(model.clutter_classes)
     full_pixels = truth.pixels * RENDER_SCALE * RENDER_SCALE
     miss = model.miss_probability(truth.distance, truth.visible_fraction, full_pixels)
-    # (mask, label, score, source slot or -1, source kind); painted far to near, so nearer masks cover farther ones
-    drawn: list[tuple[np.ndarray, str, float, int, str, float]] = []
+    # (region, label, score, source slot or -1, source kind, distance); painted in this order: far to near, so
+    # nearer masks cover farther ones
+    drawn: list[tuple[_Region, str, float, int, str, float]] = []
     for _ in range(int(rng.poisson(model.false_background))):
-        blob = _background_blob(owners_full, model, rng)
+        blob = _background_blob(truth.owners, model, rng)
         label = str(rng.choice(model.background_classes))
-        if blob.any():
+        if blob.crop.any():
             drawn.append((blob, label, float(rng.uniform(*model.false_score)), -1, "background", float("inf")))
     for slot in np.argsort(-truth.distance, kind="stable"):
         slot = int(slot)
-        if truth.pixels[slot] == 0:
+        if truth.pixels[slot] == 0 or regions[slot] is None:
             continue
         name = truth.class_names[slot]
         if truth.is_true[slot]:
@@ -230,28 +246,30 @@ def segment(truth: CameraTruth, model: MaskErrorModel, rng: np.random.Generator)
             label = str(rng.choice(options))
             score = rng.uniform(*model.false_score)
             kind = "clutter"
-        mask = _perturb(owners_full == slot, model, rng)
-        if mask.any():
-            drawn.append((mask, label, float(np.clip(score, 0.05, 0.99)), slot, kind, float(truth.distance[slot])))
+        region = _perturb(regions[slot], model, rng)
+        if region.crop.any():
+            drawn.append((region, label, float(np.clip(score, 0.05, 0.99)), slot, kind, float(truth.distance[slot])))
     drawn = drawn[:MAX_INSTANCES]
-    ids = np.zeros(owners_full.shape, dtype=np.uint8)
-    for k, (mask, *_rest) in enumerate(drawn):
-        ids[mask] = k + 1
-    return MaskImage(ids, [d[1] for d in drawn], [d[2] for d in drawn],
-                     _truth_record(truth, owners_full, ids, drawn))
+    ids = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), dtype=np.uint8)
+    for k, (region, *_rest) in enumerate(drawn):
+        window = ids[region.slices()]
+        window[region.crop] = k + 1
+    return MaskImage(ids, [d[1] for d in drawn], [d[2] for d in drawn], _truth_record(truth, regions, ids, drawn))
 
 
-def _truth_record(truth: CameraTruth, owners_full: np.ndarray, ids: np.ndarray, drawn: list) -> dict:
+def _truth_record(truth: CameraTruth, regions: list, ids: np.ndarray, drawn: list) -> dict:
     """The true instances of an image with their best-IoU mask, and every mask's source (for `mask_rates`)."""
     count = len(drawn)
+    sizes = np.bincount(ids.reshape(-1), minlength=count + 1)[1:]  # (count,) pixels each mask kept
     instances = []
     for slot in np.nonzero(truth.is_true & (truth.pixels > 0))[0]:
-        region = owners_full == slot
-        area = int(region.sum())
-        overlap = np.bincount(ids[region], minlength=count + 1)[1:]  # (count,)
+        region = regions[slot]
+        if region is None:
+            continue
+        area = int(region.crop.sum())
+        overlap = np.bincount(ids[region.slices()][region.crop], minlength=count + 1)[1:]  # (count,)
         best, iou = 0, 0.0
         if count and overlap.any():
-            sizes = np.bincount(ids.reshape(-1), minlength=count + 1)[1:]
             ious = overlap / (sizes + area - overlap)
             best, iou = int(np.argmax(ious)) + 1, float(ious.max())
         instances.append({"slot": int(slot), "class": truth.class_names[slot],
