@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from ..errors import DataError
 from .points import MVP_CLASSES, REAL_WIDTH, VIRTUAL_WIDTH, VirtualPoints
@@ -124,9 +125,12 @@ def virtual_points(points: np.ndarray, cameras: list[CameraView], rng: np.random
         is_foreground[inside] = True
         inverse_intrinsics = np.linalg.inv(view.intrinsics)
         lidar_from_camera = np.linalg.inv(view.camera_from_lidar)
+        boxes = ndimage.find_objects(ids)  # bounding slices of each id
         for mask_id in np.unique(mask_of[inside]):
             members = inside[mask_of[inside] == mask_id]  # (n,) real points of this mask
-            mask_rows, mask_cols = np.nonzero(ids == mask_id)
+            rows_slice, cols_slice = boxes[mask_id - 1]
+            mask_rows, mask_cols = np.nonzero(ids[rows_slice, cols_slice] == mask_id)  # row-major, as on the image
+            mask_rows, mask_cols = mask_rows + rows_slice.start, mask_cols + cols_slice.start
             chosen = rng.permutation(len(mask_rows))[:num_virtual]
             if len(chosen) < num_virtual:
                 chosen = np.concatenate([chosen, np.full(num_virtual - len(chosen), chosen[0])])
