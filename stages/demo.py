@@ -206,8 +206,10 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     student_runs = [Path(path) for path in paths["students"].values()]
     figures_dir = out / "figures" if student == "bevdet" else out / f"figures_{student}"
     figures = draw_figures(student_runs, figures_dir, cache=Path(paths["cache"]))
-    this_run = [{"name": s.name, "command": ["distillbev", *s.argv], "seconds": seconds.get(s.name)} for s in steps]
-    earlier = [s for s in previous.get("steps", []) if tuple(s["command"]) not in commands]
+    this_run = {("distillbev", *s.argv): {"name": s.name, "command": ["distillbev", *s.argv],
+                                          "seconds": seconds.get(s.name)} for s in steps}
+    # the earlier steps in their order, this plan's in place of the same commands, its new ones at the end
+    merged = [this_run.pop(tuple(s["command"]), s) for s in previous.get("steps", [])] + list(this_run.values())
     figures_entry = {"command": ["distillbev", "figures", "--out", str(figures_dir), "--cache", paths["cache"],
                                  *paths["students"].values()],
                      "paths": {k: str(v) for k, v in figures.paths.items()},
@@ -215,7 +217,7 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
                                               for run, by_epoch in figures.similarity.items()},  # NaN -> null
                      "missing": figures.notes}
     summary = {
-        "steps": earlier + this_run,
+        "steps": merged,
         "paths": paths,
         "figures": figures_entry,
         "figures_by_student": previous.get("figures_by_student", {}) | {student: figures_entry},
