@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 from ..errors import CacheError
 
 S3_OPTIONS = ("key", "secret", "token", "endpoint_url", "region", "backend")
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
+                 "AWS_DEFAULT_REGION")
 BACKENDS = ("obstore", "fsspec")
 _OBSTORE_USED_BY: int | None = None  # pid of the process that opened an obstore client (kept across a fork)
 
@@ -57,6 +59,9 @@ class StoreLocation:
 
     url: str
     options: tuple[tuple[str, str], ...] = ()
+    # the AWS_* environment when the location was made: DataLoader workers started by a forkserver inherit the
+    # server's environment, not this process's, so the settings travel with the location
+    environment: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
     _stores: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @classmethod
@@ -66,7 +71,8 @@ class StoreLocation:
         if isinstance(where, StoreLocation):
             if not storage_options:
                 return where
-            return cls(where.url, tuple(sorted({**dict(where.options), **storage_options}.items())))
+            return cls(where.url, tuple(sorted({**dict(where.options), **storage_options}.items())),
+                       where.environment)
         text = str(where)
         scheme = urlsplit(text).scheme if "://" in text else ""
         if scheme == "file":
@@ -77,7 +83,8 @@ class StoreLocation:
                 raise CacheError(f"{text}: a store URL needs a bucket (or host), e.g. s3://bucket/prefix/cache.zarr")
             text = f"{scheme}://{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
         options = tuple(sorted((storage_options or {}).items()))
-        location = cls(text, options)
+        environment = () if not scheme else tuple(sorted((k, v) for k, v in os.environ.items() if k in AWS_VARIABLES))
+        location = cls(text, options, environment)
         location._check_options()
         return location
 
@@ -105,11 +112,12 @@ class StoreLocation:
         return self.url
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "options": self.options}
+        return {"url": self.url, "options": self.options, "environment": self.environment}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "url", state["url"])
         object.__setattr__(self, "options", state["options"])
+        object.__setattr__(self, "environment", state.get("environment", ()))
         object.__setattr__(self, "_stores", {})
 
     def resolved(self) -> "StoreLocation":
@@ -117,7 +125,8 @@ class StoreLocation:
         if not self.is_local:
             return self
         path = Path(self.url)
-        return StoreLocation(str(path.resolve() if path.is_symlink() else path.absolute()), self.options)
+        return StoreLocation(str(path.resolve() if path.is_symlink() else path.absolute()), self.options,
+                             self.environment)
 
     @property
     def backend(self) -> str:
@@ -174,8 +183,9 @@ class StoreLocation:
                              f"install the fsspec driver of {self.scheme}:// (e.g. s3fs, gcsfs, adlfs)") from None
 
     def s3_settings(self) -> dict[str, str]:
-        """The S3 connection settings: AWS environment first, storage options over it (s3fs's names)."""
-        env = os.environ
+        """The S3 connection settings: the AWS environment (as it was when the location was made), storage options
+        over it (s3fs's names)."""
+        env = dict(self.environment)
         settings = {"key": env.get("AWS_ACCESS_KEY_ID", ""), "secret": env.get("AWS_SECRET_ACCESS_KEY", ""),
                     "token": env.get("AWS_SESSION_TOKEN", ""), "endpoint_url": env.get("AWS_ENDPOINT_URL", ""),
                     "region": env.get("AWS_REGION", env.get("AWS_DEFAULT_REGION", ""))}

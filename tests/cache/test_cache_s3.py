@@ -74,6 +74,16 @@ def test_s3_settings_come_from_the_aws_environment_and_options_win(monkeypatch):
                       "client_kwargs": {"region_name": "eu-central-1"}}
 
 
+def test_a_location_keeps_the_environment_it_was_made_in(monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1111")
+    location = StoreLocation.parse("s3://b/p")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2222")  # e.g. a forkserver started under another env
+    assert pickle.loads(pickle.dumps(location)).s3_settings()["endpoint_url"] == "http://127.0.0.1:1111"
+    assert StoreLocation.parse("s3://b/p").s3_settings()["endpoint_url"] == "http://127.0.0.1:2222"
+
+
 @pytest.mark.parametrize("backend", ["obstore", "fsspec"])
 def test_extraction_on_s3_equals_the_local_store(s3_env, manifest, reference, backend):
     url = s3_env.url(f"equal-{backend}.zarr")
