@@ -40,6 +40,19 @@ class StudentOutputs:
     depth: torch.Tensor | None
 
 
+def check_images(images: torch.Tensor | None, name: str, config: StudentModelConfig) -> torch.Tensor:
+    """`images` (B, N, 3, H, W) of batch field `name`, or a DataError saying what the data config must change."""
+    if images is None:
+        raise DataError(f"batch.{name} is None; the camera student needs images: set the data config's "
+                        f"load_images to true")
+    expected = (config.num_cameras, 3, *config.image_size)
+    if images.dim() != 5 or tuple(images.shape[1:]) != expected:
+        raise DataError(f"batch.{name} has shape {tuple(images.shape)}, the student expects (B, {expected[0]}, "
+                        f"3, {expected[2]}, {expected[3]}); make the data config's final_size equal the "
+                        f"student's image_size and use {expected[0]} cameras")
+    return images
+
+
 class CameraStudent(nn.Module):
     def __init__(self, config: StudentModelConfig):
         super().__init__()
@@ -93,15 +106,7 @@ class CameraStudent(nn.Module):
         return self.lift_splat(depth, context, geometry), depth
 
     def _check_images(self, images: torch.Tensor | None, name: str) -> torch.Tensor:
-        if images is None:
-            raise DataError(f"batch.{name} is None; the camera student needs images: set the data config's "
-                            f"load_images to true")
-        expected = (self.config.num_cameras, 3, *self.config.image_size)
-        if images.dim() != 5 or tuple(images.shape[1:]) != expected:
-            raise DataError(f"batch.{name} has shape {tuple(images.shape)}, the student expects (B, {expected[0]}, "
-                            f"3, {expected[2]}, {expected[3]}); make the data config's final_size equal the "
-                            f"student's image_size and use {expected[0]} cameras")
-        return images
+        return check_images(images, name, self.config)
 
     def forward(self, batch: Batch) -> StudentOutputs:
         images = self._check_images(batch.images, "images")

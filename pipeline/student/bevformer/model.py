@@ -26,7 +26,7 @@ from ...data.types import Batch
 from ...errors import DataError
 from ..config import StudentModelConfig
 from ..image_neck import FeaturePyramid
-from ..model import StudentOutputs
+from ..model import StudentOutputs, check_images
 from ..resnet import ResNet, load_torchvision_checkpoint
 from ..view_transformer import CameraGeometry
 from .encoder import BEVFormerEncoder
@@ -81,15 +81,7 @@ class BEVFormerStudent(nn.Module):
                             prev_lidar_to_lidar)
 
     def _check_images(self, images: torch.Tensor | None, name: str) -> torch.Tensor:
-        if images is None:
-            raise DataError(f"batch.{name} is None; the camera student needs images: set the data config's "
-                            f"load_images to true")
-        expected = (self.config.num_cameras, 3, *self.config.image_size)
-        if images.dim() != 5 or tuple(images.shape[1:]) != expected:
-            raise DataError(f"batch.{name} has shape {tuple(images.shape)}, the student expects (B, {expected[0]}, "
-                            f"3, {expected[2]}, {expected[3]}); make the data config's final_size equal the "
-                            f"student's image_size and use {expected[0]} cameras")
-        return images
+        return check_images(images, name, self.config)
 
     def previous_bev(self, batch: Batch, bev_aug: torch.Tensor) -> torch.Tensor | None:
         """The previous frame's BEV (B, C, Y, X) under the current BEV augmentation, without gradient, or None when
