@@ -147,3 +147,22 @@ def store_chunks(location) -> dict[str, bytes]:
 
     location = StoreLocation.parse(location)
     return {key: location.get(key) for key in location.keys() if key.rsplit("/", 1)[-1] not in NOT_CHUNKS}
+
+
+SLOW_EXTRACTION_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from cache_fakes import FakeTeacher, make_manifest, run_extract
+teacher = FakeTeacher()
+def slow(points):
+    time.sleep({seconds!r})
+    return teacher(points)
+run_extract({store!r}, make_manifest(FakeTeacher(), views=3), teacher=slow, workers={workers!r}, threads_per_worker=1)
+"""
+
+
+def slow_extraction_script(store: str, seconds: float, workers: int) -> str:
+    """`python -c` source of an extraction of `make_manifest(views=3)` into `store` that takes `seconds` per
+    teacher call: a process a test can SIGKILL part-way."""
+    return SLOW_EXTRACTION_SCRIPT.format(tests=str(Path(__file__).parent), store=str(store), seconds=seconds,
+                                         workers=workers)

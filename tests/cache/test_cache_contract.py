@@ -18,7 +18,7 @@ import pytest
 import torch
 import zarr
 from cache_fakes import (chunk_files, extract_slowly, load_points, make_manifest, run_extract,
-                         token_of)
+                         slow_extraction_script, token_of)
 
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.reader import TeacherCache
@@ -273,19 +273,6 @@ def test_same_manifest_but_other_tokens_is_refused(complete, manifest):
 
 
 # ------------------------------------------------------------------------------------ workers die with parent
-PARENT_SCRIPT = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from cache_fakes import FakeTeacher, make_manifest, run_extract
-teacher = FakeTeacher()
-def slow(points):
-    time.sleep(0.4)
-    return teacher(points)
-manifest = make_manifest(FakeTeacher(), views=3)
-run_extract({path!r}, manifest, teacher=slow, workers=2, threads_per_worker=1)
-"""
-
-
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -302,7 +289,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the worker processes")
 def test_workers_die_with_a_killed_parent_and_the_rerun_completes(tmp_path, manifest, reference):
     path = tmp_path / "cache.zarr"
-    script = PARENT_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path))
+    script = slow_extraction_script(str(path), seconds=0.4, workers=2)
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
     while time.time() < deadline and (not (path / "done").exists() or read_done(path).sum() < 2):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_fakes import run_extract, store_chunks
+from cache_fakes import run_extract, slow_extraction_script, store_chunks
 
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.inspect import summarize_cache, verify_cache
@@ -111,23 +111,11 @@ def reference_store(manifest, server) -> str:
     return str(path)
 
 
-KILLABLE = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from cache_fakes import FakeTeacher, make_manifest, run_extract
-teacher = FakeTeacher()
-def slow(points):
-    time.sleep(0.25)
-    return teacher(points)
-run_extract({url!r}, make_manifest(FakeTeacher(), views=3), teacher=slow, workers=1, threads_per_worker=1)
-"""
-
-
 def test_killed_extraction_on_s3_resumes_after_its_lease_expires(s3_env, manifest, reference, monkeypatch):
     url = s3_env.url("killed.zarr")
     location = StoreLocation.parse(url)
     env = {**os.environ, **s3_env.env(), "DISTILLBEV_LEASE_SECONDS": "4"}
-    script = KILLABLE.format(tests=str(Path(__file__).parent), url=url)
+    script = slow_extraction_script(url, seconds=0.25, workers=1)
     process = subprocess.Popen([sys.executable, "-c", script], env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
