@@ -17,9 +17,18 @@ Ablation switches (`DistillConfig`):
   ablation mode); the FP region keeps its 1/N_fp;
 - false_positive=False: no FP region on any layer, background = not foreground;
 - spatial_l1=False: no L1 term and no g.
+
+Student-independent inputs. The region masks and scales, the GT heatmap of the FP rule, the teacher's spatial and
+channel attention and the teacher's channel mean depend only on (sample, view, GT) and the teacher's maps. With cached
+or warped targets the DataLoader workers compute them per sample (`precompute_targets`, a `PrecomputedTargets` batch);
+with a live teacher the workers still give the GT-only parts (foreground box index, the GT heatmap, whole masks of
+layers without the FP region). Whatever is not given is computed in the loss, with the same functions: every rule is
+per sample, so the two paths give the same values (tests/losses/test_losses_precomputed.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +36,7 @@ from torch import Tensor, nn
 from .adapters import SpatialPoolConv, build_adapter, upsample_factor
 from .attention import blend_spatial_attention, channel_attention, spatial_attention
 from .config import DistillConfig, LayerPairConfig
-from .regions import RegionMasks, build_region_masks, first_containing_box
+from .regions import RegionMasks, build_region_masks, cat_region_masks, first_containing_box
 
 
 def squared_error_per_cell(adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None = None) -> Tensor:
@@ -41,14 +50,62 @@ def squared_error_per_cell(adapted_student: Tensor, teacher: Tensor, channel_wei
     return torch.einsum("bc,bcyx->byx", channel_weights, squared)
 
 
+class _ChannelSummedSquaredError(torch.autograd.Function):
+    """sum_c (S' - T)^2 and, with channel weights a (B, C), sum_c a_c (S' - T)^2, from one difference tensor.
+
+    The forward values are those of `squared_error_per_cell` (same operations, same order). The backward is one
+    pass over (B, C, Y, X): dL/dS' = 2 (S' - T) * (g_cell + a_c g_weighted), where autograd would square, expand
+    and add per output; only S' - T is kept for it.
+    """
+
+    @staticmethod
+    def forward(ctx, adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None):
+        difference = adapted_student - teacher  # (B, C, Y, X)
+        squared = difference ** 2
+        per_cell = squared.sum(dim=1)  # (B, Y, X)
+        if channel_weights is None:
+            ctx.save_for_backward(difference)
+            return per_cell
+        ctx.save_for_backward(difference, channel_weights)
+        return per_cell, torch.einsum("bc,bcyx->byx", channel_weights, squared)
+
+    @staticmethod
+    def backward(ctx, grad_cell: Tensor, grad_weighted: Tensor | None = None):
+        if len(ctx.saved_tensors) == 1:
+            (difference,) = ctx.saved_tensors
+            factor = 2 * grad_cell[:, None]  # (B, 1, Y, X)
+        else:
+            difference, channel_weights = ctx.saved_tensors
+            factor = torch.addcmul(2 * grad_cell[:, None], 2 * channel_weights[:, :, None, None],
+                                   grad_weighted[:, None])  # (B, C, Y, X)
+        grad = difference * factor
+        return grad, (-grad if ctx.needs_input_grad[1] else None), None
+
+
+def channel_summed_squared_error(adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None = None
+                                 ) -> tuple[Tensor, Tensor | None]:
+    """(sum_c (S' - T)^2, sum_c a_c (S' - T)^2 or None), both (B, Y, X), sharing one difference and one backward.
+
+    adapted_student, teacher: (B, C, Y, X); channel_weights: (B, C) or None (then only the plain sum).
+    """
+    if channel_weights is None:
+        return _ChannelSummedSquaredError.apply(adapted_student, teacher, None), None
+    per_cell, weighted = _ChannelSummedSquaredError.apply(adapted_student, teacher, channel_weights.detach())
+    return per_cell, weighted
+
+
 def batch_weighted_sum(per_cell: Tensor, cell_weights: Tensor) -> Tensor:
     """(1/B) * sum_{b,y,x} w[b,y,x] * e[b,y,x], a scalar: summed over cells, divided by the batch size only."""
     return (per_cell * cell_weights).sum() / per_cell.shape[0]
 
 
-def spatial_pool_l1(adapted_student: Tensor, teacher: Tensor, spatial_conv: nn.Module) -> Tensor:
-    """(1/B) * sum_{b,y,x} | mean_c T - g(mean_c S') |, a scalar (BD L1272-1278; mean of signed values, not |.|)."""
-    teacher_pool = teacher.mean(dim=1, keepdim=True)  # (B, 1, Y, X)
+def spatial_pool_l1(adapted_student: Tensor, teacher: Tensor, spatial_conv: nn.Module,
+                    teacher_mean: Tensor | None = None) -> Tensor:
+    """(1/B) * sum_{b,y,x} | mean_c T - g(mean_c S') |, a scalar (BD L1272-1278; mean of signed values, not |.|).
+
+    teacher_mean: (B, Y, X) mean_c T when precomputed, else taken from `teacher`.
+    """
+    teacher_pool = teacher.mean(dim=1, keepdim=True) if teacher_mean is None else teacher_mean[:, None]  # (B,1,Y,X)
     student_pool = adapted_student.mean(dim=1, keepdim=True)  # (B, 1, Y, X)
     return (teacher_pool - spatial_conv(student_pool)).abs().sum() / adapted_student.shape[0]
 
@@ -80,17 +137,27 @@ class LayerDistillation(nn.Module):
 
 
 def layer_loss_terms(config: DistillConfig, name: str, adapted_student: Tensor, teacher: Tensor,
-                     regions: RegionMasks, attention: Tensor | None, spatial_conv: nn.Module | None
-                     ) -> dict[str, Tensor]:
+                     regions: RegionMasks, attention: Tensor | None, spatial_conv: nn.Module | None,
+                     channel_weights: Tensor | None = None, teacher_mean: Tensor | None = None) -> dict[str, Tensor]:
     """The loss terms of one layer: kd_<name>_{fg,bg,fp} (or _plain) and kd_<name>_spatial.
 
     adapted_student, teacher: (B, C, Y, X) float32; attention: (B, Y, X) spatial attention or None (= 1);
-    regions: the layer's masks (regions.false_positive is None on layers without the FP region).
+    regions: the layer's masks (regions.false_positive is None on layers without the FP region);
+    channel_weights: (B, C) teacher channel attention of the FP term and teacher_mean: (B, Y, X) mean_c T of the
+    spatial L1 term, when precomputed (else computed here from `teacher`).
     """
     num_cells = teacher.shape[-2] * teacher.shape[-1]
     spatial = attention if attention is not None else torch.ones_like(regions.scale)  # (B, Y, X)
     terms: dict[str, Tensor] = {}
-    per_cell = squared_error_per_cell(adapted_student, teacher)  # (B, Y, X), shared by the region terms
+    with_fp = config.region_decomposition and regions.false_positive is not None
+    if with_fp and config.attention:
+        # Channel attention weights only the FP term: a quirk of the reference code (BD L1284), kept on purpose.
+        if channel_weights is None:
+            channel_weights = channel_attention(teacher, config.temperature)
+    else:
+        channel_weights = None
+    # (B, Y, X) channel sums of the squared error, shared by the region terms (and its channel-weighted FP variant)
+    per_cell, fp_per_cell = channel_summed_squared_error(adapted_student, teacher, channel_weights)
     if not config.region_decomposition:
         weights = spatial * (config.plain_weight / num_cells)
         terms[f"kd_{name}_plain"] = batch_weighted_sum(per_cell, weights)
@@ -103,20 +170,129 @@ def layer_loss_terms(config: DistillConfig, name: str, adapted_student: Tensor, 
         bg_weights = regions.background.float() * scale * spatial * config.background_weight
         terms[f"kd_{name}_fg"] = batch_weighted_sum(per_cell, fg_weights)
         terms[f"kd_{name}_bg"] = batch_weighted_sum(per_cell, bg_weights)
-        if regions.false_positive is not None:
+        if with_fp:
             fp_scale = regions.false_positive_scale[:, None, None]  # (B, 1, 1)
             fp_weights = regions.false_positive.float() * fp_scale * spatial * config.false_positive_weight
-            # Channel attention weights only the FP term: a quirk of the reference code (BD L1284), kept on purpose.
-            if config.attention:
-                fp_per_cell = squared_error_per_cell(adapted_student, teacher,
-                                                     channel_attention(teacher, config.temperature))
-            else:
-                fp_per_cell = per_cell
-            terms[f"kd_{name}_fp"] = batch_weighted_sum(fp_per_cell, fp_weights)
+            terms[f"kd_{name}_fp"] = batch_weighted_sum(per_cell if fp_per_cell is None else fp_per_cell, fp_weights)
     if spatial_conv is not None:
         terms[f"kd_{name}_spatial"] = config.spatial_l1_weight * spatial_pool_l1(adapted_student, teacher,
-                                                                                 spatial_conv)
+                                                                                 spatial_conv, teacher_mean)
     return terms
+
+
+@dataclass(frozen=True)
+class PairGeometry:
+    """What the DataLoader workers need of one layer pair: its key, teacher feature, teacher grid (Y, X), and
+    whether it has the FP region under the current switches."""
+
+    name: str
+    teacher: str
+    grid: tuple[int, int]
+    false_positive: bool
+
+
+@dataclass(frozen=True)
+class DistillTargetSpec:
+    """The loss's settings for `precompute_targets` (picklable: it travels to the DataLoader workers)."""
+
+    config: DistillConfig
+    pairs: tuple[PairGeometry, ...]
+    bev_extent: tuple[float, float, float, float]
+
+    @property
+    def needs_gt_heatmap(self) -> bool:
+        return any(pair.false_positive for pair in self.pairs)
+
+
+@dataclass
+class LayerTargets:
+    """One layer's student-independent loss inputs for a batch, all detached.
+
+    box_index:         (B, Y, X) int64 first GT box containing each cell corner, -1 off the foreground.
+    regions:           the layer's complete masks and scales, or None (an FP layer whose teacher heatmap arrives
+                       with a live teacher in the step: built there from box_index).
+    channel_attention: (B, C_t) teacher channel attention of the FP term, or None (computed in the loss if needed).
+    teacher_mean:      (B, Y, X) mean_c T of the spatial L1 term, or None (computed in the loss if needed).
+    """
+
+    box_index: Tensor
+    regions: RegionMasks | None = None
+    channel_attention: Tensor | None = None
+    teacher_mean: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "LayerTargets":
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
+        return LayerTargets(move(self.box_index), None if self.regions is None else self.regions.to(device),
+                            move(self.channel_attention), move(self.teacher_mean))
+
+
+@dataclass
+class PrecomputedTargets:
+    """Student-independent inputs of `DistillBEVLoss` for a batch: layer pair name -> LayerTargets, and the
+    (B, Yh, Xh) max-class GT heatmap of the FP rule (None without an FP layer)."""
+
+    layers: dict[str, LayerTargets]
+    gt_heatmap_max: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "PrecomputedTargets":
+        return PrecomputedTargets({k: v.to(device) for k, v in self.layers.items()},
+                                  None if self.gt_heatmap_max is None else self.gt_heatmap_max.to(device))
+
+    @staticmethod
+    def cat(parts: list["PrecomputedTargets"]) -> "PrecomputedTargets":
+        """Concatenate per-sample inputs (B = 1 each) into a batch's, in order."""
+        def cat_optional(values: list[Tensor | None]) -> Tensor | None:
+            return None if values[0] is None else torch.cat(values)
+
+        layers = {}
+        for name, first in parts[0].layers.items():
+            items = [part.layers[name] for part in parts]
+            layers[name] = LayerTargets(
+                box_index=torch.cat([item.box_index for item in items]),
+                regions=None if first.regions is None else cat_region_masks([item.regions for item in items]),
+                channel_attention=cat_optional([item.channel_attention for item in items]),
+                teacher_mean=cat_optional([item.teacher_mean for item in items]))
+        return PrecomputedTargets(layers, cat_optional([part.gt_heatmap_max for part in parts]))
+
+
+@torch.no_grad()
+def precompute_targets(spec: DistillTargetSpec, gt_boxes: Tensor, gt_heatmap_max: Tensor | None = None,
+                       teacher_features: dict[str, Tensor] | None = None,
+                       teacher_heatmap: Tensor | None = None) -> PrecomputedTargets:
+    """One sample's student-independent loss inputs (a batch of 1), as the loss would compute them in the step.
+
+    gt_boxes: (K, >=7) in the sample's augmented LiDAR frame; gt_heatmap_max: (Yh, Xh) max-class GT heatmap (needed
+    for the FP layers' masks); teacher_features: teacher name -> (C, Y, X) and teacher_heatmap: (num_classes, Yh, Xh)
+    probabilities, when the targets are known in the worker (cache, warped cache), None with a live teacher.
+    """
+    config = spec.config
+    boxes = torch.as_tensor(gt_boxes)
+    gt_max = None if gt_heatmap_max is None else gt_heatmap_max[None]  # (1, Yh, Xh)
+    heatmap = None if teacher_heatmap is None else teacher_heatmap[None].float()  # (1, num_classes, Yh, Xh)
+    box_index_by_grid: dict[tuple[int, int], Tensor] = {}
+    layers = {}
+    for pair in spec.pairs:
+        if pair.grid not in box_index_by_grid:
+            box_index_by_grid[pair.grid] = first_containing_box(boxes, pair.grid, spec.bev_extent)[None]  # (1, Y, X)
+        box_index = box_index_by_grid[pair.grid]
+        regions = None
+        if not pair.false_positive or (heatmap is not None and gt_max is not None):
+            regions = build_region_masks(
+                [boxes], pair.grid, spec.bev_extent, device=boxes.device,
+                teacher_heatmap=heatmap if pair.false_positive else None,
+                gt_heatmap_max=gt_max if pair.false_positive else None,
+                fp_threshold=config.fp_threshold, gt_threshold=config.gt_threshold, box_index=box_index)
+        channel, mean = None, None
+        if teacher_features is not None:
+            teacher = teacher_features[pair.teacher][None].float()  # (1, C, Y, X)
+            if pair.false_positive and config.attention:
+                channel = channel_attention(teacher, config.temperature)
+            if config.spatial_l1:
+                mean = teacher.mean(dim=1)
+        layers[pair.name] = LayerTargets(box_index, regions, channel, mean)
+    return PrecomputedTargets(layers, gt_max)
 
 
 class DistillBEVLoss(nn.Module):
@@ -154,18 +330,29 @@ class DistillBEVLoss(nn.Module):
         """Whether some pair has the false-positive region, which reads the teacher and GT heatmaps."""
         return any(self.uses_false_positive(pair) for pair in self.pairs)
 
+    def target_spec(self) -> DistillTargetSpec:
+        """What `precompute_targets` needs of this loss (for the DataLoader workers)."""
+        return DistillTargetSpec(self.config, tuple(
+            PairGeometry(pair.name, pair.teacher, tuple(self.layers[pair.name].teacher_shape),
+                         self.uses_false_positive(pair)) for pair in self.pairs), self.bev_extent)
+
     def forward(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
                 gt_boxes: list[Tensor], teacher_heatmap: Tensor | None = None, gt_heatmap_max: Tensor | None = None,
-                teacher_attention: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                teacher_attention: dict[str, Tensor] | None = None,
+                precomputed: PrecomputedTargets | None = None) -> dict[str, Tensor]:
         """Scalar loss terms keyed kd_<layer>_<term>; sum them for the KD loss.
 
         student_features: name -> (B, C_s, Y_s, X_s); teacher_features: name -> (B, C_t, Y_t, X_t);
         gt_boxes: B tensors (K_b, >=7) x, y, z, l, w, h, yaw in the augmented LiDAR frame;
         teacher_heatmap: (B, num_classes, Y_h, X_h) probabilities; gt_heatmap_max: (B, Y_h, X_h), both needed only
-        by layers with the FP region; teacher_attention: teacher name -> precomputed A^T (B, Y_t, X_t), else computed.
+        by layers with the FP region (gt_heatmap_max may come in `precomputed`); teacher_attention: teacher name ->
+        precomputed A^T (B, Y_t, X_t), else computed; precomputed: the student-independent inputs the DataLoader
+        workers computed (`precompute_targets`), whatever it lacks is computed here.
         """
         terms: dict[str, Tensor] = {}
         box_index_by_grid: dict[tuple[int, int], Tensor] = {}  # foreground is shared by layers on the same grid
+        if gt_heatmap_max is None and precomputed is not None:
+            gt_heatmap_max = precomputed.gt_heatmap_max
         for pair in self.pairs:
             layer = self.layers[pair.name]
             student = _feature(student_features, pair.student, "student", pair.name)
@@ -175,24 +362,46 @@ class DistillBEVLoss(nn.Module):
                                  f"teacher {teacher.shape[0]}, gt_boxes {len(gt_boxes)}")
             adapted = layer.adapt(student).float()
             grid = tuple(teacher.shape[-2:])
+            given = None if precomputed is None else precomputed.layers.get(pair.name)
+            if given is not None:
+                given = given.to(teacher.device)
+            regions = self._regions(pair, grid, teacher, gt_boxes, teacher_heatmap, gt_heatmap_max, given,
+                                    box_index_by_grid)
+            attention = self._attention(pair, adapted, teacher, teacher_attention)
+            terms.update(layer_loss_terms(
+                self.config, pair.name, adapted, teacher, regions, attention, layer.spatial_conv,
+                channel_weights=None if given is None else given.channel_attention,
+                teacher_mean=None if given is None else given.teacher_mean))
+        return terms
+
+    def _regions(self, pair: LayerPairConfig, grid: tuple[int, int], teacher: Tensor, gt_boxes: list[Tensor],
+                 teacher_heatmap: Tensor | None, gt_heatmap_max: Tensor | None, given: LayerTargets | None,
+                 box_index_by_grid: dict[tuple[int, int], Tensor]) -> RegionMasks:
+        """The layer's masks: the precomputed ones when given, else built here (from a given box index if any)."""
+        with_fp = self.uses_false_positive(pair)
+        batch = teacher.shape[0]
+        if given is not None and given.regions is not None:
+            given.regions.check_shape(batch, grid, with_fp, f"distill layer {pair.name!r}")
+            return given.regions
+        if given is not None:
+            if tuple(given.box_index.shape) != (batch, *grid):
+                raise ValueError(f"distill layer {pair.name!r}: precomputed box index has shape "
+                                 f"{tuple(given.box_index.shape)}, expected (B, Y, X) = {(batch, *grid)}")
+            box_index = given.box_index
+        else:
             if grid not in box_index_by_grid:
                 box_index_by_grid[grid] = torch.stack([
                     first_containing_box(torch.as_tensor(boxes, device=teacher.device), grid, self.bev_extent)
                     for boxes in gt_boxes])  # (B, Y, X)
-            with_fp = self.uses_false_positive(pair)
-            if with_fp and (teacher_heatmap is None or gt_heatmap_max is None):
-                raise ValueError(f"distill layer {pair.name!r} uses the false-positive region: pass teacher_heatmap "
-                                 f"and gt_heatmap_max, or set use_false_positive / false_positive to false")
-            regions = build_region_masks(
-                gt_boxes, grid, self.bev_extent, device=teacher.device,
-                teacher_heatmap=teacher_heatmap if with_fp else None,
-                gt_heatmap_max=gt_heatmap_max if with_fp else None,
-                fp_threshold=self.config.fp_threshold, gt_threshold=self.config.gt_threshold,
-                box_index=box_index_by_grid[grid])
-            attention = self._attention(pair, adapted, teacher, teacher_attention)
-            terms.update(layer_loss_terms(self.config, pair.name, adapted, teacher, regions, attention,
-                                          layer.spatial_conv))
-        return terms
+            box_index = box_index_by_grid[grid]
+        if with_fp and (teacher_heatmap is None or gt_heatmap_max is None):
+            raise ValueError(f"distill layer {pair.name!r} uses the false-positive region: pass teacher_heatmap "
+                             f"and gt_heatmap_max, or set use_false_positive / false_positive to false")
+        return build_region_masks(
+            gt_boxes, grid, self.bev_extent, device=teacher.device,
+            teacher_heatmap=teacher_heatmap if with_fp else None,
+            gt_heatmap_max=gt_heatmap_max if with_fp else None,
+            fp_threshold=self.config.fp_threshold, gt_threshold=self.config.gt_threshold, box_index=box_index)
 
     def _attention(self, pair: LayerPairConfig, adapted: Tensor, teacher: Tensor,
                    teacher_attention: dict[str, Tensor] | None) -> Tensor | None:

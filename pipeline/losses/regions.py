@@ -12,7 +12,7 @@ Maps are laid out [Y, X] (row = y index).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,27 @@ class RegionMasks:
     foreground_scale: Tensor
     background_scale: Tensor
     false_positive_scale: Tensor | None
+
+    def to(self, device: torch.device | str) -> "RegionMasks":
+        return RegionMasks(**{f.name: None if getattr(self, f.name) is None else
+                              getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def check_shape(self, batch: int, shape: tuple[int, int], with_false_positive: bool, where: str) -> None:
+        """Raise a ValueError unless the masks are (batch, *shape) and carry the FP region exactly when asked."""
+        expected = (batch, *shape)
+        if tuple(self.foreground.shape) != expected:
+            raise ValueError(f"{where}: precomputed region masks have shape {tuple(self.foreground.shape)}, expected "
+                             f"(B, Y, X) = {expected}")
+        if (self.false_positive is not None) != with_false_positive:
+            raise ValueError(f"{where}: precomputed region masks {'lack' if with_false_positive else 'carry'} the "
+                             f"false-positive region the layer {'needs' if with_false_positive else 'does not use'}")
+
+
+def cat_region_masks(parts: list[RegionMasks]) -> RegionMasks:
+    """Concatenate per-sample (or per-chunk) masks along the batch: every rule is per sample, so the masks of a batch
+    are exactly the concatenation of its samples' masks."""
+    return RegionMasks(**{f.name: None if getattr(parts[0], f.name) is None else
+                          torch.cat([getattr(part, f.name) for part in parts]) for f in fields(RegionMasks)})
 
 
 def grid_resolution(shape: tuple[int, int], bev_extent: tuple[float, float, float, float]) -> tuple[float, float]:
