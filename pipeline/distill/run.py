@@ -28,7 +28,7 @@ from ..losses.distill import DistillBEVLoss
 from ..student.build import build_student
 from .config import StudentExperimentConfig
 from .progress import TrainingProgress, reset_progress
-from .targets import DistillationDataset
+from .targets import DistillationDataset, step_precompute
 from .train import (DistillationSetup, TrainableModules, load_resume, run_epochs, seed_everything, steps_per_epoch,
                     train_sampler, write_config)
 
@@ -335,7 +335,9 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         train_dataset, mode=mode, cache=cache, indices=indices,
         seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
         use_cached_attention=cache is not None
-        and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature)
+        and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature,
+        # the loss's student-independent inputs (masks, scales, GT heatmap, teacher attention) come from the workers
+        precompute=None if distill_loss is None else step_precompute(distill_loss, cfg.model.head, cfg.model.head.grid))
     sampler = train_sampler(train_set, world, cfg.train.seed)
     epoch_steps = steps_per_epoch(cfg, train_set, sampler)
     params = list(student.parameters()) + ([] if distill_loss is None else list(distill_loss.parameters()))

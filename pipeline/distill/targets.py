@@ -6,6 +6,12 @@ Three ways to get the teacher's targets for a training sample:
 - `approximate`: draw a fresh BEV augmentation and warp the identity view's cached maps into it (`warp.py`);
 - `online`: draw a fresh augmentation; the teacher runs live on the augmented cloud inside the training step.
 A baseline run draws fresh augmentations and uses no targets.
+
+With a `StepPrecompute`, the workers also compute everything of the DistillBEV loss that does not depend on the
+student (`pipeline/losses/distill.py` `precompute_targets`): per sample, on the boxes of the view it replays or the
+augmentation it drew, the region masks and scales, the GT heatmap of the FP rule, the teacher's spatial attention
+(when the cache does not hold it at the run's temperature), channel attention and channel mean. With `online`
+targets only the GT-only parts can be done here (the teacher's maps come from the step).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from torch.utils.data import Dataset
 
 from ..data.collate import collate_samples
 from ..data.types import Batch, Sample
-from ..geometry.bev import BEVAugmentation, sample_bev_augmentation
+from ..geometry.bev import BEVAugmentation, BEVGrid, sample_bev_augmentation
+from ..heads.targets import gt_heatmap_max
+from ..losses.attention import spatial_attention
+from ..losses.distill import DistillBEVLoss, DistillTargetSpec, PrecomputedTargets, precompute_targets
 from .warp import warp_bev
 
 TargetsMode = Literal["none", "cache", "approximate", "online"]
@@ -29,30 +38,62 @@ TargetsMode = Literal["none", "cache", "approximate", "online"]
 class TargetsBatch:
     """Teacher targets of a batch, stacked.
 
-    features:  layer -> (B, C, Y, X) float32; heatmap: (B, 10, Yh, Xh) probabilities;
-    attention: layer -> (B, Y, X) teacher spatial attention, or None (then computed from the features).
+    features:  layer -> (B, C, Y, X) float32, or None with a live teacher (it runs in the step);
+    heatmap: (B, 10, Yh, Xh) probabilities, or None with a live teacher;
+    attention: layer -> (B, Y, X) teacher spatial attention, or None (then computed from the features);
+    precomputed: the loss's student-independent inputs from the workers, or None (then computed in the step).
     """
 
-    features: dict[str, torch.Tensor]
-    heatmap: torch.Tensor
+    features: dict[str, torch.Tensor] | None
+    heatmap: torch.Tensor | None
     attention: dict[str, torch.Tensor] | None
+    precomputed: PrecomputedTargets | None = None
 
     def to(self, device: torch.device | str) -> "TargetsBatch":
         return TargetsBatch(
-            features={k: v.to(device, non_blocking=True) for k, v in self.features.items()},
-            heatmap=self.heatmap.to(device, non_blocking=True),
+            features=None if self.features is None else
+            {k: v.to(device, non_blocking=True) for k, v in self.features.items()},
+            heatmap=None if self.heatmap is None else self.heatmap.to(device, non_blocking=True),
             attention=None if self.attention is None else
             {k: v.to(device, non_blocking=True) for k, v in self.attention.items()},
+            precomputed=None if self.precomputed is None else self.precomputed.to(device),
         )
 
 
 @dataclass
 class TargetsItem:
-    """One sample's targets: features layer -> (C, Y, X); heatmap (10, Yh, Xh); attention layer -> (Y, X)."""
+    """One sample's targets: features layer -> (C, Y, X); heatmap (10, Yh, Xh); attention layer -> (Y, X); the
+    loss's precomputed inputs (a batch of 1). features and heatmap are None with a live teacher."""
 
-    features: dict[str, torch.Tensor]
-    heatmap: torch.Tensor
+    features: dict[str, torch.Tensor] | None
+    heatmap: torch.Tensor | None
     attention: dict[str, torch.Tensor] | None
+    precomputed: PrecomputedTargets | None = None
+
+
+@dataclass(frozen=True)
+class StepPrecompute:
+    """What the workers need to compute the loss's student-independent inputs: the loss's spec, and the detection
+    head's grid and gaussian settings for the GT heatmap of the FP rule (as `false_positive_gt_heatmap` draws it)."""
+
+    loss: DistillTargetSpec
+    head_grid: BEVGrid
+    gaussian_overlap: float
+    min_radius: int
+
+    def gt_heatmap(self, sample: Sample) -> torch.Tensor | None:
+        """(Yh, Xh) max-class GT gaussian heatmap of the sample, None when no layer has the FP region."""
+        if not self.loss.needs_gt_heatmap:
+            return None
+        return gt_heatmap_max([sample.gt_boxes], [sample.gt_labels], self.head_grid,
+                              gaussian_overlap=self.gaussian_overlap, min_radius=self.min_radius)[0]
+
+
+def step_precompute(distill_loss: DistillBEVLoss, head_config, head_grid: BEVGrid) -> StepPrecompute:
+    """The StepPrecompute of a run: `head_config` is the student's CenterHeadConfig (the BEVFormer student's config
+    keeps it for the FP region), `head_grid` the grid of the teacher heatmap."""
+    return StepPrecompute(distill_loss.target_spec(), head_grid, float(head_config.gaussian_overlap),
+                          int(head_config.min_radius))
 
 
 class DistillationDataset(Dataset):
@@ -64,9 +105,11 @@ class DistillationDataset(Dataset):
 
     def __init__(self, dataset, mode: TargetsMode, cache=None, seed: int = 0,
                  bev_extent: tuple[float, float, float, float] | None = None,
-                 use_cached_attention: bool = True, indices: list[int] | None = None) -> None:
+                 use_cached_attention: bool = True, indices: list[int] | None = None,
+                 precompute: StepPrecompute | None = None) -> None:
         """indices: the dataset index behind each position (CBGS resampling repeats some), default every index once.
-        Draws are seeded by position, so repeated samples get their own augmentation and view."""
+        Draws are seeded by position, so repeated samples get their own augmentation and view.
+        precompute: compute the loss's student-independent inputs here, per sample (None: the step does)."""
         if mode in ("cache", "approximate") and cache is None:
             raise ValueError(f"targets mode {mode!r} needs a cache")
         self.dataset = dataset
@@ -79,6 +122,7 @@ class DistillationDataset(Dataset):
         # cached attention was computed at the cache's temperature; recompute it when the run uses another one
         self.use_cached_attention = use_cached_attention
         self._cache_index = None if cache is None else [cache.index_of(t) for t in dataset.sample_tokens]
+        self.precompute = None if mode == "none" else precompute
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,18 +150,36 @@ class DistillationDataset(Dataset):
             cached = self.cache.read(cache_index, view)
             sample = self.dataset.get(index, bev_aug=cached.bev_aug, rng=rng)
             sample.view_index = view
-            return sample, TargetsItem(cached.features, cached.heatmap,
-                                       cached.attention if self.use_cached_attention else None)
+            item = TargetsItem(cached.features, cached.heatmap, cached.attention if self.use_cached_attention else None)
+            return sample, self._with_precomputed(sample, item)
         augmentation = self._fresh_augmentation(rng)
         sample = self.dataset.get(index, bev_aug=augmentation, rng=rng)
         if self.mode == "approximate":
             cached = self.cache.read(self._cache_index[index], 0)
-            return sample, TargetsItem(
+            item = TargetsItem(
                 features={k: warp_bev(v, augmentation, self.bev_extent) for k, v in cached.features.items()},
                 heatmap=warp_bev(cached.heatmap, augmentation, self.bev_extent),
                 attention=None,  # recomputed from the warped features
             )
+            return sample, self._with_precomputed(sample, item)
+        if self.mode == "online" and self.precompute is not None:
+            # the teacher runs in the step: only the GT-only inputs are computed here
+            return sample, self._with_precomputed(sample, TargetsItem(None, None, None))
         return sample, None
+
+    def _with_precomputed(self, sample: Sample, item: TargetsItem) -> TargetsItem:
+        """The item with the loss's student-independent inputs of this sample (unchanged without `precompute`)."""
+        if self.precompute is None:
+            return item
+        spec = self.precompute.loss
+        attention = item.attention
+        if item.features is not None and attention is None and spec.config.attention:
+            # the teacher's spatial attention at the run's temperature, as the loss computes it (B = 1)
+            attention = {name: spatial_attention(item.features[name][None].float(), spec.config.temperature)[0]
+                         for name in {pair.teacher for pair in spec.pairs}}
+        precomputed = precompute_targets(spec, sample.gt_boxes, self.precompute.gt_heatmap(sample),
+                                         teacher_features=item.features, teacher_heatmap=item.heatmap)
+        return TargetsItem(item.features, item.heatmap, attention, precomputed)
 
 
 def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> tuple[Batch, TargetsBatch | None]:
@@ -129,8 +191,13 @@ def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> tupl
     attention = None
     if targets[0].attention is not None:
         attention = {k: torch.stack([t.attention[k] for t in targets]) for k in targets[0].attention}
+    precomputed = None
+    if targets[0].precomputed is not None:
+        precomputed = PrecomputedTargets.cat([t.precomputed for t in targets])
     return batch, TargetsBatch(
-        features={k: torch.stack([t.features[k] for t in targets]) for k in targets[0].features},
-        heatmap=torch.stack([t.heatmap for t in targets]),
+        features=None if targets[0].features is None else
+        {k: torch.stack([t.features[k] for t in targets]) for k in targets[0].features},
+        heatmap=None if targets[0].heatmap is None else torch.stack([t.heatmap for t in targets]),
         attention=attention,
+        precomputed=precomputed,
     )

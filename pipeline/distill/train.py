@@ -67,17 +67,20 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
     if outputs.depth is not None:
         losses["depth"] = student.depth_loss(outputs, batch)
     if setup.distill_loss is not None:
-        if targets is None:
+        # what the DataLoader workers computed of the loss (masks, scales, GT heatmap, teacher attention), if anything
+        precomputed = None if targets is None else targets.precomputed
+        if targets is None or targets.features is None:
             targets = teacher_targets_online(setup.teacher, batch, [t for _, t in setup.layers])
         gt_max = None
-        if setup.distill_loss.needs_gt_heatmap:
+        if setup.distill_loss.needs_gt_heatmap and (precomputed is None or precomputed.gt_heatmap_max is None):
             # drawn with the CenterHead settings of the student config (the BEVFormer student's config keeps them
             # for this region, on the teacher heatmap's grid)
             gt_max = false_positive_gt_heatmap(batch.gt_boxes, batch.gt_labels, student.config.head, head_grid)
             gt_max = gt_max.to(targets.heatmap.device)
         losses.update(setup.distill_loss(
             student_features=outputs.features, teacher_features=targets.features, gt_boxes=batch.gt_boxes,
-            teacher_heatmap=targets.heatmap, gt_heatmap_max=gt_max, teacher_attention=targets.attention))
+            teacher_heatmap=targets.heatmap, gt_heatmap_max=gt_max, teacher_attention=targets.attention,
+            precomputed=precomputed))
     return losses
 
 
