@@ -17,10 +17,14 @@ import click
 @click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="1: one coloured box per object on a flat grid; 2: the street world (objects built from parts, "
                    "materials, clutter, nuScenes range and class frequencies).")
+@click.option("--workers", type=int, default=None,
+              help="Processes generating scenes in parallel (default: one per CPU, at most one per scene); the "
+                   "output is the same for any number.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that holds no synthetic dataroot.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val_scenes: int | None,
-            seed: int | None, version: str | None, world: str, overwrite: bool, no_progress: bool) -> None:
+            seed: int | None, version: str | None, world: str, workers: int | None, overwrite: bool,
+            no_progress: bool) -> None:
     """Generate a synthetic nuScenes-format dataset (LiDAR, six cameras, 13 tables, custom splits)."""
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
@@ -35,7 +39,9 @@ def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val
                          ("version", version)):
         if value is not None:
             setattr(config, field, value)
-    summary = generate_dataset(out_dir, config, progress=not no_progress, overwrite=overwrite)
+    if workers is not None and workers < 1:
+        raise click.BadParameter(f"must be at least 1, found {workers}", param_hint="--workers")
+    summary = generate_dataset(out_dir, config, progress=not no_progress, overwrite=overwrite, workers=workers)
     click.echo(f"synthetic dataroot {summary['out_dir']} ({summary['version']}): {summary['scenes']} scenes "
                f"({summary['train_scenes']} train / {summary['val_scenes']} val), {summary['samples']} samples, "
                f"{summary['annotations']} annotations, {summary['seconds']:.1f} s, {summary['bytes']} bytes")

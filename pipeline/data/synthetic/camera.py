@@ -17,7 +17,7 @@ from PIL import Image
 
 from ...geometry.transforms import box_corners, invert_transform, transform_points
 from .lidar import face_normals, solid_boxes
-from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, FACE_TOP, box_hits, ground_hits
+from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, FACE_TOP, ground_hits, nearest_hits
 from .rig import IMAGE_HEIGHT, IMAGE_WIDTH
 from .world import EgoPath, Scene
 
@@ -42,25 +42,46 @@ def pixel_rays(intrinsics: np.ndarray) -> np.ndarray:
     return rays / np.linalg.norm(rays, axis=-1, keepdims=True)
 
 
-def _pixel_window(corners_camera: np.ndarray, intrinsics: np.ndarray,
-                  shape: tuple[int, int]) -> tuple[slice, slice] | None:
-    """Low-resolution (rows, cols) window that contains a box with corners (8, 3) in the camera frame."""
+_PAIRS = np.array([(i, j) for i in range(8) for j in range(i + 1, 8)])  # every pair of a box's 8 corners
+NEAR_PLANE = 0.05  # [m] in front of a camera; no object comes this close to one
+
+
+def _window_pixels(corners_camera: np.ndarray, intrinsics: np.ndarray,
+                   shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The low-resolution pixels each box with corners (K, 8, 3) in the camera frame can cover: the bounding window
+    of its part in front of the near plane (its corners there, and where its edges cross the plane). Returns the
+    (pixel, box) pairs: flat pixel indices (P,) and boxes (P,), box by box."""
     height, width = shape
-    in_front = corners_camera[:, 2] > 0.05
-    if not in_front.any():
-        return None
-    if not in_front.all():  # the box straddles the image plane: test the whole image
-        return slice(0, height), slice(0, width)
-    uvw = corners_camera @ intrinsics.T
-    uv = uvw[:, :2] / uvw[:, 2:3]
+    z = corners_camera[:, :, 2]
+    in_front = z > NEAR_PLANE  # (K, 8)
+    a, b = corners_camera[:, _PAIRS[:, 0]], corners_camera[:, _PAIRS[:, 1]]  # (K, 28, 3)
+    crosses = in_front[:, _PAIRS[:, 0]] != in_front[:, _PAIRS[:, 1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(crosses, (NEAR_PLANE - a[..., 2]) / (b[..., 2] - a[..., 2]), 0.0)
+    points = np.concatenate([corners_camera, a + fraction[..., None] * (b - a)], axis=1)  # (K, 36, 3)
+    valid = np.concatenate([in_front, crosses], axis=1)
+    uvw = points @ intrinsics.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = uvw[:, :, :2] / uvw[:, :, 2:3]
     offset = (RENDER_SCALE - 1) / 2.0
-    col0 = max(int(np.floor((uv[:, 0].min() - offset) / RENDER_SCALE)), 0)
-    col1 = min(int(np.ceil((uv[:, 0].max() - offset) / RENDER_SCALE)) + 1, width)
-    row0 = max(int(np.floor((uv[:, 1].min() - offset) / RENDER_SCALE)), 0)
-    row1 = min(int(np.ceil((uv[:, 1].max() - offset) / RENDER_SCALE)) + 1, height)
-    if col0 >= col1 or row0 >= row1:
-        return None
-    return slice(row0, row1), slice(col0, col1)
+    low = np.where(valid[..., None], uv, np.inf).min(axis=1)  # (K, 2)
+    high = np.where(valid[..., None], uv, -np.inf).max(axis=1)
+    seen = in_front.any(axis=1)
+    low, high = np.where(seen[:, None], low, 0.0), np.where(seen[:, None], high, 0.0)
+    col0 = np.maximum(np.floor((low[:, 0] - offset) / RENDER_SCALE), 0).astype(np.int64)
+    col1 = np.minimum(np.ceil((high[:, 0] - offset) / RENDER_SCALE) + 1, width).astype(np.int64)
+    row0 = np.maximum(np.floor((low[:, 1] - offset) / RENDER_SCALE), 0).astype(np.int64)
+    row1 = np.minimum(np.ceil((high[:, 1] - offset) / RENDER_SCALE) + 1, height).astype(np.int64)
+    empty = ~seen | (col0 >= col1) | (row0 >= row1)
+    rows_n = np.where(empty, 0, row1 - row0)
+    cols_n = np.where(empty, 0, col1 - col0)
+    counts = rows_n * cols_n  # (K,) pixels per window
+    box_index = np.repeat(np.arange(len(counts)), counts)
+    local = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)  # index within its window
+    cols_each = np.repeat(np.maximum(cols_n, 1), counts)
+    row_in, col_in = np.divmod(local, cols_each)
+    pixels = (np.repeat(row0, counts) + row_in) * width + np.repeat(col0, counts) + col_in
+    return pixels, box_index
 
 
 def _background(origin: np.ndarray, dirs_global: np.ndarray, visibility_range: float) -> tuple[np.ndarray, np.ndarray]:
@@ -201,30 +222,27 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
         image, depth = _background(origin, dirs_global, visibility_range)
     else:
         image, depth = _street_background(origin, dirs_global, visibility_range, style)
-    owner = np.full(shape, -1)
-    face = np.zeros(shape, dtype=np.int64)
     solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7)) if style is None else \
         np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    flat_depth = depth.reshape(-1)  # a view: the nearest hit so far per pixel
+    owner = np.full(flat_depth.shape, -1)
+    face = np.zeros(flat_depth.shape, dtype=np.int64)
     unoccluded = np.zeros(len(solids), dtype=np.int64)
-    covered: dict[int, list[np.ndarray]] = {}  # owner -> flat pixel indices its parts hit
     if len(solids):
         corners_camera = transform_points(invert_transform(global_from_camera),
                                           box_corners(solids).reshape(-1, 3)).reshape(-1, 8, 3)
-    for k, solid in enumerate(solids):
-        window = _pixel_window(corners_camera[k], intrinsics, shape)
-        if window is None:
-            continue
-        window_dirs = dirs_global[window]  # (hh, ww, 3)
-        box_range, box_face = box_hits(origin, window_dirs.reshape(-1, 3), solid)
-        box_range = box_range.reshape(window_dirs.shape[:2])
-        unoccluded[k] = int(np.isfinite(box_range).sum())
-        if silhouette_out is not None:
-            rows, cols = np.nonzero(np.isfinite(box_range))
-            covered.setdefault(int(owners[k]), []).append((rows + window[0].start) * shape[1] + cols + window[1].start)
-        nearer = box_range < depth[window]
-        depth[window] = np.where(nearer, box_range, depth[window])
-        owner[window] = np.where(nearer, k, owner[window])
-        face[window] = np.where(nearer, box_face.reshape(nearer.shape), face[window])
+        pixels, box_index = _window_pixels(corners_camera, intrinsics, shape)
+        pair_range = nearest_hits(origin, dirs_global.reshape(-1, 3), solids, pixels, box_index, flat_depth, owner,
+                                  face)
+        covers = np.isfinite(pair_range)
+        unoccluded = np.bincount(box_index[covers], minlength=len(solids)).astype(np.int64)
+        if silhouette_out is not None:  # pixels an owner's parts cover, each pixel once per owner
+            silhouette_out[...] = 0
+            keys = np.unique(np.asarray(owners)[box_index[covers]] * flat_depth.size + pixels[covers])
+            if len(keys):
+                silhouette_out += np.bincount(keys // flat_depth.size, minlength=len(silhouette_out))[
+                    :len(silhouette_out)].astype(silhouette_out.dtype)
+    owner, face, depth = owner.reshape(shape), face.reshape(shape), flat_depth.reshape(shape)
     drawn = owner >= 0
     if drawn.any() and style is None:
         shade = np.vectorize(FACE_SHADE.get, otypes=[np.float64])(face[drawn])
@@ -236,10 +254,8 @@ def render_camera(global_from_camera: np.ndarray, intrinsics: np.ndarray, rays_c
         lit = np.asarray(colours, dtype=np.float64)[owner[drawn]] * style.shade(normals)[:, None]
         image[drawn] = lit * (1.0 - fog) + HAZE * fog
     visible = np.bincount(owner[drawn], minlength=len(solids)) if len(solids) else np.zeros(0, dtype=np.int64)
-    if silhouette_out is not None:
+    if silhouette_out is not None and not len(solids):
         silhouette_out[...] = 0
-        for slot, pieces in covered.items():
-            silhouette_out[slot] = len(np.unique(np.concatenate(pieces)))
     if owner_out is not None:
         owner_out[...] = np.where(drawn, np.asarray(owners)[np.maximum(owner, 0)], -1) if owners is not None \
             and len(solids) else owner

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,6 +175,109 @@ def plan_scene(config: SyntheticConfig, scene_index: int) -> ScenePlan:
                       f"attempts; raise objects_per_scene, samples_per_scene or visibility_range")
 
 
+@dataclass
+class SceneResult:
+    """One generated scene: its table records (a `DatasetTables` holding this scene only), how many sweeps and
+    key-frame points it wrote, and the detection classes it annotates."""
+
+    scene_index: int
+    tables: DatasetTables
+    sweeps: int
+    key_frame_points: int
+    classes: set[str]
+
+
+def resolve_workers(workers: int | None, num_scenes: int) -> int:
+    """Processes to generate with: `workers`, or one per CPU; never more than the scenes, at least 1."""
+    wanted = workers if workers is not None else (os.cpu_count() or 1)
+    return max(1, min(wanted, num_scenes))
+
+
+def _new_tables(config: SyntheticConfig) -> DatasetTables:
+    return DatasetTables(config.seed, extra_categories=tuple(OTHER_KINDS) if config.world == 2 else (),
+                         cars=NUM_CARS if config.world == 2 else 1)
+
+
+def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, name: str) -> SceneResult:
+    """Simulates scene `scene_index` and writes its files (LiDAR, cameras, masks) under out_dir; returns its
+    records. Depends only on the config and the scene index."""
+    settings = sensor_settings(config)
+    cameras = CameraRig()
+    tables = _new_tables(config)
+    counts = {"sweeps": 0, "key_frame_points": 0}
+    classes: set[str] = set()
+    plan = plan_scene(config, scene_index)
+    scene = plan.scene
+    log_name = f"synthetic-seed{config.seed}-{scene_index:04d}"
+    tables.scene_car[scene_index] = scene.car
+    tables.add_scene(scene_index, name, log_name, f"Synthetic drive at {scene.path.speed:.1f} m/s, "
+                     f"{len(scene.objects)} objects, draw {plan.attempt}")
+    for key_index, key_time in enumerate(scene.key_frame_times_us):
+        sample_token = tables.add_sample(scene_index, key_index, key_time)
+        for sweep_time in scene.sweep_times_us(key_index):
+            frame = simulate_lidar(scene, sweep_time, settings, count_points=False)
+            filename = f"sweeps/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{sweep_time}.pcd.bin"
+            _write_points(out_dir / filename, frame.points)
+            ego_xy, heading = scene.ego_pose_2d(sweep_time)
+            tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, sweep_time, False, filename,
+                                   ego_xy, heading)
+            counts["sweeps"] += 1
+        key_frame = plan.key_frames[key_index]
+        ego_xy, heading = scene.ego_pose_2d(key_time)
+        filename = f"samples/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{key_time}.pcd.bin"
+        _write_points(out_dir / filename, key_frame.points)
+        counts["key_frame_points"] += len(key_frame.points)
+        tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading)
+        camera_frame = cameras.render(scene, key_time, settings, with_owners=config.instance_masks)
+        image_filenames = []
+        for channel, image, time_us in zip(CAMERA_CHANNELS, camera_frame.images, camera_times(scene, key_time)):
+            filename = f"samples/{channel}/{log_name}__{channel}__{time_us}.jpg"
+            image_filenames.append(filename)
+            save_jpeg(image, out_dir / filename)
+            camera_xy, camera_heading = scene.ego_pose_2d(time_us)
+            tables.add_sample_data(scene_index, channel, sample_token, time_us, True, filename, camera_xy,
+                                   camera_heading)
+        if config.instance_masks:
+            write_key_frame_masks(out_dir, scene, camera_frame, image_filenames, camera_times(scene, key_time),
+                                  config.seed, config.mask_errors)
+        assert np.array_equal(camera_frame.visible, key_frame.visible)
+        boxes = scene.boxes_at(key_time)
+        for slot, object_index in enumerate(key_frame.visible):
+            if key_frame.num_points[slot] == 0:
+                continue
+            obj = scene.objects[object_index]
+            tables.add_annotation(scene_index, int(object_index), obj.category_name, sample_token, key_index,
+                                  boxes[object_index], obj.attribute_at(float(scene.seconds(key_time))),
+                                  int(key_frame.num_points[slot]),
+                                  float(camera_frame.visible_fraction[slot]))
+            if not obj.category:
+                classes.add(obj.class_name)
+    return SceneResult(scene_index, tables, counts["sweeps"], counts["key_frame_points"], classes)
+
+
+def _scene_job(args: tuple[Path, SyntheticConfig, int, str]) -> SceneResult:
+    return generate_scene(*args)
+
+
+def _run_scenes(out_dir: Path, config: SyntheticConfig, names: list[str], workers: int, bar) -> list[SceneResult]:
+    """Every scene's result in scene order, from `workers` processes (1: in this process)."""
+    jobs = [(out_dir, config, k, names[k]) for k in range(config.num_scenes)]
+    if workers == 1:
+        results = []
+        for job in jobs:
+            results.append(_scene_job(job))
+            bar.update(config.samples_per_scene)
+        return results
+    # fork: the workers inherit the loaded modules; each returns its scene's records, merged here in order
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_scene_job, job) for job in jobs]
+        for future in as_completed(futures):
+            future.result()
+            bar.update(config.samples_per_scene)
+        return [future.result() for future in futures]
+
+
 def prepare_dataroot(out_dir: Path, version: str, overwrite: bool) -> None:
     """Refuses a non-empty folder that is not a previous synthetic dataroot (unless overwrite); clears the paths
     this generator writes."""
@@ -218,8 +324,11 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: bool = True,
-                     overwrite: bool = False) -> dict:
-    """Writes the dataroot and returns a summary: scenes, samples, sweeps, annotations, seconds, bytes, ..."""
+                     overwrite: bool = False, workers: int | None = None) -> dict:
+    """Writes the dataroot and returns a summary: scenes, samples, sweeps, annotations, seconds, bytes, ...
+
+    Scenes are generated by `workers` processes (default: one per CPU, at most one per scene); every scene draws
+    from its own random streams and the tables are assembled in scene order, so the bytes do not depend on it."""
     started = time.perf_counter()
     check_config(config)
     out_dir = Path(out_dir)
@@ -227,68 +336,22 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
     manifest = {"generator": GENERATOR_ID, "complete": False, "config": asdict(config)}
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
-    settings = sensor_settings(config)
-    cameras = CameraRig()
-    tables = DatasetTables(config.seed, extra_categories=tuple(OTHER_KINDS) if config.world == 2 else (),
-                           cars=NUM_CARS if config.world == 2 else 1)
-    scene_names: list[str] = []
-    val_classes: set[str] = set()
+    tables = _new_tables(config)
     first_val = config.num_scenes - config.val_scenes
     official = official_mini_scenes() if is_official_mini(config) else None
-    counts = {"sweeps": 0, "key_frame_points": 0}
+    scene_names = [(official[0] + official[1])[k] if official else f"scene-{k:04d}" for k in range(config.num_scenes)]
     bar = tqdm(total=config.num_scenes * config.samples_per_scene, desc="synthetic key frames", unit="sample",
                disable=not progress)
-    for scene_index in range(config.num_scenes):
-        plan = plan_scene(config, scene_index)
-        scene = plan.scene
-        name = (official[0] + official[1])[scene_index] if official else f"scene-{scene_index:04d}"
-        log_name = f"synthetic-seed{config.seed}-{scene_index:04d}"
-        scene_names.append(name)
-        tables.scene_car[scene_index] = scene.car
-        tables.add_scene(scene_index, name, log_name, f"Synthetic drive at {scene.path.speed:.1f} m/s, "
-                         f"{len(scene.objects)} objects, draw {plan.attempt}")
-        for key_index, key_time in enumerate(scene.key_frame_times_us):
-            sample_token = tables.add_sample(scene_index, key_index, key_time)
-            for sweep_time in scene.sweep_times_us(key_index):
-                frame = simulate_lidar(scene, sweep_time, settings, count_points=False)
-                filename = f"sweeps/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{sweep_time}.pcd.bin"
-                _write_points(out_dir / filename, frame.points)
-                ego_xy, heading = scene.ego_pose_2d(sweep_time)
-                tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, sweep_time, False, filename,
-                                       ego_xy, heading)
-                counts["sweeps"] += 1
-            key_frame = plan.key_frames[key_index]
-            ego_xy, heading = scene.ego_pose_2d(key_time)
-            filename = f"samples/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{key_time}.pcd.bin"
-            _write_points(out_dir / filename, key_frame.points)
-            counts["key_frame_points"] += len(key_frame.points)
-            tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading)
-            camera_frame = cameras.render(scene, key_time, settings, with_owners=config.instance_masks)
-            image_filenames = []
-            for channel, image, time_us in zip(CAMERA_CHANNELS, camera_frame.images, camera_times(scene, key_time)):
-                filename = f"samples/{channel}/{log_name}__{channel}__{time_us}.jpg"
-                image_filenames.append(filename)
-                save_jpeg(image, out_dir / filename)
-                camera_xy, camera_heading = scene.ego_pose_2d(time_us)
-                tables.add_sample_data(scene_index, channel, sample_token, time_us, True, filename, camera_xy,
-                                       camera_heading)
-            if config.instance_masks:
-                write_key_frame_masks(out_dir, scene, camera_frame, image_filenames, camera_times(scene, key_time),
-                                      config.seed, config.mask_errors)
-            assert np.array_equal(camera_frame.visible, key_frame.visible)
-            boxes = scene.boxes_at(key_time)
-            for slot, object_index in enumerate(key_frame.visible):
-                if key_frame.num_points[slot] == 0:
-                    continue
-                obj = scene.objects[object_index]
-                tables.add_annotation(scene_index, int(object_index), obj.category_name, sample_token, key_index,
-                                      boxes[object_index], obj.attribute_at(float(scene.seconds(key_time))),
-                                      int(key_frame.num_points[slot]),
-                                      float(camera_frame.visible_fraction[slot]))
-                if scene_index >= first_val and not obj.category:
-                    val_classes.add(obj.class_name)
-            bar.update(1)
+    results = _run_scenes(out_dir, config, scene_names, resolve_workers(workers, config.num_scenes), bar)
     bar.close()
+    counts = {"sweeps": 0, "key_frame_points": 0}
+    val_classes: set[str] = set()
+    for result in results:  # in scene order, whatever order the scenes finished in
+        tables.extend(result.tables)
+        counts["sweeps"] += result.sweeps
+        counts["key_frame_points"] += result.key_frame_points
+        if result.scene_index >= first_val:
+            val_classes |= result.classes
 
     map_filename = f"maps/{tables.map_token()}.png"
     _write_map(out_dir / map_filename)

@@ -243,15 +243,26 @@ def build_street_scene(index: int, rng: np.random.Generator, *, start_timestamp:
     s_range = (-reach, last_arc + reach)
     placed: list[SceneObject] = []
     corners: list[np.ndarray] = []
+    extents: list[np.ndarray] = []  # (4,) x min, y min, x max, y max of each placed object's swept corners
+    ego_extent = np.concatenate([ego.reshape(-1, 2).min(0), ego.reshape(-1, 2).max(0)])
+
+    def apart(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """True where axis-aligned extents (..., 4) do not meet: such footprints cannot overlap."""
+        return (a[..., 2] < b[..., 0]) | (b[..., 2] < a[..., 0]) | (a[..., 3] < b[..., 1]) | (b[..., 3] < a[..., 1])
 
     def place(candidates: list[SceneObject]) -> None:
         """Place each member of a group that fits (a line of cones may lose the cone a parked car stands on)."""
         for candidate in candidates:
             c = _corners(candidate, times_s)
-            if rectangles_overlap(c, ego).any() or any(rectangles_overlap(c, other).any() for other in corners):
+            extent = np.concatenate([c.reshape(-1, 2).min(0), c.reshape(-1, 2).max(0)])
+            if not apart(extent, ego_extent) and rectangles_overlap(c, ego).any():
+                continue
+            near = np.nonzero(~apart(np.asarray(extents).reshape(-1, 4), extent))[0] if extents else []
+            if any(rectangles_overlap(c, corners[k]).any() for k in near):
                 continue
             placed.append(candidate)
             corners.append(c)
+            extents.append(extent)
 
     for group in _proposals(street, rng, s_range, objects_per_scene):
         place(group)

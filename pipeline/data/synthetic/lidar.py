@@ -13,7 +13,7 @@ import numpy as np
 
 from ...geometry.transforms import box_corners, invert_transform, transform_points
 from .catalog import GROUND_INTENSITY
-from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, box_hits, ground_hits
+from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, ground_hits, nearest_hits
 
 GROUND_REFLECTIVITY = 0.09  # asphalt (world v2)
 FRONT_FACE_GAIN = 2.0  # intensity factor of returns from a box's front (+x) face
@@ -57,15 +57,28 @@ def solid_boxes(boxes: np.ndarray) -> np.ndarray:
     return solids
 
 
-def _azimuth_columns(corners_lidar: np.ndarray, pattern: LidarPattern) -> np.ndarray:
-    """Azimuth columns (n,) a box with corners (8, 3) in the LiDAR frame can be hit by (wrapping at 2 pi)."""
-    angles = np.arctan2(corners_lidar[:, 1], corners_lidar[:, 0])
-    centre = np.arctan2(corners_lidar[:, 1].mean(), corners_lidar[:, 0].mean())
-    relative = (angles - centre + np.pi) % (2 * np.pi) - np.pi  # (8,) within (-pi, pi]: the box does not wrap
+def _azimuth_windows(corners_lidar: np.ndarray, pattern: LidarPattern) -> tuple[np.ndarray, np.ndarray]:
+    """First and last azimuth column (K,) each of K boxes with corners (K, 8, 3) in the LiDAR frame can be hit by
+    (unwrapped: a column index may be negative or beyond the last; take it modulo the column count)."""
+    angles = np.arctan2(corners_lidar[:, :, 1], corners_lidar[:, :, 0])  # (K, 8)
+    centre = np.arctan2(corners_lidar[:, :, 1].mean(axis=1), corners_lidar[:, :, 0].mean(axis=1))  # (K,)
+    relative = (angles - centre[:, None] + np.pi) % (2 * np.pi) - np.pi  # within (-pi, pi]: a box does not wrap
     step = 2 * np.pi / pattern.num_azimuths
-    first = int(np.floor((centre + relative.min()) / step)) - 1
-    last = int(np.ceil((centre + relative.max()) / step)) + 1
-    return np.arange(first, last + 1) % pattern.num_azimuths
+    first = np.floor((centre + relative.min(axis=1)) / step).astype(np.int64) - 1
+    last = np.ceil((centre + relative.max(axis=1)) / step).astype(np.int64) + 1
+    return first, last
+
+
+def _window_rays(first: np.ndarray, last: np.ndarray, pattern: LidarPattern) -> tuple[np.ndarray, np.ndarray]:
+    """The (ray, box) pairs of every beam in each box's azimuth window: rays (P,) and boxes (P,), box by box."""
+    widths = last - first + 1  # (K,) columns per box
+    box_index = np.repeat(np.arange(len(first)), widths)  # (n,)
+    starts = np.cumsum(widths) - widths
+    columns = (np.arange(int(widths.sum())) - np.repeat(starts, widths) + np.repeat(first, widths)) \
+        % pattern.num_azimuths
+    beams = np.arange(pattern.num_beams) * pattern.num_azimuths  # (B,)
+    rays = (columns[:, None] + beams[None, :]).ravel()  # every beam of each window column
+    return rays, np.repeat(box_index, pattern.num_beams)
 
 
 def _cast(global_from_lidar: np.ndarray, solids: np.ndarray, pattern: LidarPattern
@@ -84,14 +97,8 @@ def _cast(global_from_lidar: np.ndarray, solids: np.ndarray, pattern: LidarPatte
     if len(solids):
         corners_lidar = transform_points(invert_transform(global_from_lidar),
                                          box_corners(solids).reshape(-1, 3)).reshape(-1, 8, 3)
-        beams = np.arange(pattern.num_beams)[:, None] * pattern.num_azimuths  # (B, 1)
-        for k, solid in enumerate(solids):
-            rays = (beams + _azimuth_columns(corners_lidar[k], pattern)[None]).ravel()  # (B * n,)
-            box_range, box_face = box_hits(origin, dirs_global[rays], solid)
-            nearer = box_range < ranges[rays]
-            ranges[rays[nearer]] = box_range[nearer]
-            owner[rays[nearer]] = k
-            face[rays[nearer]] = box_face[nearer]
+        rays, box_index = _window_rays(*_azimuth_windows(corners_lidar, pattern), pattern)
+        nearest_hits(origin, dirs_global, solids, rays, box_index, ranges, owner, face)
     return dirs_lidar, dirs_global, ranges, owner, face
 
 

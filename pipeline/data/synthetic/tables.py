@@ -154,6 +154,16 @@ class DatasetTables:
             "num_lidar_pts": int(num_lidar_pts), "num_radar_pts": 0})
         return token
 
+    SCENE_TABLES = ("log", "scene", "sample", "sample_data", "ego_pose", "instance", "sample_annotation")
+
+    def extend(self, other: "DatasetTables") -> None:
+        """Appends the scene records of `other` (tables of the same seed, e.g. one scene generated in another
+        process) after this one's; the vocabulary and the rig are the same in both and are kept once."""
+        for name in self.SCENE_TABLES:
+            self.tables[name].extend(other.tables[name])
+        self.scene_car.update(other.scene_car)
+        self._instance_tokens |= other._instance_tokens
+
     def add_map(self, png_filename: str) -> None:
         self.tables["map"].append({"token": self.token("map"), "log_tokens": [r["token"] for r in self.tables["log"]],
                                    "category": "semantic_prior", "filename": png_filename})

@@ -10,6 +10,7 @@ LiDAR timestamp of the scene.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -193,12 +194,32 @@ class Scene:
         xy, heading = self.path.pose(self.seconds(timestamp_us))
         return xy[0], float(heading[0])
 
+    @cached_property
+    def _linear_motion(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The objects that move at constant velocity (K_c,), their xy (K_c, 2) at t = 0, velocities (K_c, 2) and
+        (z, l, w, h, yaw) (K_c, 5), for `boxes_at`."""
+        linear = [k for k, obj in enumerate(self.objects) if obj.yaw_rate == 0.0 and obj.acceleration == 0.0]
+        objs = [self.objects[k] for k in linear]
+        return (np.asarray(linear, dtype=np.int64), np.array([o.xy for o in objs]).reshape(-1, 2),
+                np.array([o.velocity for o in objs]).reshape(-1, 2),
+                np.array([(o.size_wlh[2] / 2.0, o.size_wlh[1], o.size_wlh[0], o.size_wlh[2], o.yaw)
+                          for o in objs]).reshape(-1, 5))
+
     def boxes_at(self, timestamp_us: int) -> np.ndarray:
         """Boxes (K, 7) of every object at an absolute timestamp (K = len(objects))."""
         t = np.array([self.seconds(timestamp_us)])
         if not self.objects:
             return np.zeros((0, 7))
-        return np.concatenate([obj.boxes_at(t) for obj in self.objects], axis=0)
+        out = np.empty((len(self.objects), 7))
+        linear, xy, velocity, rest = self._linear_motion
+        out[linear, 0] = xy[:, 0] + velocity[:, 0] * t[0]  # as SceneObject.boxes_at, all at once
+        out[linear, 1] = xy[:, 1] + velocity[:, 1] * t[0]
+        out[linear, 2:7] = rest
+        moving = np.ones(len(self.objects), dtype=bool)
+        moving[linear] = False
+        for k in np.nonzero(moving)[0]:
+            out[k] = self.objects[k].boxes_at(t)[0]
+        return out
 
 
 def rectangle_corners(xy: np.ndarray, length: np.ndarray, width: np.ndarray, yaw: np.ndarray) -> np.ndarray:
