@@ -9,6 +9,7 @@ BEV neck -> CenterHead, for the four variants BEVDet, BEVDepth, BEVDet4D and BEV
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -38,6 +39,19 @@ class StudentOutputs:
     features: dict[str, torch.Tensor]
     head: list[dict[str, torch.Tensor]]
     depth: torch.Tensor | None
+
+    def float(self) -> "StudentOutputs":
+        """Every floating tensor in float32 (the outputs of a bf16-autocast forward, before the losses)."""
+        def cast(value):
+            return value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+
+        if isinstance(self.head, list):  # CenterHead: a dict of maps per task
+            head = [{k: cast(v) for k, v in task.items()} for task in self.head]
+        else:  # a dataclass of tensors (BEVFormer's DETR head)
+            head = dataclasses.replace(self.head, **{f.name: cast(getattr(self.head, f.name))
+                                                     for f in dataclasses.fields(self.head)})
+        return StudentOutputs(features={k: cast(v) for k, v in self.features.items()}, head=head,
+                              depth=None if self.depth is None else cast(self.depth))
 
 
 def check_images(images: torch.Tensor | None, name: str, config: StudentModelConfig) -> torch.Tensor:

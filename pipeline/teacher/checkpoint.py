@@ -154,7 +154,7 @@ def save_teacher_checkpoint(model: nn.Module, path: str | Path, config: Any = No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config_dict = config if isinstance(config, dict) or config is None else to_dict(config)
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    payload = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                "config": config_dict, "meta": dict(meta or {}), "format": FORMAT_NAME}
     temporary = path.with_name(path.name + ".tmp")
     torch.save(payload, temporary)

@@ -93,6 +93,8 @@ class TeacherTrainConfig:
     max_steps_per_epoch: int = 0  # cap on steps per epoch (0 = the whole split); for smoke runs
     evaluate: bool = True  # decode the val split and run the nuScenes evaluation after training
     log_every: int = 10  # steps between train_log.jsonl records
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the training forward (pipeline/precision.py)
+    channels_last: bool = False  # NHWC convolutions (faster with oneDNN / cuDNN); evaluation is unaffected
 
 
 @dataclass

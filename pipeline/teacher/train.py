@@ -35,6 +35,7 @@ from ..config import dump_config, to_dict
 from ..data.types import Detections
 from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices, unwrap
 from ..errors import CheckpointError
+from ..precision import Precision, autocast, set_memory_format
 from .checkpoint import load_teacher_checkpoint, save_teacher_checkpoint
 from .config import TeacherExperimentConfig, TeacherTrainConfig
 from .model import CenterPointTeacher
@@ -85,10 +86,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TeacherTrainConfig,
 
 def train_step(model: CenterPointTeacher, points: list[torch.Tensor], gt_boxes: list[torch.Tensor],
                gt_labels: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-               grad_clip: float = 0.0) -> dict[str, float]:
-    """One forward/backward/update on a batch (tensors already on the model's device). Returns loss terms."""
+               grad_clip: float = 0.0, precision: Precision = "fp32") -> dict[str, float]:
+    """One forward/backward/update on a batch (tensors already on the model's device). Returns loss terms.
+
+    The forward runs under `precision`'s autocast; the head loss casts its inputs to float32 itself."""
     model.train()
-    outputs = model(points)  # through the DDP wrapper when there is one (it syncs the gradients)
+    with autocast(points[0].device, precision):
+        outputs = model(points)  # through the DDP wrapper when there is one (it syncs the gradients)
     losses = unwrap(model).pts_bbox_head.loss(outputs.head, gt_boxes, gt_labels)
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
@@ -122,7 +126,8 @@ def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torc
         if num_steps is not None and index >= num_steps:
             break
         batch = batch.to(device)
-        record = train_step(model, batch.points, batch.gt_boxes, batch.gt_labels, optimizer, train.grad_clip)
+        record = train_step(model, batch.points, batch.gt_boxes, batch.gt_labels, optimizer, train.grad_clip,
+                            train.precision)
         scheduler.step()
         step += 1
         count += 1
@@ -177,7 +182,7 @@ def save_run_state(run_dir: Path, epoch: int, step: int, model: CenterPointTeach
     epoch and world size they were counted under)."""
     meta = {"epoch": epoch, "step": step}
     save_teacher_checkpoint(model, run_dir / "checkpoints" / f"epoch_{epoch}.pth", config.model, meta)
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    payload = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                "config": to_dict(config.model), "meta": meta, "format": "distillbev-teacher",
                "training": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "epoch": epoch, "step": step, "rng": _rng_state(),
@@ -280,7 +285,7 @@ def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, d
             train_set, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=train.seed)
     loader = _make_loader(train_set, train.batch_size, True, train.num_workers, train.seed, collate_samples, sampler)
     steps_per_epoch = len(loader) if train.max_steps_per_epoch <= 0 else min(len(loader), train.max_steps_per_epoch)
-    model = CenterPointTeacher(config.model).to(device)
+    model = set_memory_format(CenterPointTeacher(config.model).to(device), train.channels_last)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, train.epochs * steps_per_epoch)
     start_epoch, step = 0, 0
