@@ -16,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from .demo import STUDENTS, Step, plan, run_steps, student_label, with_resume
+from .demo import STUDENTS, plan, student_label
+from .jobs import Step, run_parallel, run_steps
 
 # Layer pairs as config literals (student feature, teacher feature, adapter, FP region).
 B0 = "{student: backbone0, teacher: backbone0, adapter: upsample_3layer, use_false_positive: false}"
@@ -71,43 +72,6 @@ def run_name(overrides: list[str] | None) -> str:
     import hashlib
 
     return "distilled_" + hashlib.md5("\n".join(sorted(overrides)).encode()).hexdigest()[:10]
-
-
-def run_parallel(steps: list[Step], jobs: int, seconds: dict[str, float]) -> None:
-    """Run the unfinished steps, `jobs` at a time, each as a `python -m distillbev.cli` process whose output goes
-    to <run dir>.log; a failed run is reported with its log's path."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    pending = [step for step in steps if not step.is_done()]
-    for step in steps:
-        if step.is_done():
-            click.echo(f"{step.name}: done already ({step.done_marker}), reused")
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
-
-    def run(step: Step) -> tuple[Step, int, float, Path]:
-        run_dir = Path(step.argv[step.argv.index("--out") + 1])
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log_path = run_dir.with_suffix(".log")
-        click.echo(f"{step.name}: distillbev {' '.join(step.argv)}  (log: {log_path})")
-        t0 = time.perf_counter()
-        with log_path.open("a") as log:
-            code = subprocess.run([sys.executable, "-m", "distillbev.cli", *with_resume(step.argv)], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env).returncode
-        return step, code, time.perf_counter() - t0, log_path
-
-    failed = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for step, code, elapsed, log_path in pool.map(run, pending):
-            seconds[step.name] = round(elapsed, 1)
-            click.echo(f"{step.name}: {'finished' if code == 0 else f'FAILED (exit {code})'} in {elapsed:.0f} s")
-            if code != 0 or not step.is_done():
-                failed.append(f"{step.name} (see {log_path})")
-    if failed:
-        raise click.ClickException("ablation runs failed: " + "; ".join(failed))
 
 
 def mean_and_sd(runs: list[dict]) -> tuple[dict, dict]:

@@ -1,7 +1,9 @@
 """`distillbev demo`: the whole pipeline on the embedded synthetic dataset, with a results table and figures.
 
-Each step is the equivalent `distillbev` command run in-process; a step whose output is already complete is
-reused, so rerunning after an interruption continues where it stopped. The two students evaluate every 2 epochs
+Each step is the equivalent `distillbev` command: the data, teacher and cache steps run in-process with every core,
+the two students side by side as two processes with half the cores each (`--jobs 1`: in-process, one after the
+other; stages/jobs.py). A step whose output is already complete is reused, so rerunning after an interruption
+continues where it stopped. The data is the street world (`make-synthetic --world 2`). The two students evaluate every 2 epochs
 and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end
 (OUT/figures_<student>/ for a student other than bevdet).
 
@@ -14,65 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
+
+from .jobs import Step, run_parallel, run_steps
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "synthetic"
 STUDENTS = ("bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer")  # configs/synthetic/student_<name>.yaml
-
-
-@dataclass
-class Step:
-    name: str
-    argv: list[str]
-    done_marker: Path  # the step's last output: a file, or a cache store whose status must be complete
-
-    def is_done(self) -> bool:
-        if self.done_marker.suffix == ".zarr":
-            return cache_is_complete(self.done_marker)
-        return self.done_marker.exists()
-
-
-def cache_is_complete(path: Path) -> bool:
-    """True when `path` is a complete teacher cache of this schema (a partial one is resumed, an older one is
-    extracted again by the step, which names it)."""
-    from ..cache_schemas.v2 import SCHEMA_VERSION
-
-    metadata = path / "zarr.json"
-    if not metadata.exists():
-        return False
-    attributes = json.loads(metadata.read_text()).get("attributes", {})
-    return attributes.get("status") == "complete" and attributes.get("schema_version") == SCHEMA_VERSION
-
-
-def with_resume(argv: list[str]) -> list[str]:
-    """A training command continues an interrupted run (its RUN/latest.pth) instead of starting over."""
-    if argv[0] in ("train-teacher", "train-student") and "--out" in argv:
-        if (Path(argv[argv.index("--out") + 1]) / "latest.pth").exists():
-            return [*argv, "--resume"]
-    return argv
-
-
-def run_steps(steps: list[Step], seconds: dict[str, float]) -> None:
-    """Run each step's command in-process unless its output is complete already; records seconds per step."""
-    from ..cli import cli
-
-    for index, step in enumerate(steps, 1):
-        if step.is_done():
-            click.echo(f"[{index}/{len(steps)}] {step.name}: done already ({step.done_marker}), reused")
-            continue
-        argv = with_resume(step.argv)
-        click.echo(f"[{index}/{len(steps)}] {step.name}: distillbev {' '.join(argv)}")
-        t0 = time.perf_counter()
-        cli.main(args=argv, prog_name="distillbev", standalone_mode=False)
-        seconds[step.name] = round(time.perf_counter() - t0, 1)
-        if not step.is_done():
-            raise RuntimeError(f"step {step.name!r} finished without writing {step.done_marker}")
 
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
@@ -85,7 +40,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     student_config = str(CONFIG_DIR / f"student_{student}.yaml")
     students = {"baseline": out / "students" / f"{student}_baseline",
                 "distilled": out / "students" / f"{student}_distilled"}
-    synth = ["make-synthetic", "--out", str(dataroot)]
+    synth = ["make-synthetic", "--out", str(dataroot), "--world", "2"]
     if scenes is not None:
         synth += ["--scenes", str(scenes)]
     if samples_per_scene is not None:
@@ -172,11 +127,14 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.option("--scenes", type=int, default=None, help="Synthetic scenes (default: the generator's default).")
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--jobs", type=click.IntRange(1, 2), default=min(2, os.cpu_count() or 1), show_default="2 with 2+ cores",
+              help="Student runs trained at once (baseline and distilled), each its own process with cores/jobs "
+                   "threads; 1 trains them one after the other in this process.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override the teacher config.")
 def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-            device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
+            device: str, jobs: int, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
     of the two students (figures/: training curves, attention maps, qualitative boxes)."""
@@ -190,7 +148,11 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     # seconds of this plan's steps recorded by an earlier run (matched by command: two students' steps share names)
     seconds = {s["name"]: s["seconds"] for s in previous.get("steps", []) if tuple(s["command"]) in commands}
     started = time.perf_counter()
-    run_steps(steps, seconds)
+    run_steps(steps[:3], seconds)  # data, teacher, cache: each uses every core
+    if jobs > 1:  # the two students side by side, cores split between them
+        run_parallel(steps[3:], jobs, seconds, label="students")
+    else:
+        run_steps(steps[3:], seconds)
     teacher_name = "CenterPoint"
     rows = [result_row(steps[1].done_marker, None, teacher_name, "-", "L")]
     for name in STUDENTS:  # every student with both runs finished in OUT, this one included
