@@ -17,7 +17,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VARIANTS = ("bevdet", "bevdepth", "bevdet4d", "bevdepth4d")
 # A still smaller grid than the synthetic config (+-12.8 m = 32 x 32) keeps these tests fast.
 TINY = ["image_size=[64, 96]", "bev.x_min=-12.8", "bev.x_max=12.8", "bev.y_min=-12.8", "bev.y_max=12.8",
-        "head.grid.x_min=-12.8", "head.grid.x_max=12.8", "head.grid.y_min=-12.8", "head.grid.y_max=12.8"]
+        "bev.resolution=0.8", "head.grid.x_min=-12.8", "head.grid.x_max=12.8", "head.grid.y_min=-12.8",
+        "head.grid.y_max=12.8", "head.grid.resolution=0.8"]
 
 logger = logging.getLogger(__name__)
 
