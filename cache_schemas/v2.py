@@ -49,6 +49,13 @@ VIEWS_DTYPE = "float64"
 DONE_DTYPE = "uint8"
 HEATMAP_CHANNELS = 10
 ZSTD_LEVEL = 3
+# int8 rate control (`pipeline/cache/quantize.py`): RMS quantisation error per layer map as a fraction of its RMS.
+# The manifest's optional `storage.int8_error` holds it; absent means 0 (steps of range / 255, the int8 stores
+# written before the codec study), so those stores keep their identity and old readers read new stores unchanged:
+# the stored form is the same (int8 + per-channel scale and offset, x = q * scale + offset).
+INT8_ERROR_KEY = "int8_error"
+DEFAULT_INT8_ERROR = 0.03  # the default of extract-teacher (docs/cache.md "Codecs": cosine >= 0.9997 measured)
+MAX_INT8_ERROR = 0.1
 ATTENTION_TEMPERATURE = 0.5  # tau of the DistillBEV spatial attention
 
 HEATMAP = "heatmap"
@@ -127,9 +134,26 @@ def validate_manifest(manifest: Any) -> list[str]:
         if manifest["storage"]["dtype"] not in FEATURE_DTYPES:
             problems.append(f"storage.dtype: expected one of {sorted(FEATURE_DTYPES)}, "
                             f"found {manifest['storage']['dtype']!r}")
+        problems += _int8_error_problems(manifest["storage"])
         if manifest["status"] not in (STATUS_WRITING, STATUS_COMPLETE):
             problems.append(f"status: expected 'writing' or 'complete', found {manifest['status']!r}")
     return problems
+
+
+def int8_error(storage: dict[str, Any]) -> float:
+    """The int8 error budget of a manifest's `storage` section (0 when absent: range/255 steps, or fp16)."""
+    return float(storage.get(INT8_ERROR_KEY, 0.0))
+
+
+def _int8_error_problems(storage: dict[str, Any]) -> list[str]:
+    if INT8_ERROR_KEY not in storage:
+        return []
+    value = storage[INT8_ERROR_KEY]
+    if not _is_instance(value, float) or not 0 < value <= MAX_INT8_ERROR:
+        return [f"storage.{INT8_ERROR_KEY}: expected a number in (0, {MAX_INT8_ERROR}], found {value!r}"]
+    if storage["dtype"] != "int8":
+        return [f"storage.{INT8_ERROR_KEY}: only an int8 store has one, found dtype {storage['dtype']!r}"]
+    return []
 
 
 def _check_section(data: Any, schema: dict[str, Any], prefix: str, problems: list[str]) -> None:

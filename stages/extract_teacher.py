@@ -17,6 +17,8 @@ import click
 
 from .options import recorded_storage_options, storage_option
 
+from ..cache_schemas.v2 import DEFAULT_INT8_ERROR, MAX_INT8_ERROR
+
 DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher layers (B1, B2, pre-head)
 
 
@@ -34,8 +36,12 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view draws.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Extraction processes, each owning a contiguous run of samples.")
-@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "int8"]),
-              help="Feature storage: float16, or int8 with a per-channel scale/offset per sample-view.")
+@click.option("--dtype", default="int8", show_default=True, type=click.Choice(["fp16", "int8"]),
+              help="Feature storage: int8 with a per-channel scale/offset per sample-view, or float16 "
+                   "(docs/cache.md, Codecs).")
+@click.option("--int8-error", default=DEFAULT_INT8_ERROR, show_default=True, type=click.FloatRange(0, MAX_INT8_ERROR),
+              help="int8 only: RMS quantisation error per feature map as a fraction of its RMS; coarser steps take "
+                   "fewer bytes (0: steps of range/255; ignored with --dtype fp16).")
 @click.option("--layers", default=DEFAULT_LAYERS, show_default=True, help="Comma-separated teacher layers to store.")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Sample-views per teacher forward pass (part of what makes a resumed run bit-identical).")
@@ -47,8 +53,9 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. data.num_sweeps=4.")
 def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, storage_options: tuple[str, ...],
-            split: str, views: int, seed: int, workers: int, dtype: str, layers: str, batch_size: int,
-            no_background_writer: bool, overwrite: bool, repair: bool, device: str, overrides: tuple[str, ...]) -> None:
+            split: str, views: int, seed: int, workers: int, dtype: str, int8_error: float, layers: str,
+            batch_size: int, no_background_writer: bool, overwrite: bool, repair: bool, device: str,
+            overrides: tuple[str, ...]) -> None:
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     import dataclasses
     import logging
@@ -133,14 +140,15 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         "distillbev", "extract-teacher", "--config", str(Path(config_path).resolve()), "--dataroot",
         str(Path(dataroot).resolve()), "--checkpoint", str(Path(checkpoint).resolve()), "--cache",
         str(location.resolved()), *recorded_storage_options(options), "--split", split, "--views", str(views),
-        "--seed", str(seed), "--workers", str(workers), "--dtype", dtype, "--layers", ",".join(layer_names),
+        "--seed", str(seed), "--workers", str(workers), "--dtype", dtype,
+        *(["--int8-error", repr(int8_error)] if dtype == "int8" else []), "--layers", ",".join(layer_names),
         "--batch-size", str(batch_size), "--device", device,
         *(["--no-background-writer"] if no_background_writer else []),
         *[arg for item in overrides for arg in ("--set", item)]])
     manifest = build_manifest(
         teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
         layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,
-        views=view_config, sample_tokens=list(dataset.sample_tokens),
+        views=view_config, sample_tokens=list(dataset.sample_tokens), int8_error=int8_error if dtype == "int8" else 0.0,
         dataset={"dataroot": str(dataroot), "version": data_config.version, "split": split,
                  "num_sweeps": data_config.num_sweeps, "fingerprint": inputs.fingerprint,
                  "point_loading": point_loading_settings(data_config)},

@@ -2,8 +2,10 @@
 
 zarr returns the fill value for a chunk that is not in the store, and a bare ValueError for a checksum mismatch.
 A teacher cache must never hand out fill values as targets, so the reader and the checks read each chunk's bytes
-themselves (one `get` through the array's own zarr store, any backend) and decode the v2 codec chain
-(bytes -> zstd -> crc32c) here:
+themselves (one `get` through the array's own zarr store, any backend) and decode them here. The codec chain
+is read from each array's zarr metadata: a serializer `bytes`, then any number of `zstd` or `blosc` compressors,
+then `crc32c` (schema 2 writes bytes -> zstd -> crc32c; a blosc chain is decoded too, so a store written with
+zarr's standard blosc codec reads the same way). Any other chain is named as unsupported:
 
     raw = get_chunk_bytes(array, (s, v))          # bytes, or None when the chunk is absent
     values = decode_chunk(array, raw)             # ChunkError("checksum mismatch") / ("does not decompress")
@@ -75,22 +77,111 @@ def check_chunk_bytes(raw: bytes | None) -> None:
         raise ChunkError(problem)
 
 
-def expect_v2_codecs(array: Any) -> None:
-    """ChunkError unless the array stores its chunks as bytes -> zstd -> crc32c (what `decode_chunk` reads)."""
-    names = [type(c).__name__ for c in (*array.filters, array.serializer, *array.compressors) if c is not None]
-    if names != ["BytesCodec", "ZstdCodec", "Crc32cCodec"]:
-        raise ChunkError(f"unexpected codecs {names} (a v2 store uses BytesCodec, ZstdCodec, Crc32cCodec)")
+SUPPORTED_COMPRESSORS = ("ZstdCodec", "BloscCodec")
+
+
+def codec_names(array: Any) -> list[str]:
+    """The class names of an array's codecs in write order, e.g. ['BytesCodec', 'ZstdCodec', 'Crc32cCodec']."""
+    return [type(c).__name__ for c in (*array.filters, array.serializer, *array.compressors) if c is not None]
+
+
+def expect_supported_codecs(array: Any) -> None:
+    """ChunkError unless the array stores its chunks as bytes -> (zstd | blosc)* -> crc32c (what `decode_chunk`
+    reads)."""
+    names = codec_names(array)
+    middle = names[1:-1]
+    if (len(names) < 2 or names[0] != "BytesCodec" or names[-1] != "Crc32cCodec"
+            or any(name not in SUPPORTED_COMPRESSORS for name in middle)):
+        raise ChunkError(f"unsupported codecs {names} (a v2 store uses BytesCodec, then ZstdCodec or BloscCodec, "
+                         f"then Crc32cCodec)")
+
+
+expect_v2_codecs = expect_supported_codecs  # the name before blosc chains were read
+
+
+def _decompressor(codec: Any) -> Any:
+    """A numcodecs object that decodes what the zarr v3 compressor `codec` wrote (single-threaded)."""
+    name = type(codec).__name__
+    if name == "ZstdCodec":
+        from numcodecs.zstd import Zstd
+
+        return Zstd()
+    if name == "BloscCodec":
+        from numcodecs.blosc import Blosc
+
+        Blosc.use_threads = False  # a decode runs in one thread: DataLoader workers are the parallelism
+        return Blosc()  # a blosc frame carries its own cname, shuffle and typesize
+    raise ChunkError(f"unsupported compressor {name}")
+
+
+def _compressor(codec: Any) -> Any:
+    """A numcodecs object that encodes as the zarr v3 compressor `codec` does (same bytes), single-threaded."""
+    name = type(codec).__name__
+    if name == "ZstdCodec":
+        from numcodecs.zstd import Zstd
+
+        return Zstd(level=codec.level, checksum=codec.checksum)
+    if name == "BloscCodec":
+        from numcodecs.blosc import Blosc
+
+        Blosc.use_threads = False
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+        return Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle[codec.shuffle.value],
+                     typesize=codec.typesize, blocksize=codec.blocksize)
+    raise ChunkError(f"unsupported compressor {name}")
+
+
+def encode_chunk(array: Any, values: np.ndarray) -> bytes:
+    """The stored bytes of one chunk holding `values` (shape `array.chunks`), as zarr's own codec pipeline writes
+    them (bytes serializer, the compressors in order, CRC32C last); the writer stores them with one put per chunk.
+    """
+    import google_crc32c
+
+    expect_supported_codecs(array)
+    dtype = np.dtype(array.dtype)
+    endian = getattr(array.serializer, "endian", None)
+    if dtype.itemsize > 1 and endian is not None and getattr(endian, "value", endian) == "big":
+        dtype = dtype.newbyteorder(">")
+    values = np.asarray(values)
+    if values.shape != tuple(array.chunks):
+        raise ValueError(f"chunk of shape {values.shape}, the array's chunks are {tuple(array.chunks)}")
+    payload = np.ascontiguousarray(values, dtype=dtype).tobytes()
+    for codec in array.compressors:
+        if type(codec).__name__ != "Crc32cCodec":
+            payload = bytes(_compressor(codec).encode(payload))
+    return payload + np.uint32(google_crc32c.value(payload)).tobytes()
+
+
+def put_chunks(store: Any, chunks: dict[str, bytes]) -> None:
+    """Store several encoded chunks (key -> bytes) through one zarr store, concurrently."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    prototype = default_buffer_prototype()
+
+    async def put_all() -> None:
+        await asyncio.gather(*(store.set(key, prototype.buffer.from_bytes(raw)) for key, raw in chunks.items()))
+
+    sync(put_all())
 
 
 def decode_chunk(array: Any, raw: bytes | None) -> np.ndarray:
-    """The values of one chunk, shape `array.chunks`, after checking its presence and CRC32C."""
-    from numcodecs.zstd import Zstd
+    """The values of one chunk, shape `array.chunks`, after checking its presence and CRC32C.
 
+    The compressors between the bytes serializer and the checksum are undone in reverse order, as the array's
+    metadata lists them.
+    """
     check_chunk_bytes(raw)
-    try:
-        payload = Zstd().decode(raw[:-CRC_BYTES])
-    except Exception as exc:  # a frame that passes the CRC yet does not decompress: written wrongly
-        raise ChunkError(f"chunk does not decompress ({type(exc).__name__}: {exc})") from None
+    payload = raw[:-CRC_BYTES]
+    compressors = [c for c in array.compressors if type(c).__name__ != "Crc32cCodec"]
+    for codec in reversed(compressors):
+        decoder = _decompressor(codec)
+        try:
+            payload = decoder.decode(payload)
+        except Exception as exc:  # a frame that passes the CRC yet does not decompress: written wrongly
+            raise ChunkError(f"chunk does not decompress ({type(exc).__name__}: {exc})") from None
     dtype = np.dtype(array.dtype)
     endian = getattr(array.serializer, "endian", None)
     if dtype.itemsize > 1 and endian is not None and getattr(endian, "value", endian) == "big":

@@ -22,8 +22,8 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk, expect_v2_codecs,
-                     get_chunk_bytes, single_chunk_bytes)
+from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
+                     expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
 from .location import StoreLocation
 from .manifest import ViewConfig, layer_specs, views_array
 from .reader import TeacherCache
@@ -134,7 +134,7 @@ class CacheSummary:
             "bev_grid": {**grid, "shape": [round((grid["y_max"] - grid["y_min"]) / grid["resolution"]),
                                            round((grid["x_max"] - grid["x_min"]) / grid["resolution"])]},
             "layers": {name: {**spec, "dtype": v2.FEATURE_DTYPES[m["storage"]["dtype"]],
-                              "codec": f"{m['storage']['codec']}-{m['storage']['level']}+{m['storage']['checksum']}"}
+                              "codec": _codec_text(m["storage"])}
                        for name, spec in m["layers"].items()},
             "heatmap": m["heatmap"], "occupancy": m["occupancy"], "storage": m["storage"], "views": m["views"],
             "samples": {"total": m["sample_count"], "complete": self.samples_complete,
@@ -317,7 +317,7 @@ def _teacher_head_problems(group: Any) -> list[VerifyProblem]:
         if not isinstance(array, zarr.Array):
             continue
         try:
-            expect_v2_codecs(array)
+            expect_supported_codecs(array)
             values = decode_single_chunk(array)
         except ChunkError as exc:
             problems.append(VerifyProblem(str(exc), name))
@@ -325,6 +325,13 @@ def _teacher_head_problems(group: Any) -> list[VerifyProblem]:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             problems.append(VerifyProblem("NaN/Inf values", name))
     return problems
+
+
+def _codec_text(storage: dict[str, Any]) -> str:
+    """e.g. 'zstd-3+crc32c', or 'int8 error 0.03, zstd-3+crc32c' for an int8 store with an error budget."""
+    text = f"{storage['codec']}-{storage['level']}+{storage['checksum']}"
+    error = v2.int8_error(storage)
+    return f"int8 error {error:g}, {text}" if error else text
 
 
 def _short_error(exc: Exception) -> str:

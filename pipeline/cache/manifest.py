@@ -115,15 +115,20 @@ def new_generation() -> str:
 def build_manifest(*, teacher_config: dict[str, Any], checkpoint_path: str, checkpoint_sha256: str,
                    grid: BEVGrid, layers: list[LayerSpec], heatmap_shape: tuple[int, int],
                    occupancy_shape: tuple[int, int], dtype: str, views: ViewConfig, dataset: dict[str, Any],
-                   sample_tokens: list[str], extraction: dict[str, Any] | None = None) -> dict[str, Any]:
+                   sample_tokens: list[str], extraction: dict[str, Any] | None = None,
+                   int8_error: float = 0.0) -> dict[str, Any]:
     """A v2 manifest (status "writing").
 
     dataset: dataroot, version, split, num_sweeps, fingerprint (`pipeline.data.preflight.dataset_fingerprint`:
     the content of the tables and LiDAR files that decide the teacher's input) and point_loading (the loader
     settings that decide it: sweep selection, crop range, ...). extraction: informational (command, batch size).
+    int8_error: int8 only, the RMS quantisation error budget per map as a fraction of its RMS
+    (`pipeline/cache/quantize.py`); 0 leaves `storage.int8_error` out (range/255 steps, as stores before it).
     """
     if dtype not in v2.FEATURE_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(v2.FEATURE_DTYPES)}")
+    if int8_error and dtype != "int8":
+        raise ValueError(f"int8_error {int8_error} is for --dtype int8 only, found dtype {dtype!r}")
     if views.count < 1:
         raise ValueError(f"views.count must be >= 1, found {views.count}")
     manifest = {
@@ -151,6 +156,8 @@ def build_manifest(*, teacher_config: dict[str, Any], checkpoint_path: str, chec
         "software": software_versions(),
         "extraction": dict(extraction or {}),
     }
+    if int8_error:
+        manifest["storage"][v2.INT8_ERROR_KEY] = float(int8_error)
     # the stored form is JSON: normalise now (tuples -> lists) so a fresh and a reloaded manifest compare equal
     manifest = json.loads(json.dumps(manifest))
     problems = v2.validate_manifest(manifest)

@@ -1,22 +1,46 @@
-"""Per-channel affine int8 quantisation of one sample-view's feature map.
+"""Per-channel affine int8 quantisation of one sample-view's feature map, with an optional error budget.
 
-For channel c with minimum lo and maximum hi over (Y, X): scale = (hi - lo) / 255 and
-q = round((x - lo) / scale) - 128 in [-128, 127], so x ~= q * scale + offset with offset = lo + 128 * scale.
-The error is at most scale / 2 (plus float32 rounding). A constant channel gets scale 1 and is exact.
+For channel c with minimum lo and maximum hi over (Y, X) the step is
+
+    scale_c = max((hi - lo) / 255, error * rms * sqrt(12))        rms: root mean square of the whole (C, Y, X) map
+
+and q = round((x - lo) / scale_c) - 128 in [-128, 127], so x ~= q * scale_c + offset_c with
+offset_c = lo + 128 * scale_c. Every value is within scale_c / 2 of its original (plus float32 rounding); the
+channel minimum (0 after a ReLU) is exact. A constant channel gets scale 1 and is exact.
+
+error = 0 gives the plain range/255 steps (schema 2's int8 before the codec study). error > 0 is the cache's
+rate control: a uniform rounding error of step s has RMS s / sqrt(12), so channels whose range/255 step is finer
+than the budget are coarsened to a step whose rounding error has RMS `error * rms`. Since the cosine between a map
+and its copy is about 1 - (RMS error / RMS)^2 / 2, error 0.03 bounds 1 - cosine near 4.5e-4 (less in practice: the
+ReLU zeros stay exact). Coarser steps use fewer of the 256 levels, which zstd then stores in fewer bytes;
+`benchmarks/codecs.py` measures the trade.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+SQRT12 = float(np.sqrt(12.0))
 
-def quantize_per_channel(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """features (C, Y, X) float -> (q (C, Y, X) int8, scale (C,) float32, offset (C,) float32)."""
+
+def error_step(features: np.ndarray, error: float) -> float:
+    """The step whose uniform rounding error has RMS `error` x the RMS of `features` (0 when error is 0)."""
+    if error <= 0:
+        return 0.0
+    rms = float(np.sqrt(np.mean(np.square(features, dtype=np.float64))))
+    return error * rms * SQRT12
+
+
+def quantize_per_channel(features: np.ndarray, error: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """features (C, Y, X) float -> (q (C, Y, X) int8, scale (C,) float32, offset (C,) float32).
+
+    error: RMS error budget as a fraction of the map's RMS (0: steps of range / 255 only).
+    """
     x = np.asarray(features, dtype=np.float32)
     flat = x.reshape(x.shape[0], -1)  # (C, Y*X)
     low = flat.min(axis=1)
     high = flat.max(axis=1)
-    scale = ((high - low) / np.float32(255.0)).astype(np.float32)
+    scale = np.maximum((high - low) / np.float32(255.0), np.float32(error_step(x, error))).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     steps = np.rint((x - low[:, None, None]) / scale[:, None, None])  # (C, Y, X) in [0, 255]
     q = (np.clip(steps, 0, 255) - 128).astype(np.int8)
@@ -25,6 +49,8 @@ def quantize_per_channel(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def dequantize_per_channel(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """q (C, Y, X) int8, scale/offset (C,) -> (C, Y, X) float32."""
-    return (q.astype(np.float32) * scale.astype(np.float32)[:, None, None]
-            + offset.astype(np.float32)[:, None, None])
+    """q (C, Y, X) int8, scale/offset (C,) -> (C, Y, X) float32 (one new array, scaled and shifted in place)."""
+    out = q.astype(np.float32)
+    out *= scale.astype(np.float32)[:, None, None]
+    out += offset.astype(np.float32)[:, None, None]
+    return out

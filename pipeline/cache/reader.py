@@ -32,8 +32,8 @@ from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
 from .location import StoreLocation
-from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk, expect_v2_codecs,
-                     get_chunk_bytes, single_chunk_bytes)
+from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
+                     expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
 from .manifest import LayerSpec, layer_specs, manifest_diff
 from .quantize import dequantize_per_channel
 
@@ -180,7 +180,7 @@ class TeacherCache:
             self._arrays = {name: group[name] for name in names}
             for name, array in self._arrays.items():
                 try:
-                    expect_v2_codecs(array)
+                    expect_supported_codecs(array)
                 except ChunkError as exc:
                     raise CacheError(f"{self.path}: {name}: {exc}; re-extract the cache") from None
             self._pool = ThreadPoolExecutor(max_workers=min(8, len(names)), thread_name_prefix="cache-read")
@@ -318,5 +318,9 @@ def repair_command(manifest: dict[str, Any], path: Path | str | StoreLocation) -
     command = str(manifest.get("extraction", {}).get("command") or "")
     if command.startswith("distillbev extract-teacher"):
         parts = [part for part in shlex.split(command) if part not in ("--overwrite", "--repair")]
+        storage = manifest.get("storage", {})
+        if storage.get("dtype") == "int8" and "--int8-error" not in parts:
+            # written before --int8-error existed: its steps were range/255, which today's default would change
+            parts += ["--int8-error", repr(v2.int8_error(storage))]
         return shlex.join(parts + ["--repair"])
     return f"distillbev extract-teacher ... --cache {path} --repair (with the options that extracted it)"

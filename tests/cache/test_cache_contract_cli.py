@@ -69,7 +69,7 @@ def world(tmp_path_factory):
     world = module.build_tiny_world(folder, views=2)
     config_path = folder / "teacher.yaml"
     argv = ["extract-teacher", "--config", str(config_path), "--dataroot", str(world.dataroot), "--checkpoint",
-            str(world.checkpoint), "--split", "synth_train", "--views", "2", "--seed", "3"]
+            str(world.checkpoint), "--split", "synth_train", "--views", "2", "--seed", "3", "--dtype", "fp16"]
     return world, argv, chunks_of(world.cache_path)
 
 

@@ -72,6 +72,7 @@ def test_extract_teacher_command(tmp_path, tiny_dataroot, teacher_files):
     assert cache.manifest["layers"]["neck"] == {"channels": 24, "shape": [32, 32], "resolution": 0.8, "stride": 2.0}
     assert cache.manifest["views"]["rotation_range"] == [-0.3925, 0.3925]
     assert cache.manifest["dataset"]["split"] == "tiny_train"
+    assert cache.manifest["storage"]["dtype"] == "int8" and cache.manifest["storage"]["int8_error"] == 0.03
     targets = cache.read(1, 1)
     assert targets.features["backbone2"].shape == (16, 8, 8) and targets.heatmap.shape == (10, 32, 32)
     assert targets.occupancy.shape == (64, 64) and targets.occupancy.any()
@@ -79,8 +80,10 @@ def test_extract_teacher_command(tmp_path, tiny_dataroot, teacher_files):
     assert all(torch.equal(head[k], v) for k, v in model.pts_bbox_head.state_dict().items())
     again = _invoke(*arguments)
     assert again.exit_code == 0 and "already complete" in again.output
-    refused = _invoke(*arguments[:-4], "--dtype", "int8")
-    assert refused.exit_code != 0 and 'storage.dtype: "fp16" -> "int8"' in str(refused.exception)
+    refused = _invoke(*arguments[:-4], "--dtype", "fp16")
+    assert refused.exit_code != 0 and 'storage.dtype: "int8" -> "fp16"' in str(refused.exception)
+    refused = _invoke(*arguments[:-4], "--int8-error", "0.02")
+    assert refused.exit_code != 0 and "storage.int8_error: 0.03 -> 0.02" in str(refused.exception)
 
 
 def test_missing_checkpoint_is_a_checkpoint_error(tmp_path, tiny_dataroot, teacher_files):

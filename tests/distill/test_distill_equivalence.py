@@ -113,7 +113,7 @@ def build_tiny_world(folder: Path, views: int, seed: int = 0) -> TinyWorld:
     cache_path = folder / "cache.zarr"
     result = CliRunner().invoke(extract_command, [
         "--config", str(config_path), "--dataroot", str(dataroot), "--checkpoint", str(checkpoint),
-        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--seed", "3"],
+        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--seed", "3", "--dtype", "fp16"],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return TinyWorld(dataroot, teacher_config, checkpoint, cache_path)
