@@ -28,6 +28,7 @@ FACE_SHADE = {FACE_TOP: 1.0, FACE_FRONT: 0.86, FACE_LEFT: 0.7, FACE_RIGHT: 0.7, 
 SKY_HORIZON = np.array([196.0, 206.0, 222.0])
 SKY_ZENITH = np.array([150.0, 166.0, 196.0])
 HAZE = np.array([172.0, 178.0, 186.0])
+TERRAIN_HORIZON = 300.0  # [m] how far a camera ray is followed over terrain before it counts as sky
 
 
 def pixel_rays(intrinsics: np.ndarray) -> np.ndarray:
@@ -116,12 +117,13 @@ class GroundStyle:
     exposure: float
     asphalt: float
     seed: int
+    terrain: object = None  # terrain.Terrain of the scene (slopes, kerbs), None: the plane z = 0
 
     @classmethod
     def for_scene(cls, scene: Scene, seed: int) -> "GroundStyle":
         rng = np.random.default_rng([seed, scene.index, 77])
         return cls(scene.path, np.asarray(scene.sun[:3]), float(scene.sun[3]), float(rng.uniform(62.0, 96.0)),
-                   int(rng.integers(1 << 30)))
+                   int(rng.integers(1 << 30)), scene.terrain)
 
     def shade(self, normals: np.ndarray) -> np.ndarray:
         """Lambert factor (N,) of surfaces with unit normals (N, 3): ambient sky light plus direct sun."""
@@ -166,7 +168,15 @@ def _street_background(origin: np.ndarray, dirs_global: np.ndarray, visibility_r
     from .layout import LANE, SIDEWALK_WIDTH
 
     flat = dirs_global.reshape(-1, 3)
-    ranges = ground_hits(origin, flat)
+    if style.terrain is None:
+        ranges = ground_hits(origin, flat)
+        kerb_face = np.zeros(len(flat), dtype=bool)
+        normals = None
+    else:  # the ground at its height out to TERRAIN_HORIZON; a ray that meets none by then sees the sky
+        from .terrain import KERB_FACE
+
+        ranges, kind, normals = style.terrain.ray_hits(origin, flat, TERRAIN_HORIZON)
+        kerb_face = kind == KERB_FACE
     colour = np.empty((len(flat), 3))
     ground = np.isfinite(ranges)
     elevation = np.clip(flat[~ground, 2], 0.0, 1.0)[:, None]
@@ -190,8 +200,12 @@ def _street_background(origin: np.ndarray, dirs_global: np.ndarray, visibility_r
     dashes = ((along % 9.0) < 3.0) & line(LANE / 2)
     marking = line(-LANE / 2) | line(LANE * 1.5) | dashes
     grey = np.where(marking & ~sidewalk, 205.0 + 10 * grain, grey)
-    grey = np.where(line(kerb_right, 0.1) | line(kerb_left, 0.1), grey * 0.6, grey)  # kerb shadow line
-    brightness = grey * style.shade(np.tile([0.0, 0.0, 1.0], (len(grey), 1)))
+    if normals is None:
+        grey = np.where(line(kerb_right, 0.1) | line(kerb_left, 0.1), grey * 0.6, grey)  # kerb shadow line
+        brightness = grey * style.shade(np.tile([0.0, 0.0, 1.0], (len(grey), 1)))
+    else:  # the kerbs have height: their faces are concrete, lit by the sun as any surface
+        grey = np.where(kerb_face[ground], style.asphalt + 70.0 + 6.0 * grain, grey)
+        brightness = grey * style.shade(normals[ground])
     tint = np.where(sidewalk[:, None], np.array([1.0, 0.99, 0.95]), np.array([1.0, 1.0, 1.02]))
     fog = (1.0 - np.exp(-distance / (1.2 * visibility_range)))[:, None]
     colour[ground] = brightness[:, None] * tint * (1.0 - fog) + HAZE * fog

@@ -12,7 +12,7 @@ from .catalog import CLASS_SPECS
 from .lidar import LidarPattern, cast_lidar, cast_lidar_materials, solid_boxes
 from .materials import MATERIALS, part_colour
 from .shapes import parts_in_world
-from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL, rig_variant
+from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL, _quaternion_product, rig_variant
 from .world import Scene
 
 # Key-frame points closer than this to a box surface are dropped: consumers count points in float32 after
@@ -63,10 +63,32 @@ class CameraFrame:
     coverable: np.ndarray | None = None
 
 
-def global_from_ego(scene: Scene, timestamp: int) -> np.ndarray:
-    """(4, 4) ego pose at a timestamp: on the path, heading along its tangent, on the ground (z = 0)."""
+def ego_pose(scene: Scene, timestamp: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """The ego at a timestamp: position xy (2,) on the path, the height z of its origin (the ground under its rear
+    axle) and its rotation (w, x, y, z): yaw along the path's tangent, and with terrain the pitch and roll of the
+    ground under its wheels (yaw, then pitch nose up, then roll left side up)."""
     xy, heading = scene.ego_pose_2d(timestamp)
-    return make_transform(yaw_to_quaternion(heading), [xy[0], xy[1], 0.0])
+    if scene.terrain is None:
+        return xy, 0.0, yaw_to_quaternion(heading)
+    z, pitch, roll = scene.terrain.ego_attitude(xy, heading)
+    yaw_q = np.array([np.cos(heading / 2), 0.0, 0.0, np.sin(heading / 2)])
+    pitch_q = np.array([np.cos(-pitch / 2), 0.0, np.sin(-pitch / 2), 0.0])  # about y: nose up is a negative turn
+    roll_q = np.array([np.cos(roll / 2), np.sin(roll / 2), 0.0, 0.0])
+    rotation = _quaternion_product(yaw_q, _quaternion_product(pitch_q, roll_q))
+    return xy, z, rotation / np.linalg.norm(rotation)
+
+
+def ego_height(scene: Scene, timestamp: int) -> float:
+    """Height of the ego origin at a timestamp in the simulation's frame (0 on flat ground). nuScenes writes every
+    ego_pose at z = 0, so what a key frame records (boxes) is written this much lower (terrain.py)."""
+    return ego_pose(scene, timestamp)[1]
+
+
+def global_from_ego(scene: Scene, timestamp: int) -> np.ndarray:
+    """(4, 4) true ego pose at a timestamp in the simulation's frame: on the path, heading along its tangent, on
+    the ground (z = 0 when flat; with terrain at the ground's height, pitched and rolled with it)."""
+    xy, z, rotation = ego_pose(scene, timestamp)
+    return make_transform(rotation, [xy[0], xy[1], z])
 
 
 def visible_objects(scene: Scene, timestamp: int, visibility_range: float) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +175,7 @@ def simulate_lidar(scene: Scene, timestamp: int, settings: SensorSettings, count
     if scene.world == 2:
         solids, reflectivity, _, _ = object_solids(scene, visible, boxes)
         points, _ = cast_lidar_materials(global_from_lidar, solids, reflectivity, settings.pattern,
-                                         settings.visibility_range, rng, settings.range_noise)
+                                         settings.visibility_range, rng, settings.range_noise, terrain=scene.terrain)
         annotated = np.array([scene.objects[i].annotated for i in visible], dtype=bool)
         visible, boxes = visible[annotated], boxes[annotated]  # clutter is seen but never annotated
     else:

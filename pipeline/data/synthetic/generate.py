@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ...errors import ConfigError, DataError
 from ..classes import DETECTION_CLASSES
 from .camera import save_jpeg
-from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, simulate_lidar
+from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, ego_height, ego_pose, simulate_lidar
 from .lidar import LidarPattern
 from .masks import MASK_FOLDER, TRUTH_FOLDER, MaskErrorModel, write_key_frame_masks
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL
@@ -68,6 +68,7 @@ class SyntheticConfig:
     max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it (world 1)
     world: int = 1  # 1: one coloured box per object on a flat grid; 2: the street world of layout.py
     instance_masks: bool = False  # world 2: per-camera instance masks of a segmenter beside samples/ (masks.py)
+    terrain: bool = False  # world 2: slopes and kerbs (terrain.py); the ego pitches and rolls with the ground
     mask_errors: MaskErrorModel = field(default_factory=MaskErrorModel)  # how those masks differ from the truth
 
     @classmethod
@@ -75,7 +76,7 @@ class SyntheticConfig:
         """The world-2 defaults: nuScenes range and density (sensors to 70 m, about 40 detection-class objects
         around each key frame), no sweeps before a scene's first key frame, instance masks of every camera."""
         return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 160, "instance_masks": True,
-                      **overrides})
+                      "terrain": True, **overrides})
 
 
 @dataclass
@@ -128,6 +129,7 @@ def check_config(config: SyntheticConfig) -> None:
         ("lidar_azimuth_steps", config.lidar_azimuth_steps >= 64, "at least 64"),
         ("world", config.world in (1, 2), "1 or 2"),
         ("instance_masks", not config.instance_masks or config.world == 2, "false in world 1 (masks need world 2)"),
+        ("terrain", not config.terrain or config.world == 2, "false in world 1 (its ground is flat)"),
     ]
     for field, ok, expected in problems:
         if not ok:
@@ -155,7 +157,9 @@ def plan_scene(config: SyntheticConfig, scene_index: int) -> ScenePlan:
                                    sweeps_per_key_frame=config.sweeps_per_key_frame,
                                    objects_per_scene=config.objects_per_scene,
                                    speed_range=tuple(config.ego_speed_range), max_curvature=config.max_curvature,
-                                   reach=config.visibility_range)
+                                   reach=config.visibility_range,
+                                   terrain_rng=np.random.default_rng([config.seed, scene_index, 3]) if config.terrain
+                                   else None)
         key_frames = [simulate_lidar(scene, t, settings, count_points=True) for t in scene.key_frame_times_us]
         return ScenePlan(scene, key_frames, 0)
     for attempt in range(config.max_scene_attempts):
@@ -208,6 +212,10 @@ def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, nam
     classes: set[str] = set()
     plan = plan_scene(config, scene_index)
     scene = plan.scene
+
+    def rotation_at(timestamp: int) -> np.ndarray | None:
+        """The ego's full rotation with terrain (pitch and roll); None on flat ground (the yaw alone)."""
+        return ego_pose(scene, timestamp)[2] if scene.terrain is not None else None
     log_name = f"synthetic-seed{config.seed}-{scene_index:04d}"
     tables.scene_car[scene_index] = scene.car
     tables.add_scene(scene_index, name, log_name, f"Synthetic drive at {scene.path.speed:.1f} m/s, "
@@ -220,14 +228,15 @@ def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, nam
             _write_points(out_dir / filename, frame.points)
             ego_xy, heading = scene.ego_pose_2d(sweep_time)
             tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, sweep_time, False, filename,
-                                   ego_xy, heading)
+                                   ego_xy, heading, rotation_at(sweep_time))
             counts["sweeps"] += 1
         key_frame = plan.key_frames[key_index]
         ego_xy, heading = scene.ego_pose_2d(key_time)
         filename = f"samples/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{key_time}.pcd.bin"
         _write_points(out_dir / filename, key_frame.points)
         counts["key_frame_points"] += len(key_frame.points)
-        tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading)
+        tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading,
+                               rotation_at(key_time))
         camera_frame = cameras.render(scene, key_time, settings, with_owners=config.instance_masks)
         image_filenames = []
         for channel, image, time_us in zip(CAMERA_CHANNELS, camera_frame.images, camera_times(scene, key_time)):
@@ -236,12 +245,13 @@ def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, nam
             save_jpeg(image, out_dir / filename)
             camera_xy, camera_heading = scene.ego_pose_2d(time_us)
             tables.add_sample_data(scene_index, channel, sample_token, time_us, True, filename, camera_xy,
-                                   camera_heading)
+                                   camera_heading, rotation_at(time_us))
         if config.instance_masks:
             write_key_frame_masks(out_dir, scene, camera_frame, image_filenames, camera_times(scene, key_time),
                                   config.seed, config.mask_errors)
         assert np.array_equal(camera_frame.visible, key_frame.visible)
         boxes = scene.boxes_at(key_time)
+        boxes[:, 2] -= ego_height(scene, key_time)  # in the frame of the key frame's ego pose, written at z = 0
         for slot, object_index in enumerate(key_frame.visible):
             if key_frame.num_points[slot] == 0:
                 continue

@@ -24,6 +24,7 @@ import numpy as np
 
 from .materials import paint_colour
 from .shapes import class_parts
+from .terrain import Terrain
 from .world import (KEY_FRAME_INTERVAL_US, OBJECT_CLEARANCE, EgoPath, Scene, SceneObject, _ego_corners,
                     rectangle_corners, rectangles_overlap)
 
@@ -31,6 +32,7 @@ LANE = 3.5  # [m]
 NUM_CARS = 2  # scenes alternate between two recording cars, each with its own calibration (rig.rig_variant)
 KERB_RIGHT, KERB_LEFT = -1.75 - 1.2, 1.75 + LANE + 1.2  # parking lane outer edges [m]
 SIDEWALK_WIDTH = 3.5
+ROAD_EDGES = (-(LANE / 2 + 2.6), LANE * 1.5 + 2.6)  # lateral offsets of the kerbs: the roadway lies between [m]
 
 # relative frequency of each detection class among annotations (nuScenes train split, rounded)
 CLASS_FREQUENCY = {"car": 43.8, "pedestrian": 19.6, "barrier": 13.3, "traffic_cone": 8.7, "truck": 7.6,
@@ -220,9 +222,10 @@ def _corners(obj: SceneObject, times_s: np.ndarray) -> np.ndarray:
 
 def build_street_scene(index: int, rng: np.random.Generator, *, start_timestamp: int, num_key_frames: int,
                        sweeps_per_key_frame: int, objects_per_scene: int, speed_range: tuple[float, float],
-                       max_curvature: float, reach: float) -> Scene:
+                       max_curvature: float, reach: float, terrain_rng: np.random.Generator | None = None) -> Scene:
     """Draw one v2 scene: about `objects_per_scene` detection-class objects over the stretch of street the ego
-    sees (from `reach` m behind its first key frame to `reach` m beyond its last), plus clutter."""
+    sees (from `reach` m behind its first key frame to `reach` m beyond its last), plus clutter. With
+    `terrain_rng`, the ground has slopes and kerbs drawn from it (terrain.py); without, it is flat."""
     heading = rng.uniform(-np.pi, np.pi)
     speed = float(rng.uniform(*speed_range))
     duration = (num_key_frames - 1) * KEY_FRAME_INTERVAL_US * 1e-6
@@ -271,5 +274,6 @@ def build_street_scene(index: int, rng: np.random.Generator, *, start_timestamp:
     elevation, azimuth = rng.uniform(0.3, 1.1), rng.uniform(-np.pi, np.pi)
     sun = (float(np.cos(elevation) * np.cos(azimuth)), float(np.cos(elevation) * np.sin(azimuth)),
            float(np.sin(elevation)), float(rng.uniform(0.8, 1.15)))
+    terrain = Terrain.draw(terrain_rng, path, ROAD_EDGES) if terrain_rng is not None else None
     return Scene(index, start_timestamp, key_times, sweeps_per_key_frame, path, tuple(placed), first_sweeps=False,
-                 world=2, sun=sun, car=index % NUM_CARS)
+                 world=2, sun=sun, car=index % NUM_CARS, terrain=terrain)

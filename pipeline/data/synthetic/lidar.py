@@ -81,17 +81,23 @@ def _window_rays(first: np.ndarray, last: np.ndarray, pattern: LidarPattern) -> 
     return rays, np.repeat(box_index, pattern.num_beams)
 
 
-def _cast(global_from_lidar: np.ndarray, solids: np.ndarray, pattern: LidarPattern
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _cast(global_from_lidar: np.ndarray, solids: np.ndarray, pattern: LidarPattern, terrain=None,
+          max_range: float = np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cast every ray of the pattern against the ground and `solids` (K, 7) in the global frame.
 
-    Returns ray directions (R, 3) in the LiDAR and the global frame, the nearest range (R,) (inf: no hit), the
-    solid each ray hit (R,) (-1: the ground) and the face it entered (R,) (raycast.FACE_*, -1 for the ground).
+    The ground is the plane z = 0, or `terrain` (terrain.Terrain) cast out to max_range. Returns ray directions
+    (R, 3) in the LiDAR and the global frame, the nearest range (R,) (inf: no hit), the solid each ray hit (R,)
+    (-1: the ground), the face it entered (R,) (raycast.FACE_*, -1 for the ground) and the ground's unit normal
+    where each ray met it (R, 3).
     """
     dirs_lidar = pattern.directions()  # (R, 3)
     rotation, origin = global_from_lidar[:3, :3], global_from_lidar[:3, 3]
     dirs_global = dirs_lidar @ rotation.T
-    ranges = ground_hits(origin, dirs_global)  # (R,)
+    if terrain is None:
+        ranges = ground_hits(origin, dirs_global)  # (R,)
+        ground_normals = np.broadcast_to(np.array([0.0, 0.0, 1.0]), dirs_global.shape)
+    else:
+        ranges, _, ground_normals = terrain.ray_hits(origin, dirs_global, max_range)
     owner = np.full(len(ranges), -1)
     face = np.full(len(ranges), -1)
     if len(solids):
@@ -99,7 +105,7 @@ def _cast(global_from_lidar: np.ndarray, solids: np.ndarray, pattern: LidarPatte
                                          box_corners(solids).reshape(-1, 3)).reshape(-1, 8, 3)
         rays, box_index = _window_rays(*_azimuth_windows(corners_lidar, pattern), pattern)
         nearest_hits(origin, dirs_global, solids, rays, box_index, ranges, owner, face)
-    return dirs_lidar, dirs_global, ranges, owner, face
+    return dirs_lidar, dirs_global, ranges, owner, face, ground_normals
 
 
 def face_normals(face: np.ndarray, yaw: np.ndarray) -> np.ndarray:
@@ -118,20 +124,26 @@ def face_normals(face: np.ndarray, yaw: np.ndarray) -> np.ndarray:
 
 def cast_lidar_materials(global_from_lidar: np.ndarray, solids: np.ndarray, reflectivity: np.ndarray,
                          pattern: LidarPattern, max_range: float, rng: np.random.Generator,
-                         range_noise: float = 0.02, dropout: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+                         range_noise: float = 0.02, dropout: float = 0.04, terrain=None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """One LiDAR sweep of the world v2 in the LiDAR frame: intensity from material and incidence, not class.
 
     solids: (K, 7) physical boxes in the global frame (object parts, already inside their annotation boxes);
     reflectivity: (K,) diffuse reflectance of each. A return's intensity is 255 * reflectance * (0.25 + 0.75 *
     cos(incidence)) with 15% noise; a return is lost with probability `dropout`, more often on dark surfaces, at
-    grazing incidence and at long range, as a real scanner loses them. Range noise grows with range.
+    grazing incidence and at long range, as a real scanner loses them. Range noise grows with range. The ground is
+    `terrain` (terrain.Terrain: slopes and kerbs) or, without it, the plane z = 0.
     Returns points (P, 5) float32 x, y, z, intensity, ring and the solid each point hit (P,) (-1: the ground).
     """
-    dirs_lidar, dirs_global, ranges, owner, face = _cast(global_from_lidar, solids, pattern)
+    dirs_lidar, dirs_global, ranges, owner, face, ground_normals = _cast(global_from_lidar, solids, pattern, terrain,
+                                                                         max_range)
     keep = np.nonzero(ranges <= max_range)[0]
     hit = owner[keep]
     yaw = np.where(hit >= 0, solids[np.maximum(hit, 0), 6] if len(solids) else 0.0, 0.0)
-    cos_incidence = np.abs((face_normals(face[keep], yaw) * dirs_global[keep]).sum(-1))
+    normals = face_normals(face[keep], yaw)
+    if terrain is not None:  # the ground's own normal: on a slope or a kerb's face
+        normals[hit < 0] = ground_normals[keep[hit < 0]]
+    cos_incidence = np.abs((normals * dirs_global[keep]).sum(-1))
     reflect = np.where(hit >= 0, np.asarray(reflectivity, dtype=np.float64)[np.maximum(hit, 0)]
                        if len(solids) else 0.0, GROUND_REFLECTIVITY)
     loss = (dropout + 0.3 * np.exp(-reflect / 0.05) + 0.25 * (cos_incidence < 0.15)
@@ -155,7 +167,7 @@ def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np
     Returns points (P, 5) float32 x, y, z, intensity, ring; rays with no hit within max_range give no point.
     """
     solids = solid_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 7))
-    dirs_lidar, dirs_global, ranges, owner, face = _cast(global_from_lidar, solids, pattern)
+    dirs_lidar, dirs_global, ranges, owner, face, _ = _cast(global_from_lidar, solids, pattern)
     keep = np.nonzero(ranges <= max_range)[0]  # (P,) ray ids with a return
     noisy_range = ranges[keep] + rng.normal(0.0, range_noise, size=len(keep))
     xyz = dirs_lidar[keep] * noisy_range[:, None]

@@ -117,12 +117,15 @@ class DatasetTables:
         return token
 
     def add_sample_data(self, scene_index: int, channel: str, sample_token: str, timestamp: int, is_key_frame: bool,
-                        filename: str, ego_xy: np.ndarray, ego_heading: float) -> str:
-        """Adds a sample_data record and its own ego_pose; returns the sample_data token."""
+                        filename: str, ego_xy: np.ndarray, ego_heading: float,
+                        ego_rotation: np.ndarray | None = None) -> str:
+        """Adds a sample_data record and its own ego_pose (at z = 0, as nuScenes; rotated by `ego_rotation`
+        (w, x, y, z) when given, else by the yaw `ego_heading` alone); returns the sample_data token."""
         token = self.token("sample_data", scene_index, channel, timestamp)
         ego_token = self.token("ego_pose", scene_index, channel, timestamp)
+        rotation = yaw_to_quaternion(ego_heading) if ego_rotation is None else ego_rotation
         self.tables["ego_pose"].append({"token": ego_token, "timestamp": int(timestamp),
-                                        "rotation": _floats(yaw_to_quaternion(ego_heading)),
+                                        "rotation": _floats(rotation),
                                         "translation": [float(ego_xy[0]), float(ego_xy[1]), 0.0]})
         is_camera = RIG[channel].modality == "camera"
         self.tables["sample_data"].append({

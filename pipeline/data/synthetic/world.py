@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..classes import DETECTION_CLASSES
 from .catalog import CLASS_SPECS, ClassSpec
 from .rig import EGO_FOOTPRINT
+
+if TYPE_CHECKING:
+    from .terrain import Terrain
 
 KEY_FRAME_INTERVAL_US = 500_000  # key frames at 2 Hz
 SWEEP_INTERVAL_US = 50_000  # LiDAR at 20 Hz
@@ -169,6 +173,7 @@ class Scene:
     world: int = 1  # 1: one solid per object, class colours (world.py); 2: parts and materials (layout.py)
     sun: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # world v2: sun direction (3,) and exposure
     car: int = 0  # which car (rig.rig_variant) recorded the scene; world 1 has one car
+    terrain: "Terrain | None" = None  # world 2: the ground height (terrain.py); None: the flat plane z = 0
 
     def seconds(self, timestamp_us: int | np.ndarray) -> np.ndarray:
         """Scene time [s] (0 at the first key frame) of absolute timestamps [us]."""
@@ -219,7 +224,14 @@ class Scene:
         moving[linear] = False
         for k in np.nonzero(moving)[0]:
             out[k] = self.objects[k].boxes_at(t)[0]
+        if self.terrain is not None:  # objects stand on the ground: clutter on the lowest point under it
+            out[:, 2] += self.terrain.footprint_height(out[:, :2], out[:, 3], out[:, 4], out[:, 6], self._sunk)
         return out
+
+    @cached_property
+    def _sunk(self) -> np.ndarray:
+        """(K,) True for the unannotated clutter, which stands on the lowest ground under its footprint."""
+        return np.array([not obj.annotated for obj in self.objects], dtype=bool)
 
 
 def rectangle_corners(xy: np.ndarray, length: np.ndarray, width: np.ndarray, yaw: np.ndarray) -> np.ndarray:
