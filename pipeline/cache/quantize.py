@@ -27,8 +27,10 @@ def error_step(features: np.ndarray, error: float) -> float:
     """The step whose uniform rounding error has RMS `error` x the RMS of `features` (0 when error is 0)."""
     if error <= 0:
         return 0.0
-    rms = float(np.sqrt(np.mean(np.square(features, dtype=np.float64))))
-    return error * rms * SQRT12
+    flat = np.asarray(features, dtype=np.float32).reshape(features.shape[0], -1)
+    # per-channel sums of squares without a full-size temporary, accumulated over channels in float64
+    total = float(np.einsum("ij,ij->i", flat, flat).sum(dtype=np.float64))
+    return error * float(np.sqrt(total / max(flat.size, 1))) * SQRT12
 
 
 def quantize_per_channel(features: np.ndarray, error: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -42,8 +44,12 @@ def quantize_per_channel(features: np.ndarray, error: float = 0.0) -> tuple[np.n
     high = flat.max(axis=1)
     scale = np.maximum((high - low) / np.float32(255.0), np.float32(error_step(x, error))).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    steps = np.rint((x - low[:, None, None]) / scale[:, None, None])  # (C, Y, X) in [0, 255]
-    q = (np.clip(steps, 0, 255) - 128).astype(np.int8)
+    steps = np.subtract(x, low[:, None, None])  # (C, Y, X), then in place: in [0, 255] after the clip
+    np.divide(steps, scale[:, None, None], out=steps)
+    np.rint(steps, out=steps)
+    np.clip(steps, 0, 255, out=steps)
+    steps -= 128
+    q = steps.astype(np.int8)
     offset = (low + np.float32(128.0) * scale).astype(np.float32)
     return q, scale, offset
 
