@@ -5,7 +5,8 @@
 
 Per key frame: annotations (all categories and the 10 detection classes), LiDAR points; per annotation of the
 10 classes: class, distance from the ego in the ground plane, LiDAR points inside the box; per scene: LiDAR
-sweeps before its first key frame; per camera record: its time offset from the sample's LiDAR key frame.
+sweeps before its first key frame; per camera record: its time offset from the sample's LiDAR key frame; per key
+frame: the ego's pitch and roll (how much the ground tilts under it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class DatasetStatistics:
     empty_boxes: float  # fraction of detection-class annotations with no LiDAR point
     sweeps_before_first_key_frame: dict[str, float]  # mean / max over scenes
     camera_offsets_ms: dict[str, float] = field(default_factory=dict)  # per channel: mean |camera - LiDAR| [ms]
+    # |pitch| and |roll| of the LiDAR key frames' ego poses [deg]: p50 / p95 / max (0 on flat ground)
+    ego_tilt_deg: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def annotations_per_sample(self) -> float:
@@ -64,10 +67,14 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
     box_points: dict[str, list[int]] = {name: [] for name in DETECTION_CLASSES}
     key_points: list[int] = []
     offsets: dict[str, list[float]] = {}
+    tilts: dict[str, list[float]] = {"pitch": [], "roll": []}
     total = 0
     for sample in tqdm(nusc.sample, desc="dataset-stats", unit="sample", disable=not progress):
         lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
         pose = nusc.get("ego_pose", lidar["ego_pose_token"])
+        pitch, roll = _pitch_roll(pose["rotation"])
+        tilts["pitch"].append(abs(pitch))
+        tilts["roll"].append(abs(roll))
         path = os.path.join(nusc.dataroot, lidar["filename"])
         if os.path.exists(path):
             key_points.append(os.path.getsize(path) // 20)  # x, y, z, intensity, ring as float32
@@ -114,7 +121,19 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
         empty_boxes=float(np.mean(np.asarray(all_box_points) == 0)) if all_box_points else 0.0,
         sweeps_before_first_key_frame={"mean": float(np.mean(sweeps)) if sweeps else 0.0,
                                        "max": float(max(sweeps)) if sweeps else 0.0},
-        camera_offsets_ms={channel: float(np.mean(values)) for channel, values in sorted(offsets.items())})
+        camera_offsets_ms={channel: float(np.mean(values)) for channel, values in sorted(offsets.items())},
+        ego_tilt_deg={name: {"p50": float(np.degrees(np.percentile(values, 50))),
+                             "p95": float(np.degrees(np.percentile(values, 95))),
+                             "max": float(np.degrees(np.max(values)))} for name, values in tilts.items() if values})
+
+
+def _pitch_roll(rotation: list[float]) -> tuple[float, float]:
+    """Pitch (about y) and roll (about x) [rad] of a (w, x, y, z) quaternion as intrinsic z-y-x (yaw, then pitch,
+    then roll) angles; a turn about +y by a positive angle puts the nose down."""
+    w, x, y, z = (float(v) for v in rotation)
+    pitch = np.arcsin(np.clip(2.0 * (w * y - z * x), -1.0, 1.0))
+    roll = np.arctan2(2.0 * (w * x + y * z), 1.0 - 2.0 * (x * x + y * y))
+    return float(pitch), float(roll)
 
 
 def format_statistics(stats: DatasetStatistics, reference: dict[str, float] | None = None) -> str:
@@ -138,6 +157,11 @@ def format_statistics(stats: DatasetStatistics, reference: dict[str, float] | No
     if stats.camera_offsets_ms:
         offsets = ", ".join(f"{c[4:]} {v:.0f}" for c, v in stats.camera_offsets_ms.items())
         lines.append(f"| mean camera - LiDAR time offset [ms] | {offsets} | |")
+    if stats.ego_tilt_deg:
+        t = stats.ego_tilt_deg
+        lines.append(f"| ego pitch / roll at key frames, p50 / p95 / max [deg] | {t['pitch']['p50']:.2f} / "
+                     f"{t['pitch']['p95']:.2f} / {t['pitch']['max']:.2f} and {t['roll']['p50']:.2f} / "
+                     f"{t['roll']['p95']:.2f} / {t['roll']['max']:.2f} | |")
     lines += ["", "| class | share of the 10 classes' annotations | median LiDAR points per box |", "|---|---|---|"]
     total = max(stats.annotations_detection, 1)
     for name in DETECTION_CLASSES:

@@ -19,8 +19,9 @@ STRAIGHT = EgoPath((0.0, 0.0), 0.0, 5.0, 0.0)  # along +x from the origin: later
 
 
 def plane(grade_x: float, grade_y: float, kerb: float = 0.12, path: EgoPath = STRAIGHT) -> Terrain:
-    """A terrain whose smooth part is the plane z = grade_x x + grade_y y to 1e-9 over a few hundred metres: a
-    plane wave of wavelength 6000 km and amplitude grade / k along each axis (sin(kx) = kx (1 - (kx)^2 / 6))."""
+    """A terrain whose smooth part is the plane z = grade_x x + grade_y y to 1e-7 over a few hundred metres: a
+    plane wave of wavelength 6000 km and amplitude grade / k along each axis (sin(kx) = kx (1 - (kx)^2 / 6); the
+    terrain's sines are exact to about 6e-8 relative)."""
     k = 1e-6
     waves = np.array([[k, 0.0, 0.0, grade_x / k], [0.0, k, 0.0, grade_y / k]])
     return Terrain(waves, path, ROAD, kerb)
@@ -34,7 +35,7 @@ def test_heights_on_a_known_slope_and_kerb():
         [0.0, 1.0, 1.12, -0.5], abs=1e-6)
     assert terrain.height(np.array([-10.0]), np.array([-4.4]))[0] == pytest.approx(-0.5 + 0.12, abs=1e-6)
     gx, gy = terrain.gradient(np.array([30.0]), np.array([2.0]))
-    assert (gx[0], gy[0]) == pytest.approx((0.05, 0.0), abs=1e-9)
+    assert (gx[0], gy[0]) == pytest.approx((0.05, 0.0), abs=1e-7)
     # a single wave: H = a sin(k x) with a k = 0.05 (a 5% grade at x = 0, level at a quarter wavelength)
     k = 2 * np.pi / 200.0
     wave = Terrain(np.array([[k, 0.0, 0.0, 0.05 / k]]), STRAIGHT, ROAD, 0.1)
@@ -54,21 +55,33 @@ def test_drawn_terrain_is_gentle_and_deterministic():
 def test_ego_pitch_and_roll_follow_the_ground_under_the_wheels():
     # a 5% grade ahead: the front wheels stand 0.05 * wheelbase higher, the pitch is atan(0.05), no roll
     height, pitch, roll = plane(0.05, 0.0).ego_attitude(np.array([10.0, 0.0]), 0.0)
-    assert (height, pitch, roll) == pytest.approx((0.5, np.arctan(0.05), 0.0), abs=1e-9)
+    assert (height, pitch, roll) == pytest.approx((0.5, np.arctan(0.05), 0.0), abs=1e-7)
     # driving down the same grade (heading pi): nose down
-    assert plane(0.05, 0.0).ego_attitude(np.array([10.0, 0.0]), np.pi)[1] == pytest.approx(-np.arctan(0.05))
+    assert plane(0.05, 0.0).ego_attitude(np.array([10.0, 0.0]), np.pi)[1] == pytest.approx(-np.arctan(0.05), abs=1e-7)
     # a 2% cross slope rising to the left: roll atan(0.02); with the grade too, atan(0.02 cos(pitch))
-    assert plane(0.0, 0.02).ego_attitude(np.array([0.0, 0.0]), 0.0)[2] == pytest.approx(np.arctan(0.02))
+    assert plane(0.0, 0.02).ego_attitude(np.array([0.0, 0.0]), 0.0)[2] == pytest.approx(np.arctan(0.02), abs=1e-7)
     _, pitch, roll = plane(0.05, 0.02).ego_attitude(np.array([0.0, 0.0]), 0.0)
-    assert roll == pytest.approx(np.arctan(0.02 * np.cos(np.arctan(0.05))))
+    assert roll == pytest.approx(np.arctan(0.02 * np.cos(np.arctan(0.05))), abs=1e-7)
     # the written rotation puts the ego's x and y axes in the ground plane z = 0.05 x + 0.02 y
     scene = Scene(0, 0, (0,), 0, STRAIGHT, (), world=2, terrain=plane(0.05, 0.02))
     xy, z, rotation = ego_pose(scene, 0)
     matrix = quaternion_to_matrix(rotation)
     for axis in (matrix[:, 0], matrix[:, 1]):
-        assert axis[2] == pytest.approx(0.05 * axis[0] + 0.02 * axis[1], abs=1e-12)
-    assert matrix[:, 0] == pytest.approx(np.array([1.0, 0.0, 0.05]) / np.sqrt(1.0025))
-    assert z == pytest.approx(0.0) and (WHEELBASE, TRACK) == (2.588, 1.51)
+        assert axis[2] == pytest.approx(0.05 * axis[0] + 0.02 * axis[1], abs=1e-7)
+    assert matrix[:, 0] == pytest.approx(np.array([1.0, 0.0, 0.05]) / np.sqrt(1.0025), abs=1e-7)
+    assert z == pytest.approx(0.0, abs=1e-7) and (WHEELBASE, TRACK) == (2.588, 1.51)
+
+
+def test_dataset_stats_reads_pitch_and_roll_back_from_the_ego_rotation():
+    from distillbev.pipeline.data.stats import _pitch_roll
+
+    scene = Scene(0, 0, (0,), 0, EgoPath((0.0, 0.0), 0.7, 5.0, 0.0), (), world=2, terrain=plane(0.05, 0.02))
+    _, _, rotation = ego_pose(scene, 0)
+    _, pitch, roll = scene.terrain.ego_attitude(np.array([0.0, 0.0]), 0.7)
+    # nose up on the ground is a negative turn about y
+    assert _pitch_roll(rotation) == pytest.approx((-pitch, roll), abs=1e-12)
+    grade = 0.05 * np.cos(0.7) + 0.02 * np.sin(0.7)  # the plane's slope along the heading
+    assert pitch == pytest.approx(np.arctan(grade), abs=1e-7)
 
 
 def test_boxes_stand_on_the_terrain():
@@ -76,12 +89,12 @@ def test_boxes_stand_on_the_terrain():
     building = SceneObject("building", (10.0, 20.0, 8.0), (40.0, 15.0), 0.0, (0.0, 0.0), "", annotated=False)
     scene = Scene(0, 0, (0, 500_000), 0, STRAIGHT, (car, building), world=2, terrain=plane(0.05, 0.02))
     boxes = scene.boxes_at(500_000)  # the car has moved 1 m: at x = 21 on the road
-    assert boxes[0, 2] == pytest.approx(0.05 * 21.0 + 0.02 * 3.0 + 1.7 / 2)
+    assert boxes[0, 2] == pytest.approx(0.05 * 21.0 + 0.02 * 3.0 + 1.7 / 2, abs=1e-6)
     # the building (unannotated clutter) stands on the lowest ground under it: its corner at x 30, y 10 is on
     # the sidewalk (lateral 10 > 7.85): 1.5 + 0.2 + 0.12
-    assert boxes[1, 2] == pytest.approx(0.05 * 30.0 + 0.02 * 10.0 + 0.12 + 8.0 / 2)
+    assert boxes[1, 2] == pytest.approx(0.05 * 30.0 + 0.02 * 10.0 + 0.12 + 8.0 / 2, abs=1e-6)
     # the ego at t = 0.5 s stands at x = 2.5, 5% of it higher; an annotation is written relative to that height
-    assert ego_height(scene, 500_000) == pytest.approx(0.05 * 2.5)
+    assert ego_height(scene, 500_000) == pytest.approx(0.05 * 2.5, abs=1e-7)
 
 
 @pytest.mark.parametrize("curvature", [0.0, 0.015])
@@ -129,8 +142,7 @@ def test_sloped_dataroot_boxes_and_points_agree_after_the_devkit_transforms(tmp_
     from nuscenes.nuscenes import NuScenes
     from nuscenes.utils.data_classes import LidarPointCloud
     from nuscenes.utils.geometry_utils import points_in_box
-    from pyquaternion import Quaternion
-
+    from distillbev.pipeline.data.stats import _pitch_roll
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
     config = SyntheticConfig.street(num_scenes=2, samples_per_scene=2, val_scenes=1, seed=7, sweeps_per_key_frame=1,
@@ -143,7 +155,7 @@ def test_sloped_dataroot_boxes_and_points_agree_after_the_devkit_transforms(tmp_
         record = nusc.get("sample_data", lidar_token)
         ego = nusc.get("ego_pose", record["ego_pose_token"])
         assert ego["translation"][2] == 0.0
-        pitches.append(abs(Quaternion(ego["rotation"]).yaw_pitch_roll[1]))
+        pitches.append(abs(_pitch_roll(ego["rotation"])[0]))
         # the devkit moves every box global -> ego -> LiDAR; the points stay in the LiDAR frame
         _, boxes, _ = nusc.get_sample_data(lidar_token)
         cloud = LidarPointCloud.from_file(nusc.get_sample_data_path(lidar_token))

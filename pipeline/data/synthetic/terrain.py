@@ -29,7 +29,19 @@ KERB_HEIGHT = (0.10, 0.15)  # [m] drawn per scene
 GROUND_FACE, KERB_FACE = -1, -2  # what a ray hit: the ground's surface or a kerb's vertical face
 _MARCH_TOLERANCE = 0.02  # [m] the march stops this close above the surface; Newton steps finish the hit
 _NEWTON_STEPS = 12  # at most; a ray grazing the ground far away needs the most
+_ROOT_TOLERANCE = 1e-6  # [m] a hit is this close to the surface (the files hold float32)
+_STEEP_FIRST_STEPS = 3  # Newton steps every steep ray takes (from the tangent plane, most need 2-4)
+_STEEP_STEPS = 40  # at most (Newton converges in a few)
 _MAX_MARCH = 80  # march steps before a ray is given up as a miss (a ray grazing the ground far away)
+
+
+def _sin_cos(angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of angles [rad] (any shape) to about 1e-7: reduced to [-pi, pi] in float64, then evaluated in
+    float32 (numpy's vectorised float32 sin and cos are tens of times faster; the terrain's amplitudes are a few
+    metres, so the heights stay exact to well under a micrometre)."""
+    angle = np.asarray(angle, dtype=np.float64)
+    reduced = (angle - 2 * np.pi * np.round(angle / (2 * np.pi))).astype(np.float32)
+    return np.sin(reduced).astype(np.float64), np.cos(reduced).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ class Terrain:
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         out = np.zeros(np.broadcast(x, y).shape)
         for kx, ky, phase, amplitude in self.waves:
-            out += amplitude * np.sin(kx * x + ky * y + phase)
+            out += amplitude * _sin_cos(kx * x + ky * y + phase)[0]
         return out
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +88,7 @@ class Terrain:
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         gx, gy = np.zeros(np.broadcast(x, y).shape), np.zeros(np.broadcast(x, y).shape)
         for kx, ky, phase, amplitude in self.waves:
-            c = amplitude * np.cos(kx * x + ky * y + phase)
+            c = amplitude * _sin_cos(kx * x + ky * y + phase)[1]
             gx += kx * c
             gy += ky * c
         return gx, gy
@@ -199,6 +211,56 @@ class Terrain:
                                  np.inf)
         return result
 
+    def _surface(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The smooth height and its gradient (dH/dx, dH/dy) at points (x, y) (N,), in one pass over the waves."""
+        height, gx, gy = np.zeros(len(x)), np.zeros(len(x)), np.zeros(len(x))
+        for kx, ky, phase, amplitude in self.waves:
+            sin, cos = _sin_cos(kx * x + ky * y + phase)
+            height += amplitude * sin
+            c = amplitude * cos
+            gx += kx * c
+            gy += ky * c
+        return height, gx, gy
+
+    def _steep_root(self, origin: np.ndarray, directions: np.ndarray, level: float,
+                    start: np.ndarray | None = None) -> np.ndarray:
+        """The one t (R,) where rays that descend faster than the ground can rise (d_z < -max_slope |d_xy|) meet
+        the smooth surface raised by `level`: the gap to the surface falls monotonically along them. Newton's steps
+        from `start` (default: where the ray meets the plane tangent to the ground under the origin), a few for
+        every ray, then, for the rays not yet within _ROOT_TOLERANCE, kept inside a shrinking bracket."""
+        dx, dy, dz = (np.ascontiguousarray(directions[:, axis]) for axis in range(3))
+        if start is None:
+            height, gx, gy = self._surface(origin[None, 0], origin[None, 1])
+            start = (origin[2] - height[0] - level) / -(dz - gx[0] * dx - gy[0] * dy)
+        t = np.maximum(start, 0.0)
+        for _ in range(_STEEP_FIRST_STEPS):  # every ray at once: no indexing
+            height, gx, gy = self._surface(origin[0] + t * dx, origin[1] + t * dy)
+            gap = origin[2] + t * dz - height - level
+            t = np.maximum(t - gap / (dz - gx * dx - gy * dy), 0.0)
+        height, _, _ = self._surface(origin[0] + t * dx, origin[1] + t * dy)
+        gap = origin[2] + t * dz - height - level
+        active = np.nonzero(np.abs(gap) > _ROOT_TOLERANCE)[0]
+        if not len(active):
+            return t
+        top = float(np.abs(self.waves[:, 3]).sum()) + abs(level)  # the surface lies within +-top of 0
+        low = np.zeros(len(t))
+        high = (origin[2] + top) / -dz  # the ray is below -top from here on
+        for _ in range(_STEEP_STEPS):
+            if not len(active):
+                break
+            p = origin + t[active, None] * directions[active]
+            height, gx, gy = self._surface(p[:, 0], p[:, 1])
+            gap = p[:, 2] - height - level
+            low[active] = np.where(gap > 0, t[active], low[active])
+            high[active] = np.where(gap <= 0, t[active], high[active])
+            rate = dz[active] - gx * dx[active] - gy * dy[active]  # < 0
+            guess = t[active] - gap / rate
+            inside = (guess >= low[active]) & (guess <= high[active])
+            moving = np.abs(gap) > _ROOT_TOLERANCE  # the others have converged: keep their t
+            t[active] = np.where(moving, np.where(inside, guess, 0.5 * (low[active] + high[active])), t[active])
+            active = active[moving]
+        return t
+
     def ray_hits(self, origin: np.ndarray, directions: np.ndarray, max_range: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """First hits of rays origin (3,) + t * directions (R, 3) (unit) with the ground within max_range.
@@ -207,16 +269,28 @@ class Terrain:
         surface's unit normal (R, 3) there (up-ish on the ground, horizontal on a kerb's face)."""
         directions = np.asarray(directions, dtype=np.float64)
         count = len(directions)
-        crossings = self._kerb_crossings(origin, directions)
         ranges = np.full(count, np.inf)
         kind = np.full(count, GROUND_FACE)
+        horizontal = np.hypot(directions[:, 0], directions[:, 1])
+        closing = self.max_slope * horizontal - directions[:, 2]
+        steep = np.nonzero(directions[:, 2] < -self.max_slope * horizontal * (1 + 1e-9) - 1e-12)[0]
+        if len(steep):
+            self._hit_steep(origin, directions, steep, max_range, ranges, kind)
+        # the other rays that can meet the ground (it may rise toward them): interval by interval between the
+        # kerb lines they cross, marching
+        low_origin = origin[2] <= float(self.smooth(origin[0], origin[1])) + self.kerb_height  # may meet a kerb face
+        is_steep = np.zeros(count, dtype=bool)
+        is_steep[steep] = True
+        pending = np.nonzero(((closing > 0) | low_origin) & ~is_steep)[0]
+        crossings = self._kerb_crossings(origin, directions[pending])
+        index = np.full(count, -1)
+        index[pending] = np.arange(len(pending))
         off = np.full(count, bool(self.off_road(origin[0], origin[1])))
         start = np.zeros(count)
-        pending = np.arange(count)
         for column in range(crossings.shape[1] + 1):
             if not len(pending):
                 break
-            stop = np.minimum(crossings[pending, column], max_range) if column < crossings.shape[1] else \
+            stop = np.minimum(crossings[index[pending], column], max_range) if column < crossings.shape[1] else \
                 np.full(len(pending), float(max_range))
             level = np.where(off[pending], self.kerb_height, 0.0)
             if column > 0:  # entering a sidewalk below its top: the ray hits the kerb's face
@@ -249,6 +323,34 @@ class Terrain:
             normals[face, 2] = 0.0
         kind = np.where(np.isfinite(ranges), kind, -1)
         return ranges, kind, normals
+
+    def _hit_steep(self, origin: np.ndarray, directions: np.ndarray, rays: np.ndarray, max_range: float,
+                   ranges: np.ndarray, kind: np.ndarray) -> None:
+        """First hits of the steep rays `rays` (see `_steep_root`), written into ranges / kind. Such a ray is above
+        the sidewalks' level before t_kerb and above the road's before t_road (t_kerb < t_road): it hits a sidewalk
+        at t_kerb if it is off the road there, else a kerb's face where it first leaves the road before t_road,
+        else the road at t_road."""
+        d = directions[rays]
+        t_road = self._steep_root(origin, d, 0.0)
+        crossings = self._kerb_crossings(origin, d)
+        p = origin + t_road[:, None] * d
+        # a ray that stays on the road up to t_road hits it there; the others need t_kerb
+        need = (crossings[:, 0] < t_road) | self.off_road(p[:, 0], p[:, 1]) | bool(self.off_road(origin[0], origin[1]))
+        hit = t_road.copy()
+        face = np.zeros(len(rays), dtype=bool)
+        k = np.nonzero(need)[0]
+        if len(k):
+            _, gx, gy = self._surface(p[k, 0], p[k, 1])
+            rate = d[k, 2] - gx * d[k, 0] - gy * d[k, 1]
+            t_kerb = self._steep_root(origin, d[k], self.kerb_height, start=t_road[k] + self.kerb_height / rate)
+            q = origin + t_kerb[:, None] * d[k]
+            on_sidewalk = self.off_road(q[:, 0], q[:, 1])
+            after = np.where(crossings[k] > t_kerb[:, None], crossings[k], np.inf).min(axis=1)
+            face[k] = ~on_sidewalk & (after < t_road[k])
+            hit[k] = np.where(on_sidewalk, t_kerb, np.where(face[k], after, t_road[k]))
+        within = hit <= max_range
+        ranges[rays[within]] = hit[within]
+        kind[rays[within & face]] = KERB_FACE
 
     def _lateral_direction(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Unit horizontal vectors (N, 2) along which the lateral offset grows."""
