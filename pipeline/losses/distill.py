@@ -50,48 +50,58 @@ def squared_error_per_cell(adapted_student: Tensor, teacher: Tensor, channel_wei
     return torch.einsum("bc,bcyx->byx", channel_weights, squared)
 
 
-class _ChannelSummedSquaredError(torch.autograd.Function):
-    """sum_c (S' - T)^2 and, with channel weights a (B, C), sum_c a_c (S' - T)^2, from one difference tensor.
+class _ChannelSums(torch.autograd.Function):
+    """The channel reductions of one layer's loss from a single difference tensor:
+    sum_c (S' - T)^2; with channel weights a (B, C), sum_c a_c (S' - T)^2; with `with_mean`, mean_c S'.
 
-    The forward values are those of `squared_error_per_cell` (same operations, same order). The backward is one
-    pass over (B, C, Y, X): dL/dS' = 2 (S' - T) * (g_cell + a_c g_weighted), where autograd would square, expand
-    and add per output; only S' - T is kept for it.
+    The forward values are those of `squared_error_per_cell` and `S'.mean(dim=1)` (same operations, same order). The
+    backward is one pass over (B, C, Y, X), dL/dS' = 2 (S' - T) * (g_cell + a_c g_weighted) + g_mean / C, where
+    autograd would square, expand and add once per output; only S' - T is kept for it.
     """
 
     @staticmethod
-    def forward(ctx, adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None):
+    def forward(ctx, adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None, with_mean: bool):
         difference = adapted_student - teacher  # (B, C, Y, X)
         squared = difference ** 2
-        per_cell = squared.sum(dim=1)  # (B, Y, X)
-        if channel_weights is None:
-            ctx.save_for_backward(difference)
-            return per_cell
-        ctx.save_for_backward(difference, channel_weights)
-        return per_cell, torch.einsum("bc,bcyx->byx", channel_weights, squared)
+        outputs = [squared.sum(dim=1)]  # (B, Y, X)
+        saved = [difference]
+        ctx.weighted, ctx.with_mean, ctx.channels = channel_weights is not None, with_mean, adapted_student.shape[1]
+        if channel_weights is not None:
+            outputs.append(torch.einsum("bc,bcyx->byx", channel_weights, squared))
+            saved.append(channel_weights)
+        if with_mean:
+            outputs.append(adapted_student.mean(dim=1))
+        ctx.save_for_backward(*saved)
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_cell: Tensor, grad_weighted: Tensor | None = None):
-        if len(ctx.saved_tensors) == 1:
-            (difference,) = ctx.saved_tensors
-            factor = 2 * grad_cell[:, None]  # (B, 1, Y, X)
+    def backward(ctx, grad_cell: Tensor, *more: Tensor):
+        difference, *weights = ctx.saved_tensors
+        more = list(more)
+        factor = 2 * grad_cell[:, None]  # (B, 1, Y, X)
+        if ctx.weighted:
+            factor = torch.addcmul(factor, 2 * weights[0][:, :, None, None], more.pop(0)[:, None])  # (B, C, Y, X)
+        if ctx.with_mean:
+            grad = torch.addcmul(more.pop(0)[:, None] / ctx.channels, difference, factor)
         else:
-            difference, channel_weights = ctx.saved_tensors
-            factor = torch.addcmul(2 * grad_cell[:, None], 2 * channel_weights[:, :, None, None],
-                                   grad_weighted[:, None])  # (B, C, Y, X)
-        grad = difference * factor
-        return grad, (-grad if ctx.needs_input_grad[1] else None), None
+            grad = difference * factor
+        return grad, (-(difference * factor) if ctx.needs_input_grad[1] else None), None, None
 
 
-def channel_summed_squared_error(adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None = None
-                                 ) -> tuple[Tensor, Tensor | None]:
-    """(sum_c (S' - T)^2, sum_c a_c (S' - T)^2 or None), both (B, Y, X), sharing one difference and one backward.
+def channel_summed_squared_error(adapted_student: Tensor, teacher: Tensor, channel_weights: Tensor | None = None,
+                                 with_mean: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(sum_c (S' - T)^2, sum_c a_c (S' - T)^2 or None, mean_c S' or None), each (B, Y, X), from one difference
+    tensor and with one backward pass.
 
-    adapted_student, teacher: (B, C, Y, X); channel_weights: (B, C) or None (then only the plain sum).
+    adapted_student, teacher: (B, C, Y, X); channel_weights: (B, C) or None (then no weighted sum); with_mean: also
+    the student's channel mean (the spatial L1 term's input, differentiable).
     """
-    if channel_weights is None:
-        return _ChannelSummedSquaredError.apply(adapted_student, teacher, None), None
-    per_cell, weighted = _ChannelSummedSquaredError.apply(adapted_student, teacher, channel_weights.detach())
-    return per_cell, weighted
+    outputs = list(_ChannelSums.apply(adapted_student, teacher,
+                                      None if channel_weights is None else channel_weights.detach(), with_mean))
+    per_cell = outputs.pop(0)
+    weighted = outputs.pop(0) if channel_weights is not None else None
+    mean = outputs.pop(0) if with_mean else None
+    return per_cell, weighted, mean
 
 
 def batch_weighted_sum(per_cell: Tensor, cell_weights: Tensor) -> Tensor:
@@ -100,13 +110,14 @@ def batch_weighted_sum(per_cell: Tensor, cell_weights: Tensor) -> Tensor:
 
 
 def spatial_pool_l1(adapted_student: Tensor, teacher: Tensor, spatial_conv: nn.Module,
-                    teacher_mean: Tensor | None = None) -> Tensor:
+                    teacher_mean: Tensor | None = None, student_mean: Tensor | None = None) -> Tensor:
     """(1/B) * sum_{b,y,x} | mean_c T - g(mean_c S') |, a scalar (BD L1272-1278; mean of signed values, not |.|).
 
-    teacher_mean: (B, Y, X) mean_c T when precomputed, else taken from `teacher`.
+    teacher_mean, student_mean: (B, Y, X) mean_c T and mean_c S' when already computed, else taken from the features.
     """
     teacher_pool = teacher.mean(dim=1, keepdim=True) if teacher_mean is None else teacher_mean[:, None]  # (B,1,Y,X)
-    student_pool = adapted_student.mean(dim=1, keepdim=True)  # (B, 1, Y, X)
+    student_pool = (adapted_student.mean(dim=1, keepdim=True) if student_mean is None
+                    else student_mean[:, None])  # (B, 1, Y, X)
     return (teacher_pool - spatial_conv(student_pool)).abs().sum() / adapted_student.shape[0]
 
 
@@ -156,8 +167,10 @@ def layer_loss_terms(config: DistillConfig, name: str, adapted_student: Tensor, 
             channel_weights = channel_attention(teacher, config.temperature)
     else:
         channel_weights = None
-    # (B, Y, X) channel sums of the squared error, shared by the region terms (and its channel-weighted FP variant)
-    per_cell, fp_per_cell = channel_summed_squared_error(adapted_student, teacher, channel_weights)
+    # (B, Y, X) channel sums of the squared error, shared by the region terms, its channel-weighted FP variant and the
+    # student's channel mean of the spatial L1 term: one pass over the difference, one backward pass
+    per_cell, fp_per_cell, student_mean = channel_summed_squared_error(adapted_student, teacher, channel_weights,
+                                                                       with_mean=spatial_conv is not None)
     if not config.region_decomposition:
         weights = spatial * (config.plain_weight / num_cells)
         terms[f"kd_{name}_plain"] = batch_weighted_sum(per_cell, weights)
@@ -176,7 +189,8 @@ def layer_loss_terms(config: DistillConfig, name: str, adapted_student: Tensor, 
             terms[f"kd_{name}_fp"] = batch_weighted_sum(per_cell if fp_per_cell is None else fp_per_cell, fp_weights)
     if spatial_conv is not None:
         terms[f"kd_{name}_spatial"] = config.spatial_l1_weight * spatial_pool_l1(adapted_student, teacher,
-                                                                                 spatial_conv, teacher_mean)
+                                                                                 spatial_conv, teacher_mean,
+                                                                                 student_mean)
     return terms
 
 

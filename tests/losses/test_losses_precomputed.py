@@ -137,17 +137,23 @@ def test_teacher_attention_per_sample_equals_the_batched_one():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_the_fused_squared_error_matches_autograd(weighted):
-    """Forward values equal `squared_error_per_cell` exactly; the hand-written backward passes gradcheck."""
+@pytest.mark.parametrize("with_mean", [False, True])
+def test_the_fused_channel_sums_match_autograd(weighted, with_mean):
+    """Forward values equal `squared_error_per_cell` and `S'.mean(dim=1)` exactly; the one-pass backward passes
+    gradcheck."""
     generator = torch.Generator().manual_seed(5)
     adapted = torch.randn(2, 4, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(2, 4, 3, 5, generator=generator, dtype=torch.float64)
     weights = torch.rand(2, 4, generator=generator, dtype=torch.float64) if weighted else None
-    per_cell, weighted_cell = channel_summed_squared_error(adapted, teacher, weights)
+    per_cell, weighted_cell, mean = channel_summed_squared_error(adapted, teacher, weights, with_mean)
     assert torch.equal(per_cell, squared_error_per_cell(adapted, teacher))
+    assert (weighted_cell is None) != weighted and (mean is None) != with_mean
     if weighted:
         assert torch.equal(weighted_cell, squared_error_per_cell(adapted, teacher, weights))
-        torch.autograd.gradcheck(lambda a: channel_summed_squared_error(a, teacher, weights), (adapted,))
-    else:
-        assert weighted_cell is None
-        torch.autograd.gradcheck(lambda a: channel_summed_squared_error(a, teacher)[0], (adapted,))
+    if with_mean:
+        assert torch.equal(mean, adapted.mean(dim=1))
+
+    def outputs(a):
+        return tuple(t for t in channel_summed_squared_error(a, teacher, weights, with_mean) if t is not None)
+
+    torch.autograd.gradcheck(outputs, (adapted,))
