@@ -177,10 +177,15 @@ class Terrain:
     def _first_root(self, origin: np.ndarray, directions: np.ndarray, level: np.ndarray, start: np.ndarray,
                     stop: np.ndarray) -> np.ndarray:
         """First t in [start, stop] (R,) where each ray meets the smooth surface raised by `level` (R,); inf if
-        none. A conservative march (the surface cannot rise faster than max_slope) then Newton steps."""
-        slope = self.max_slope
+        none. A march that cannot step over the surface, then Newton steps.
+
+        Along a ray the gap f(t) to the surface has |f''| <= M = sum_k |a_k| |k_k|^2 |d_xy|^2 (the waves' curvature),
+        so f(t + s) >= f(t) + f'(t) s - M s^2 / 2: a step to the first zero of that bound never passes a root, and
+        near one it is a Newton step."""
+        curvature = float(np.sum(np.abs(self.waves[:, 3]) * (self.waves[:, 0] ** 2 + self.waves[:, 1] ** 2)))
         horizontal = np.hypot(directions[:, 0], directions[:, 1])
-        closing = slope * horizontal - directions[:, 2]  # the fastest the ray can approach the surface per unit t
+        bound = np.maximum(curvature * horizontal ** 2, 1e-12)  # (R,) M
+        closing = self.max_slope * horizontal - directions[:, 2]  # the fastest the ray can approach the surface
         t = start.copy()
         result = np.full(len(t), np.inf)
         active = np.nonzero((closing > 0) & (start < stop))[0]
@@ -188,11 +193,17 @@ class Terrain:
             if not len(active):
                 break
             p = origin + t[active, None] * directions[active]
-            gap = p[:, 2] - self.smooth(p[:, 0], p[:, 1]) - level[active]
+            height, gx, gy = self._surface(p[:, 0], p[:, 1])
+            gap = p[:, 2] - height - level[active]
             near = gap < _MARCH_TOLERANCE
             if near.any():
                 result[active[near]] = t[active[near]]  # refined below
-            t[active] += np.maximum(gap, 0.0) / closing[active]
+            rate = directions[active, 2] - gx * directions[active, 0] - gy * directions[active, 1]  # f'
+            m = bound[active]
+            gap = np.maximum(gap, 0.0)
+            root = np.sqrt(rate * rate + 2.0 * m * gap)
+            # the zero of gap + rate s - m s^2 / 2, in the form without cancellation for either sign of rate
+            t[active] += np.where(rate > 0, (rate + root) / m, 2.0 * gap / np.maximum(root - rate, 1e-300))
             keep = ~near & (t[active] <= stop[active])
             active = active[keep]
         found = np.nonzero(np.isfinite(result))[0]
