@@ -17,8 +17,11 @@ view's cached maps warped into an augmentation and the teacher run on the augmen
   + teacher_pillar02.yaml on synthetic tensors of the real shapes (B=1, 6 cameras plus the previous frame, ~250k
   points for the teacher, ~30k key-frame points for the student's depth targets) and a cache written at the
   teacher's full layer shapes for 3 samples.
-Each table also gives the peak resident memory of the process after each mode (ru_maxrss: it never decreases, so a
-mode's value is the maximum of it and every mode run before it).
+The modes run interleaved: `--rounds` rounds, each building every mode afresh (student, loss, optimiser, DataLoader)
+and timing its warm-up + steps, the mode order rotated from round to round, so a slow spell of the shared machine
+spreads over the modes. Each table gives, per mode, the peak resident memory of the training process while that mode
+ran (Linux VmHWM, reset through /proc/self/clear_refs before the mode is built; DataLoader workers excluded) and the
+same peak above the resident memory at the mode's start (what the mode's student, loss, optimiser and steps add).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import argparse
 import dataclasses
 import logging
 import math
+import ctypes
+import gc
 import resource
 import shutil
 import tempfile
@@ -333,46 +338,122 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def benchmark_shape(name: str, shape: ShapeSetup, modes: tuple[tuple[str, str], ...] = MODES) -> list[str]:
-    """Run the modes of one shape (default all three); markdown lines of its table."""
+def _status_kib(field: str) -> int | None:
+    """A `/proc/self/status` memory field (VmHWM, VmRSS) in KiB, None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the OS, so the next mode's resident memory starts
+    from what is really in use (freed tensors of an earlier mode would otherwise be reused without raising RSS)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_memory() -> bool:
+    """Reset this process's resident-memory high-water mark (VmHWM) to its current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class ModeMemory:
+    start_gib: float  # resident memory when the mode was about to be built
+    peak_gib: float  # high-water mark while the mode was built and stepped (ru_maxrss so far if not resettable)
+
+
+def run_mode(name: str, shape: ShapeSetup, label: str, mode: str) -> tuple[list[StepTime], ModeMemory]:
+    """Build one mode afresh (student, loss, DataLoader, optimiser) and time its warm-up + steps."""
     cfg = shape.cfg
-    layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
-    results = {}
-    peaks = {}
+    release_free_memory()
+    resettable = reset_peak_memory()
+    start = (_status_kib("VmRSS") or 0) / 2**20
+    torch.manual_seed(0)
+    student = shape.make_student()
+    distill_loss = None if mode == "none" else build_distill_loss(cfg, student, shape.teacher_layers)
+    setup = DistillationSetup(student=student, distill_loss=distill_loss,
+                              teacher=TimedTeacher(shape.teacher) if mode == "online" else None,
+                              layers=[(pair.student, pair.teacher) for pair in cfg.distill.layers])
+    bev = cfg.model.bev
+    train_set = DistillationDataset(shape.dataset_for(mode), mode=mode,
+                                    cache=TeacherCache.open(shape.cache_path) if mode == "cache" else None,
+                                    bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
+                                    **precompute_arguments(distill_loss, cfg))
+    logging.info("%s: timing %s (%d + %d steps)", name, label, shape.warmup, shape.steps)
+    records = time_steps(setup, train_set, shape.batch_size, shape.workers, cfg.model.head.grid,
+                         shape.warmup, shape.steps, cfg.train.grad_clip)
+    peak = (_status_kib("VmHWM") or 0) / 2**20 if resettable else peak_memory_gib()
+    del setup, student, distill_loss, train_set
+    release_free_memory()
+    return records, ModeMemory(start, peak)
+
+
+def precompute_arguments(distill_loss, cfg: StudentExperimentConfig) -> dict:
+    """DistillationDataset keyword arguments that move the loss's student-independent work into the workers (empty
+    when this checkout's DistillationDataset has no such option: the benchmark then times the in-step path)."""
+    import inspect
+
+    from distillbev.pipeline.distill import targets as targets_module
+
+    if distill_loss is None or "precompute" not in inspect.signature(DistillationDataset).parameters:
+        return {}
+    return {"precompute": targets_module.step_precompute(distill_loss, cfg.model.head, cfg.model.head.grid)}
+
+
+def benchmark_shape(name: str, shape: ShapeSetup, modes: tuple[tuple[str, str], ...] = MODES,
+                    rounds: int = 1) -> list[str]:
+    """Run the modes of one shape (default all three) interleaved over `rounds`; markdown lines of its table."""
     if not modes:
         return []
-    for label, mode in modes:
-        torch.manual_seed(0)
-        student = shape.make_student()
-        distill_loss = None if mode == "none" else build_distill_loss(cfg, student, shape.teacher_layers)
-        setup = DistillationSetup(student=student, distill_loss=distill_loss,
-                                  teacher=TimedTeacher(shape.teacher) if mode == "online" else None,
-                                  layers=layers)
-        bev = cfg.model.bev
-        train_set = DistillationDataset(shape.dataset_for(mode), mode=mode,
-                                        cache=TeacherCache.open(shape.cache_path) if mode == "cache" else None,
-                                        bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max))
-        logging.info("%s: timing %s (%d + %d steps)", name, label, shape.warmup, shape.steps)
-        results[label] = time_steps(setup, train_set, shape.batch_size, shape.workers, cfg.model.head.grid,
-                                    shape.warmup, shape.steps, cfg.train.grad_clip)
-        peaks[label] = peak_memory_gib()
+    results: dict[str, list[StepTime]] = {label: [] for label, _ in modes}
+    memory: dict[str, list[ModeMemory]] = {label: [] for label, _ in modes}
+    for round_index in range(rounds):
+        shift = round_index % len(modes)
+        for label, mode in modes[shift:] + modes[:shift]:  # rotate the order from round to round
+            records, used = run_mode(name, shape, label, mode)
+            results[label] += records
+            memory[label].append(used)
     labels = [label for label, _ in modes]
     reference = "baseline" if "baseline" in results else labels[0]
     baseline = mean_and_spread([r.wall for r in results[reference]])[0]
+    baseline_cpu = mean_and_spread([r.cpu for r in results[reference]])[0]
+    baseline_peak = max(m.peak_gib - m.start_gib for m in memory[reference])
     lines = [f"### {name}: {shape.description}", "",
-             f"batch {shape.batch_size}, {shape.workers} DataLoader worker(s), mean over {shape.steps} steps after "
-             f"{shape.warmup} warm-up step(s); {shape.note}", "",
-             f"| mode | step s (mean ± sd) | step / {reference} | CPU s of the step | teacher forward s | data wait s "
-             "| data wait % of step | peak RSS GiB so far |", "|---|---|---|---|---|---|---|---|"]
+             f"batch {shape.batch_size}, {shape.workers} DataLoader worker(s); {rounds} round(s), each building every "
+             f"mode afresh and timing {shape.steps} steps after {shape.warmup} warm-up step(s), the mode order rotated "
+             f"per round; mean over the {rounds * shape.steps} timed steps of each mode; {shape.note}; a shared "
+             f"machine (other jobs on the same cores), so wall times carry their load", "",
+             f"| mode | step s (mean ± sd) | step / {reference} | CPU s of the step | CPU / {reference} "
+             "| teacher forward s | data wait s | data wait % of step | peak RSS GiB | peak above mode start GiB "
+             f"| peak above start / {reference} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
         rows = results[label]
         step_mean, step_sd = mean_and_spread([r.wall for r in rows])
+        cpu_mean = mean_and_spread([r.cpu for r in rows])[0]
         share = sum(r.data for r in rows) / sum(r.wall for r in rows)
+        peak = max(m.peak_gib for m in memory[label])
+        above = max(m.peak_gib - m.start_gib for m in memory[label])
+        above_ratio = above / baseline_peak if baseline_peak > 0 else float("nan")
         lines.append(f"| {label} | {step_mean:.3f} ± {step_sd:.3f} | {step_mean / baseline:.2f}x "
-                     f"| {mean_and_spread([r.cpu for r in rows])[0]:.3f} "
+                     f"| {cpu_mean:.3f} | {cpu_mean / baseline_cpu:.2f}x "
                      f"| {mean_and_spread([r.teacher for r in rows])[0]:.3f} "
                      f"| {mean_and_spread([r.data for r in rows])[0]:.3f} | {100 * share:.1f}% "
-                     f"| {peaks[label]:.1f} |")
+                     f"| {peak:.2f} | {above:.2f} | {above_ratio:.2f}x |")
     if not {"cached", "online"} <= set(results):
         return lines + [""]
     cached = mean_and_spread([r.wall for r in results["cached"]])[0]
@@ -397,6 +478,8 @@ def main() -> None:
     parser.add_argument("--modes", default="baseline,cached,online",
                         help="comma-separated subset of baseline, cached, online (training steps) and inference "
                              "(the eval-mode forward alone)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds: each builds and times every mode once, the order rotated")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: small 1, full 1)")
     parser.add_argument("--gap-samples", type=int, default=4, help="samples of the approximate-mode gap")
     parser.add_argument("--trained-teacher", type=Path, default=Path("/work/demo/teacher/latest.pth"),
@@ -428,7 +511,7 @@ def main() -> None:
             selected["full"] = full_shape_setup(folder / "full", args.full_steps, args.full_warmup, args.workers or 1,
                                                 args.student)
         for name, shape in selected.items():
-            lines += benchmark_shape(name, shape, modes)
+            lines += benchmark_shape(name, shape, modes, args.rounds)
             if inference:
                 wall, cpu = time_inference(shape)
                 lines += [f"### {name}, inference: {shape.description}", "",
