@@ -4,8 +4,9 @@
   what the rules give on the view the sample replays: the sample's boxes rebuilt with `dataset.get` under the cached
   view's BEV augmentation, and that view's cached teacher heatmap.
 - A training step fed those worker inputs gives the loss terms of the step that computes everything itself, to 1e-6,
-  for cached targets (cached attention, or attention recomputed at the run's temperature in the worker) and for the
-  live teacher (where the workers give only the GT-only parts).
+  for cached targets (cached attention, or attention recomputed at the run's temperature in the worker), for the
+  identity view's maps warped into a fresh augmentation, and for the live teacher (where the workers give only the
+  GT-only parts).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def parts(world):
 
 def distill_set(parts, world, mode, precompute: bool, **kwargs) -> DistillationDataset:
     cfg, _, distill_loss, cache, dataset = parts
-    return DistillationDataset(dataset, mode=mode, cache=cache if mode == "cache" else None, seed=4,
+    return DistillationDataset(dataset, mode=mode, cache=cache if mode in ("cache", "approximate") else None, seed=4,
                                bev_extent=world.extent, **kwargs,
                                precompute=step_precompute(distill_loss, cfg.model.head, cfg.model.head.grid)
                                if precompute else None)
@@ -88,7 +89,8 @@ def test_worker_inputs_are_those_of_the_replayed_view(parts, world):
     assert not cache.bev_aug(index, 1).is_identity
 
 
-@pytest.mark.parametrize("mode,use_cached_attention", [("cache", True), ("cache", False), ("online", True)])
+@pytest.mark.parametrize("mode,use_cached_attention", [("cache", True), ("cache", False), ("approximate", True),
+                                                      ("online", True)])
 def test_a_step_with_worker_inputs_gives_the_in_step_loss(parts, world, mode, use_cached_attention):
     cfg, student, distill_loss, _, _ = parts
     teacher = None
@@ -102,8 +104,8 @@ def test_a_step_with_worker_inputs_gives_the_in_step_loss(parts, world, mode, us
         train_set.set_epoch(1)
         batch, targets = collate_with_targets([train_set[0]])
         assert (targets is not None and targets.precomputed is not None) == precompute
-        if precompute and mode == "cache":
-            assert targets.attention is not None  # cached, or computed in the worker
+        if precompute and mode != "online":
+            assert targets.attention is not None  # cached, or computed in the worker (from the warped maps)
         with torch.no_grad():
             results[precompute] = training_step(setup, batch, targets, cfg.model.head.grid)
     in_step, worker = results[False], results[True]
