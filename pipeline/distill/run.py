@@ -25,6 +25,7 @@ from ..distributed import World, barrier, broadcast_buffers, gather_ordered, pre
 from ..errors import CacheError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
+from ..precision import set_memory_format
 from ..student.build import build_student
 from .config import StudentExperimentConfig
 from .progress import TrainingProgress, reset_progress
@@ -277,7 +278,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         if not resume:
             (out_dir / "train_log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
             reset_progress(out_dir, 0)  # and a fresh evaluation history (progress.py)
-    student = build_student(cfg.model).to(device_t)
+    student = set_memory_format(build_student(cfg.model).to(device_t), cfg.train.channels_last)
     mode = "none"
     cache = None
     train_dataset = None
@@ -342,7 +343,8 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     epoch_steps = steps_per_epoch(cfg, train_set, sampler)
     params = list(student.parameters()) + ([] if distill_loss is None else list(distill_loss.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=teacher, layers=layers)
+    setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=teacher, layers=layers,
+                              precision=cfg.train.precision)
     start_epoch = start_iteration = 0
     latest = out_dir / "latest.pth"
     if resume and latest.exists():

@@ -27,6 +27,7 @@ from ..distributed import World
 from ..errors import CheckpointError
 from ..heads.targets import gt_heatmap_max
 from ..losses.distill import DistillBEVLoss
+from ..precision import Precision, autocast
 from .config import StudentExperimentConfig
 from .targets import DistillationDataset, TargetsBatch, collate_with_targets
 
@@ -41,6 +42,7 @@ class DistillationSetup:
     distill_loss: DistillBEVLoss | None
     teacher: torch.nn.Module | None  # only for `online` targets
     layers: list[tuple[str, str]]  # (student feature, teacher feature) pairs
+    precision: Precision = "fp32"  # autocast dtype of the student's forward; its outputs reach the losses in float32
 
 
 def teacher_targets_online(teacher: torch.nn.Module, batch, layers: list[str]) -> TargetsBatch:
@@ -62,7 +64,10 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
                   head_grid) -> dict[str, torch.Tensor]:
     """Loss terms of one batch (scalars). `head_grid` is the BEVGrid of the detection head."""
     student = setup.student
-    outputs = student(batch)
+    with autocast(next(student.parameters()).device, setup.precision):
+        outputs = student(batch)
+    if setup.precision != "fp32":
+        outputs = outputs.float()
     losses = dict(student.detection_loss(outputs, batch))
     if outputs.depth is not None:
         losses["depth"] = student.depth_loss(outputs, batch)
@@ -140,7 +145,7 @@ def save_checkpoint(path: Path, setup: DistillationSetup, optimizer, epoch: int,
     """The run state after `epoch`, with the steps per epoch and the world size its iteration count was made under."""
     tmp = path.with_suffix(".tmp")
     torch.save({
-        "state_dict": setup.student.state_dict(),
+        "state_dict": {k: v.contiguous() for k, v in setup.student.state_dict().items()},  # NCHW even if trained NHWC
         "distill_state_dict": None if setup.distill_loss is None else setup.distill_loss.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,

@@ -127,5 +127,8 @@ class LiftSplat(nn.Module):
         if tuple(depth.shape[-2:]) != expected:
             raise ValueError(f"image feature map {tuple(depth.shape[-2:])} does not match image_size "
                              f"{self.image_size} / stride {self.stride} = {expected}")
-        points = frustum_points(geometry, self.image_size, self.stride, self.bins)
-        return bev_pool(depth, context, points, self.bev)
+        # Geometry and the splat sum stay float32 under a bf16 autocast: bf16 frustum coordinates would be off by
+        # up to 0.25 m at 50 m (8 mantissa bits), and a bf16 sum of hundreds of frustum points per cell loses them.
+        with torch.autocast(device_type=depth.device.type, enabled=False):
+            points = frustum_points(geometry, self.image_size, self.stride, self.bins)
+            return bev_pool(depth.float(), context.float(), points, self.bev)

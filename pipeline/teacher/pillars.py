@@ -117,7 +117,14 @@ class PillarFeatureNet(nn.Module):
         return keep
 
     def forward(self, points: list[torch.Tensor]) -> Pillars:
-        """points: B tensors (P_b, >= point_features) -> `Pillars` with (V, C) features."""
+        """points: B tensors (P_b, >= point_features) -> `Pillars` with (V, C) features.
+
+        Always float32, also under a bf16 autocast: the decorated point features carry absolute coordinates,
+        which bf16 (8 mantissa bits) would round to 0.25 m at 50 m."""
+        with torch.autocast(device_type=points[0].device.type, enabled=False):
+            return self._encode([p.float() for p in points])
+
+    def _encode(self, points: list[torch.Tensor]) -> Pillars:
         features, cells, batch_index, flat = self.assign(points)
         if self.max_points_per_pillar > 0 or self.max_pillars > 0:
             keep = self.limit(flat)
