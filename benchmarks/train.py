@@ -90,7 +90,7 @@ class ShapeSetup:
 
 def extract_cache(teacher_cfg: TeacherExperimentConfig, checkpoint: Path, folder: Path, dataroot: Path,
                   views: int) -> Path:
-    """Run `extract-teacher` (fp16) on the synth_train split; returns the store path."""
+    """Run `extract-teacher` (its default storage dtype) on the synth_train split; returns the store path."""
     config_path = folder / "teacher.yaml"
     dump_config(teacher_cfg, config_path)
     cache_path = folder / f"cache_{checkpoint.stem}_{views}v.zarr"
@@ -137,7 +137,8 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, stude
         description=f"configs/synthetic/{student_config.name} + configs/synthetic/teacher.yaml",
         note=(f"synthetic dataroot ({train_scenes} train scenes x {samples_per_scene} samples, JPEG decoding in "
               f"the workers), cache extracted from a random teacher ({teacher_cfg.data.num_sweeps} sweeps, 2 views, "
-              f"fp16); the student loads {cfg.data.num_sweeps} sweeps, the online teacher "
+              f"{TeacherCache.open(cache_path).manifest['storage']['dtype']}); the student loads "
+              f"{cfg.data.num_sweeps} sweeps, the online teacher "
               f"{teacher_cfg.data.num_sweeps}"),
         cfg=cfg, teacher=teacher, teacher_layers=TeacherCache.open(cache_path).manifest["layers"],
         cache_path=cache_path, dataset_for=dataset_for, batch_size=cfg.train.batch_size, workers=workers,
@@ -240,7 +241,7 @@ def approximate_gap(small: ShapeSetup, folder: Path, trained_checkpoint: Path, s
                     (cosine(warp_bev(cached, augmentation, extent), live[layer]), cosine(cached, live[layer])))
     lines = ["## Approximate targets: gap to the teacher on the augmented cloud", "",
              f"Teacher: {which}; synthetic synth_train samples 0..{count - 1} (test-mode sweeps), identity view "
-             f"read from an fp16 cache, warped with `pipeline/distill/warp.py` (flips: index reversal; otherwise "
+             f"read from the cache, warped with `pipeline/distill/warp.py` (flips: index reversal; otherwise "
              f"bilinear), compared with the teacher run on the augmented cloud. Cosine over all (C, Y, X) values, "
              f"mean (min) over samples; the unwarped column compares the identity maps without warping (a control: "
              f"ReLU features share a large positive component, so cosine is never near 0).", "",
