@@ -105,12 +105,14 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]
               help="Camera student (configs/synthetic/student_<name>.yaml).")
 @click.option("--views", type=int, default=4, show_default=True, help="Cached BEV-augmented views per sample.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="Synthetic world of the demo directory (2: the street world, configs/street/).")
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Student runs trained at once, each as its own process with cores/jobs threads.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train every row this many times (train.seed 0..N-1) and report mean ± sd.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override every student run's config.")
-def command(out: Path, student: str, views: int, device: str, jobs: int, seeds: int,
+def command(out: Path, student: str, views: int, device: str, world: str, jobs: int, seeds: int,
             overrides: tuple[str, ...]) -> None:
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
@@ -118,7 +120,7 @@ def command(out: Path, student: str, views: int, device: str, jobs: int, seeds: 
     from ..pipeline.eval import summary_metrics
 
     out.mkdir(parents=True, exist_ok=True)
-    steps, paths = plan(out, student, views, None, None, device, overrides)
+    steps, paths = plan(out, student, views, None, None, device, overrides, world=int(world))
     seconds: dict[str, float] = {}
     run_steps(steps[:3], seconds)  # dataroot, teacher, cache (point --out at a demo made with the same --set)
     student_config = steps[3].argv[steps[3].argv.index("--config") + 1]

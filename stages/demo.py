@@ -3,9 +3,10 @@
 Each step is the equivalent `distillbev` command: the data, teacher and cache steps run in-process with every core,
 the two students side by side as two processes with half the cores each (`--jobs 1`: in-process, one after the
 other; stages/jobs.py). A step whose output is already complete is reused, so rerunning after an interruption
-continues where it stopped. The data is the street world (`make-synthetic --world 2`). The two students evaluate every 2 epochs
-and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end
-(OUT/figures_<student>/ for a student other than bevdet).
+continues where it stopped. `--world 2` runs it on the street world with configs/street/ (+-51.2 m) instead of
+world 1 with configs/synthetic/ (+-32 m). The two students evaluate every 2 epochs and save attention snapshots
+(FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end (OUT/figures_<student>/ for a
+student other than bevdet).
 
 Another `--student` on the same OUT reuses its dataroot, teacher and cache and adds that student's baseline and
 distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
@@ -26,21 +27,23 @@ from .jobs import Step, run_parallel, run_steps
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "synthetic"
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIRS = {1: CONFIG_ROOT / "synthetic", 2: CONFIG_ROOT / "street"}  # per synthetic world: its +-32 / +-51.2 m configs
 STUDENTS = ("bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer")  # configs/synthetic/student_<name>.yaml
 
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-         device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...] = ()) -> tuple[list[Step], dict]:
+         device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...] = (),
+         world: int = 1) -> tuple[list[Step], dict]:
     """The demo's steps and the paths they produce."""
     dataroot = out / "data"
     teacher_run = out / "teacher"
     cache = out / "cache" / "teacher_synth_train.zarr"
-    teacher_config = str(CONFIG_DIR / "teacher.yaml")
-    student_config = str(CONFIG_DIR / f"student_{student}.yaml")
+    teacher_config = str(CONFIG_DIRS[world] / "teacher.yaml")
+    student_config = str(CONFIG_DIRS[world] / f"student_{student}.yaml")
     students = {"baseline": out / "students" / f"{student}_baseline",
                 "distilled": out / "students" / f"{student}_distilled"}
-    synth = ["make-synthetic", "--out", str(dataroot), "--world", "2"]
+    synth = ["make-synthetic", "--out", str(dataroot), "--world", str(world)]
     if scenes is not None:
         synth += ["--scenes", str(scenes)]
     if samples_per_scene is not None:
@@ -127,6 +130,9 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.option("--scenes", type=int, default=None, help="Synthetic scenes (default: the generator's default).")
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="Synthetic world: 1 (configs/synthetic/, +-32 m) or 2, the street world (configs/street/, "
+                   "+-51.2 m; docs/synthetic.md).")
 @click.option("--jobs", type=click.IntRange(1, 2), default=min(2, os.cpu_count() or 1), show_default="2 with 2+ cores",
               help="Student runs trained at once (baseline and distilled), each its own process with cores/jobs "
                    "threads; 1 trains them one after the other in this process.")
@@ -134,14 +140,15 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override the teacher config.")
 def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-            device: str, jobs: int, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
+            device: str, world: str, jobs: int, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
     of the two students (figures/: training curves, attention maps, qualitative boxes)."""
     from ..pipeline.eval.figures import draw_figures
 
     out.mkdir(parents=True, exist_ok=True)
-    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides)
+    world = int(world)
+    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides, world)
     summary_path = out / "demo_summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     commands = {tuple(["distillbev", *s.argv]) for s in steps}

@@ -55,7 +55,7 @@ def test_shipped_configs_load(path):
 
 def test_shipped_config_set_is_complete():
     names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/student_*.yaml")}
-    assert names == {f"{folder}/student_{v}" for folder in ("synthetic", "nuscenes") for v in (*VARIANTS, "bevformer")}
+    assert names == {f"{folder}/student_{v}" for folder in ("synthetic", "street", "nuscenes") for v in (*VARIANTS, "bevformer")}
 
 
 def test_config_rejects_head_grid_mismatch():

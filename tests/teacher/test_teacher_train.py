@@ -125,7 +125,7 @@ def test_run_state_round_trip_restores_everything(tmp_path):
 def test_shipped_configs_load_and_mismatched_head_grid_is_rejected():
     synthetic = load_config(TeacherExperimentConfig, SYNTHETIC_CONFIG)
     assert synthetic.model.head_grid.shape == (80, 80) and synthetic.model.canvas_grid.shape == (160, 160)
-    assert synthetic.data.load_images is False and synthetic.data.point_cloud_range[3] == 51.2
+    assert synthetic.data.load_images is False and synthetic.data.point_cloud_range[3] == 32.0
     full = load_config(TeacherExperimentConfig, NUSCENES_CONFIG, ["train.epochs=3"])
     assert full.train.epochs == 3 and full.model.head_grid.shape == (128, 128)
     with pytest.raises(ConfigError, match="head.grid"):
