@@ -22,6 +22,8 @@ and timing its warm-up + steps, the mode order rotated from round to round, so a
 spreads over the modes. Each table gives, per mode, the peak resident memory of the training process while that mode
 ran (Linux VmHWM, reset through /proc/self/clear_refs before the mode is built; DataLoader workers excluded) and the
 same peak above the resident memory at the mode's start (what the mode's student, loss, optimiser and steps add).
+Every mode trains in the student config's arithmetic (`train.precision`, `train.channels_last`): bf16 with
+channels_last for the synthetic bevdet configs, float32 for the nuScenes ones.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from distillbev.pipeline.distill.targets import DistillationDataset, collate_wit
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
 from distillbev.pipeline.distill.warp import warp_bev
 from distillbev.pipeline.geometry.bev import BEVAugmentation
+from distillbev.pipeline.precision import set_memory_format
 from distillbev.pipeline.student.build import build_student
 from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
@@ -384,11 +387,12 @@ def run_mode(name: str, shape: ShapeSetup, label: str, mode: str) -> tuple[list[
     resettable = reset_peak_memory()
     start = (_status_kib("VmRSS") or 0) / 2**20
     torch.manual_seed(0)
-    student = shape.make_student()
+    student = set_memory_format(shape.make_student(), cfg.train.channels_last)  # the config's arithmetic
     distill_loss = None if mode == "none" else build_distill_loss(cfg, student, shape.teacher_layers)
     setup = DistillationSetup(student=student, distill_loss=distill_loss,
                               teacher=TimedTeacher(shape.teacher) if mode == "online" else None,
-                              layers=[(pair.student, pair.teacher) for pair in cfg.distill.layers])
+                              layers=[(pair.student, pair.teacher) for pair in cfg.distill.layers],
+                              precision=cfg.train.precision)
     bev = cfg.model.bev
     train_set = DistillationDataset(shape.dataset_for(mode), mode=mode,
                                     cache=TeacherCache.open(shape.cache_path) if mode == "cache" else None,
