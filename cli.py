@@ -13,6 +13,7 @@ import sys
 import click
 
 from .pipeline.errors import DistillBEVError, one_line
+from .pipeline.runtime import tune_allocator
 
 # command name -> (module under distillbev.stages, attribute): an explicit table, no registry.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,6 +68,7 @@ def cli(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_allocator()  # pipeline/runtime.py: freed activations stay in the process between training steps
     try:
         cli.main(args=argv, prog_name="distillbev", standalone_mode=False)
     except DistillBEVError as exc:
