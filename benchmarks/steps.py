@@ -13,7 +13,8 @@ arithmetic side by side, interleaved step by step so a shared machine slows ever
 
 Each step is split into forward, loss, backward and optimiser (AdamW) time; the data-loading time of one batch (the
 DataLoader worker's share, overlapped with the step in training) is measured once. A torch.profiler table of one
-bf16 step lists the top operators by self CPU time.
+bf16 step lists the top operators by self CPU time. The allocator is tuned as every `distillbev` command tunes it
+(pipeline/runtime.py); `DISTILLBEV_MALLOC_TUNING=0` measures glibc's defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from distillbev.pipeline.data.collate import collate_samples
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.precision import autocast, set_memory_format
+from distillbev.pipeline.runtime import tune_allocator
 from distillbev.pipeline.student.build import build_student
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher
@@ -141,10 +143,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args()
+    tuned = tune_allocator()
     torch.set_num_threads(args.threads)
     out = io.StringIO()
     out.write(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} timed steps per arithmetic "
-              f"after one warm-up, interleaved\n\n")
+              f"after one warm-up, interleaved; allocator {'tuned' if tuned else 'glibc defaults'}\n\n")
     for network in (teacher_network(args.dataroot), student_network(args.dataroot)):
         table, profile_table = measure(network, args.steps)
         out.write(table + "\n\nTop operators of one bf16 + channels_last step (torch.profiler, self CPU time):\n\n"
