@@ -19,6 +19,21 @@ def ground_hits(origin: np.ndarray, directions: np.ndarray) -> np.ndarray:
     return ranges
 
 
+def slab_entry(t_near_axes: list[np.ndarray], t_far_axes: list[np.ndarray],
+               dir_local: tuple | list) -> tuple[np.ndarray, np.ndarray]:
+    """Entry range (inf on a miss) and entered face of rays against a box, from the per-axis slab entry / exit
+    ranges (3 arrays each) and the ray directions in the box frame (3 arrays)."""
+    t_near = np.maximum(np.maximum(t_near_axes[0], t_near_axes[1]), t_near_axes[2])
+    t_far = np.minimum(np.minimum(t_far_axes[0], t_far_axes[1]), t_far_axes[2])
+    hit = (t_near <= t_far) & (t_near > 0.0)
+    ranges = np.where(hit, t_near, np.inf)
+    # The face entered is the slab whose entry is last, on the side the ray comes from (against its direction).
+    faces = np.where(t_near_axes[0] == t_near, np.where(dir_local[0] < 0, FACE_FRONT, FACE_BACK),
+                     np.where(t_near_axes[1] == t_near, np.where(dir_local[1] < 0, FACE_LEFT, FACE_RIGHT),
+                              np.where(dir_local[2] < 0, FACE_TOP, FACE_BOTTOM)))
+    return ranges, faces
+
+
 def box_hits(origin: np.ndarray, directions: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Slab intersection of rays (R, 3) from one origin (3,) with one box (7,).
 
@@ -41,15 +56,7 @@ def box_hits(origin: np.ndarray, directions: np.ndarray, box: np.ndarray) -> tup
             # A ray parallel to a slab gives +-inf, or nan when it lies on the slab's plane: treat nan as a miss.
             t_near_axes.append(np.where(np.isnan(t_low), np.inf, np.minimum(t_low, t_high)))
             t_far_axes.append(np.where(np.isnan(t_high), -np.inf, np.maximum(t_low, t_high)))
-    t_near = np.maximum(np.maximum(t_near_axes[0], t_near_axes[1]), t_near_axes[2])
-    t_far = np.minimum(np.minimum(t_far_axes[0], t_far_axes[1]), t_far_axes[2])
-    hit = (t_near <= t_far) & (t_near > 0.0)
-    ranges = np.where(hit, t_near, np.inf)
-    # The face entered is the slab whose entry is last, on the side the ray comes from (against its direction).
-    faces = np.where(t_near_axes[0] == t_near, np.where(dir_local[0] < 0, FACE_FRONT, FACE_BACK),
-                     np.where(t_near_axes[1] == t_near, np.where(dir_local[1] < 0, FACE_LEFT, FACE_RIGHT),
-                              np.where(dir_local[2] < 0, FACE_TOP, FACE_BOTTOM)))
-    return ranges, faces
+    return slab_entry(t_near_axes, t_far_axes, dir_local)
 
 
 def box_hits_pairs(origin: np.ndarray, directions: np.ndarray, boxes: np.ndarray, rays: np.ndarray,
@@ -72,14 +79,7 @@ def box_hits_pairs(origin: np.ndarray, directions: np.ndarray, boxes: np.ndarray
             t_high = (half - origin_local) / dir_local[axis]
             t_near_axes.append(np.where(np.isnan(t_low), np.inf, np.minimum(t_low, t_high)))
             t_far_axes.append(np.where(np.isnan(t_high), -np.inf, np.maximum(t_low, t_high)))
-    t_near = np.maximum(np.maximum(t_near_axes[0], t_near_axes[1]), t_near_axes[2])
-    t_far = np.minimum(np.minimum(t_far_axes[0], t_far_axes[1]), t_far_axes[2])
-    hit = (t_near <= t_far) & (t_near > 0.0)
-    ranges = np.where(hit, t_near, np.inf)
-    faces = np.where(t_near_axes[0] == t_near, np.where(dir_local[0] < 0, FACE_FRONT, FACE_BACK),
-                     np.where(t_near_axes[1] == t_near, np.where(dir_local[1] < 0, FACE_LEFT, FACE_RIGHT),
-                              np.where(dir_local[2] < 0, FACE_TOP, FACE_BOTTOM)))
-    return ranges, faces
+    return slab_entry(t_near_axes, t_far_axes, dir_local)
 
 
 PAIR_CHUNK = 1 << 20  # (ray, box) pairs cast at once: bounds the memory of `nearest_hits`
