@@ -24,7 +24,6 @@ front), the default chosen by the stated rule, and the size of the nuScenes trai
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_header  # noqa: E402
+from common import machine_header, trained_teacher  # noqa: E402
 from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention  # noqa: E402
 from distillbev.pipeline.cache.quantize import dequantize_per_channel, quantize_per_channel  # noqa: E402
 
@@ -177,18 +176,7 @@ class SampleView:
 
 def real_sample_views(args: argparse.Namespace, count: int) -> list[SampleView]:
     """The trained teacher's fp32 outputs on `count` samples spread over the split (view 0, test mode)."""
-    from distillbev.pipeline.config import load_config
-    from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
-    from distillbev.pipeline.teacher.checkpoint import load_teacher_checkpoint
-    from distillbev.pipeline.teacher.config import TeacherExperimentConfig
-    from distillbev.pipeline.teacher.model import CenterPointTeacher
-
-    config = load_config(TeacherExperimentConfig, args.config, overrides=[])
-    data_config = dataclasses.replace(config.data, dataroot=str(args.dataroot), load_images=False)
-    model = CenterPointTeacher(config.model)
-    load_teacher_checkpoint(model, args.checkpoint)
-    model.eval()
-    dataset = NuScenesDetectionDataset(data_config, args.split, mode="test")
+    config, model, dataset = trained_teacher(args.config, args.checkpoint, args.dataroot, args.split)
     picks = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
     out = []
     for index in picks:

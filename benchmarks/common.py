@@ -160,3 +160,22 @@ def write_random_cache(path, layers: list[LayerSpec], grid: BEVGrid, heatmap_sha
                 attention={k: spatial_attention(v[None])[0].numpy() for k, v in features.items()},
                 occupancy=(torch.rand(*grid.shape, generator=generator) < 0.15).numpy()))
     finalize_store(path, sample_tokens)
+
+
+def trained_teacher(config_path, checkpoint, dataroot, split: str):
+    """(experiment config, teacher in eval mode with `checkpoint` loaded, test-mode dataset of `split` without
+    images) for the benchmarks that measure a trained teacher on its own data."""
+    import dataclasses
+
+    from distillbev.pipeline.config import load_config
+    from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+    from distillbev.pipeline.teacher.checkpoint import load_teacher_checkpoint
+    from distillbev.pipeline.teacher.config import TeacherExperimentConfig
+    from distillbev.pipeline.teacher.model import CenterPointTeacher
+
+    config = load_config(TeacherExperimentConfig, config_path, overrides=[])
+    data_config = dataclasses.replace(config.data, dataroot=str(dataroot), load_images=False)
+    model = CenterPointTeacher(config.model)
+    load_teacher_checkpoint(model, checkpoint)
+    model.eval()
+    return config, model, NuScenesDetectionDataset(data_config, split, mode="test")

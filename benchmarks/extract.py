@@ -22,7 +22,6 @@ says what the trained teacher's features compress to.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import statistics
@@ -42,6 +41,8 @@ from distillbev.pipeline.cache.quantize import dequantize_per_channel
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.cache.writer import SampleViewRecord, SampleViewWriter, finalize_store, prepare_store
 from distillbev.pipeline.geometry.bev import BEVGrid
+
+from common import trained_teacher
 
 GRID = BEVGrid(-51.2, 51.2, -51.2, 51.2, 0.2)  # the 512^2 pillar canvas
 LAYERS = [LayerSpec("backbone1", 128, (128, 128), 0.8, 4.0), LayerSpec("backbone2", 256, (64, 64), 1.6, 8.0),
@@ -288,19 +289,12 @@ REAL_LAYERS = ("backbone1", "backbone2", "neck")  # the distilled layers (extrac
 def real_benchmark(args: argparse.Namespace, folder: Path) -> None:
     """Point loading, teacher forward, extraction throughput, stored bytes and fidelity of the trained teacher."""
     from distillbev.pipeline.cache.extract import extract_teacher_cache, records_from_outputs
-    from distillbev.pipeline.config import load_config, to_dict
-    from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+    from distillbev.pipeline.config import to_dict
     from distillbev.pipeline.geometry.bev import BEVAugmentation
-    from distillbev.pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
-    from distillbev.pipeline.teacher.config import TeacherExperimentConfig
-    from distillbev.pipeline.teacher.model import CenterPointTeacher
+    from distillbev.pipeline.teacher.checkpoint import checkpoint_sha256
 
-    config = load_config(TeacherExperimentConfig, args.config, overrides=[])
-    data_config = dataclasses.replace(config.data, dataroot=str(args.dataroot), load_images=False)
-    model = CenterPointTeacher(config.model)
-    load_teacher_checkpoint(model, args.checkpoint)
-    model.eval()
-    dataset = NuScenesDetectionDataset(data_config, args.split, mode="test")
+    config, model, dataset = trained_teacher(args.config, args.checkpoint, args.dataroot, args.split)
+    data_config = dataset.config
     count = min(args.real_samples, len(dataset))
     tokens = list(dataset.sample_tokens[:count])
     canvas, shapes, channels = config.model.canvas_grid, model.feature_shapes, model.feature_channels
