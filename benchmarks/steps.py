@@ -26,6 +26,7 @@ import io
 import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -49,9 +50,9 @@ class Network:
     """One network under test: how to build it, its batch, and its forward / loss on that batch."""
 
     name: str
-    build: callable
-    forward: callable  # (model, batch) -> outputs
-    loss: callable  # (model, outputs, batch) -> scalar
+    build: Callable[[], tuple]  # () -> (model, train config or None)
+    forward: Callable  # (model, batch) -> outputs
+    loss: Callable  # (model, outputs, batch) -> scalar
     batch: object
     load_seconds: float  # loading + collating one batch, single process
 
