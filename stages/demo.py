@@ -11,6 +11,11 @@ student other than bevdet).
 Another `--student` on the same OUT reuses its dataroot, teacher and cache and adds that student's baseline and
 distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
 the earlier students.
+
+`--teachers centerpoint,mvp` (world 2, the world with instance masks) adds MVP, the LiDAR-camera teacher: the
+virtual points (`make-virtual-points`), the MVP teacher (configs/street/teacher_mvp.yaml), its cache and a student
+distilled from it, so the table holds the teacher x student grid of the paper. It reuses every finished step of a
+main job already in OUT, so it extends one.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ log = logging.getLogger(__name__)
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_DIRS = {1: CONFIG_ROOT / "synthetic", 2: CONFIG_ROOT / "street"}  # per synthetic world: its +-32 / +-51.2 m configs
 STUDENTS = ("bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer")  # configs/synthetic/student_<name>.yaml
+TEACHERS = {"centerpoint": ("CenterPoint", "L"), "mvp": ("MVP", "L+C")}  # --teachers: table name and modality
 
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
          device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...] = (),
-         world: int = 1) -> tuple[list[Step], dict]:
-    """The demo's steps and the paths they produce."""
+         world: int = 1, teachers: tuple[str, ...] = ("centerpoint",)) -> tuple[list[Step], dict]:
+    """The demo's steps and the paths they produce: the CenterPoint main job's five steps, then with "mvp" in
+    `teachers` the virtual points, the MVP teacher, its cache and the MVP-distilled student."""
     dataroot = out / "data"
     teacher_run = out / "teacher"
     cache = out / "cache" / "teacher_synth_train.zarr"
@@ -74,7 +81,45 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     ]
     paths = {"dataroot": str(dataroot), "teacher_checkpoint": str(teacher_run / "latest.pth"),
              "cache": str(cache), "students": {k: str(v) for k, v in students.items()}}
+    if "mvp" in teachers:
+        from ..pipeline.mvp.run import SUMMARY_NAME
+
+        mvp_config = str(CONFIG_DIRS[world] / "teacher_mvp.yaml")
+        mvp_run, mvp_cache = out / "teacher_mvp", out / "cache" / "teacher_mvp_synth_train.zarr"
+        mvp_student = out / "students" / f"{student}_distilled_mvp"
+        steps += [
+            Step("make-virtual-points", ["make-virtual-points", "--dataroot", str(dataroot), "--version",
+                                         "v1.0-synthetic", "--workers", str(min(2, os.cpu_count() or 1))],
+                 dataroot / SUMMARY_NAME),
+            Step("train-teacher (MVP)", ["train-teacher", "--config", mvp_config, "--dataroot", str(dataroot),
+                                         "--out", str(mvp_run), "--device", device, *teacher_sets],
+                 mvp_run / "eval" / "metrics_summary.json"),
+            Step("extract-teacher (MVP)", ["extract-teacher", "--config", mvp_config, "--dataroot", str(dataroot),
+                                           "--checkpoint", str(mvp_run / "latest.pth"), "--cache", str(mvp_cache),
+                                           "--split", "synth_train", "--views", str(views), "--device", device,
+                                           "--layers", "backbone0,backbone1,backbone2,neck", *teacher_sets],
+                 mvp_cache),
+            Step("train-student (distilled, MVP)",
+                 ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(mvp_cache),
+                  "--teacher-checkpoint", str(mvp_run / "latest.pth"), "--out", str(mvp_student), "--device", device,
+                  *sets],
+                 mvp_student / "eval" / "metrics_summary.json"),
+        ]
+        paths |= {"mvp_teacher_checkpoint": str(mvp_run / "latest.pth"), "mvp_cache": str(mvp_cache)}
+        paths["students"]["distilled_mvp"] = str(mvp_student)
     return steps, paths
+
+
+def parse_teachers(value: str, world: int) -> tuple[str, ...]:
+    """--teachers "centerpoint[,mvp]" -> the teacher names; MVP needs world 2 (the world with instance masks)."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in TEACHERS]
+    if unknown or "centerpoint" not in names:
+        raise click.BadParameter(f"{value!r}: expected centerpoint or centerpoint,mvp", param_hint="--teachers")
+    if "mvp" in names and world != 2:
+        raise click.BadParameter("the MVP teacher needs --world 2: world 1 has no instance masks to lift into "
+                                 "virtual points (docs/mvp.md)", param_hint="--teachers")
+    return names
 
 
 METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
@@ -136,43 +181,52 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.option("--jobs", type=click.IntRange(1, 2), default=min(2, os.cpu_count() or 1), show_default="2 with 2+ cores",
               help="Student runs trained at once (baseline and distilled), each its own process with cores/jobs "
                    "threads; 1 trains them one after the other in this process.")
+@click.option("--teachers", "teacher_names", default="centerpoint", show_default=True,
+              help="centerpoint, or centerpoint,mvp to add the LiDAR-camera MVP teacher and its student (--world 2).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override the teacher config.")
+              help="Override the teacher config (both teachers).")
 def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-            device: str, world: str, jobs: int, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
+            device: str, world: str, jobs: int, teacher_names: str, overrides: tuple[str, ...],
+            teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
     of the two students (figures/: training curves, attention maps, qualitative boxes)."""
     from ..pipeline.eval.figures import draw_figures
 
-    out.mkdir(parents=True, exist_ok=True)
     world = int(world)
-    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides, world)
+    teachers = parse_teachers(teacher_names, world)
+    out.mkdir(parents=True, exist_ok=True)
+    steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides, world,
+                        teachers)
     summary_path = out / "demo_summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     commands = {tuple(["distillbev", *s.argv]) for s in steps}
     # seconds of this plan's steps recorded by an earlier run (matched by command: two students' steps share names)
     seconds = {s["name"]: s["seconds"] for s in previous.get("steps", []) if tuple(s["command"]) in commands}
     started = time.perf_counter()
-    run_steps(steps[:3], seconds)  # data, teacher, cache: each uses every core
-    if jobs > 1:  # the two students side by side, cores split between them
-        run_parallel(steps[3:], jobs, seconds, label="students")
+    student_steps = [step for step in steps if step.name.startswith("train-student")]
+    run_steps([step for step in steps if step not in student_steps], seconds)  # data, teachers, caches: all cores
+    if jobs > 1:  # the students side by side, cores split between them
+        run_parallel(student_steps, jobs, seconds, label="students")
     else:
-        run_steps(steps[3:], seconds)
-    teacher_name = "CenterPoint"
-    rows = [result_row(steps[1].done_marker, None, teacher_name, "-", "L")]
-    for name in STUDENTS:  # every student with both runs finished in OUT, this one included
-        runs = out / "students" / f"{name}_baseline", out / "students" / f"{name}_distilled"
-        markers = [run / "eval" / "metrics_summary.json" for run in runs]
-        if all(marker.exists() for marker in markers):
-            rows += [result_row(markers[0], None, student_label(name), "-", "C"),
-                     result_row(markers[1], teacher_name, student_label(name), "L", "C")]
+        run_steps(student_steps, seconds)
+    rows = [result_row(out / folder / "eval" / "metrics_summary.json", None, TEACHERS[name][0], "-", TEACHERS[name][1])
+            for name, folder in (("centerpoint", "teacher"), ("mvp", "teacher_mvp"))
+            if (out / folder / "eval" / "metrics_summary.json").exists()]
+    for name in STUDENTS:  # every student with a baseline and a distilled run finished in OUT, this one included
+        runs = {None: out / "students" / f"{name}_baseline", "centerpoint": out / "students" / f"{name}_distilled",
+                "mvp": out / "students" / f"{name}_distilled_mvp"}
+        markers = {teacher: run / "eval" / "metrics_summary.json" for teacher, run in runs.items()}
+        if markers[None].exists() and markers["centerpoint"].exists():
+            rows += [result_row(markers[teacher], TEACHERS[teacher][0] if teacher else None, student_label(name),
+                                TEACHERS[teacher][1] if teacher else "-", "C")
+                     for teacher, marker in markers.items() if marker.exists()]
     table = markdown_table(rows)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     bar_chart(rows, out / "results.png")
-    student_runs = [Path(path) for path in paths["students"].values()]
+    student_runs = [Path(paths["students"][run]) for run in ("baseline", "distilled")]  # CenterPoint's cache
     figures_dir = out / "figures" if student == "bevdet" else out / f"figures_{student}"
     figures = draw_figures(student_runs, figures_dir, cache=Path(paths["cache"]))
     this_run = {("distillbev", *s.argv): {"name": s.name, "command": ["distillbev", *s.argv],
@@ -180,7 +234,7 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     # the earlier steps in their order, this plan's in place of the same commands, its new ones at the end
     merged = [this_run.pop(tuple(s["command"]), s) for s in previous.get("steps", [])] + list(this_run.values())
     figures_entry = {"command": ["distillbev", "figures", "--out", str(figures_dir), "--cache", paths["cache"],
-                                 *paths["students"].values()],
+                                 *map(str, student_runs)],
                      "paths": {k: str(v) for k, v in figures.paths.items()},
                      "attention_similarity": {run: {str(epoch): None if r != r else r for epoch, r in by_epoch.items()}
                                               for run, by_epoch in figures.similarity.items()},  # NaN -> null

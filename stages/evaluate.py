@@ -22,11 +22,24 @@ logger = logging.getLogger(__name__)
               help="Folder for metrics_summary.json and metrics_details.json.")
 @click.option("--gt-as-prediction", is_flag=True,
               help="Evaluate the split's own GT boxes through the project's frames (a dataroot sanity check).")
+@click.option("--by-distance", "distance_edges", default=None, metavar="EDGES",
+              help="Also score AP by ego-distance band, e.g. 0,20,30,40 (bands 0-20, 20-30, 30-40, >= 40 m); "
+                   "writes metrics_by_distance.json.")
 def command(dataroot: Path, version: str, split: str, results_path: Path | None, out_dir: Path,
-            gt_as_prediction: bool) -> None:
+            gt_as_prediction: bool, distance_edges: str | None) -> None:
     """Run the devkit's detection_cvpr_2019 evaluation and print mAP, NDS, the TP errors and per-class AP."""
     if (results_path is None) == (not gt_as_prediction):
         raise click.UsageError("pass exactly one of --results RESULTS.json or --gt-as-prediction")
+    edges = None
+    if distance_edges is not None:
+        try:
+            edges = tuple(float(v) for v in distance_edges.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{distance_edges!r}: expected increasing distances in metres separated by "
+                                     f"commas, e.g. 0,20,30,40", param_hint="--by-distance") from None
+        if edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise click.BadParameter(f"{distance_edges!r}: the distances must be >= 0 and increasing, e.g. "
+                                     f"0,20,30,40", param_hint="--by-distance")
 
     from ..pipeline.data.config import DataConfig
     from ..pipeline.data.dataset import NuScenesDetectionDataset
@@ -54,5 +67,10 @@ def command(dataroot: Path, version: str, split: str, results_path: Path | None,
         source = (nusc, split)
     summary = evaluate_results(results_path, source, out_dir)
     click.echo(format_metrics_table(summary))
+    if edges is not None:
+        from ..pipeline.eval.distance import evaluate_by_distance, format_distance_table
+
+        click.echo("\nAP by ego distance (x100; a band's mAP averages the classes with GT in it):")
+        click.echo(format_distance_table(evaluate_by_distance(results_path, source, out_dir, edges)))
     logger.info("evaluated %s in %.1f s; metrics in %s", results_path, time.perf_counter() - start,
                 out_dir / "metrics_summary.json")

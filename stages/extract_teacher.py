@@ -111,7 +111,8 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         checkpoint_error = exc
     try:
         nusc, _, inputs = preflight_split(dataroot, data_config.version, split, data_config.num_sweeps,
-                                          data_config.sweep_candidates, progress=True)
+                                          data_config.sweep_candidates, progress=True,
+                                          virtual=data_config.point_features == "mvp")
         problems = list(inputs.problems)
     except DataError as exc:  # the dataroot, its tables or the split: nothing further can be checked
         problems = [str(exc)]
@@ -121,7 +122,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         problems.insert(0, str(checkpoint_error))
     if problems:
         raise DataError(f"pre-flight found {preflight_message(problems)}; nothing was computed or written")
-    logger.info("pre-flight: %d samples, %d LiDAR files (%.1f GB) present and well-formed", inputs.sample_count,
+    logger.info("pre-flight: %d samples, %d input files (%.1f GB) present and well-formed", inputs.sample_count,
                 inputs.files, inputs.bytes / 1e9)
     model = model.to(device).eval()
     sha = checkpoint_sha256(checkpoint)

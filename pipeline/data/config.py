@@ -9,6 +9,9 @@ CAMERA_CHANNELS: tuple[str, ...] = (
     "CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT",
 )
 
+# Columns of a loaded point per `DataConfig.point_features`.
+POINT_DIMS = {"lidar": 5, "mvp": 17}
+
 
 @dataclass
 class DataConfig:
@@ -25,6 +28,8 @@ class DataConfig:
     sweep_candidates: int = 10  # train mode picks num_sweeps of this many nearest previous sweeps (mmdet3d)
     sweep_min_distance: float = 1.0  # sweep points with |x| and |y| below this (own sensor frame) are dropped
     pad_empty_sweeps: bool = True  # a key frame with no previous sweep repeats itself num_sweeps times (mmdet3d)
+    point_features: str = "lidar"  # "lidar": 5-dim x, y, z, intensity, time lag; "mvp": MVP's 17-dim points with
+    # the virtual points of `distillbev make-virtual-points` (or MVP's released files), docs/mvp.md
     point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped after the BEV aug
     range_filter: str = "after_bev_augmentation"  # as the reference; "before_bev_augmentation" = the old order,
@@ -64,6 +69,8 @@ class DataConfig:
         if self.num_sweeps < 0 or self.sweep_candidates < self.num_sweeps:
             raise ValueError(f"need 0 <= num_sweeps <= sweep_candidates, found {self.num_sweeps} and "
                              f"{self.sweep_candidates}")
+        if self.point_features not in POINT_DIMS:
+            raise ValueError(f"point_features must be one of {sorted(POINT_DIMS)}, found {self.point_features!r}")
         if self.range_filter not in ("after_bev_augmentation", "before_bev_augmentation"):
             raise ValueError(f"range_filter must be 'after_bev_augmentation' or 'before_bev_augmentation', found "
                              f"{self.range_filter!r}")
@@ -74,6 +81,11 @@ class DataConfig:
                              f"{self.adjacent_train_range} and {self.adjacent_test_candidate}")
         if len(self.final_size) != 2 or min(self.final_size) <= 0:
             raise ValueError(f"final_size must be (H, W) with positive values, found {self.final_size}")
+
+    @property
+    def point_dims(self) -> int:
+        """Columns of a loaded point: 5 (x, y, z, intensity, time lag) or 17 (MVP)."""
+        return POINT_DIMS[self.point_features]
 
     @property
     def adjacent_candidates(self) -> int:

@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..geometry.bev import BEVAugmentation, sample_bev_augmentation
 from ..geometry.transforms import invert_transform, make_transform
 from .config import DataConfig
-from .index import FrameTable, SplitIndex, build_split_index, load_lidar_points
+from .index import FrameTable, SplitIndex, build_split_index, key_frame_lidar, load_lidar_points
 from .loading import crop_points, decode_image, load_nuscenes, open_image, sample_image_augmentation
 from .types import CameraInputs, Sample
 
@@ -126,7 +126,7 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
         if not bev_aug.is_identity:
             points = bev_aug.apply_points(points)
         # the camera students' depth targets: every key-frame point, not only those inside the crop
-        depth_points = points[points[:, 4] == 0] if with_images else None  # (P_key, 5)
+        depth_points = key_frame_lidar(points) if with_images else None  # (P_key, 5)
         # the range filter runs after the BEV augmentation (as the reference pipelines do): a rotated view keeps
         # every point that lands inside the range, so no wedge of the augmented grid is left empty
         if config.range_filter == "after_bev_augmentation":

@@ -32,6 +32,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..geometry.transforms import invert_transform, make_transform, quaternion_to_matrix
+from ..mvp.points import FEATURE_WIDTH as MVP_POINT_DIMS
+from ..mvp.points import mvp_point_features, read_virtual_points, virtual_path
 from .classes import ATTRIBUTE_ID, CLASS_ID, NO_ATTRIBUTE, category_to_class
 from .loading import lidar_records, read_points, split_sample_tokens
 
@@ -329,12 +331,13 @@ def build_split_index(nusc, split: str, sweep_candidates: int, camera_channels: 
 def load_lidar_points(index: SplitIndex, i: int, config, rng: np.random.Generator | None) -> np.ndarray:
     """Key-frame LIDAR_TOP points of sample i + `config.num_sweeps` previous sweeps in the key-frame LiDAR frame.
 
-    Returns (P, 5) float32 x, y, z, intensity, time lag [s] (0 for the key frame). Sweeps are moved like the
-    devkit's `from_file_multisweep`: sweep lidar -> ego(t_sweep) -> global -> ego(t_key) -> key lidar. With `rng`
-    the sweeps are a random choice of `num_sweeps` among the `sweep_candidates` nearest, kept nearest first
-    (train); without, the nearest `num_sweeps` (test). A key frame without any previous sweep is padded with
-    copies of itself, without its own close returns, when `config.pad_empty_sweeps` (mmdet3d's
-    LoadPointsFromMultiSweeps(pad_empty_sweeps=True)).
+    Returns (P, 5) float32 x, y, z, intensity, time lag [s] (0 for the key frame), or with `config.point_features`
+    "mvp" (P, 17) float32 MVP points (`pipeline/mvp/points.py::mvp_point_features`: each record's plain, painted
+    and virtual points, time lag last). Sweeps are moved like the devkit's `from_file_multisweep`: sweep lidar ->
+    ego(t_sweep) -> global -> ego(t_key) -> key lidar. With `rng` the sweeps are a random choice of `num_sweeps`
+    among the `sweep_candidates` nearest, kept nearest first (train); without, the nearest `num_sweeps` (test). A
+    key frame without any previous sweep is padded with copies of itself, without its own close returns, when
+    `config.pad_empty_sweeps` (mmdet3d's LoadPointsFromMultiSweeps(pad_empty_sweeps=True)).
     """
     num_sweeps, available = config.num_sweeps, int(index.sweep_counts[i])
     available = min(available, config.sweep_candidates)
@@ -345,25 +348,43 @@ def load_lidar_points(index: SplitIndex, i: int, config, rng: np.random.Generato
     token = index.token(i)
     lidar_to_ego, ego_to_global = index.transforms(index.lidar, i)
     lidar_from_global = invert_transform(lidar_to_ego) @ invert_transform(ego_to_global)
-    key_points = read_points(index.path(index.lidar, i), token)
-    key_points[:, 4] = 0.0
+    mvp = config.point_features == "mvp"
+
+    def read(path: str, lag: float) -> np.ndarray:
+        """One record's points in its own sensor frame with `lag` in the last column: (P, 5) or (P, 17)."""
+        raw = read_points(path, token)
+        if not mvp:
+            raw[:, 4] = lag
+            return raw
+        owner = f"{Path(path).name} (sample {token})"
+        return mvp_point_features(raw, read_virtual_points(virtual_path(path), owner), lag)
 
     def far(points: np.ndarray) -> np.ndarray:
         # the ego body's own returns would smear across the key frame once a sweep is moved
         close = (np.abs(points[:, 0]) < config.sweep_min_distance) & (np.abs(points[:, 1]) < config.sweep_min_distance)
         return points[~close]
 
+    key_points = read(index.path(index.lidar, i), 0.0)
     clouds = [key_points]
     if not chosen and num_sweeps > 0 and config.pad_empty_sweeps:
         clouds += [far(key_points)] * num_sweeps
     key_time = int(index.lidar.timestamps[i])
     for j in chosen:
-        points = far(read_points(index.path(index.sweeps, i, j), token))
+        points = far(read(index.path(index.sweeps, i, j), (key_time - int(index.sweeps.timestamps[i, j])) * 1e-6))
         sweep_to_ego, sweep_ego_to_global = index.transforms(index.sweeps, i, j)
         key_from_sweep = lidar_from_global @ sweep_ego_to_global @ sweep_to_ego
         # float32 is exact enough (1e-5 m at 100 m) and about twice as fast as float64 here.
         points[:, :3] = points[:, :3] @ key_from_sweep[:3, :3].T.astype(np.float32) \
             + key_from_sweep[:3, 3].astype(np.float32)
-        points[:, 4] = (key_time - int(index.sweeps.timestamps[i, j])) * 1e-6
         clouds.append(points)
-    return np.concatenate(clouds, axis=0)  # (P, 5) float32
+    return np.concatenate(clouds, axis=0)  # (P, 5) or (P, 17) float32
+
+
+def key_frame_lidar(points: np.ndarray) -> np.ndarray:
+    """The key frame's own LiDAR returns of a loaded cloud, (P_key, 5) x, y, z, intensity, time lag: rows with time
+    lag 0 (the last column) and, in an MVP cloud, only the plain rows (virtual flag 1), never painted or virtual."""
+    key = points[:, -1] == 0
+    if points.shape[1] == MVP_POINT_DIMS:
+        key &= points[:, MVP_POINT_DIMS - 2] == 1  # the virtual flag column
+        return np.concatenate([points[key, :4], points[key, -1:]], axis=1)
+    return points[key]

@@ -18,9 +18,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..mvp.points import MAKE_COMMAND, virtual_path
 from .loading import lidar_records, load_nuscenes, split_sample_tokens
 
 POINT_BYTES = 20  # 5 float32 per point: x, y, z, intensity, ring
+VIRTUAL_FILE_END = ".pkl.npy"  # pipeline/mvp/points.py::FILE_SUFFIX
 
 
 @dataclass
@@ -50,8 +52,10 @@ def lidar_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidat
     return inputs
 
 
-def _file_size(path: str) -> tuple[int, str | None]:
-    """(size in bytes, -1 unless a regular file; what is wrong with the file or None) from one os.stat."""
+def _file_size(path: str, virtual: bool = False) -> tuple[int, str | None]:
+    """(size in bytes, -1 unless a regular file; what is wrong with the file or None) from one os.stat.
+
+    virtual: an MVP virtual-point file (any positive size), else a .pcd.bin (a positive multiple of 20 bytes)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -60,7 +64,7 @@ def _file_size(path: str) -> tuple[int, str | None]:
         return -1, f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
     if not stat.S_ISREG(info.st_mode):
         return -1, "is not a regular file"
-    if info.st_size <= 0 or info.st_size % POINT_BYTES != 0:
+    if info.st_size <= 0 or (not virtual and info.st_size % POINT_BYTES != 0):
         return info.st_size, "bad size"
     return info.st_size, None
 
@@ -70,6 +74,9 @@ def _file_problem(path: str, size: int, issue: str, readers: list[str]) -> str:
     samples = f"sample {readers[0]}"
     if len(readers) > 1:
         samples += f" (and {len(readers) - 1} more sample{'s' if len(readers) > 2 else ''})"
+    if path.endswith(VIRTUAL_FILE_END):
+        return (f"{path}: MVP virtual-point file of {samples} {'is empty' if issue == 'bad size' else issue}; run "
+                f"`{MAKE_COMMAND}` or put MVP's released LIDAR_TOP_VIRTUAL folders next to samples/ and sweeps/")
     if issue == "bad size":
         return (f"{path}: {size} bytes in {samples}, expected a positive multiple of {POINT_BYTES} (5 float32 x, y, "
                 f"z, intensity, ring per point); the file is truncated or not a .pcd.bin, re-extract it")
@@ -79,12 +86,15 @@ def _file_problem(path: str, size: int, issue: str, readers: list[str]) -> str:
     return f"{path}: LiDAR file of {samples} {issue}; re-extract it from the dataset archive"
 
 
-def _record_key(filename: str, timestamp: int, calibration: list[float], pose: list[float], size: int) -> dict:
+def _record_key(filename: str, timestamp: int, calibration: list[float], pose: list[float], size: int,
+                virtual_size: int | None = None) -> dict:
     """The fingerprinted content of one LiDAR record (no absolute paths, floats normalised).
 
-    calibration / pose: w, x, y, z, tx, ty, tz of calibrated_sensor / ego_pose.
+    calibration / pose: w, x, y, z, tx, ty, tz of calibrated_sensor / ego_pose; virtual_size: the size of its MVP
+    virtual-point file, for a fingerprint of MVP inputs (left out otherwise, so LiDAR fingerprints are unchanged).
     """
-    return {
+    extra = {} if virtual_size is None else {"virtual_size": int(virtual_size)}
+    return {**extra,
         "filename": filename, "timestamp": int(timestamp), "size": size,
         "sensor_translation": [float(v) for v in calibration[4:]],
         "sensor_rotation": [float(v) for v in calibration[:4]],
@@ -93,16 +103,17 @@ def _record_key(filename: str, timestamp: int, calibration: list[float], pose: l
     }
 
 
-def _devkit_record_key(nusc, record: dict, size: int) -> dict:
+def _devkit_record_key(nusc, record: dict, size: int, virtual_size: int | None = None) -> dict:
     calibration = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
     pose = nusc.get("ego_pose", record["ego_pose_token"])
     return _record_key(record["filename"], record["timestamp"], [*calibration["rotation"], *calibration["translation"]],
-                       [*pose["rotation"], *pose["translation"]], size)
+                       [*pose["rotation"], *pose["translation"]], size, virtual_size)
 
 
-def _fingerprint_header(num_sweeps: int) -> "hashlib._Hash":
+def _fingerprint_header(num_sweeps: int, virtual: bool = False) -> "hashlib._Hash":
     digest = hashlib.sha256()
-    digest.update(json.dumps({"num_sweeps": int(num_sweeps)}, sort_keys=True).encode() + b"\n")
+    header = {"num_sweeps": int(num_sweeps), **({"virtual_points": True} if virtual else {})}
+    digest.update(json.dumps(header, sort_keys=True).encode() + b"\n")
     return digest
 
 
@@ -111,7 +122,7 @@ def _fingerprint_line(token: str, keys: list[dict]) -> bytes:
 
 
 def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int,
-                       progress: bool = False) -> SplitInputs:
+                       progress: bool = False, virtual: bool = False) -> SplitInputs:
     """Stat every LiDAR file of the split once and fingerprint the records; never reads point data.
 
     A file must exist, be a regular file and hold a positive multiple of 20 bytes; each bad file is one problem
@@ -119,7 +130,8 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
     (sorted keys, floats as repr) for `num_sweeps`, then one per sample in split order: its token and, key frame
     first then sweeps nearest first, each record's filename, timestamp, calibrated_sensor and ego_pose
     translation + rotation and file size (-1 if unusable as a file). File names are relative to the dataroot,
-    so moving the dataroot keeps the fingerprint.
+    so moving the dataroot keeps the fingerprint. `virtual` (an MVP teacher's input): each record's virtual-point
+    file (`pipeline/mvp/points.py::virtual_path`) is checked too and its size enters the fingerprint.
     """
     from tqdm import tqdm
 
@@ -128,7 +140,7 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
     sizes: dict[str, tuple[int, str | None]] = {}  # filename -> (size, issue)
     readers: dict[str, list[str]] = {}  # filename with an issue -> sample tokens reading it, in split order
     missing_key_frames = []
-    digest = _fingerprint_header(num_sweeps)
+    digest = _fingerprint_header(num_sweeps, virtual)
     records_of = lidar_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates)
     for token, records in tqdm(zip(sample_tokens, records_of), total=len(sample_tokens), desc="preflight",
                                unit="sample", disable=not progress):
@@ -136,13 +148,15 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
             missing_key_frames.append(token)
         keys = []
         for record in records:
-            filename = record["filename"]
-            if filename not in sizes:
-                sizes[filename] = _file_size(str(dataroot / filename))
-            size, issue = sizes[filename]
-            if issue is not None and token not in readers.setdefault(filename, []):
-                readers[filename].append(token)
-            keys.append(_devkit_record_key(nusc, record, size))
+            found = []
+            for filename in (record["filename"], *([str(virtual_path(record["filename"]))] if virtual else [])):
+                if filename not in sizes:
+                    sizes[filename] = _file_size(str(dataroot / filename), filename.endswith(VIRTUAL_FILE_END))
+                size, issue = sizes[filename]
+                if issue is not None and token not in readers.setdefault(filename, []):
+                    readers[filename].append(token)
+                found.append(size)
+            keys.append(_devkit_record_key(nusc, record, *found))
         digest.update(_fingerprint_line(token, keys))
 
     problems = [f"sample {token}: no LIDAR_TOP key frame in {table_root / 'sample_data.json'}; regenerate the "
@@ -154,12 +168,13 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
                        fingerprint=digest.hexdigest())
 
 
-def dataset_fingerprint(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int) -> str:
+def dataset_fingerprint(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int,
+                        virtual: bool = False) -> str:
     """sha256 hex of the split's LiDAR inputs (`check_split_inputs`); path-independent."""
-    return check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates).fingerprint
+    return check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates, virtual=virtual).fingerprint
 
 
-def index_fingerprint(index, num_sweeps: int) -> str:
+def index_fingerprint(index, num_sweeps: int, virtual: bool = False) -> str:
     """The `dataset_fingerprint` of a split from its `SplitIndex` (no devkit): the same records, the same hash.
 
     The index must hold at least `num_sweeps` sweep candidates per sample (ValueError otherwise).
@@ -168,15 +183,17 @@ def index_fingerprint(index, num_sweeps: int) -> str:
         raise ValueError(f"the index holds {index.sweeps.files.shape[1]} sweep candidates, the fingerprint needs "
                          f"{num_sweeps}")
     dataroot = Path(index.dataroot)
-    digest = _fingerprint_header(num_sweeps)
+    digest = _fingerprint_header(num_sweeps, virtual)
     for i in range(len(index)):
         where = [(index.lidar, (i,))] + [(index.sweeps, (i, j)) for j in range(min(int(index.sweep_counts[i]),
                                                                                        num_sweeps))]
         keys = []
         for table, at in where:
             filename = table.files[at].decode()
+            virtual_size = _file_size(str(dataroot / virtual_path(filename)), True)[0] if virtual else None
             keys.append(_record_key(filename, table.timestamps[at], index.calibrations[table.calibration[at]].tolist(),
-                                    table.ego_pose[at].tolist(), _file_size(str(dataroot / filename))[0]))
+                                    table.ego_pose[at].tolist(), _file_size(str(dataroot / filename))[0],
+                                    virtual_size))
         digest.update(_fingerprint_line(index.token(i), keys))
     return digest.hexdigest()
 
@@ -191,7 +208,7 @@ def preflight_message(problems: list[str], limit: int = 5) -> str:
 
 
 def preflight_split(dataroot: str | Path, version: str, split: str, num_sweeps: int, sweep_candidates: int,
-                    progress: bool = False) -> tuple[object, list[str], SplitInputs]:
+                    progress: bool = False, virtual: bool = False) -> tuple[object, list[str], SplitInputs]:
     """Check a split's inputs before a long run -> (devkit NuScenes, sample tokens, `SplitInputs`).
 
     The dataroot, the version folder and the 13 tables are checked first: every missing table, or every table
@@ -201,12 +218,15 @@ def preflight_split(dataroot: str | Path, version: str, split: str, num_sweeps: 
     """
     nusc = load_nuscenes(dataroot, version)
     sample_tokens = split_sample_tokens(nusc, split)
-    return nusc, sample_tokens, check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates, progress)
+    return nusc, sample_tokens, check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates, progress,
+                                                   virtual)
 
 
 def point_loading_settings(config) -> dict:
     """The `DataConfig` settings that decide the teacher's test-mode input points (recorded in a cache manifest)."""
     return {"num_sweeps": int(config.num_sweeps), "sweep_candidates": int(config.sweep_candidates),
             "sweep_selection": "nearest", "sweep_min_distance": float(config.sweep_min_distance),
-            "point_cloud_range": [float(v) for v in config.point_cloud_range], "point_dims": 5,
-            "range_filter": str(config.range_filter), "pad_empty_sweeps": bool(config.pad_empty_sweeps)}
+            "point_cloud_range": [float(v) for v in config.point_cloud_range], "point_dims": int(config.point_dims),
+            "range_filter": str(config.range_filter), "pad_empty_sweeps": bool(config.pad_empty_sweeps),
+            # only an MVP teacher's manifest names its point features (a LiDAR manifest stays as before)
+            **({"point_features": config.point_features} if config.point_features != "lidar" else {})}

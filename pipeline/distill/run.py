@@ -70,11 +70,12 @@ def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: torch.
 
         loading = cache.manifest["dataset"]["point_loading"]
         num_sweeps = int(loading.get("num_sweeps", cache.manifest["dataset"]["num_sweeps"]))
+        virtual = loading.get("point_features", "lidar") == "mvp"  # an MVP teacher also read the virtual points
         if train_dataset.index.sweeps.files.shape[1] >= num_sweeps:
-            fingerprint = index_fingerprint(train_dataset.index, num_sweeps)
+            fingerprint = index_fingerprint(train_dataset.index, num_sweeps, virtual)
         else:  # the student's index walked fewer sweeps than the teacher read: walk them with the devkit
             fingerprint = dataset_fingerprint(train_dataset.devkit(), list(train_dataset.sample_tokens), num_sweeps,
-                                              int(loading.get("sweep_candidates", num_sweeps)))
+                                              int(loading.get("sweep_candidates", num_sweeps)), virtual)
         expected["dataset"]["fingerprint"] = fingerprint
     cache.check_compatible(expected)
     missing = [name for name in layers if name not in cache.manifest["layers"]]
@@ -85,18 +86,22 @@ def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: torch.
 
 
 def check_live_teacher_grid(cfg: StudentExperimentConfig, teacher, checkpoint: Path) -> None:
-    """ConfigError when the online teacher's BEV extent or head grid differ from the student's (the same fields
-    a cache is checked on), listing "field: teacher -> student" for each."""
+    """ConfigError when the online teacher's BEV extent, head grid or point width differ from the student's (the
+    fields a cache is checked on, and the columns of the points the student's loader gives the teacher), listing
+    "field: teacher -> student" for each."""
     bev, canvas, head = cfg.model.bev, teacher.canvas_grid, teacher.head_grid
     differences = [f"bev_grid.{key}: {getattr(canvas, key)} -> {getattr(bev, key)}"
                    for key in ("x_min", "x_max", "y_min", "y_max")
                    if float(getattr(canvas, key)) != float(getattr(bev, key))]
     if tuple(head.shape) != tuple(cfg.model.head.grid.shape):
         differences.append(f"heatmap.shape: {list(head.shape)} -> {list(cfg.model.head.grid.shape)}")
+    if teacher.config.point_features != cfg.data.point_dims:
+        differences.append(f"point_features: {teacher.config.point_features} -> {cfg.data.point_dims} "
+                           f"(data.point_features {cfg.data.point_features!r})")
     if differences:
         raise ConfigError(f"{checkpoint}: the online teacher's grid does not fit the student (teacher -> student: "
                           f"{'; '.join(differences)}); use a teacher config with the student's BEV range and head "
-                          f"grid, or change model.bev / model.head.grid")
+                          f"grid, or change model.bev / model.head.grid / data.point_features")
 
 
 def log_view_coverage(num_views: int) -> None:
@@ -311,6 +316,9 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
                 experiment = (state.get("training") or {}).get("experiment") or {}
                 cfg.data.num_sweeps = int(experiment.get("data", {}).get("num_sweeps", cfg.data.num_sweeps))
                 cfg.data.sweep_candidates = max(cfg.data.sweep_candidates, cfg.data.num_sweeps)
+                # and the points it was trained on (an MVP teacher: its 17-dim points with virtual points)
+                cfg.data.point_features = str(experiment.get("data", {}).get("point_features",
+                                                                             cfg.data.point_features))
             teacher = live_teacher(config_dict, teacher_checkpoint, device_t)
             check_live_teacher_grid(cfg, teacher, teacher_checkpoint)
             teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}

@@ -55,6 +55,25 @@ def evaluate_results(result_path: str | Path, source, out_dir: str | Path) -> di
     rejects them for predefined splits. A file without any box scores mAP 0 / NDS 0 (the devkit cannot load it
     as is; an out-of-range placeholder box that the devkit itself filters out makes it loadable).
     """
+    evaluator, captured = devkit_evaluator(result_path, source, out_dir)
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            summary = evaluator.main(plot_examples=0, render_curves=False)
+    except (AssertionError, KeyError, ValueError, TypeError) as exc:
+        raise _rejected(evaluator.result_path, exc) from exc
+    logger.debug("devkit output:\n%s", captured.getvalue())
+    return summary
+
+
+def _rejected(result_path, exc: Exception) -> DataError:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return DataError(f"{result_path}: the nuScenes devkit rejected the results ({type(exc).__name__}: {message}); "
+                     f"check detection_name, attribute_name, sizes > 0 and finite scores")
+
+
+def devkit_evaluator(result_path: str | Path, source, out_dir: str | Path):
+    """The devkit's `DetectionEval` of a checked results file (boxes loaded and class-range filtered), and the
+    buffer its printing went to. See `evaluate_results` for `source` and what is checked."""
     from nuscenes.eval.detection.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
@@ -87,13 +106,10 @@ def evaluate_results(result_path: str | Path, source, out_dir: str | Path) -> di
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             evaluator = DetectionEval(nusc, config_factory(EVAL_CONFIG_NAME), str(result_path), eval_set=split,
                                       output_dir=str(out_dir), verbose=False)
-            summary = evaluator.main(plot_examples=0, render_curves=False)
     except (AssertionError, KeyError, ValueError, TypeError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{result_path}: the nuScenes devkit rejected the results ({type(exc).__name__}: "
-                        f"{message}); check detection_name, attribute_name, sizes > 0 and finite scores") from exc
-    logger.debug("devkit output:\n%s", captured.getvalue())
-    return summary
+        raise _rejected(result_path, exc) from exc
+    evaluator.result_path = result_path
+    return evaluator, captured
 
 
 def _number(value) -> str:

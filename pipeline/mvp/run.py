@@ -13,7 +13,9 @@ sample_data depend only on `seed` and its token, so any order, any worker count 
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from .points import FILE_SUFFIX, virtual_path, write_virtual_points
 from .virtual import NUM_VIRTUAL, CameraView, read_camera_masks, virtual_points
 
 CAMERA_CHANNELS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
+SUMMARY_NAME = "virtual_points_summary.json"  # in the dataroot, written when every file of a run exists
 CAMERA_HISTORY = 6  # camera records before the sample's own that may be nearest to a sweep (MVP)
 
 
@@ -150,4 +153,11 @@ def make_virtual_points(dataroot: str | Path, version: str, split: str | None = 
             written += int(_worker(argument))
             bar.update(1)
     bar.close()
-    return {"jobs": len(jobs), "written": written, "skipped": len(jobs) - len(pending)}
+    counts = {"jobs": len(jobs), "written": written, "skipped": len(jobs) - len(pending)}
+    # written last: its presence says every file of this run exists (a demo step's completion marker)
+    summary = {**counts, "version": version, "split": split, "sweeps": sweeps, "num_virtual": num_virtual,
+               "seed": seed}
+    temporary = dataroot / f".{SUMMARY_NAME}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(summary, indent=1))
+    os.replace(temporary, dataroot / SUMMARY_NAME)
+    return counts

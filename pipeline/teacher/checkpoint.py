@@ -126,6 +126,10 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = T
             hint = (" The pillar layer takes one feature less: this is an old 'legacy' pillar checkpoint "
                     "(10 = 4 point features + 6 offsets); use a checkpoint of the current mmdet3d format "
                     "(11 = 5 point features + 6 offsets) or set model.point_features to match.")
+        elif pfn in state and pfn in own and state[pfn].shape[1] != own[pfn].shape[1]:
+            hint = (f" The checkpoint's pillar layer takes {state[pfn].shape[1] - 6} point features, the config "
+                    f"{own[pfn].shape[1] - 6}: an MVP teacher takes 17 (data.point_features: mvp, "
+                    f"model.point_features: 17), a LiDAR teacher 5.")
         raise CheckpointError(f"{path}: {len(mismatched)} parameter shape mismatch(es) with the model config: "
                               f"{'; '.join(mismatched)}.{hint} Check that the config matches the checkpoint.")
     missing = sorted(k for k in own if k not in state)

@@ -104,3 +104,10 @@ class TeacherExperimentConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(load_images=False))  # points only
     model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.point_features != self.data.point_dims:
+            raise ValueError(f"model.point_features is {self.model.point_features} but data.point_features "
+                             f"{self.data.point_features!r} loads {self.data.point_dims} columns per point; set "
+                             f"model.point_features: {self.data.point_dims} (an MVP teacher: data.point_features: mvp "
+                             f"with model.point_features: 17)")

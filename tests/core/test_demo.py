@@ -103,3 +103,41 @@ def test_mean_and_sd_by_hand():
     assert abs(mean["mAP"] - 0.2) < 1e-15 and abs(sd["mAP"] - 0.1) < 1e-15  # sample sd: sqrt((0.01 + 0.01) / 2)
     assert abs(mean["NDS"] - 0.3) < 1e-15 and abs(sd["NDS"] - (0.03 ** 0.5)) < 1e-15  # sqrt((.01+.01+.04) / 2)
     assert mean_and_sd([{"mAP": 0.4}])[1] == {"mAP": 0.0}
+
+
+def test_teachers_option_takes_centerpoint_and_mvp_on_world_2_only():
+    import click
+
+    from distillbev.stages.demo import parse_teachers
+
+    assert parse_teachers("centerpoint", 1) == ("centerpoint",)
+    assert parse_teachers("centerpoint, mvp", 2) == ("centerpoint", "mvp")
+    with pytest.raises(click.BadParameter, match="needs --world 2"):
+        parse_teachers("centerpoint,mvp", 1)
+    with pytest.raises(click.BadParameter, match="expected centerpoint or centerpoint,mvp"):
+        parse_teachers("mvp", 2)
+
+
+def test_demo_with_the_mvp_teacher_adds_its_teacher_cache_and_student(tmp_path):
+    """World 2 at a tiny size with --teachers centerpoint,mvp: the MVP steps run after the main job's and the
+    table holds both teachers and the student distilled from each."""
+    from distillbev.pipeline.cache.reader import TeacherCache
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--world", "2", "--teachers", "centerpoint,mvp",
+                                      *TINY], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert [step["name"] for step in summary["steps"]] == [
+        "make-synthetic", "train-teacher", "extract-teacher", "train-student (baseline)", "train-student (distilled)",
+        "make-virtual-points", "train-teacher (MVP)", "extract-teacher (MVP)", "train-student (distilled, MVP)"]
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["teacher"], r["teacher_mode"], r["student"], r["student_mode"]) for r in rows] == [
+        (None, "-", "CenterPoint", "L"), (None, "-", "MVP", "L+C"), (None, "-", "BEVDet", "C"),
+        ("CenterPoint", "L", "BEVDet", "C"), ("MVP", "L+C", "BEVDet", "C")]
+    manifest = TeacherCache.open(out / "cache" / "teacher_mvp_synth_train.zarr").manifest
+    assert manifest["dataset"]["point_loading"]["point_features"] == "mvp"
+    assert manifest["teacher"]["config"]["point_features"] == 17
+    distilled = (out / "students" / "bevdet_distilled_mvp" / "train_log.jsonl").read_text().splitlines()
+    assert any(key.startswith("kd_neck_") for key in json.loads(distilled[0]))
+    assert "| MVP | L+C | BEVDet | C |" in (out / "results.md").read_text()

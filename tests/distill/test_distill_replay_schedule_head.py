@@ -170,6 +170,22 @@ def test_online_teacher_of_another_grid_is_refused(tmp_path):
     assert "bev_grid.x_min: -16.0 -> -20.0; bev_grid.x_max: 16.0 -> 20.0" in str(error.value)
 
 
+def test_an_online_mvp_teacher_needs_the_students_loader_to_give_mvp_points(tmp_path):
+    from distillbev.pipeline.distill.run import check_live_teacher_grid
+    from distillbev.pipeline.teacher.model import CenterPointTeacher
+
+    module = _tiny_configs()
+    student_cfg = module.tiny_student_config(tmp_path)
+    teacher_cfg = module.tiny_teacher_config(tmp_path)
+    teacher_cfg.model.point_features = 17  # an MVP teacher
+    teacher = CenterPointTeacher(teacher_cfg.model)
+    with pytest.raises(ConfigError) as error:
+        check_live_teacher_grid(student_cfg, teacher, Path("mvp.pth"))
+    assert "point_features: 17 -> 5 (data.point_features 'lidar')" in str(error.value)
+    student_cfg.data.point_features = "mvp"
+    check_live_teacher_grid(student_cfg, teacher, Path("mvp.pth"))
+
+
 def test_a_single_view_cache_is_warned_about(caplog):
     import logging
 

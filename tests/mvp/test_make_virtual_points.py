@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def test_resume_after_a_partial_run_gives_identical_files(street_dataroot: Path,
     shutil.copytree(street_dataroot, root)
     main(["make-virtual-points", "--dataroot", str(root), "--no-progress"])
     first = virtual_files(root)
+    summary = json.loads((root / "virtual_points_summary.json").read_text())
+    assert summary["jobs"] == summary["written"] == len(first) and summary["num_virtual"] == 50
+    (root / "virtual_points_summary.json").unlink()  # a killed run never wrote it
     lidar = sorted(root.glob("*/LIDAR_TOP/*.pcd.bin"))
     # every LIDAR_TOP record: 4 key frames and 2 sweeps before each (the first key frame of a scene has none)
     assert len(first) == len(lidar) == 4 + 2 * 2
@@ -43,6 +47,7 @@ def test_resume_after_a_partial_run_gives_identical_files(street_dataroot: Path,
     assert f"{len(first)} LiDAR sample_data, {len(removed)} written, {len(first) - len(removed)} already done" in \
         capsys.readouterr().out
     assert virtual_files(root) == first
+    assert json.loads((root / "virtual_points_summary.json").read_text())["skipped"] == len(first) - len(removed)
 
 
 @pytest.mark.slow
