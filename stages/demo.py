@@ -12,10 +12,10 @@ Another `--student` on the same OUT reuses its dataroot, teacher and cache and a
 distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
 the earlier students.
 
-`--teachers centerpoint,mvp` (world 2, the world with instance masks) adds MVP, the LiDAR-camera teacher: the
-virtual points (`make-virtual-points`), the MVP teacher (configs/street/teacher_mvp.yaml), its cache and a student
-distilled from it, so the table holds the teacher x student grid of the paper. It reuses every finished step of a
-main job already in OUT, so it extends one.
+`--teachers centerpoint,mvp` adds MVP, the LiDAR-camera teacher: the instance masks (`make-synthetic --masks`,
+always on in world 2), the virtual points (`make-virtual-points`), the MVP teacher (configs/*/teacher_mvp.yaml),
+its cache and a student distilled from it, so the table holds the teacher x student grid of the paper. It reuses
+every finished step of a main job already in OUT, so it extends one whose dataroot has masks.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     student_config = str(CONFIG_DIRS[world] / f"student_{student}.yaml")
     students = {"baseline": out / "students" / f"{student}_baseline",
                 "distilled": out / "students" / f"{student}_distilled"}
-    synth = ["make-synthetic", "--out", str(dataroot), "--world", str(world)]
+    synth = ["make-synthetic", "--out", str(dataroot), "--world", str(world), *(["--masks"] if "mvp" in teachers else [])]
     if scenes is not None:
         synth += ["--scenes", str(scenes)]
     if samples_per_scene is not None:
@@ -110,16 +110,22 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     return steps, paths
 
 
-def parse_teachers(value: str, world: int) -> tuple[str, ...]:
-    """--teachers "centerpoint[,mvp]" -> the teacher names; MVP needs world 2 (the world with instance masks)."""
+def parse_teachers(value: str) -> tuple[str, ...]:
+    """--teachers "centerpoint[,mvp]" -> the teacher names (the main job's CenterPoint always among them)."""
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     unknown = [name for name in names if name not in TEACHERS]
     if unknown or "centerpoint" not in names:
         raise click.BadParameter(f"{value!r}: expected centerpoint or centerpoint,mvp", param_hint="--teachers")
-    if "mvp" in names and world != 2:
-        raise click.BadParameter("the MVP teacher needs --world 2: world 1 has no instance masks to lift into "
-                                 "virtual points (docs/mvp.md)", param_hint="--teachers")
     return names
+
+
+def check_masks(dataroot: Path) -> None:
+    """The MVP steps of a demo that extends a main job need its dataroot's instance masks."""
+    if (dataroot / "synthetic_summary.json").exists() and not (dataroot / "masks").is_dir():
+        raise click.UsageError(f"{dataroot} has no instance masks (masks/), which the MVP teacher's virtual points "
+                               f"are lifted from; regenerate it with `distillbev make-synthetic --out {dataroot} "
+                               f"--masks` (world 1: the same files plus masks/, so the finished steps "
+                               f"stay valid) or use a new --out")
 
 
 METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
@@ -182,7 +188,7 @@ def bar_chart(rows: list[dict], path: Path) -> None:
               help="Student runs trained at once (baseline and distilled), each its own process with cores/jobs "
                    "threads; 1 trains them one after the other in this process.")
 @click.option("--teachers", "teacher_names", default="centerpoint", show_default=True,
-              help="centerpoint, or centerpoint,mvp to add the LiDAR-camera MVP teacher and its student (--world 2).")
+              help="centerpoint, or centerpoint,mvp to add the LiDAR-camera MVP teacher and its student.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override the teacher config (both teachers).")
@@ -195,7 +201,9 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     from ..pipeline.eval.figures import draw_figures
 
     world = int(world)
-    teachers = parse_teachers(teacher_names, world)
+    teachers = parse_teachers(teacher_names)
+    if "mvp" in teachers:
+        check_masks(out / "data")
     out.mkdir(parents=True, exist_ok=True)
     steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides, world,
                         teachers)

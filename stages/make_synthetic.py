@@ -20,11 +20,14 @@ import click
 @click.option("--workers", type=int, default=None,
               help="Processes generating scenes in parallel (default: one per CPU, at most one per scene); the "
                    "output is the same for any number.")
+@click.option("--masks/--no-masks", "masks", default=None,
+              help="Write the instance masks of a simulated segmenter beside samples/ (for MVP's virtual points, "
+                   "docs/mvp.md). Default: on in world 2, off in world 1, where they add files and change no other.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that holds no synthetic dataroot.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val_scenes: int | None,
-            seed: int | None, version: str | None, world: str, workers: int | None, overwrite: bool,
-            no_progress: bool) -> None:
+            seed: int | None, version: str | None, world: str, workers: int | None, masks: bool | None,
+            overwrite: bool, no_progress: bool) -> None:
     """Generate a synthetic nuScenes-format dataset (LiDAR, six cameras, 13 tables, custom splits)."""
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
@@ -39,6 +42,8 @@ def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val
                          ("version", version)):
         if value is not None:
             setattr(config, field, value)
+    if masks is not None:
+        config.instance_masks = masks
     if workers is not None and workers < 1:
         raise click.BadParameter(f"must be at least 1, found {workers}", param_hint="--workers")
     summary = generate_dataset(out_dir, config, progress=not no_progress, overwrite=overwrite, workers=workers)

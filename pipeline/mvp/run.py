@@ -117,7 +117,7 @@ def run_job(dataroot: Path, job: Job, num_virtual: int, seed: int) -> bool:
     for camera in job.cameras:
         png, meta = mask_paths(dataroot, camera.filename)
         context = (f"for camera sample_data {camera.token} ({camera.filename}), needed by LIDAR_TOP sample_data "
-                   f"{job.token}; run `distillbev make-synthetic --world 2` (masks are on in world 2) or write your "
+                   f"{job.token}; run `distillbev make-synthetic --masks` (on by default in world 2) or write your "
                    f"segmenter's masks in the layout of docs/mvp.md")
         views.append(CameraView(camera.camera_from_lidar, camera.intrinsics,
                                 read_camera_masks(png, meta, camera.width, camera.height, context)))

@@ -105,17 +105,22 @@ def test_mean_and_sd_by_hand():
     assert mean_and_sd([{"mAP": 0.4}])[1] == {"mAP": 0.0}
 
 
-def test_teachers_option_takes_centerpoint_and_mvp_on_world_2_only():
+def test_teachers_option_and_the_masks_an_mvp_extension_needs(tmp_path):
     import click
 
-    from distillbev.stages.demo import parse_teachers
+    from distillbev.stages.demo import check_masks, parse_teachers
 
-    assert parse_teachers("centerpoint", 1) == ("centerpoint",)
-    assert parse_teachers("centerpoint, mvp", 2) == ("centerpoint", "mvp")
-    with pytest.raises(click.BadParameter, match="needs --world 2"):
-        parse_teachers("centerpoint,mvp", 1)
+    assert parse_teachers("centerpoint") == ("centerpoint",)
+    assert parse_teachers("centerpoint, mvp") == ("centerpoint", "mvp")
     with pytest.raises(click.BadParameter, match="expected centerpoint or centerpoint,mvp"):
-        parse_teachers("mvp", 2)
+        parse_teachers("mvp")
+    check_masks(tmp_path / "data")  # nothing generated yet: the demo's make-synthetic writes the masks
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic_summary.json").write_text("{}")
+    with pytest.raises(click.UsageError, match="has no instance masks"):
+        check_masks(tmp_path / "data")  # a main job's dataroot made without --masks
+    (tmp_path / "data" / "masks").mkdir()
+    check_masks(tmp_path / "data")
 
 
 def test_demo_with_the_mvp_teacher_adds_its_teacher_cache_and_student(tmp_path):

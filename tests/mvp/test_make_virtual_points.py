@@ -89,7 +89,7 @@ def test_missing_masks_name_the_sample_data_and_the_command(street_dataroot: Pat
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and str(png) in message
     assert "camera sample_data" in message and "LIDAR_TOP sample_data" in message
-    assert "distillbev make-synthetic --world 2" in message
+    assert "distillbev make-synthetic --masks" in message
 
 
 @pytest.mark.slow

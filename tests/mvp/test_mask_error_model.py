@@ -78,10 +78,28 @@ def test_false_masks_on_clutter_and_background() -> None:
 
 def test_world_one_has_no_masks_and_world_two_has_them_by_default() -> None:
     assert SyntheticConfig().instance_masks is False and SyntheticConfig.street().instance_masks is True
-    with pytest.raises(ConfigError, match="instance_masks"):
-        check_config(SyntheticConfig(instance_masks=True))
+    check_config(SyntheticConfig(instance_masks=True))  # world 1 on request (make-synthetic --masks)
     with pytest.raises(ConfigError, match="confusion"):
         check_config(SyntheticConfig.street(mask_errors=MaskErrorModel(confusion=1.5)))
+
+
+@pytest.mark.slow
+def test_world_one_masks_add_files_and_change_no_other_byte(tmp_path: Path) -> None:
+    from distillbev.cli import main
+
+    roots = {}
+    for flag in ("--masks", "--no-masks"):
+        roots[flag] = tmp_path / flag.strip("-")
+        main(["make-synthetic", "--out", str(roots[flag]), "--scenes", "2", "--samples-per-scene", "2", "--workers",
+              "1", "--no-progress", flag])
+    files = {flag: {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file()} for flag, root in roots.items()}
+    added = set(files["--masks"]) - set(files["--no-masks"])
+    assert set(files["--no-masks"]) <= set(files["--masks"]) and added
+    assert {Path(name).parts[0] for name in added} == {"masks", "masks_truth"}
+    assert len([name for name in added if name.startswith("masks/") and name.endswith(".png")]) == 4 * 6
+    changed = [name for name in files["--no-masks"]
+               if files["--masks"][name].read_bytes() != files["--no-masks"][name].read_bytes()]
+    assert sorted(changed) == ["synthetic_manifest.json", "synthetic_summary.json"]  # they record the config
 
 
 @pytest.mark.slow

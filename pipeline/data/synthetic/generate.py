@@ -3,7 +3,8 @@
 Layout written under `out_dir`:
     samples/LIDAR_TOP/*.pcd.bin, sweeps/LIDAR_TOP/*.pcd.bin, samples/CAM_*/*.jpg, maps/<token>.png,
     <version>/<13 tables>.json, <version>/splits.json, synthetic_manifest.json, synthetic_summary.json.
-    World 2 with instance_masks: masks/CAM_*/<image stem>.png + .json and masks_truth/ (masks.py).
+    With instance_masks (world 2's default, world 1 on request): masks/CAM_*/<image stem>.png + .json and
+    masks_truth/ (masks.py).
 The manifest (generator, config, "complete": false) is written first and marks the folder as a synthetic dataroot
 that may be regenerated in place; the tables are written last into a temporary folder that is then renamed, and
 only then are the manifest marked complete and synthetic_summary.json written. An interrupted run therefore has
@@ -67,7 +68,8 @@ class SyntheticConfig:
     start_timestamp: int = 1_600_000_000_000_000  # first key frame of scene 0 [us]; scenes are 60 s apart
     max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it (world 1)
     world: int = 1  # 1: one coloured box per object on a flat grid; 2: the street world of layout.py
-    instance_masks: bool = False  # world 2: per-camera instance masks of a segmenter beside samples/ (masks.py)
+    instance_masks: bool = False  # per-camera instance masks of a segmenter beside samples/ (masks.py); on in world
+    # 2's defaults, opt-in in world 1 (`make-synthetic --masks`), where they add files and change no other byte
     terrain: bool = False  # world 2: slopes and kerbs (terrain.py); the ego pitches and rolls with the ground
     mask_errors: MaskErrorModel = field(default_factory=MaskErrorModel)  # how those masks differ from the truth
 
@@ -128,7 +130,6 @@ def check_config(config: SyntheticConfig) -> None:
          "a custom name different from train_split"),
         ("lidar_azimuth_steps", config.lidar_azimuth_steps >= 64, "at least 64"),
         ("world", config.world in (1, 2), "1 or 2"),
-        ("instance_masks", not config.instance_masks or config.world == 2, "false in world 1 (masks need world 2)"),
         ("terrain", not config.terrain or config.world == 2, "false in world 1 (its ground is flat)"),
     ]
     for field, ok, expected in problems:
