@@ -240,7 +240,10 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     this_run = {("distillbev", *s.argv): {"name": s.name, "command": ["distillbev", *s.argv],
                                           "seconds": seconds.get(s.name)} for s in steps}
     # the earlier steps in their order, this plan's in place of the same commands, its new ones at the end
-    merged = [this_run.pop(tuple(s["command"]), s) for s in previous.get("steps", [])] + list(this_run.values())
+    # (a reused step whose command changed, e.g. make-synthetic given --masks, keeps its earlier entry only)
+    merged = [this_run.pop(tuple(s["command"]), s) for s in previous.get("steps", [])]
+    merged += [step for step in this_run.values()
+               if step["seconds"] is not None or step["name"] not in {s["name"] for s in merged}]
     figures_entry = {"command": ["distillbev", "figures", "--out", str(figures_dir), "--cache", paths["cache"],
                                  *map(str, student_runs)],
                      "paths": {k: str(v) for k, v in figures.paths.items()},
