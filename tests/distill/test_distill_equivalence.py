@@ -70,21 +70,22 @@ def tiny_head() -> CenterHeadConfig:
                             post_center_range=(-20.0, -20.0, -10.0, 20.0, 20.0, 10.0))
 
 
-def tiny_data_config(dataroot: Path, load_images: bool) -> DataConfig:
+def tiny_data_config(dataroot: Path, load_images: bool, point_features: str = "lidar") -> DataConfig:
     point_range = (-HALF_EXTENT, -HALF_EXTENT, -5.0, HALF_EXTENT, HALF_EXTENT, 3.0)
     return DataConfig(dataroot=str(dataroot), version="v1.0-synthetic", train_split="synth_train",
                       val_split="synth_val", num_sweeps=NUM_SWEEPS, sweep_candidates=NUM_SWEEPS,
-                      point_cloud_range=point_range, load_images=load_images, final_size=(64, 192))
+                      point_cloud_range=point_range, load_images=load_images, final_size=(64, 192),
+                      point_features=point_features)
 
 
-def tiny_teacher_config(dataroot: Path) -> TeacherExperimentConfig:
+def tiny_teacher_config(dataroot: Path, point_features: str = "lidar") -> TeacherExperimentConfig:
     """A narrow pillar teacher: canvas 80x80, SECOND stages 40/20/10, SECONDFPN -> 40x40 head grid."""
     model = TeacherModelConfig(
         point_cloud_range=(-HALF_EXTENT, -HALF_EXTENT, -5.0, HALF_EXTENT, HALF_EXTENT, 3.0), pillar_size=(0.4, 0.4),
         pillar_channels=16, backbone_channels=(16, 32, 32), backbone_layer_nums=(1, 1, 1),
         backbone_strides=(2, 2, 2), neck_channels=(16, 16, 16), neck_upsample_strides=(1.0, 2.0, 4.0),
-        head=tiny_head())
-    return TeacherExperimentConfig(data=tiny_data_config(dataroot, load_images=False), model=model)
+        head=tiny_head(), point_features=17 if point_features == "mvp" else 5)
+    return TeacherExperimentConfig(data=tiny_data_config(dataroot, False, point_features), model=model)
 
 
 def tiny_student_config(dataroot: Path) -> StudentExperimentConfig:
@@ -98,13 +99,20 @@ def tiny_student_config(dataroot: Path) -> StudentExperimentConfig:
     return StudentExperimentConfig(data=tiny_data_config(dataroot, load_images=True), model=model)
 
 
-def build_tiny_world(folder: Path, views: int, seed: int = 0) -> TinyWorld:
-    """Generate the dataroot, save a random teacher and run `extract-teacher` (fp16, `views` views)."""
+def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: str = "lidar") -> TinyWorld:
+    """Generate the dataroot, save a random teacher and run `extract-teacher` (fp16, `views` views). With
+    point_features "mvp": instance masks, virtual points and a 17-dim MVP teacher."""
     dataroot = folder / "synthetic"
+    mvp = point_features == "mvp"
     generate_dataset(dataroot, SyntheticConfig(num_scenes=2, samples_per_scene=1, val_scenes=1,
                                                sweeps_per_key_frame=NUM_SWEEPS, objects_per_scene=16,
-                                               visibility_range=20.0, lidar_azimuth_steps=512), progress=False)
-    teacher_config = tiny_teacher_config(dataroot)
+                                               visibility_range=20.0, lidar_azimuth_steps=512, instance_masks=mvp),
+                     progress=False)
+    if mvp:
+        from distillbev.pipeline.mvp.run import make_virtual_points
+
+        make_virtual_points(dataroot, "v1.0-synthetic", sweeps=NUM_SWEEPS, progress=False)
+    teacher_config = tiny_teacher_config(dataroot, point_features)
     config_path = folder / "teacher.yaml"
     dump_config(teacher_config, config_path)
     torch.manual_seed(seed)
@@ -131,8 +139,13 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def step_losses(world):
     """Loss terms per view: {view: (cached-target terms, online-teacher terms, BEVAugmentation)}."""
+    return view_losses(world)
+
+
+def view_losses(world: TinyWorld) -> dict:
     torch.manual_seed(1)
     cfg = tiny_student_config(world.dataroot)
+    cfg.data.point_features = world.teacher_config.data.point_features  # the online teacher's points
     cache = TeacherCache.open(world.cache_path)
     student = CameraStudent(cfg.model).train()
     distill_loss = build_distill_loss(cfg, student, cache.manifest["layers"])
@@ -168,6 +181,23 @@ def test_view_one_is_a_real_augmentation(step_losses):
 
 @pytest.mark.parametrize("view", [0, 1])
 def test_cached_targets_give_the_online_teacher_loss(step_losses, view):
+    check_cached_equals_online(step_losses, view)
+
+
+def test_an_mvp_teacher_cached_targets_give_its_online_loss(tmp_path):
+    """The same equivalence with the 17-dim MVP teacher: the replayed view moves the virtual points too."""
+    mvp_world = build_tiny_world(tmp_path, views=2, point_features="mvp")
+    manifest = TeacherCache.open(mvp_world.cache_path).manifest
+    assert manifest["dataset"]["point_loading"]["point_features"] == "mvp"
+    points = NuScenesDetectionDataset(mvp_world.teacher_config.data, "synth_train", "test").get(0).points
+    assert int((points[:, 15] == -1).sum()) > 100  # the teacher's input holds virtual points
+    losses = view_losses(mvp_world)
+    assert not losses[1][2].is_identity
+    for view in (0, 1):
+        check_cached_equals_online(losses, view)
+
+
+def check_cached_equals_online(step_losses: dict, view: int) -> None:
     from_cache, online, _ = step_losses[view]
     assert set(from_cache) == set(online)
     kd_terms = sorted(k for k in online if k.startswith("kd_"))
