@@ -58,53 +58,45 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     # per-epoch evaluation and attention snapshots feed the figures; the user's --set come after them and win
     sets = [arg for item in (*FIGURE_SETTINGS, *overrides) for arg in ("--set", item)]
     teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
-    steps = [
-        Step("make-synthetic", synth, dataroot / "synthetic_summary.json"),
-        Step("train-teacher", ["train-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
-                               "--out", str(teacher_run), "--device", device, *teacher_sets],
-             teacher_run / "eval" / "metrics_summary.json"),
-        Step("extract-teacher", ["extract-teacher", "--config", teacher_config, "--dataroot", str(dataroot),
-                                 "--checkpoint", str(teacher_run / "latest.pth"), "--cache", str(cache),
-                                 "--split", "synth_train", "--views", str(views), "--device", device,
-                                 "--layers", "backbone0,backbone1,backbone2,neck",  # B0 for the layer ablation
-                                 *teacher_sets],
-             cache),
-        Step("train-student (baseline)",
-             ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
-              str(students["baseline"]), "--baseline", "--device", device, *sets],
-             students["baseline"] / "eval" / "metrics_summary.json"),
-        Step("train-student (distilled)",
-             ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(cache),
-              "--teacher-checkpoint", str(teacher_run / "latest.pth"), "--out", str(students["distilled"]),
-              "--device", device, *sets],
-             students["distilled"] / "eval" / "metrics_summary.json"),
-    ]
+
+    def teacher_steps(label: str, config: str, run: Path, store: Path, distilled: Path) -> list[Step]:
+        """train-teacher, extract-teacher and the student distilled from that cache; a `label` ("MVP") names the
+        teacher in the step names."""
+        checkpoint = str(run / "latest.pth")
+        suffix = f" ({label})" if label else ""
+        return [
+            Step(f"train-teacher{suffix}", ["train-teacher", "--config", config, "--dataroot", str(dataroot), "--out",
+                                            str(run), "--device", device, *teacher_sets],
+                 run / "eval" / "metrics_summary.json"),
+            Step(f"extract-teacher{suffix}", ["extract-teacher", "--config", config, "--dataroot", str(dataroot),
+                                              "--checkpoint", checkpoint, "--cache", str(store), "--split",
+                                              "synth_train", "--views", str(views), "--device", device,
+                                              "--layers", "backbone0,backbone1,backbone2,neck",  # B0: layer ablation
+                                              *teacher_sets],
+                 store),
+            Step(f"train-student (distilled{f', {label}' if label else ''})",
+                 ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(store),
+                  "--teacher-checkpoint", checkpoint, "--out", str(distilled), "--device", device, *sets],
+                 distilled / "eval" / "metrics_summary.json"),
+        ]
+
+    train, extract, distill = teacher_steps("", teacher_config, teacher_run, cache, students["distilled"])
+    baseline = Step("train-student (baseline)",
+                    ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
+                     str(students["baseline"]), "--baseline", "--device", device, *sets],
+                    students["baseline"] / "eval" / "metrics_summary.json")
+    steps = [Step("make-synthetic", synth, dataroot / "synthetic_summary.json"), train, extract, baseline, distill]
     paths = {"dataroot": str(dataroot), "teacher_checkpoint": str(teacher_run / "latest.pth"),
              "cache": str(cache), "students": {k: str(v) for k, v in students.items()}}
     if "mvp" in teachers:
         from ..pipeline.mvp.run import SUMMARY_NAME
 
-        mvp_config = str(CONFIG_DIRS[world] / "teacher_mvp.yaml")
         mvp_run, mvp_cache = out / "teacher_mvp", out / "cache" / "teacher_mvp_synth_train.zarr"
         mvp_student = out / "students" / f"{student}_distilled_mvp"
-        steps += [
-            Step("make-virtual-points", ["make-virtual-points", "--dataroot", str(dataroot), "--version",
-                                         "v1.0-synthetic", "--workers", str(min(2, os.cpu_count() or 1))],
-                 dataroot / SUMMARY_NAME),
-            Step("train-teacher (MVP)", ["train-teacher", "--config", mvp_config, "--dataroot", str(dataroot),
-                                         "--out", str(mvp_run), "--device", device, *teacher_sets],
-                 mvp_run / "eval" / "metrics_summary.json"),
-            Step("extract-teacher (MVP)", ["extract-teacher", "--config", mvp_config, "--dataroot", str(dataroot),
-                                           "--checkpoint", str(mvp_run / "latest.pth"), "--cache", str(mvp_cache),
-                                           "--split", "synth_train", "--views", str(views), "--device", device,
-                                           "--layers", "backbone0,backbone1,backbone2,neck", *teacher_sets],
-                 mvp_cache),
-            Step("train-student (distilled, MVP)",
-                 ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(mvp_cache),
-                  "--teacher-checkpoint", str(mvp_run / "latest.pth"), "--out", str(mvp_student), "--device", device,
-                  *sets],
-                 mvp_student / "eval" / "metrics_summary.json"),
-        ]
+        steps.append(Step("make-virtual-points", ["make-virtual-points", "--dataroot", str(dataroot), "--version",
+                                                  "v1.0-synthetic", "--workers", str(min(2, os.cpu_count() or 1))],
+                          dataroot / SUMMARY_NAME))
+        steps += teacher_steps("MVP", str(CONFIG_DIRS[world] / "teacher_mvp.yaml"), mvp_run, mvp_cache, mvp_student)
         paths |= {"mvp_teacher_checkpoint": str(mvp_run / "latest.pth"), "mvp_cache": str(mvp_cache)}
         paths["students"]["distilled_mvp"] = str(mvp_student)
     return steps, paths

@@ -18,11 +18,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..mvp.points import FILE_SUFFIX as VIRTUAL_FILE_END
 from ..mvp.points import MAKE_COMMAND, virtual_path
 from .loading import lidar_records, load_nuscenes, split_sample_tokens
 
 POINT_BYTES = 20  # 5 float32 per point: x, y, z, intensity, ring
-VIRTUAL_FILE_END = ".pkl.npy"  # pipeline/mvp/points.py::FILE_SUFFIX
 
 
 @dataclass
