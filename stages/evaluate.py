@@ -65,12 +65,15 @@ def command(dataroot: Path, version: str, split: str, results_path: Path | None,
         nusc = load_nuscenes(dataroot, version)
         split_sample_tokens(nusc, split)  # an unknown split fails here with the list of available ones
         source = (nusc, split)
-    summary = evaluate_results(results_path, source, out_dir)
-    click.echo(format_metrics_table(summary))
-    if edges is not None:
-        from ..pipeline.eval.distance import evaluate_by_distance, format_distance_table
+    if edges is None:
+        click.echo(format_metrics_table(evaluate_results(results_path, source, out_dir)))
+    else:  # one devkit load (results and GT) for the whole split and every band
+        from ..pipeline.eval.distance import distance_bands, format_distance_table
+        from ..pipeline.eval.nuscenes_eval import devkit_evaluator, run_devkit
 
+        evaluator, captured = devkit_evaluator(results_path, source, out_dir)
+        click.echo(format_metrics_table(run_devkit(evaluator, captured)))
         click.echo("\nAP by ego distance (x100; a band's mAP averages the classes with GT in it):")
-        click.echo(format_distance_table(evaluate_by_distance(results_path, source, out_dir, edges)))
+        click.echo(format_distance_table(distance_bands(evaluator, captured, out_dir, edges)))
     logger.info("evaluated %s in %.1f s; metrics in %s", results_path, time.perf_counter() - start,
                 out_dir / "metrics_summary.json")

@@ -51,9 +51,15 @@ def evaluate_by_distance(result_path: str | Path, source, out_dir: str | Path,
                          edges: tuple[float, ...] = DEFAULT_EDGES) -> list[DistanceBand]:
     """AP by ego-distance band of a results JSON (bands [edges[i], edges[i + 1]) and [edges[-1], inf)); writes
     metrics_by_distance.json into out_dir. `source` as for `evaluate_results`."""
+    return distance_bands(*devkit_evaluator(result_path, source, out_dir), out_dir, edges)
+
+
+def distance_bands(evaluator, captured, out_dir: str | Path, edges: tuple[float, ...] = DEFAULT_EDGES
+                   ) -> list[DistanceBand]:
+    """`evaluate_by_distance` on a loaded `devkit_evaluator` (e.g. the one that scored the whole split), so the
+    results and the GT are read once."""
     if len(edges) < 1 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0:
         raise ValueError(f"distance edges must be increasing and >= 0, found {edges}")
-    evaluator, captured = devkit_evaluator(result_path, source, out_dir)
     all_gt, all_pred = evaluator.gt_boxes, evaluator.pred_boxes
     bands = []
     for low, high in zip(edges, (*edges[1:], math.inf)):

@@ -55,7 +55,11 @@ def evaluate_results(result_path: str | Path, source, out_dir: str | Path) -> di
     rejects them for predefined splits. A file without any box scores mAP 0 / NDS 0 (the devkit cannot load it
     as is; an out-of-range placeholder box that the devkit itself filters out makes it loadable).
     """
-    evaluator, captured = devkit_evaluator(result_path, source, out_dir)
+    return run_devkit(*devkit_evaluator(result_path, source, out_dir))
+
+
+def run_devkit(evaluator, captured: io.StringIO) -> dict:
+    """The metrics summary of a `devkit_evaluator` (writes its metrics files); the evaluator can be reused."""
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             summary = evaluator.main(plot_examples=0, render_curves=False)
