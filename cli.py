@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset-stats": ("dataset_stats", "command"),
     "train-teacher": ("train_teacher", "command"),
     "extract-teacher": ("extract_teacher", "command"),
+    "pretrain-backbone": ("pretrain_backbone", "command"),
     "train-student": ("train_student", "command"),
     "evaluate": ("evaluate", "command"),
     "inspect-cache": ("inspect_cache", "command"),

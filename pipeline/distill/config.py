@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..data.config import DataConfig
 from ..losses.config import DistillConfig
-from ..student.config import StudentModelConfig
+from ..student.config import BackbonePretrainConfig, StudentModelConfig
 
 
 @dataclass
@@ -58,3 +58,4 @@ class StudentExperimentConfig:
     distillation: bool = True  # false: the baseline student, same schedule, no teacher
     targets: Literal["cache", "approximate", "online"] = "cache"  # where the teacher targets come from
     inherit_teacher_head: bool = True  # initialise the student's CenterHead task heads from the teacher's
+    pretrain: BackbonePretrainConfig = field(default_factory=BackbonePretrainConfig)  # `pretrain-backbone` only

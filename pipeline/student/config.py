@@ -137,6 +137,32 @@ class StudentModelConfig:
         return 16
 
 
+@dataclass
+class BackbonePretrainConfig:
+    """`distillbev pretrain-backbone`'s schedule (the student config's `pretrain` section)."""
+
+    epochs: int = 24
+    batch_size: int = 2  # key frames per step (each gives num_cameras images)
+    lr: float = 2e-3  # AdamW, cosine decay to 0 after a linear warmup
+    weight_decay: float = 0.01
+    warmup_iters: int = 50
+    head_channels: int = 64
+    depth_weight: float = 1.0  # L1 on log camera depth at the centre cells, next to the mean focal loss per centre
+    min_overlap: float = 0.7  # CenterNet's 2D gaussian radius overlap
+    min_radius: int = 1  # cells; at stride 8 most boxes' CenterNet radius is below one cell
+    num_workers: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_radius < 0:
+            raise ValueError(f"pretrain.min_radius must be at least 0, found {self.min_radius}")
+        for name in ("epochs", "batch_size", "head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretrain.{name} must be at least 1, found {getattr(self, name)}")
+        if not 0.0 < self.min_overlap < 1.0:
+            raise ValueError(f"pretrain.min_overlap must be in (0, 1), found {self.min_overlap}")
+
+
 # Imported last: bevformer/config.py builds on BEVRange above. The name is needed when the strict loader resolves
 # StudentModelConfig's field types.
 from .bevformer.config import BEVFormerConfig  # noqa: E402

@@ -132,10 +132,10 @@ def check_config(config: SyntheticConfig) -> None:
         ("world", config.world in (1, 2), "1 or 2"),
         ("terrain", not config.terrain or config.world == 2, "false in world 1 (its ground is flat)"),
     ]
-    for field, ok, expected in problems:
+    for name, ok, expected in problems:
         if not ok:
-            raise ConfigError(f"synthetic config field '{field}' must be {expected}, found "
-                              f"{getattr(config, field)!r}; fix the value")
+            raise ConfigError(f"synthetic config field '{name}' must be {expected}, found "
+                              f"{getattr(config, name)!r}; fix the value")
     try:
         config.mask_errors.check()
     except ValueError as exc:
