@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..precision import autocast, set_memory_format
 from .config import BackbonePretrainConfig
 from .pretrain import STRIDE, CentrePretrainHead, image_centre_targets, pretrain_losses
-from .resnet import ResNet
+from .resnet import ResNet, load_torchvision_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ def pretrain_lr(config: BackbonePretrainConfig, iteration: int, total: int) -> f
 def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
     """Pretrain the image backbone of the student config `cfg` (a StudentExperimentConfig) on its train split.
 
-    Returns {"backbone": path, "steps": n, "seconds": s, "last": the last step's losses}.
+    The backbone starts from `model.backbone.pretrained` when the config names a file (e.g. ImageNet weights to
+    adapt), else from a random init. Returns {"backbone": path, "steps": n, "seconds": s, "last": the last step's
+    losses, "val": the val split's mean losses}.
     """
     config: BackbonePretrainConfig = cfg.pretrain
     model_config = cfg.model
@@ -64,6 +66,8 @@ def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
                           f"pretrain.batch_size {config.batch_size}; lower the batch size")
     total = steps_per_epoch * config.epochs
     backbone = ResNet(model_config.backbone.depth, model_config.backbone.width_multiplier)
+    if model_config.backbone.pretrained:
+        load_torchvision_checkpoint(backbone, model_config.backbone.pretrained)
     head = CentrePretrainHead(backbone.pyramid_channels, len(DETECTION_CLASSES), config.head_channels)
     modules = torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
     set_memory_format(modules, cfg.train.channels_last)

@@ -160,6 +160,14 @@ def test_pretrain_backbone_cli_writes_weights_the_student_loads(tmp_path):
         assert torch.equal(value, state[key]), key
     assert not torch.equal(state["conv1.weight"], CameraStudent(config.model).backbone.conv1.weight.detach())
 
+    # A config that names backbone weights starts from them: at lr 0 the convolutions come out unchanged.
+    resumed = CliRunner().invoke(cli, [*argv[:6], str(tmp_path / "from_file"), *argv[7:], "--set", "pretrain.lr=0",
+                                       "--set", f"model.backbone.pretrained={out / 'backbone.pth'}"],
+                                 catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.equal(torch.load(tmp_path / "from_file" / "backbone.pth", weights_only=True)["conv1.weight"],
+                       state["conv1.weight"])
+
     log_before = (out / "pretrain_log.jsonl").read_bytes()
     again = CliRunner().invoke(cli, argv)
     assert again.exit_code != 0 and "backbone.pth: already exists; choose another --out" in str(again.exception)
