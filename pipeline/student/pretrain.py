@@ -26,14 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..geometry.transforms import box_corners, project_to_image, transform_points
 from ..heads.center_head import clip_sigmoid, gaussian_focal_loss
 from ..heads.targets import draw_gaussian, gaussian_radius
 
 STRIDE = 8  # the head reads the backbone's layer2 (stride 8) with layer3 and layer4 upsampled onto it
-
-# the unit cube's 8 corners, (8, 3) in units of (length, width, height)
-_CORNERS = np.array([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)], dtype=np.float64)
-
 
 @dataclass
 class ImageCentreTargets:
@@ -54,17 +51,10 @@ def project_box_centres(boxes: np.ndarray, camera_from_bev: np.ndarray, pixel_fr
 
     camera_from_bev (4, 4); pixel_from_camera (3, 3) = image_aug @ intrinsics (augmented pixels, centres at integers).
     """
-    centres = boxes[:, :3].astype(np.float64)
-    cos, sin = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
-    local = _CORNERS[None] * boxes[:, None, 3:6]  # (K, 8, 3)
-    corners = np.stack([centres[:, None, 0] + cos[:, None] * local[..., 0] - sin[:, None] * local[..., 1],
-                        centres[:, None, 1] + sin[:, None] * local[..., 0] + cos[:, None] * local[..., 1],
-                        centres[:, None, 2] + local[..., 2]], axis=-1)  # (K, 8, 3)
-    points = np.concatenate([centres[:, None], corners], axis=1)  # (K, 9, 3)
-    in_camera = points @ camera_from_bev[:3, :3].T + camera_from_bev[:3, 3]  # (K, 9, 3)
-    depth = in_camera[..., 2]
-    safe = np.where(depth > 1e-6, depth, 1.0)
-    pixels = (in_camera @ pixel_from_camera.T)[..., :2] / safe[..., None]  # (K, 9, 2)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    points = np.concatenate([boxes[:, None, :3], box_corners(boxes)], axis=1).reshape(-1, 3)  # (K*9, 3)
+    pixels, depth = project_to_image(transform_points(camera_from_bev, points), pixel_from_camera)
+    pixels, depth = pixels.reshape(len(boxes), 9, 2), depth.reshape(len(boxes), 9)  # centre, then 8 corners
     rectangles = np.concatenate([pixels[:, 1:].min(axis=1), pixels[:, 1:].max(axis=1)], axis=1)  # (K, 4)
     rectangles[(depth[:, 1:] <= 0.1).any(axis=1)] = np.nan
     return pixels[:, 0], depth[:, 0], rectangles

@@ -75,8 +75,6 @@ def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
     dump_config(cfg, out_dir / "config.yaml")
     log_path = out_dir / "pretrain_log.jsonl"
     log_path.write_text("")
-    image_size = tuple(model_config.image_size)
-    max_depth = float(model_config.depth_bins.stop)
     iteration, started, last = 0, time.perf_counter(), {}
     modules.train()
     for epoch in range(config.epochs):
@@ -86,20 +84,11 @@ def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
                             generator=torch.Generator().manual_seed(config.seed + epoch))
         progress = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
         for batch in progress:
-            images = batch.images  # (B, N, 3, H, W)
-            targets = image_centre_targets(batch.gt_boxes, batch.gt_labels, batch.intrinsics, batch.camera_to_lidar,
-                                           batch.image_aug, batch.bev_aug, image_size, STRIDE,
-                                           len(DETECTION_CLASSES), max_depth, config.min_overlap,
-                                           config.min_radius)
-            flat = images.flatten(0, 1).to(device)  # (B*N, 3, H, W)
-            if cfg.train.channels_last:
-                flat = flat.contiguous(memory_format=torch.channels_last)
             lr = pretrain_lr(config, iteration, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device, cfg.train.precision):
-                heatmap, log_depth = head(*backbone.forward_pyramid(flat))
-            losses = pretrain_losses(heatmap, log_depth, _to(targets, device), config.depth_weight)
+                losses, centres = batch_losses(cfg, modules, batch, device)
             total_loss = losses["heatmap"] + losses["depth"]
             if not torch.isfinite(total_loss):
                 raise FloatingPointError(f"non-finite pretraining loss at step {iteration}: "
@@ -110,7 +99,7 @@ def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
             iteration += 1
             last = {k: float(v.detach()) for k, v in losses.items()}
             with log_path.open("a") as f:
-                f.write(json.dumps({"epoch": epoch, "iteration": iteration, "lr": lr, "centres": targets.num_centres,
+                f.write(json.dumps({"epoch": epoch, "iteration": iteration, "lr": lr, "centres": centres,
                                     **last}) + "\n")
             progress.set_postfix({k: f"{v:.3g}" for k, v in last.items()})
     held_out = validation_losses(cfg, modules, device)
@@ -138,19 +127,25 @@ def validation_losses(cfg, modules: torch.nn.ModuleDict, device: str) -> dict[st
     modules.eval()
     sums, batches = {"heatmap": 0.0, "depth": 0.0}, 0
     for batch in tqdm(loader, desc="pretrain val", unit="step", leave=False):
-        targets = image_centre_targets(batch.gt_boxes, batch.gt_labels, batch.intrinsics, batch.camera_to_lidar,
-                                       batch.image_aug, batch.bev_aug, tuple(cfg.model.image_size), STRIDE,
-                                       len(DETECTION_CLASSES), float(cfg.model.depth_bins.stop), config.min_overlap,
-                                       config.min_radius)
-        flat = batch.images.flatten(0, 1).to(device)  # (B*N, 3, H, W)
-        heatmap, log_depth = modules["head"](*modules["backbone"].forward_pyramid(flat))
-        for key, value in pretrain_losses(heatmap, log_depth, _to(targets, device), config.depth_weight).items():
+        for key, value in batch_losses(cfg, modules, batch, device)[0].items():
             sums[key] += float(value)
         batches += 1
     modules.train()
     return {key: round(value / max(1, batches), 4) for key, value in sums.items()}
 
 
-def _to(targets, device):
-    return dataclasses.replace(targets, heatmap=targets.heatmap.to(device), log_depth=targets.log_depth.to(device),
-                               centre_mask=targets.centre_mask.to(device))
+def batch_losses(cfg, modules: torch.nn.ModuleDict, batch, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    """One collated Batch -> (the pretraining losses, the number of centres drawn): targets from its GT boxes and
+    camera geometry, the backbone's pyramid over its B*N images, the head."""
+    config: BackbonePretrainConfig = cfg.pretrain
+    targets = image_centre_targets(batch.gt_boxes, batch.gt_labels, batch.intrinsics, batch.camera_to_lidar,
+                                   batch.image_aug, batch.bev_aug, tuple(cfg.model.image_size), STRIDE,
+                                   len(DETECTION_CLASSES), float(cfg.model.depth_bins.stop), config.min_overlap,
+                                   config.min_radius)
+    targets = dataclasses.replace(targets, heatmap=targets.heatmap.to(device),
+                                  log_depth=targets.log_depth.to(device), centre_mask=targets.centre_mask.to(device))
+    images = batch.images.flatten(0, 1).to(device)  # (B, N, 3, H, W) -> (B*N, 3, H, W)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    heatmap, log_depth = modules["head"](*modules["backbone"].forward_pyramid(images))
+    return pretrain_losses(heatmap, log_depth, targets, config.depth_weight), targets.num_centres
