@@ -8,7 +8,9 @@ centre projects into a camera, a gaussian peak at the projected centre on the cl
 heatmap, and the camera depth of that centre regressed at the peak cell. Only the backbone's weights are kept
 (torchvision key names, `backbone.pretrained` loads them); the head is thrown away.
 
-    targets = image_centre_targets(batch, image_size=(128, 352), stride=8, num_classes=10, max_depth=60.0)
+    targets = image_centre_targets(batch.gt_boxes, batch.gt_labels, batch.intrinsics, batch.camera_to_lidar,
+                                   batch.image_aug, batch.bev_aug, image_size=(128, 352), stride=8, num_classes=10,
+                                   max_depth=60.0)
     head = CentrePretrainHead(backbone.pyramid_channels, num_classes=10, channels=64)
     heatmap_logits, log_depth = head(*backbone.forward_pyramid(images))  # (B*N, K, H/8, W/8), (B*N, 1, H/8, W/8)
     losses = pretrain_losses(heatmap_logits, log_depth, targets, depth_weight=1.0)
@@ -31,6 +33,7 @@ from ..heads.center_head import clip_sigmoid, gaussian_focal_loss
 from ..heads.targets import draw_gaussian, gaussian_radius
 
 STRIDE = 8  # the head reads the backbone's layer2 (stride 8) with layer3 and layer4 upsampled onto it
+
 
 @dataclass
 class ImageCentreTargets:
