@@ -10,7 +10,9 @@ student other than bevdet).
 
 Another `--student` on the same OUT reuses its dataroot, teacher and cache and adds that student's baseline and
 distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
-the earlier students.
+the earlier students. `--student bevformer` reuses the dataroot and adds its own teacher: the CenterPoint teacher
+with a DETR decoder (teacher_detr.yaml, OUT/teacher_detr) and its bev_embed cache, which the BEVFormer recipe
+inherits from and imitates.
 
 `--teachers centerpoint,mvp` adds MVP, the LiDAR-camera teacher: the instance masks (`make-synthetic --masks`,
 always on in world 2), the virtual points (`make-virtual-points`), the MVP teacher (configs/*/teacher_mvp.yaml),
@@ -36,6 +38,16 @@ CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_DIRS = {1: CONFIG_ROOT / "synthetic", 2: CONFIG_ROOT / "street"}  # per synthetic world: its +-32 / +-51.2 m configs
 STUDENTS = ("bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer")  # configs/synthetic/student_<name>.yaml
 TEACHERS = {"centerpoint": ("CenterPoint", "L"), "mvp": ("MVP", "L+C")}  # --teachers: table name and modality
+# the teacher rows of the table: name, modality, run folder (BEVFormer's teacher: CenterPoint with a DETR decoder)
+TEACHER_RUNS = (("CenterPoint", "L", "teacher"), ("CenterPoint+DETR", "L", "teacher_detr"),
+                ("MVP", "L+C", "teacher_mvp"))
+
+
+def teacher_label(teacher: str | None, student: str) -> str | None:
+    """The table's name of the teacher a `student` row was distilled from (None: the baseline)."""
+    if teacher is None:
+        return None
+    return "CenterPoint+DETR" if teacher == "centerpoint" and student == "bevformer" else TEACHERS[teacher][0]
 
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
@@ -59,9 +71,10 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     sets = [arg for item in (*FIGURE_SETTINGS, *overrides) for arg in ("--set", item)]
     teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
 
-    def teacher_steps(label: str, config: str, run: Path, store: Path, distilled: Path) -> list[Step]:
-        """train-teacher, extract-teacher and the student distilled from that cache; a `label` ("MVP") names the
-        teacher in the step names."""
+    def teacher_steps(label: str, config: str, run: Path, store: Path, distilled: Path,
+                      layers: str = "backbone0,backbone1,backbone2,neck") -> list[Step]:  # B0: layer ablation
+        """train-teacher, extract-teacher (the teacher `layers`) and the student distilled from that cache; a
+        `label` ("MVP") names the teacher in the step names."""
         checkpoint = str(run / "latest.pth")
         suffix = f" ({label})" if label else ""
         return [
@@ -71,8 +84,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
             Step(f"extract-teacher{suffix}", ["extract-teacher", "--config", config, "--dataroot", str(dataroot),
                                               "--checkpoint", checkpoint, "--cache", str(store), "--split",
                                               "synth_train", "--views", str(views), "--device", device,
-                                              "--layers", "backbone0,backbone1,backbone2,neck",  # B0: layer ablation
-                                              *teacher_sets],
+                                              "--layers", layers, *teacher_sets],
                  store),
             Step(f"train-student (distilled{f', {label}' if label else ''})",
                  ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--cache", str(store),
@@ -80,7 +92,15 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
                  distilled / "eval" / "metrics_summary.json"),
         ]
 
-    train, extract, distill = teacher_steps("", teacher_config, teacher_run, cache, students["distilled"])
+    if student == "bevformer":
+        # BEVFormer's teacher is the CenterPoint teacher with a DETR decoder, whose decoder the student inherits and
+        # whose bev_embed it imitates (teacher_detr.yaml, docs/method.md "BEVFormer student")
+        teacher_config = str(CONFIG_DIRS[world] / "teacher_detr.yaml")
+        teacher_run, cache = out / "teacher_detr", out / "cache" / "teacher_detr_synth_train.zarr"
+        train, extract, distill = teacher_steps("DETR", teacher_config, teacher_run, cache, students["distilled"],
+                                                layers="bev_embed")
+    else:
+        train, extract, distill = teacher_steps("", teacher_config, teacher_run, cache, students["distilled"])
     baseline = Step("train-student (baseline)",
                     ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
                      str(students["baseline"]), "--baseline", "--device", device, *sets],
@@ -211,15 +231,14 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
         run_parallel(student_steps, jobs, seconds, label="students")
     else:
         run_steps(student_steps, seconds)
-    rows = [result_row(out / folder / "eval" / "metrics_summary.json", None, TEACHERS[name][0], "-", TEACHERS[name][1])
-            for name, folder in (("centerpoint", "teacher"), ("mvp", "teacher_mvp"))
-            if (out / folder / "eval" / "metrics_summary.json").exists()]
+    rows = [result_row(out / folder / "eval" / "metrics_summary.json", None, label, "-", mode)
+            for label, mode, folder in TEACHER_RUNS if (out / folder / "eval" / "metrics_summary.json").exists()]
     for name in STUDENTS:  # every student with a baseline and a distilled run finished in OUT, this one included
         runs = {None: out / "students" / f"{name}_baseline", "centerpoint": out / "students" / f"{name}_distilled",
                 "mvp": out / "students" / f"{name}_distilled_mvp"}
         markers = {teacher: run / "eval" / "metrics_summary.json" for teacher, run in runs.items()}
         if markers[None].exists() and markers["centerpoint"].exists():
-            rows += [result_row(markers[teacher], TEACHERS[teacher][0] if teacher else None, student_label(name),
+            rows += [result_row(markers[teacher], teacher_label(teacher, name), student_label(name),
                                 TEACHERS[teacher][1] if teacher else "-", "C")
                      for teacher, marker in markers.items() if marker.exists()]
     table = markdown_table(rows)

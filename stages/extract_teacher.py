@@ -156,7 +156,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         extraction={"command": command_line, "batch_size": batch_size, "workers": workers, "device": device,
                     "ranks": int(os.environ.get("WORLD_SIZE", "1")),
                     "threads": torch.get_num_threads()})
-    head_state = {name: value.detach().cpu().numpy() for name, value in model.pts_bbox_head.state_dict().items()}
+    head_state = {name: value.detach().cpu().numpy() for name, value in model.head_state().items()}
 
     def run_teacher(points_list: list[torch.Tensor]):
         with torch.no_grad():

@@ -28,6 +28,7 @@ from ..losses.distill import DistillBEVLoss
 from ..precision import set_memory_format
 from ..student.build import build_student
 from .config import StudentExperimentConfig
+from .inherit import inherit_teacher_head
 from .progress import TrainingProgress, reset_progress
 from .targets import DistillationDataset, step_precompute
 from .train import (DistillationSetup, TrainableModules, load_resume, run_epochs, seed_everything, steps_per_epoch,
@@ -155,31 +156,6 @@ def build_distill_loss(cfg: StudentExperimentConfig, student: torch.nn.Module,
     )
 
 
-def inherit_teacher_head(student: torch.nn.Module, head_state: dict[str, torch.Tensor]) -> int:
-    """Initialise the student's CenterHead task heads from the teacher's (DistillBEV's inherit_head); returns the
-    number of tensors copied.
-
-    Only `task_heads.*` are copied, strictly: a shape mismatch is a ConfigError naming the key. The BEVFormer student
-    has a DETR head, which a CenterPoint teacher cannot initialise (the reference inherits it from a mirrored
-    LiDAR transformer): it is skipped with a logged reason and 0 is returned.
-    """
-    if student.config.is_transformer:
-        log.warning("inherit_teacher_head: skipped for the BEVFormer student: its DETR head (object queries, class "
-                    "and box branches) has no counterpart in the CenterPoint teacher's CenterHead; the head trains "
-                    "from its initialisation (docs/method.md, BEVFormer student)")
-        return 0
-    task_state = {k[len("task_heads."):]: v for k, v in head_state.items() if k.startswith("task_heads.")}
-    own = student.head.task_heads.state_dict()
-    mismatched = [f"{k}: teacher {tuple(v.shape)} vs student {tuple(own[k].shape)}"
-                  for k, v in task_state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched or set(task_state) != set(own):
-        raise ConfigError("cannot inherit the teacher's task heads: " + "; ".join(
-            mismatched or [f"keys differ ({len(task_state)} teacher vs {len(own)} student)"])
-            + "; make model.head match the teacher's head or set inherit_teacher_head: false")
-    student.head.task_heads.load_state_dict(task_state, strict=True)
-    return len(task_state)
-
-
 def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
     """The frozen teacher for `online` targets (eval mode, no grad, not a submodule of the student)."""
     from ..config import from_dict
@@ -302,6 +278,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             log_view_coverage(cache.num_views)
             teacher_layers = cache.manifest["layers"]
             head_state = cache.read_teacher_head()
+            teacher_model_config = cache.manifest["teacher"]["config"]
         else:
             if teacher_checkpoint is None:
                 raise ConfigError("targets 'online' needs --teacher-checkpoint (and the teacher's config)")
@@ -323,12 +300,14 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             check_live_teacher_grid(cfg, teacher, teacher_checkpoint)
             teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
                               for name in {t for _, t in layers}}
-            head_state = teacher.pts_bbox_head.state_dict()
+            head_state = teacher.head_state()
+            teacher_model_config = config_dict
         distill_loss = build_distill_loss(cfg, student, teacher_layers).to(device_t)
         if cfg.inherit_teacher_head:
-            count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()})
+            count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()},
+                                         teacher_model_config)
             if count:
-                log.info("student task heads initialised from the teacher (%d tensors)", count)
+                log.info("student head initialised from the teacher's (%d tensors)", count)
     bev = cfg.model.bev
     if train_dataset is None:
         train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")

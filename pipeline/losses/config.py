@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FeatureName = Literal["backbone0", "backbone1", "backbone2", "neck"]
+StudentFeatureName = Literal["backbone0", "backbone1", "backbone2", "neck"]
+# bev_embed: the BEV a teacher with a DETR decoder decodes (pipeline/teacher/decoder.py), BEVFormer's pair
+TeacherFeatureName = Literal["backbone0", "backbone1", "backbone2", "neck", "bev_embed"]
 AdapterKind = Literal["upsample_3layer", "conv1x1", "resample_conv1x1"]
 
 
@@ -19,8 +21,8 @@ AdapterKind = Literal["upsample_3layer", "conv1x1", "resample_conv1x1"]
 class LayerPairConfig:
     """One distilled (student feature, teacher feature) pair; the adapter is applied to the student only."""
 
-    student: FeatureName  # student feature name
-    teacher: FeatureName  # teacher feature name
+    student: StudentFeatureName  # student feature name
+    teacher: TeacherFeatureName  # teacher feature name
     # "upsample_3layer" (bilinear upsample + 3 x conv1x1-BN-ReLU), "conv1x1" (integer upsample factor) or
     # "resample_conv1x1" (bilinear resampling onto the teacher grid at any ratio, then a 1x1 conv: BEVFormer's 200^2
     # BEV against the CenterPoint teacher's 128^2 pre-head feature over the same extent)

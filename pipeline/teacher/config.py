@@ -1,4 +1,5 @@
-"""Typed configs of the CenterPoint-pillar teacher (model) and of teacher training (experiment)."""
+"""Typed configs of the CenterPoint-pillar teacher (model, with an optional DETR decoder) and of teacher training
+(experiment)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,28 @@ from typing import Literal
 from ..data.config import DataConfig
 from ..geometry.bev import BEVGrid
 from ..heads.center_head import CenterHeadConfig
+from ..student.bevformer.config import BEVFormerHeadConfig
+
+
+@dataclass
+class TeacherDecoderConfig:
+    """A DETR decoder beside the CenterHead, for BEVFormer students (the reference distils BEVFormer from a LiDAR
+    transformer whose decoder the student inherits).
+
+    The SECONDFPN output goes through a 1x1 conv and a LayerNorm over channels to `embed_dims` ("bev_embed", the
+    feature a BEVFormer student imitates); BEVFormer's head (object queries, deformable cross-attention over that
+    BEV, class and box branches) decodes it. Both heads train together; the CenterHead stays the teacher's output
+    (evaluation, cached heatmaps), the decoder's evaluation is written beside it.
+    """
+
+    embed_dims: int = 256  # channels of bev_embed = the BEVFormer student's embed_dims
+    head: BEVFormerHeadConfig = field(default_factory=BEVFormerHeadConfig)  # = the student's bevformer.head shapes
+    loss_weight: float = 1.0  # weight of the decoder's Hungarian loss beside the CenterHead's
+
+    def __post_init__(self) -> None:
+        if self.head.num_heads <= 0 or self.embed_dims % self.head.num_heads:
+            raise ValueError(f"decoder.embed_dims {self.embed_dims} is not divisible by decoder.head.num_heads "
+                             f"{self.head.num_heads}; pick a head count that divides it")
 
 
 @dataclass
@@ -33,6 +56,7 @@ class TeacherModelConfig:
     bn_eps: float = 1e-3  # BN eps of SECOND / SECONDFPN
     bn_momentum: float = 0.01  # BN momentum of the PFN, SECOND and SECONDFPN (mmdet3d's value)
     head: CenterHeadConfig = field(default_factory=CenterHeadConfig)  # head grid must equal the neck output grid
+    decoder: TeacherDecoderConfig | None = None  # a DETR decoder on bev_embed, for BEVFormer students
 
     def __post_init__(self) -> None:
         lengths = {len(self.backbone_channels), len(self.backbone_layer_nums), len(self.backbone_strides),

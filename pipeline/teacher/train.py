@@ -93,7 +93,12 @@ def train_step(model: CenterPointTeacher, points: list[torch.Tensor], gt_boxes: 
     model.train()
     with autocast(points[0].device, precision):
         outputs = model(points)  # through the DDP wrapper when there is one (it syncs the gradients)
-    losses = unwrap(model).pts_bbox_head.loss(outputs.head, gt_boxes, gt_labels)
+    teacher = unwrap(model)
+    losses = teacher.pts_bbox_head.loss(outputs.head, gt_boxes, gt_labels)
+    if outputs.decoder is not None:
+        weight = teacher.config.decoder.loss_weight
+        decoder_losses = teacher.pts_detr_head.loss(outputs.decoder, gt_boxes, gt_labels)
+        losses["loss_decoder"] = weight * sum(decoder_losses.values())
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -148,16 +153,21 @@ def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torc
 
 @torch.no_grad()
 def predict(model: CenterPointTeacher, loader: Iterable, device: torch.device,
-            show_progress: bool = True) -> list[Detections]:
-    """Decoded detections (LiDAR frame, BEV augmentation undone) for every batch of `loader`."""
+            show_progress: bool = True) -> dict[str, list[Detections]]:
+    """Decoded detections (LiDAR frame, BEV augmentation undone) for every batch of `loader`: {"center": the
+    CenterHead's} and, for a teacher with a decoder, {"decoder": the DETR head's}."""
     from tqdm import tqdm
 
     model.eval()
-    detections: list[Detections] = []
+    detections: dict[str, list[Detections]] = {"center": []}
     for batch in tqdm(loader, desc="teacher predict", leave=False, dynamic_ncols=True, disable=not show_progress):
         batch = batch.to(device)
         outputs = model(batch.points)
-        detections += model.pts_bbox_head.decode(outputs.head, list(batch.sample_tokens), batch.bev_aug)
+        tokens = list(batch.sample_tokens)
+        detections["center"] += model.pts_bbox_head.decode(outputs.head, tokens, batch.bev_aug)
+        if outputs.decoder is not None:
+            detections.setdefault("decoder", [])
+            detections["decoder"] += model.pts_detr_head.decode(outputs.decoder, tokens, batch.bev_aug)
     return detections
 
 
@@ -236,7 +246,9 @@ def _make_loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int,
 def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable, device: torch.device,
                      out_dir: Path, batch_size: int, num_workers: int = 0,
                      world: World = World()) -> dict[str, Any] | None:
-    """Predict the dataset, write results.json and run the nuScenes evaluation into `out_dir`.
+    """Predict the dataset, write results.json and run the nuScenes evaluation into `out_dir` (the CenterHead's
+    detections, the teacher's output); a teacher with a decoder also gets its DETR head scored into
+    `out_dir`/decoder.
 
     Under torchrun rank r predicts samples r, r + W, ...; rank 0 gathers them in dataset order, writes and scores
     them and returns the summary (the other ranks return None).
@@ -247,18 +259,20 @@ def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable,
     part = dataset if not world.distributed else torch.utils.data.Subset(dataset, indices)
     loader = _make_loader(part, batch_size, False, num_workers, 0, collate)
     detections = predict(model, loader, device, show_progress=world.is_main)
-    ordered = gather_ordered(list(zip(indices, detections)), len(dataset), world)
-    if not world.is_main:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = detections_to_results(ordered, dataset)
-    result_path = out_dir / "results.json"
-    result_path.write_text(json.dumps(results))
-    summary = evaluate_results(result_path, dataset, out_dir)
-    if not (out_dir / "metrics_summary.json").is_file():
-        (out_dir / "metrics_summary.json").write_text(json.dumps(summary, indent=2))
-    LOGGER.info("teacher evaluation:\n%s", format_metrics_table(summary))
-    return summary
+    summaries = {}
+    for head, head_detections in detections.items():
+        ordered = gather_ordered(list(zip(indices, head_detections)), len(dataset), world)
+        if not world.is_main:
+            continue
+        head_dir = out_dir if head == "center" else out_dir / head
+        head_dir.mkdir(parents=True, exist_ok=True)
+        result_path = head_dir / "results.json"
+        result_path.write_text(json.dumps(detections_to_results(ordered, dataset)))
+        summaries[head] = evaluate_results(result_path, dataset, head_dir)
+        if not (head_dir / "metrics_summary.json").is_file():
+            (head_dir / "metrics_summary.json").write_text(json.dumps(summaries[head], indent=2))
+        LOGGER.info("teacher evaluation (%s head):\n%s", head, format_metrics_table(summaries[head]))
+    return summaries.get("center")
 
 
 def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, device: str | torch.device = "cpu",

@@ -146,3 +146,25 @@ def test_demo_with_the_mvp_teacher_adds_its_teacher_cache_and_student(tmp_path):
     distilled = (out / "students" / "bevdet_distilled_mvp" / "train_log.jsonl").read_text().splitlines()
     assert any(key.startswith("kd_neck_") for key in json.loads(distilled[0]))
     assert "| MVP | L+C | BEVDet | C |" in (out / "results.md").read_text()
+
+
+def test_demo_bevformer_adds_the_decoder_teacher_its_cache_and_the_bevformer_rows(demo_dir):
+    """`--student bevformer` on a main job's OUT: the dataroot is reused, the CenterPoint teacher with a DETR decoder
+    and its bev_embed cache are added, and the table gains that teacher and the BEVFormer rows."""
+    from distillbev.pipeline.cache.reader import TeacherCache
+
+    result = CliRunner().invoke(cli, ["demo", "--out", str(demo_dir), "--student", "bevformer", *TINY],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 1  # make-synthetic
+    summary = json.loads((demo_dir / "demo_summary.json").read_text())
+    assert [step["name"] for step in summary["steps"]][-4:] == [
+        "train-teacher (DETR)", "extract-teacher (DETR)", "train-student (baseline)", "train-student (distilled, DETR)"]
+    assert (demo_dir / "teacher_detr" / "eval" / "decoder" / "metrics_summary.json").is_file()
+    assert list(TeacherCache.open(demo_dir / "cache" / "teacher_detr_synth_train.zarr").manifest["layers"]) == [
+        "bev_embed"]
+    first = json.loads((demo_dir / "students" / "bevformer_distilled" / "train_log.jsonl").read_text().splitlines()[0])
+    assert {"kd_neck_bev_embed_fg", "kd_neck_bev_embed_bg"} <= set(first)
+    rows = [(r["teacher"], r["student"]) for r in json.loads((demo_dir / "results.json").read_text())]
+    assert (None, "CenterPoint+DETR") in rows and ("CenterPoint+DETR", "BEVFormer") in rows
+    assert (None, "BEVFormer") in rows and ("CenterPoint", "BEVDet") in rows  # the main job's rows stay

@@ -14,7 +14,8 @@ from test_distill_equivalence import HALF_EXTENT, TinyWorld, build_tiny_world, t
 
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.distill.config import StudentExperimentConfig
-from distillbev.pipeline.distill.run import build_distill_loss, train_student
+from distillbev.pipeline.config import to_dict
+from distillbev.pipeline.distill.run import build_distill_loss, live_teacher, train_student
 from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
@@ -23,8 +24,13 @@ from distillbev.pipeline.student.bevformer.config import (BEVFormerConfig, BEVFo
                                                           BEVFormerHeadConfig)
 from distillbev.pipeline.student.build import build_student
 from distillbev.pipeline.student.config import BEVRange, ImageBackboneConfig, StudentModelConfig
+from distillbev.pipeline.teacher.config import TeacherDecoderConfig
 
 pytestmark = pytest.mark.slow
+
+
+TINY_HEAD = BEVFormerHeadConfig(num_queries=20, num_layers=2, num_heads=2, num_points=2, feedforward_channels=32,
+                                post_center_range=(-20.0, -20.0, -10.0, 20.0, 20.0, 10.0))
 
 
 def tiny_bevformer_config(world: TinyWorld) -> StudentExperimentConfig:
@@ -36,8 +42,7 @@ def tiny_bevformer_config(world: TinyWorld) -> StudentExperimentConfig:
         embed_dims=16, bev=bev,
         encoder=BEVFormerEncoderConfig(num_layers=1, num_heads=2, num_levels=2, spatial_points=2, temporal_points=2,
                                        num_z_anchors=2, feedforward_channels=32),
-        head=BEVFormerHeadConfig(num_queries=20, num_layers=2, num_heads=2, num_points=2, feedforward_channels=32,
-                                 post_center_range=(-20.0, -20.0, -10.0, 20.0, 20.0, 10.0)))
+        head=TINY_HEAD)
     model = StudentModelConfig(variant="bevformer", image_size=base.model.image_size,
                                backbone=ImageBackboneConfig(depth=18, width_multiplier=0.25), bev=bev,
                                head=base.model.head, bevformer=transformer)
@@ -51,6 +56,13 @@ def tiny_bevformer_config(world: TinyWorld) -> StudentExperimentConfig:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("bevformer_distill"), views=2)
+
+
+@pytest.fixture(scope="module")
+def decoder_world(tmp_path_factory) -> TinyWorld:
+    """A teacher with a DETR decoder of the tiny student's head shapes; its cache holds neck and bev_embed."""
+    return build_tiny_world(tmp_path_factory.mktemp("bevformer_decoder"), views=2,
+                            decoder=TeacherDecoderConfig(embed_dims=16, head=TINY_HEAD), layers="neck,bev_embed")
 
 
 def test_a_distilled_step_has_finite_losses_and_the_terms_of_one_pair(world):
@@ -116,3 +128,38 @@ def test_two_torchrun_ranks_train_the_bevformer_student_through_ddp(world, tmp_p
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(records) == 1 and all(math.isfinite(records[0][k]) for k in ("loss", "kd_neck_fg", "loss_cls"))
     assert (out / "eval" / "metrics_summary.json").is_file()
+
+
+def test_a_decoder_teacher_caches_bev_embed_and_its_decoder(decoder_world):
+    """bev_embed read back from the fp16 store is the live teacher's on view 1's cloud, and the cache's teacher head
+    holds the decoder under `detr.` beside the CenterHead."""
+    cache = TeacherCache.open(decoder_world.cache_path)
+    assert cache.manifest["layers"]["bev_embed"]["channels"] == 16
+    assert tuple(cache.manifest["layers"]["bev_embed"]["shape"]) == (40, 40)  # the head grid, 32 m / 0.8 m
+    teacher = live_teacher(to_dict(decoder_world.teacher_config.model), decoder_world.checkpoint, torch.device("cpu"))
+    dataset = NuScenesDetectionDataset(decoder_world.teacher_config.data, "synth_train", mode="test")
+    sample = dataset.get(0, bev_aug=cache.bev_aug(0, 1), with_images=False)
+    with torch.no_grad():
+        live = teacher([sample.points]).features["bev_embed"][0]
+    stored = cache.read(0, 1).features["bev_embed"]
+    assert 0 < float((stored - live).abs().max()) <= float(live.abs().max()) * 2 ** -10
+    head = cache.read_teacher_head()
+    for key, value in teacher.pts_detr_head.state_dict().items():
+        assert torch.equal(head["detr." + key], value), key
+    assert any(key.startswith("task_heads.") for key in head)
+
+
+def test_train_student_inherits_the_decoder_and_imitates_bev_embed(decoder_world, tmp_path, caplog):
+    cfg = tiny_bevformer_config(decoder_world)
+    cfg.distill.layers = [LayerPairConfig("neck", "bev_embed", "conv1x1", False)]
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        train_student(cfg, out, cache_path=decoder_world.cache_path, teacher_checkpoint=decoder_world.checkpoint)
+    state = torch.load(decoder_world.checkpoint, weights_only=False)["state_dict"]
+    inherited = [k for k in state if k.startswith(("pts_detr_head.class_branches.", "pts_detr_head.box_branches.",
+                                                   "pts_detr_head.decoder."))]
+    assert f"student head initialised from the teacher's ({len(inherited)} tensors)" in caplog.text
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert sorted(k for k in records[0] if k.startswith("kd_")) == ["kd_neck_bev_embed_bg", "kd_neck_bev_embed_fg",
+                                                                 "kd_neck_bev_embed_spatial"]
+    assert all(math.isfinite(v) for k, v in records[0].items() if isinstance(v, float))

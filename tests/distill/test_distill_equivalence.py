@@ -39,7 +39,7 @@ from distillbev.pipeline.heads.center_head import CenterHeadConfig
 from distillbev.pipeline.student.config import BEVRange, DepthBins, ImageBackboneConfig, StudentModelConfig
 from distillbev.pipeline.student.model import CameraStudent
 from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
-from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
+from distillbev.pipeline.teacher.config import TeacherDecoderConfig, TeacherExperimentConfig, TeacherModelConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher
 from distillbev.stages.extract_teacher import command as extract_command
 
@@ -99,9 +99,11 @@ def tiny_student_config(dataroot: Path) -> StudentExperimentConfig:
     return StudentExperimentConfig(data=tiny_data_config(dataroot, load_images=True), model=model)
 
 
-def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: str = "lidar") -> TinyWorld:
+def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: str = "lidar",
+                     decoder: TeacherDecoderConfig | None = None, layers: str | None = None) -> TinyWorld:
     """Generate the dataroot, save a random teacher and run `extract-teacher` (fp16, `views` views). With
-    point_features "mvp": instance masks, virtual points and a 17-dim MVP teacher."""
+    point_features "mvp": instance masks, virtual points and a 17-dim MVP teacher; with `decoder`, a teacher with
+    a DETR decoder; `layers` = extract-teacher's --layers (its default when None)."""
     dataroot = folder / "synthetic"
     mvp = point_features == "mvp"
     generate_dataset(dataroot, SyntheticConfig(num_scenes=2, samples_per_scene=1, val_scenes=1,
@@ -113,6 +115,7 @@ def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: st
 
         make_virtual_points(dataroot, "v1.0-synthetic", sweeps=NUM_SWEEPS, progress=False)
     teacher_config = tiny_teacher_config(dataroot, point_features)
+    teacher_config.model.decoder = decoder
     config_path = folder / "teacher.yaml"
     dump_config(teacher_config, config_path)
     torch.manual_seed(seed)
@@ -121,7 +124,8 @@ def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: st
     cache_path = folder / "cache.zarr"
     result = CliRunner().invoke(extract_command, [
         "--config", str(config_path), "--dataroot", str(dataroot), "--checkpoint", str(checkpoint),
-        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--seed", "3", "--dtype", "fp16"],
+        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--seed", "3", "--dtype", "fp16",
+        *(["--layers", layers] if layers else [])],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return TinyWorld(dataroot, teacher_config, checkpoint, cache_path)

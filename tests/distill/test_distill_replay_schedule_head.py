@@ -15,7 +15,7 @@ import torch
 from distillbev.pipeline.cache.reader import TeacherTargets
 from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.distill.config import StudentExperimentConfig, StudentTrainConfig
-from distillbev.pipeline.distill.run import inherit_teacher_head
+from distillbev.pipeline.distill.inherit import inherit_teacher_head
 from distillbev.pipeline.distill.targets import DistillationDataset
 from distillbev.pipeline.distill.train import learning_rate
 from distillbev.pipeline.errors import ConfigError

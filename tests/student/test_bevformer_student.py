@@ -13,7 +13,7 @@ import yaml
 
 from distillbev.pipeline.config import from_dict, load_config
 from distillbev.pipeline.distill.config import StudentExperimentConfig
-from distillbev.pipeline.distill.run import inherit_teacher_head
+from distillbev.pipeline.distill.inherit import inherit_teacher_head
 from distillbev.pipeline.errors import ConfigError
 from distillbev.pipeline.geometry.bev import BEVGrid
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
