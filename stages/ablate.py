@@ -6,7 +6,9 @@ student per ablation row with config overrides, so every row has the same data, 
 mean ± sample standard deviation, so a difference between rows can be told from run-to-run noise.
 
 The BEVFormer student distils one layer pair without the FP region (DistillBEV's BEVFormer recipe): its component
-table stops at +scaling (its full recipe) and it has no layer table (BEVFORMER_COMPONENT_ROWS).
+table stops at +scaling (its full recipe) and it has no layer table (BEVFORMER_COMPONENT_ROWS). Its teacher is the
+demo's BEVFormer teacher (CenterPoint with a DETR decoder, teacher_detr.yaml), whose decoder every distilled row
+inherits.
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
                       for seed in range(seeds)] for name in runs}
     label = student_label(student)
     text = "\n\n".join([
-        f"Ablations of {label} distilled from the CenterPoint-pillar teacher on the synthetic dataset "
+        f"Ablations of {label} distilled from the CenterPoint-pillar teacher"
+        + (" with a DETR decoder (its decoder inherited in every distilled row)" if student == "bevformer" else "")
+        + " on the synthetic dataset "
         f"(`distillbev ablate --out {out} --student {student} --seeds {seeds}`); "
         + (f"each of our cells is the mean ± sample sd of {seeds} runs (train.seed 0..{seeds - 1}); " if seeds > 1
            else "each of our rows is one run; ") + "paper numbers: BEVDet4D-R50 on nuScenes val.",
