@@ -10,11 +10,12 @@ no_grad inside the step (same loss); the share of the step spent blocked on the 
 cached / online ratio. It ends with the approximate-mode gap (`warp.py`): per-layer cosine between the identity
 view's cached maps warped into an augmentation and the teacher run on the augmented cloud.
 
-- small: configs/synthetic/student_bevdet.yaml (--student bevformer: student_bevformer.yaml) + teacher.yaml on a
+- small: configs/synthetic/student_bevdet.yaml + teacher.yaml (--student bevformer: student_bevformer.yaml +
+  teacher_detr.yaml, the CenterPoint teacher with a DETR decoder) on a
   generated synthetic dataroot, a two-view cache extracted by `extract-teacher` from a randomly initialised teacher
   (timing needs no trained weights);
 - full: configs/nuscenes/student_bevdepth4d.yaml (--student bevformer: student_bevformer.yaml, 928x1600 images)
-  + teacher_pillar02.yaml on synthetic tensors of the real shapes (B=1, 6 cameras plus the previous frame, ~250k
+  + teacher_pillar02.yaml (bevformer: teacher_pillar02_detr.yaml) on synthetic tensors of the real shapes (B=1, 6 cameras plus the previous frame, ~250k
   points for the teacher, ~30k key-frame points for the student's depth targets) and a cache written at the
   teacher's full layer shapes for 3 samples.
 The modes run interleaved: `--rounds` rounds, each building every mode afresh (student, loss, optimiser, DataLoader)
@@ -92,20 +93,25 @@ class ShapeSetup:
 
 
 def extract_cache(teacher_cfg: TeacherExperimentConfig, checkpoint: Path, folder: Path, dataroot: Path,
-                  views: int) -> Path:
-    """Run `extract-teacher` (its default storage dtype) on the synth_train split; returns the store path."""
+                  views: int, layers: list[str]) -> Path:
+    """Run `extract-teacher` (its default storage dtype) for the teacher `layers` on the synth_train split; returns
+    the store path."""
     config_path = folder / "teacher.yaml"
     dump_config(teacher_cfg, config_path)
     cache_path = folder / f"cache_{checkpoint.stem}_{views}v.zarr"
     result = CliRunner().invoke(extract_command, [
         "--config", str(config_path), "--dataroot", str(dataroot), "--checkpoint", str(checkpoint),
-        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views)], catch_exceptions=False)
+        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--layers", ",".join(layers)],
+        catch_exceptions=False)
     if result.exit_code != 0:
         raise SystemExit(f"extract-teacher failed:\n{result.output}")
     return cache_path
 
 
 FULL_STUDENTS = {"bevdet": "student_bevdepth4d.yaml", "bevformer": "student_bevformer.yaml"}  # configs/nuscenes/
+# each student's teacher: BEVFormer's is CenterPoint with a DETR decoder (its bev_embed is the distilled feature)
+SMALL_TEACHERS = {"bevformer": "teacher_detr.yaml"}  # configs/synthetic/, else teacher.yaml
+FULL_TEACHERS = {"bevformer": "teacher_pillar02_detr.yaml"}  # configs/nuscenes/, else teacher_pillar02.yaml
 
 
 def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, student: str = "bevdet") -> ShapeSetup:
@@ -113,7 +119,8 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, stude
     folder.mkdir(parents=True)
     student_config = REPO / "configs" / "synthetic" / f"student_{student}.yaml"
     cfg = load_config(StudentExperimentConfig, student_config)
-    teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "synthetic" / "teacher.yaml")
+    teacher_name = SMALL_TEACHERS.get(student, "teacher.yaml")
+    teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "synthetic" / teacher_name)
     samples_per_scene = 6
     train_scenes = math.ceil((steps + warmup) * cfg.train.batch_size / samples_per_scene)
     dataroot = folder / "synthetic"
@@ -126,7 +133,8 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, stude
     checkpoint = save_teacher_checkpoint(CenterPointTeacher(teacher_cfg.model), folder / "random_teacher.pth",
                                          config=teacher_cfg.model)
     log.info("small: extracting a two-view cache with the random teacher")
-    cache_path = extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=2)
+    cache_path = extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=2,
+                               layers=sorted({pair.teacher for pair in cfg.distill.layers}))
     teacher = live_teacher(to_dict(teacher_cfg.model), checkpoint, torch.device("cpu"))
 
     def dataset_for(mode: str):
@@ -137,7 +145,7 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, stude
         return NuScenesDetectionDataset(data, data.train_split, mode="train")
 
     return ShapeSetup(
-        description=f"configs/synthetic/{student_config.name} + configs/synthetic/teacher.yaml",
+        description=f"configs/synthetic/{student_config.name} + configs/synthetic/{teacher_name}",
         note=(f"synthetic dataroot ({train_scenes} train scenes x {samples_per_scene} samples, JPEG decoding in "
               f"the workers), cache extracted from a random teacher ({teacher_cfg.data.num_sweeps} sweeps, 2 views, "
               f"{TeacherCache.open(cache_path).manifest['storage']['dtype']}); the student loads "
@@ -154,7 +162,8 @@ def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int, studen
     folder.mkdir(parents=True)
     student_config = REPO / "configs" / "nuscenes" / FULL_STUDENTS[student]
     cfg = load_config(StudentExperimentConfig, student_config)
-    teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "nuscenes" / "teacher_pillar02.yaml")
+    teacher_name = FULL_TEACHERS.get(student, "teacher_pillar02.yaml")
+    teacher_cfg = load_config(TeacherExperimentConfig, REPO / "configs" / "nuscenes" / teacher_name)
     torch.manual_seed(0)
     teacher = CenterPointTeacher(teacher_cfg.model).eval().requires_grad_(False)
     canvas = teacher_cfg.model.canvas_grid
@@ -179,7 +188,7 @@ def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int, studen
         raise SystemExit(f"full shapes: {num_samples} cached samples, --warmup + --full-steps must be <= that")
     height, width = cfg.data.final_size
     return ShapeSetup(
-        description=f"configs/nuscenes/{student_config.name} + configs/nuscenes/teacher_pillar02.yaml",
+        description=f"configs/nuscenes/{student_config.name} + configs/nuscenes/{teacher_name}",
         note=(f"random tensors of the real shapes (B=1, 6 cameras {height}x{width} + the previous frame, ~250k "
               "points for the online teacher, ~30k for the student's depth targets, images drawn instead of "
               f"decoded), a cache of {num_samples} samples x 2 views written at the teacher's layer shapes (fp16); a "
@@ -223,7 +232,8 @@ def approximate_gap(small: ShapeSetup, folder: Path, trained_checkpoint: Path, s
     teacher_cfg, checkpoint, which = gap_teacher(small, trained_checkpoint)
     dataroot = Path(small.cfg.data.dataroot)
     log.info("gap: extracting the identity view with %s", which)
-    cache = TeacherCache.open(extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=1))
+    cache = TeacherCache.open(extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=1,
+                                            layers=sorted({pair.teacher for pair in small.cfg.distill.layers})))
     teacher = live_teacher(to_dict(teacher_cfg.model), checkpoint, torch.device("cpu"))
     dataset = NuScenesDetectionDataset(teacher_cfg.data, "synth_train", mode="test")
     grid = cache.manifest["bev_grid"]
