@@ -102,22 +102,29 @@ def test_the_previous_frame_is_encoded_without_gradient_dropout_or_a_lasting_mod
 
 def test_the_configs_load_strictly_with_the_grids_of_their_teachers():
     synthetic = load_config(StudentExperimentConfig, ROOT / "configs" / "synthetic" / "student_bevformer.yaml")
-    teacher = yaml.safe_load((ROOT / "configs" / "synthetic" / "teacher.yaml").read_text())
+    teacher = yaml.safe_load((ROOT / "configs" / "synthetic" / "teacher_detr.yaml").read_text())
     teacher_grid = BEVGrid(**teacher["model"]["head"]["grid"])
     assert synthetic.model.bev.grid().shape == teacher_grid.shape == (80, 80)  # 64 m / 0.8 m
     assert [(p.student, p.teacher, p.adapter, p.use_false_positive) for p in synthetic.distill.layers] == [
-        ("neck", "neck", "conv1x1", False)]
+        ("neck", "bev_embed", "conv1x1", False)]
     assert synthetic.data.final_size == synthetic.model.image_size
     full = load_config(StudentExperimentConfig, ROOT / "configs" / "nuscenes" / "student_bevformer.yaml")
     assert full.model.bev.grid().shape == (200, 200)  # 102.4 m / 0.512 m
     assert full.model.head.grid.shape == (128, 128)  # the CenterPoint teacher's head grid, 102.4 m / 0.8 m
     assert full.model.backbone.depth == 50 and full.model.bevformer.encoder.num_levels == 4
+    assert [(p.student, p.teacher, p.adapter) for p in full.distill.layers] == [
+        ("neck", "bev_embed", "resample_conv1x1")]
     for cfg in (synthetic, full):
         distill = cfg.distill
         assert len(distill.layers) == 1 and distill.student_attention_ratio == 0.0 and not distill.false_positive
-        assert not cfg.inherit_teacher_head
+        assert cfg.inherit_teacher_head  # the decoder of the teacher's DETR head (tests/teacher/test_teacher_decoder.py)
     assert (full.distill.foreground_weight, full.distill.background_weight, full.distill.spatial_l1_weight) == (
         5e-3, 4e-3, 5e-4)
+    # the small configs: the reference's weights rescaled to 64 channels and 0.8 m cells, then x 0.1 (the config)
+    rescaled = (5e-3 * 256 / 64 * 0.8 / 0.512 * 0.1, 4e-3 * 256 / 64 * 0.1, 5e-4 * 40000 / 6400 * 0.1)
+    weights = (synthetic.distill.foreground_weight, synthetic.distill.background_weight,
+               synthetic.distill.spatial_l1_weight)
+    assert weights == pytest.approx(rescaled, rel=0.01)
 
 
 def test_config_errors_name_the_field():
