@@ -11,13 +11,13 @@ cached / online ratio. It ends with the approximate-mode gap (`warp.py`): per-la
 view's cached maps warped into an augmentation and the teacher run on the augmented cloud.
 
 - small: configs/synthetic/student_bevdet.yaml + teacher.yaml (--student bevformer: student_bevformer.yaml +
-  teacher_detr.yaml, the CenterPoint teacher with a DETR decoder) on a
-  generated synthetic dataroot, a two-view cache extracted by `extract-teacher` from a randomly initialised teacher
-  (timing needs no trained weights);
+  teacher_detr.yaml, the CenterPoint teacher with a DETR decoder) on a generated synthetic dataroot, a two-view
+  cache of the student's teacher layers extracted by `extract-teacher` from a randomly initialised teacher (timing
+  needs no trained weights);
 - full: configs/nuscenes/student_bevdepth4d.yaml (--student bevformer: student_bevformer.yaml, 928x1600 images)
-  + teacher_pillar02.yaml (bevformer: teacher_pillar02_detr.yaml) on synthetic tensors of the real shapes (B=1, 6 cameras plus the previous frame, ~250k
-  points for the teacher, ~30k key-frame points for the student's depth targets) and a cache written at the
-  teacher's full layer shapes for 3 samples.
+  + teacher_pillar02.yaml (bevformer: teacher_pillar02_detr.yaml) on synthetic tensors of the real shapes (B=1, 6
+  cameras plus the previous frame, ~250k points for the teacher, ~30k key-frame points for the student's depth
+  targets) and a cache written at the teacher's full layer shapes for 3 samples.
 The modes run interleaved: `--rounds` rounds, each building every mode afresh (student, loss, optimiser, DataLoader)
 and timing its warm-up + steps, the mode order rotated from round to round, so a slow spell of the shared machine
 spreads over the modes. Each table gives, per mode, the peak resident memory of the training process while that mode
@@ -114,6 +114,11 @@ SMALL_TEACHERS = {"bevformer": "teacher_detr.yaml"}  # configs/synthetic/, else 
 FULL_TEACHERS = {"bevformer": "teacher_pillar02_detr.yaml"}  # configs/nuscenes/, else teacher_pillar02.yaml
 
 
+def teacher_layer_names(cfg: StudentExperimentConfig) -> list[str]:
+    """The teacher layers the student's distillation pairs read, sorted."""
+    return sorted({pair.teacher for pair in cfg.distill.layers})
+
+
 def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, student: str = "bevdet") -> ShapeSetup:
     """configs/synthetic student_<student> + teacher on a generated dataroot; a random teacher's two-view cache."""
     folder.mkdir(parents=True)
@@ -133,8 +138,7 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, stude
     checkpoint = save_teacher_checkpoint(CenterPointTeacher(teacher_cfg.model), folder / "random_teacher.pth",
                                          config=teacher_cfg.model)
     log.info("small: extracting a two-view cache with the random teacher")
-    cache_path = extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=2,
-                               layers=sorted({pair.teacher for pair in cfg.distill.layers}))
+    cache_path = extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=2, layers=teacher_layer_names(cfg))
     teacher = live_teacher(to_dict(teacher_cfg.model), checkpoint, torch.device("cpu"))
 
     def dataset_for(mode: str):
@@ -167,7 +171,7 @@ def full_shape_setup(folder: Path, steps: int, warmup: int, workers: int, studen
     torch.manual_seed(0)
     teacher = CenterPointTeacher(teacher_cfg.model).eval().requires_grad_(False)
     canvas = teacher_cfg.model.canvas_grid
-    names = sorted({pair.teacher for pair in cfg.distill.layers})
+    names = teacher_layer_names(cfg)
     layers = [LayerSpec(name, teacher.feature_channels[name], teacher.feature_shapes[name],
                         (canvas.x_max - canvas.x_min) / teacher.feature_shapes[name][1],
                         canvas.num_x / teacher.feature_shapes[name][1]) for name in names]
@@ -233,7 +237,7 @@ def approximate_gap(small: ShapeSetup, folder: Path, trained_checkpoint: Path, s
     dataroot = Path(small.cfg.data.dataroot)
     log.info("gap: extracting the identity view with %s", which)
     cache = TeacherCache.open(extract_cache(teacher_cfg, checkpoint, folder, dataroot, views=1,
-                                            layers=sorted({pair.teacher for pair in small.cfg.distill.layers})))
+                                            layers=teacher_layer_names(small.cfg)))
     teacher = live_teacher(to_dict(teacher_cfg.model), checkpoint, torch.device("cpu"))
     dataset = NuScenesDetectionDataset(teacher_cfg.data, "synth_train", mode="test")
     grid = cache.manifest["bev_grid"]

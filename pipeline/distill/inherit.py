@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..teacher.decoder import DECODER_PREFIX
 
 log = logging.getLogger(__name__)
 
-DECODER_PREFIX = "detr."  # = pipeline.teacher.model.DECODER_PREFIX
 DECODER_PARTS = ("class_branches.", "box_branches.", "decoder.")  # what a BEVFormer student inherits
 
 

@@ -20,6 +20,8 @@ from ..student.bevformer.head import BEVFormerHead
 from ..student.config import BEVRange
 from .config import TeacherModelConfig
 
+DECODER_PREFIX = "detr."  # the decoder head's keys in the teacher's head state (and the cache's teacher_head group)
+
 
 class BEVEmbedding(nn.Module):
     """(B, C_neck, Y, X) -> (B, embed_dims, Y, X): a 1x1 conv, then a LayerNorm over the channels of every cell (the

@@ -17,14 +17,13 @@ from ..heads.center_head import CenterHead
 from ..student.bevformer.head import BEVFormerHeadOutputs
 from .backbone import SECOND
 from .config import TeacherModelConfig
-from .decoder import BEVEmbedding, decoder_head
+from .decoder import DECODER_PREFIX, BEVEmbedding, decoder_head
 from .neck import SECONDFPN
 from .pillars import PillarFeatureNet, scatter_to_canvas
 
 # Feature names of `TeacherOutputs.features` (also the cache's layer names); a teacher with a decoder adds BEV_EMBED.
 FEATURE_NAMES: tuple[str, ...] = ("backbone0", "backbone1", "backbone2", "neck")
 BEV_EMBED = "bev_embed"
-DECODER_PREFIX = "detr."  # the decoder head's keys in `head_state` (and the cache's teacher_head group)
 
 
 @dataclass
