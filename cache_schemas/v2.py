@@ -11,7 +11,8 @@ One zarr group holds everything for S samples x V views (shape letters as in `pi
     sample_tokens             (S,)              string
     views                     (S, V, 4)         float64  BEVAugmentation.as_array(): rotation, scale, flip_x, flip_y
     done                      (S, V)            uint8    1 once every chunk of that sample-view is written
-    teacher_head/<param>      any               the teacher CenterHead state_dict (float32)
+    teacher_head/<param>      any               the teacher CenterHead state_dict (float32), and detr.<param> the
+                                                 DETR decoder's of a teacher with one (BEVFormer students inherit it)
 
 Every array, `sample_tokens` and `teacher_head/*` included, ends its chunks with a CRC32C checksum; every
 per-sample-view array has one chunk per sample-view, so the extraction workers never share a chunk, and every chunk
