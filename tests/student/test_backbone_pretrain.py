@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import camera_looking_along, intrinsics
+from student_helpers import camera_looking_along, intrinsics
 
 from distillbev.pipeline.student.config import BackbonePretrainConfig
 from distillbev.pipeline.student.pretrain import ImageCentreTargets, image_centre_targets, pretrain_losses
