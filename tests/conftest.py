@@ -3,22 +3,16 @@ real S3 server on 127.0.0.1 (tests/s3_server.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from module_loader import load_tests_module
 
 
 def _load_tiny_module():
-    name = "distillbev_tests_tiny_nuscenes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / "tiny_nuscenes.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tests_module("data/tiny_nuscenes.py")
 
 
 @pytest.fixture(scope="session")

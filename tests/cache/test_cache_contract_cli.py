@@ -6,7 +6,6 @@ good, and the named repair ends in a store whose chunks equal a clean extraction
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from module_loader import load_tests_module
 
 from distillbev.cli import main
 from distillbev.pipeline.config import dump_config
@@ -28,14 +28,7 @@ NOT_CHUNKS = ("zarr.json", "distillbev_cache.json", "distillbev.lock")
 
 def _equivalence_module():
     """tests/distill/test_distill_equivalence.py: its tiny world (dataroot, random teacher, configs)."""
-    name = "distillbev_tests_distill_equivalence"
-    if name not in sys.modules:
-        path = Path(__file__).parents[1] / "distill" / "test_distill_equivalence.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tests_module("distill/test_distill_equivalence.py")
 
 
 def chunks_of(store: Path) -> dict[str, bytes]:

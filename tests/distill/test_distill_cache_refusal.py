@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from module_loader import load_tests_module
 
 from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.distill.run import open_checked_cache
@@ -17,13 +16,7 @@ from distillbev.pipeline.losses.config import DistillConfig, LayerPairConfig
 def write_store(path: Path) -> dict:
     """A tiny complete store (tests/inspect/inspect_stores.py): grid +-8 m at 0.5 m, layers backbone1/2 and neck,
     dataset v1.0-mini / mini_val."""
-    name = "distillbev_tests_inspect_stores"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "inspect" / "inspect_stores.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].write_store(path, samples=1, views=1)
+    return load_tests_module("inspect/inspect_stores.py").write_store(path, samples=1, views=1)
 
 
 def test_a_cache_of_another_grid_and_split_is_refused_naming_each_difference(tmp_path):

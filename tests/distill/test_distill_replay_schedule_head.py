@@ -3,14 +3,13 @@ learning-rate schedule, and the inheritance of the teacher's task heads."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from module_loader import load_tests_module
 
 from distillbev.pipeline.cache.reader import TeacherTargets
 from distillbev.pipeline.data.config import DataConfig
@@ -105,13 +104,7 @@ def test_student_learning_rate_schedule_by_hand():
 
 
 def _tiny_configs():
-    name = "distillbev_tests_distill_equivalence"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "test_distill_equivalence.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tests_module("distill/test_distill_equivalence.py")
 
 
 def test_inherit_teacher_head_copies_exactly_the_task_heads(tmp_path):

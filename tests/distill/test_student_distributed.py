@@ -8,7 +8,6 @@ ranks takes ceil(3 / 2) = 2 steps per epoch (effective batch 2); one process at 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from module_loader import load_tests_module
 from test_distill_replay_schedule_head import FakeDataset
 
 from distillbev.pipeline.config import dump_config
@@ -91,13 +91,7 @@ main(sys.argv[2:])
 
 def figures_world_module():
     """tests/figures/figures_world.py (the tiny world's builder and its student config)."""
-    if "figures_world" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "figures_world", Path(__file__).parents[1] / "figures" / "figures_world.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["figures_world"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["figures_world"]
+    return load_tests_module("figures/figures_world.py", name="figures_world")
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+from module_loader import load_tests_module
 
 EPOCHS = 3
 EVAL_EVERY = 2
@@ -19,14 +18,7 @@ ATTENTION_SAMPLES = 2
 
 def tiny_module():
     """tests/distill/test_distill_equivalence.py: the tiny teacher and student configs (+-16 m, 40x40 head)."""
-    name = "distillbev_tests_distill_equivalence"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "distill"
-                                                      / "test_distill_equivalence.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tests_module("distill/test_distill_equivalence.py")
 
 
 @contextlib.contextmanager

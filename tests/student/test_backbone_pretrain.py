@@ -4,15 +4,13 @@ hand-computed case, the schedule, and `pretrain-backbone` end to end into a stud
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from module_loader import load_tests_module
 from student_helpers import camera_looking_along, intrinsics
 
 from distillbev.pipeline.student.config import BackbonePretrainConfig
@@ -112,14 +110,7 @@ def test_pretrain_config_rejects_bad_values():
 
 
 def _tiny_module():
-    name = "distillbev_tests_distill_equivalence"
-    if name not in sys.modules:
-        path = Path(__file__).parents[1] / "distill" / "test_distill_equivalence.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tests_module("distill/test_distill_equivalence.py")
 
 
 @pytest.mark.slow
