@@ -18,6 +18,13 @@ inherits from and imitates.
 always on in world 2), the virtual points (`make-virtual-points`), the MVP teacher (configs/*/teacher_mvp.yaml),
 its cache and a student distilled from it, so the table holds the teacher x student grid of the paper. It reuses
 every finished step of a main job already in OUT, so it extends one whose dataroot has masks.
+
+`--pretrain-backbone` pretrains the students' ResNet on the train split's images first (`pretrain-backbone`, the
+stand-in for the ImageNet / FCOS3D weights the paper's students start from) and starts both students from it. On
+world 2 the camera students need it with a larger dataroot and schedule than the default (docs/synthetic.md):
+
+    distillbev demo --world 2 --scenes 150 --pretrain-backbone --set pretrain.epochs=10 --set train.epochs=6 \
+        --set "train.lr_steps=[5]" --out runs/world2
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ TEACHERS = {"centerpoint": ("CenterPoint", "L"), "mvp": ("MVP", "L+C")}  # --tea
 # the teacher rows of the table: name, modality, run folder (BEVFormer's teacher: CenterPoint with a DETR decoder)
 TEACHER_RUNS = (("CenterPoint", "L", "teacher"), ("CenterPoint+DETR", "L", "teacher_detr"),
                 ("MVP", "L+C", "teacher_mvp"))
+# `--pretrain-backbone`: the backbone pretraining flips and rescales the train images (BEVDet's image augmentation)
+# whatever the student's own data section says; measured on world 2 in docs/synthetic.md
+PRETRAIN_AUGMENTATION = ("data.image_flip=true", "data.resize_lim=[-0.06,0.11]")
 
 
 def teacher_label(teacher: str | None, student: str) -> str | None:
@@ -52,9 +62,14 @@ def teacher_label(teacher: str | None, student: str) -> str | None:
 
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
          device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...] = (),
-         world: int = 1, teachers: tuple[str, ...] = ("centerpoint",)) -> tuple[list[Step], dict]:
+         world: int = 1, teachers: tuple[str, ...] = ("centerpoint",),
+         pretrain_backbone: bool = False) -> tuple[list[Step], dict]:
     """The demo's steps and the paths they produce: the CenterPoint main job's five steps, then with "mvp" in
-    `teachers` the virtual points, the MVP teacher, its cache and the MVP-distilled student."""
+    `teachers` the virtual points, the MVP teacher, its cache and the MVP-distilled student.
+
+    With `pretrain_backbone` a `pretrain-backbone` step follows make-synthetic (OUT/backbone, the train split's
+    images flipped and rescaled: PRETRAIN_AUGMENTATION, then the user's --set) and every student starts from it.
+    """
     dataroot = out / "data"
     teacher_run = out / "teacher"
     cache = out / "cache" / "teacher_synth_train.zarr"
@@ -70,6 +85,14 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     # per-epoch evaluation and attention snapshots feed the figures; the user's --set come after them and win
     sets = [arg for item in (*FIGURE_SETTINGS, *overrides) for arg in ("--set", item)]
     teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
+    backbone = out / "backbone" / "backbone.pth"
+    pretrain = Step("pretrain-backbone", ["pretrain-backbone", "--config", student_config, "--dataroot", str(dataroot),
+                                          "--out", str(backbone.parent), "--device", device,
+                                          *[arg for item in (*PRETRAIN_AUGMENTATION, *overrides)
+                                            for arg in ("--set", item)]],
+                    backbone)
+    if pretrain_backbone:  # before the user's --set, which win
+        sets = ["--set", f"model.backbone.pretrained={backbone}", *sets]
 
     def teacher_steps(label: str, config: str, run: Path, store: Path, distilled: Path,
                       layers: str = "backbone0,backbone1,backbone2,neck") -> list[Step]:  # B0: layer ablation
@@ -105,9 +128,14 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
                     ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
                      str(students["baseline"]), "--baseline", "--device", device, *sets],
                     students["baseline"] / "eval" / "metrics_summary.json")
-    steps = [Step("make-synthetic", synth, dataroot / "synthetic_summary.json"), train, extract, baseline, distill]
+    steps = [Step("make-synthetic", synth, dataroot / "synthetic_summary.json")]
+    if pretrain_backbone:
+        steps.append(pretrain)
+    steps += [train, extract, baseline, distill]
     paths = {"dataroot": str(dataroot), "teacher_checkpoint": str(teacher_run / "latest.pth"),
              "cache": str(cache), "students": {k: str(v) for k, v in students.items()}}
+    if pretrain_backbone:
+        paths["backbone"] = str(backbone)
     if "mvp" in teachers:
         from ..pipeline.mvp.run import SUMMARY_NAME
 
@@ -201,12 +229,15 @@ def bar_chart(rows: list[dict], path: Path) -> None:
                    "threads; 1 trains them one after the other in this process.")
 @click.option("--teachers", "teacher_names", default="centerpoint", show_default=True,
               help="centerpoint, or centerpoint,mvp to add the LiDAR-camera MVP teacher and its student.")
+@click.option("--pretrain-backbone", is_flag=True,
+              help="Pretrain the students' image backbone on the train split's images first (`pretrain-backbone`, "
+                   "OUT/backbone; its schedule from --set pretrain.*) and start both students from it.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override the teacher config (both teachers).")
 def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-            device: str, world: str, jobs: int, teacher_names: str, overrides: tuple[str, ...],
-            teacher_overrides: tuple[str, ...]) -> None:
+            device: str, world: str, jobs: int, teacher_names: str, pretrain_backbone: bool,
+            overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
     of the two students (figures/: training curves, attention maps, qualitative boxes)."""
@@ -218,7 +249,7 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
         check_masks(out / "data")
     out.mkdir(parents=True, exist_ok=True)
     steps, paths = plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides, world,
-                        teachers)
+                        teachers, pretrain_backbone)
     summary_path = out / "demo_summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     commands = {tuple(["distillbev", *s.argv]) for s in steps}

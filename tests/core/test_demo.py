@@ -168,3 +168,40 @@ def test_demo_bevformer_adds_the_decoder_teacher_its_cache_and_the_bevformer_row
     rows = [(r["teacher"], r["student"]) for r in json.loads((demo_dir / "results.json").read_text())]
     assert (None, "CenterPoint+DETR") in rows and ("CenterPoint+DETR", "BEVFormer") in rows
     assert (None, "BEVFormer") in rows and ("CenterPoint", "BEVDet") in rows  # the main job's rows stay
+
+
+def test_demo_pretrain_backbone_adds_the_step_and_both_students_start_from_it(demo_dir, tmp_path):
+    """`--pretrain-backbone`: a pretrain-backbone step after make-synthetic, on flipped and rescaled images, whose
+    backbone.pth both students load; the dataroot, teacher and cache of a main job are reused."""
+    import shutil
+
+    import torch
+    import yaml
+
+    out = tmp_path / "pretrained"
+    for folder in ("data", "teacher", "cache"):
+        shutil.copytree(demo_dir / folder, out / folder, symlinks=True)
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--pretrain-backbone", *TINY,
+                                      "--set", "pretrain.epochs=1", "--set", "pretrain.num_workers=0"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 3  # make-synthetic, train-teacher, extract-teacher
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert [step["name"] for step in summary["steps"]][:2] == ["make-synthetic", "pretrain-backbone"]
+    backbone = out / "backbone" / "backbone.pth"
+    assert summary["paths"]["backbone"] == str(backbone)
+    pretrain_config = yaml.safe_load((out / "backbone" / "config.yaml").read_text())
+    assert pretrain_config["data"]["image_flip"] is True and pretrain_config["data"]["resize_lim"] == [-0.06, 0.11]
+    assert pretrain_config["pretrain"]["epochs"] == 1
+    weights = torch.load(backbone, weights_only=True)
+    for mode in ("baseline", "distilled"):
+        run = out / "students" / f"bevdet_{mode}"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["model"]["backbone"]["pretrained"] == str(backbone)
+        assert config["data"]["image_flip"] is False  # the students' own augmentation is untouched
+        assert (run / "eval" / "metrics_summary.json").is_file()
+        # two steps in warm-up (lr <= 1e-3 x 0.04) leave the pretrained first conv nearly where it was; a random
+        # init would differ by its whole size
+        state = torch.load(run / "latest.pth", weights_only=False, map_location="cpu")["state_dict"]
+        moved = (state["backbone.conv1.weight"] - weights["conv1.weight"]).abs().max()
+        assert moved < 0.01 * weights["conv1.weight"].abs().max(), moved
