@@ -23,8 +23,8 @@ every finished step of a main job already in OUT, so it extends one whose dataro
 stand-in for the ImageNet / FCOS3D weights the paper's students start from) and starts both students from it. On
 world 2 the camera students need it with a larger dataroot and schedule than the default (docs/synthetic.md):
 
-    distillbev demo --world 2 --scenes 150 --pretrain-backbone --set pretrain.epochs=10 --set train.epochs=6 \
-        --set "train.lr_steps=[5]" --out runs/world2
+    distillbev demo --world 2 --scenes 150 --views 1 --pretrain-backbone --set pretrain.epochs=10 \
+        --set train.epochs=6 --set "train.lr_steps=[5]" --out runs/world2
 """
 
 from __future__ import annotations
@@ -85,13 +85,13 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     # per-epoch evaluation and attention snapshots feed the figures; the user's --set come after them and win
     sets = [arg for item in (*FIGURE_SETTINGS, *overrides) for arg in ("--set", item)]
     teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
-    backbone = out / "backbone" / "backbone.pth"
-    pretrain = Step("pretrain-backbone", ["pretrain-backbone", "--config", student_config, "--dataroot", str(dataroot),
-                                          "--out", str(backbone.parent), "--device", device,
-                                          *[arg for item in (*PRETRAIN_AUGMENTATION, *overrides)
-                                            for arg in ("--set", item)]],
-                    backbone)
-    if pretrain_backbone:  # before the user's --set, which win
+    pretrain, backbone = [], out / "backbone" / "backbone.pth"
+    if pretrain_backbone:  # the students start from it (set before the user's --set, which win)
+        pretrain = [Step("pretrain-backbone",
+                         ["pretrain-backbone", "--config", student_config, "--dataroot", str(dataroot), "--out",
+                          str(backbone.parent), "--device", device,
+                          *[arg for item in (*PRETRAIN_AUGMENTATION, *overrides) for arg in ("--set", item)]],
+                         backbone)]
         sets = ["--set", f"model.backbone.pretrained={backbone}", *sets]
 
     def teacher_steps(label: str, config: str, run: Path, store: Path, distilled: Path,
@@ -128,13 +128,11 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
                     ["train-student", "--config", student_config, "--dataroot", str(dataroot), "--out",
                      str(students["baseline"]), "--baseline", "--device", device, *sets],
                     students["baseline"] / "eval" / "metrics_summary.json")
-    steps = [Step("make-synthetic", synth, dataroot / "synthetic_summary.json")]
-    if pretrain_backbone:
-        steps.append(pretrain)
-    steps += [train, extract, baseline, distill]
+    steps = [Step("make-synthetic", synth, dataroot / "synthetic_summary.json"), *pretrain, train, extract, baseline,
+             distill]
     paths = {"dataroot": str(dataroot), "teacher_checkpoint": str(teacher_run / "latest.pth"),
              "cache": str(cache), "students": {k: str(v) for k, v in students.items()}}
-    if pretrain_backbone:
+    if pretrain:
         paths["backbone"] = str(backbone)
     if "mvp" in teachers:
         from ..pipeline.mvp.run import SUMMARY_NAME
