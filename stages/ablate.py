@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .demo import STUDENTS, plan, student_label
+from .demo import STUDENTS, plan, set_args, student_label
 from .jobs import Step, run_parallel, run_steps
 
 # Layer pairs as config literals (student feature, teacher feature, adapter, FP region).
@@ -142,12 +142,12 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
             run_dir = out / "ablations" / f"{student}_{name}{suffix}"
             seed_sets = [] if seed == 0 else ["--set", f"train.seed={seed}"]
             argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out",
-                    str(run_dir), "--device", device, *[a for item in overrides for a in ("--set", item)], *seed_sets]
+                    str(run_dir), "--device", device, *set_args(overrides), *seed_sets]
             if row_overrides is None:
                 argv.append("--baseline")
             else:
                 argv += ["--cache", paths["cache"], "--teacher-checkpoint", paths["teacher_checkpoint"],
-                         *[a for item in row_overrides for a in ("--set", item)]]
+                         *set_args(row_overrides)]
             ablation_steps[(name, seed)] = Step(f"ablation {name}{suffix}", argv,
                                                 run_dir / "eval" / "metrics_summary.json")
     run_parallel(list(ablation_steps.values()), jobs, seconds)

@@ -53,6 +53,11 @@ TEACHER_RUNS = (("CenterPoint", "L", "teacher"), ("CenterPoint+DETR", "L", "teac
 PRETRAIN_AUGMENTATION = ("data.image_flip=true", "data.resize_lim=[-0.06,0.11]")
 
 
+def set_args(items) -> list[str]:
+    """KEY=VALUE overrides as the argv of a `distillbev` command: ["--set", item, ...]."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def teacher_label(teacher: str | None, student: str) -> str | None:
     """The table's name of the teacher a `student` row was distilled from (None: the baseline)."""
     if teacher is None:
@@ -83,14 +88,13 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
     if samples_per_scene is not None:
         synth += ["--samples-per-scene", str(samples_per_scene)]
     # per-epoch evaluation and attention snapshots feed the figures; the user's --set come after them and win
-    sets = [arg for item in (*FIGURE_SETTINGS, *overrides) for arg in ("--set", item)]
-    teacher_sets = [arg for item in teacher_overrides for arg in ("--set", item)]
+    sets = set_args((*FIGURE_SETTINGS, *overrides))
+    teacher_sets = set_args(teacher_overrides)
     pretrain, backbone = [], out / "backbone" / "backbone.pth"
     if pretrain_backbone:  # the students start from it (set before the user's --set, which win)
         pretrain = [Step("pretrain-backbone",
                          ["pretrain-backbone", "--config", student_config, "--dataroot", str(dataroot), "--out",
-                          str(backbone.parent), "--device", device,
-                          *[arg for item in (*PRETRAIN_AUGMENTATION, *overrides) for arg in ("--set", item)]],
+                          str(backbone.parent), "--device", device, *set_args((*PRETRAIN_AUGMENTATION, *overrides))],
                          backbone)]
         sets = ["--set", f"model.backbone.pretrained={backbone}", *sets]
 
