@@ -60,11 +60,30 @@ BEVFORMER_COMPONENT_ROWS = [
 ]
 
 
-def ablation_rows(student: str) -> tuple[list[tuple], list[tuple]]:
-    """(component rows, layer rows) of a student: the BEVFormer recipe has one pair and no FP region."""
-    if student == "bevformer":
-        return BEVFORMER_COMPONENT_ROWS, []
-    return COMPONENT_ROWS, LAYER_ROWS
+def ablation_rows(student: str, names: tuple[str, ...] | None = None) -> tuple[list[tuple], list[tuple]]:
+    """(component rows, layer rows) of a student: the BEVFormer recipe has one pair and no FP region. With `names`
+    (--rows) only those rows; a table left with nothing but its baseline row is dropped."""
+    components, layers = (BEVFORMER_COMPONENT_ROWS, []) if student == "bevformer" else (COMPONENT_ROWS, LAYER_ROWS)
+    if names is None:
+        return components, layers
+    known = list(dict.fromkeys(row[0] for row in components + layers))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown row(s) {', '.join(map(repr, unknown))} for the {student} student; "
+                                 f"expected a comma-separated list of: {', '.join(known)}", param_hint="--rows")
+    components = [row for row in components if row[0] in names]
+    layers = [row for row in layers if row[0] in names]
+    return components, layers if any(row[1] is not None for row in layers) else []
+
+
+def parse_rows(value: str | None) -> tuple[str, ...] | None:
+    """--rows "baseline,plain imitation,+FG/BG,+FP" -> the row names (None: every row)."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise click.BadParameter("expected at least one row name", param_hint="--rows")
+    return names
 
 
 def run_name(overrides: list[str] | None) -> str:
@@ -113,20 +132,24 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]
               help="Student runs trained at once, each as its own process with cores/jobs threads.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train every row this many times (train.seed 0..N-1) and report mean ± sd.")
+@click.option("--rows", "rows", default=None, metavar="NAMES",
+              help="Only these rows, comma-separated, e.g. \"baseline,plain imitation,+FG/BG,+FP\" "
+                   "(default: every row of both tables).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override every student run's config.")
-def command(out: Path, student: str, views: int, device: str, world: str, jobs: int, seeds: int,
+def command(out: Path, student: str, views: int, device: str, world: str, jobs: int, seeds: int, rows: str | None,
             overrides: tuple[str, ...]) -> None:
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
     paper's numbers."""
     from ..pipeline.eval import summary_metrics
 
+    row_names = parse_rows(rows)
+    component_rows, layer_rows = ablation_rows(student, row_names)  # before any work: a typo fails at once
     out.mkdir(parents=True, exist_ok=True)
     steps, paths = plan(out, student, views, None, None, device, overrides, world=int(world))
     seconds: dict[str, float] = {}
     run_steps(steps[:3], seconds)  # dataroot, teacher, cache (point --out at a demo made with the same --set)
     student_config = steps[3].argv[steps[3].argv.index("--config") + 1]
-    component_rows, layer_rows = ablation_rows(student)
     runs: dict[str, list[str] | None] = {}
     for _, row_overrides, _, _ in component_rows + layer_rows:
         runs[run_name(row_overrides)] = row_overrides
@@ -158,10 +181,12 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
         f"Ablations of {label} distilled from the CenterPoint-pillar teacher"
         + (" with a DETR decoder (its decoder inherited in every distilled row)" if student == "bevformer" else "")
         + " on the synthetic dataset "
-        f"(`distillbev ablate --out {out} --student {student} --seeds {seeds}`); "
+        f"(`distillbev ablate --out {out} --student {student}" + (f" --world {world}" if world != "1" else "")
+        + f" --seeds {seeds}"
+        + (f" --rows \"{','.join(row_names)}\"" if row_names else "") + "`); "
         + (f"each of our cells is the mean ± sample sd of {seeds} runs (train.seed 0..{seeds - 1}); " if seeds > 1
            else "each of our rows is one run; ") + "paper numbers: BEVDet4D-R50 on nuScenes val.",
-        ablation_table("Components", component_rows, results),
+        *([ablation_table("Components", component_rows, results)] if component_rows else []),
         *([ablation_table("Layers", layer_rows, results)] if layer_rows else []),
     ])
     (out / "ablations.md").write_text(text + "\n")

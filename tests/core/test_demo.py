@@ -96,6 +96,39 @@ def test_ablate_seeds_repeats_every_row_and_reports_mean_and_sd(demo_dir):
     assert " ± " in (demo_dir / "ablations.md").read_text()
 
 
+def test_ablate_rows_trains_and_reports_only_the_named_rows(demo_dir):
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--views", "2", "--jobs", "2",
+                                      "--rows", "baseline, plain imitation,+FP",
+                                      "--set", "train.epochs=1", "--set", "train.num_workers=0"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((demo_dir / "ablations.json").read_text())
+    assert [r["row"] for r in report["components"]] == ["baseline", "plain imitation", "+FP"]
+    assert report["layers"] == []  # the layer table would hold its baseline row alone
+    text = (demo_dir / "ablations.md").read_text()
+    assert "### Components" in text and "### Layers" not in text and "+FG/BG" not in text
+    assert '--rows "baseline,plain imitation,+FP"' in text
+
+
+def test_ablation_rows_selects_by_name_and_names_the_valid_rows_on_a_typo():
+    import click
+
+    from distillbev.stages.ablate import ablation_rows, parse_rows
+
+    components, layers = ablation_rows("bevdet", parse_rows("H,+FG/BG"))
+    assert [row[0] for row in components] == ["+FG/BG"] and [row[0] for row in layers] == ["H"]
+    components, layers = ablation_rows("bevdet", parse_rows("baseline"))
+    assert [row[0] for row in components] == ["baseline"] and layers == []
+    assert ablation_rows("bevdet", None) == ablation_rows("bevdet")
+    with pytest.raises(click.BadParameter, match="unknown row.*'[+]FG'.*expected a comma-separated list of: baseline, "
+                                                  "plain imitation, [+]FG/BG"):
+        ablation_rows("bevdet", parse_rows("+FG,+FP"))
+    with pytest.raises(click.BadParameter, match="'B2 [+] H' for the bevformer student"):
+        ablation_rows("bevformer", parse_rows("B2 + H"))
+    with pytest.raises(click.BadParameter, match="at least one row"):
+        parse_rows(" , ")
+
+
 def test_mean_and_sd_by_hand():
     from distillbev.stages.ablate import mean_and_sd
 
