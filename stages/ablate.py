@@ -135,9 +135,12 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]
 @click.option("--rows", "rows", default=None, metavar="NAMES",
               help="Only these rows, comma-separated, e.g. \"baseline,plain imitation,+FG/BG,+FP\" "
                    "(default: every row of both tables).")
+@click.option("--pretrain-backbone", is_flag=True,
+              help="Start every row from the demo's pretrained image backbone (OUT/backbone, made first if missing: "
+                   "`demo --pretrain-backbone`).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override every student run's config.")
 def command(out: Path, student: str, views: int, device: str, world: str, jobs: int, seeds: int, rows: str | None,
-            overrides: tuple[str, ...]) -> None:
+            pretrain_backbone: bool, overrides: tuple[str, ...]) -> None:
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
     paper's numbers."""
@@ -146,15 +149,18 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
     row_names = parse_rows(rows)
     component_rows, layer_rows = ablation_rows(student, row_names)  # before any work: a typo fails at once
     out.mkdir(parents=True, exist_ok=True)
-    steps, paths = plan(out, student, views, None, None, device, overrides, world=int(world))
+    steps, paths = plan(out, student, views, None, None, device, overrides, world=int(world),
+                        pretrain_backbone=pretrain_backbone)
+    *inputs, baseline_step, distilled_step = steps  # dataroot, [backbone,] teacher, cache; the demo's two students
     seconds: dict[str, float] = {}
-    run_steps(steps[:3], seconds)  # dataroot, teacher, cache (point --out at a demo made with the same --set)
-    student_config = steps[3].argv[steps[3].argv.index("--config") + 1]
+    run_steps(inputs, seconds)  # point --out at a demo made with the same --set
+    student_config = baseline_step.argv[baseline_step.argv.index("--config") + 1]
+    pretrained = ("model.backbone.pretrained=" + paths["backbone"],) if pretrain_backbone else ()
     runs: dict[str, list[str] | None] = {}
     for _, row_overrides, _, _ in component_rows + layer_rows:
         runs[run_name(row_overrides)] = row_overrides
     # seed 0 of the baseline and of the full method are the demo's own two student runs (same command and config)
-    demo_runs = {("baseline", 0): steps[3], (run_name([]), 0): steps[4]}
+    demo_runs = {("baseline", 0): baseline_step, (run_name([]), 0): distilled_step}
     ablation_steps: dict[tuple[str, int], Step] = {}
     for seed in range(seeds):
         for name, row_overrides in runs.items():
@@ -165,7 +171,7 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
             run_dir = out / "ablations" / f"{student}_{name}{suffix}"
             seed_sets = [] if seed == 0 else ["--set", f"train.seed={seed}"]
             argv = ["train-student", "--config", student_config, "--dataroot", paths["dataroot"], "--out",
-                    str(run_dir), "--device", device, *set_args(overrides), *seed_sets]
+                    str(run_dir), "--device", device, *set_args((*pretrained, *overrides)), *seed_sets]
             if row_overrides is None:
                 argv.append("--baseline")
             else:
@@ -182,7 +188,7 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
         + (" with a DETR decoder (its decoder inherited in every distilled row)" if student == "bevformer" else "")
         + " on the synthetic dataset "
         f"(`distillbev ablate --out {out} --student {student}" + (f" --world {world}" if world != "1" else "")
-        + f" --seeds {seeds}"
+        + (" --pretrain-backbone" if pretrain_backbone else "") + f" --seeds {seeds}"
         + (f" --rows \"{','.join(row_names)}\"" if row_names else "") + "`); "
         + (f"each of our cells is the mean ± sample sd of {seeds} runs (train.seed 0..{seeds - 1}); " if seeds > 1
            else "each of our rows is one run; ") + "paper numbers: BEVDet4D-R50 on nuScenes val.",

@@ -205,11 +205,14 @@ def test_demo_bevformer_adds_the_decoder_teacher_its_cache_and_the_bevformer_row
 
 def test_demo_pretrain_backbone_adds_the_step_and_both_students_start_from_it(demo_dir, tmp_path):
     """`--pretrain-backbone`: a pretrain-backbone step after make-synthetic, on flipped and rescaled images, whose
-    backbone.pth both students load; the dataroot, teacher and cache of a main job are reused."""
+    backbone.pth both students load; the dataroot, teacher and cache of a main job are reused, and so is the
+    backbone by `ablate --pretrain-backbone`, whose rows start from it too."""
     import shutil
 
     import torch
     import yaml
+
+    from distillbev.stages.ablate import run_name
 
     out = tmp_path / "pretrained"
     for folder in ("data", "teacher", "cache"):
@@ -238,3 +241,17 @@ def test_demo_pretrain_backbone_adds_the_step_and_both_students_start_from_it(de
         state = torch.load(run / "latest.pth", weights_only=False, map_location="cpu")["state_dict"]
         moved = (state["backbone.conv1.weight"] - weights["conv1.weight"]).abs().max()
         assert moved < 0.01 * weights["conv1.weight"].abs().max(), moved
+
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(out), "--pretrain-backbone", "--views", "2", "--rows",
+                                      "+FG/BG", "--set", "train.epochs=1", "--set", "train.num_workers=0",
+                                      "--set", "pretrain.epochs=1", "--set", "pretrain.num_workers=0"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 4 and "pretrain-backbone: done already" in result.output
+    (row,) = json.loads((out / "ablations.json").read_text())["components"]
+    assert row["row"] == "+FG/BG" and len(row["runs"]) == 1
+    run = out / "ablations" / f"bevdet_{run_name(row['overrides'])}"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["backbone"]["pretrained"] == str(backbone)
+    assert config["distill"]["attention"] is False and config["distill"]["region_decomposition"] is True
+    assert "--pretrain-backbone --seeds 1" in (out / "ablations.md").read_text()
