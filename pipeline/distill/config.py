@@ -31,8 +31,8 @@ class StudentTrainConfig:
     num_workers: int = 2  # DataLoader worker processes
     checkpoint_every: int = 1  # epochs between checkpoints
     cbgs: bool = False  # class-balanced grouping and sampling of the train split (as every BEVDet-family recipe)
-    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the student's training forward (the DistillBEV
-    # loss and its adapters stay float32); pipeline/precision.py
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the student's training forward and of the
+    # DistillBEV adapters (the loss's differences and sums stay float32); pipeline/precision.py
     channels_last: bool = False  # NHWC convolutions (faster with oneDNN / cuDNN); evaluation is unaffected
     # Progress during training (the inputs of `distillbev figures`); neither changes what the student learns.
     eval_every: int = 0  # N > 0: evaluate the val split after every N-th epoch too (eval/epoch_XXX/); 0: at the end

@@ -42,7 +42,8 @@ class DistillationSetup:
     distill_loss: DistillBEVLoss | None
     teacher: torch.nn.Module | None  # only for `online` targets
     layers: list[tuple[str, str]]  # (student feature, teacher feature) pairs
-    precision: Precision = "fp32"  # autocast dtype of the student's forward; its outputs reach the losses in float32
+    precision: Precision = "fp32"  # autocast dtype of the student's forward (and of the distillation adapters); its
+    # outputs reach the losses in float32
 
 
 def teacher_targets_online(teacher: torch.nn.Module, batch, layers: list[str]) -> TargetsBatch:
@@ -66,6 +67,7 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
     student = setup.student
     with autocast(next(student.parameters()).device, setup.precision):
         outputs = student(batch)
+    features = outputs.features  # in the forward's arithmetic, which the distillation adapters share
     if setup.precision != "fp32":
         outputs = outputs.float()
     losses = dict(student.detection_loss(outputs, batch))
@@ -83,7 +85,7 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
             gt_max = false_positive_gt_heatmap(batch.gt_boxes, batch.gt_labels, student.config.head, head_grid)
             gt_max = gt_max.to(targets.heatmap.device)
         losses.update(setup.distill_loss(
-            student_features=outputs.features, teacher_features=targets.features, gt_boxes=batch.gt_boxes,
+            student_features=features, teacher_features=targets.features, gt_boxes=batch.gt_boxes,
             teacher_heatmap=targets.heatmap, gt_heatmap_max=gt_max, teacher_attention=targets.attention,
             precomputed=precomputed))
     return losses

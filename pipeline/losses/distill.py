@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..precision import Precision, autocast
 from .adapters import SpatialPoolConv, build_adapter, upsample_factor
 from .attention import blend_spatial_attention, channel_attention, spatial_attention
 from .config import DistillConfig, LayerPairConfig
@@ -314,13 +315,16 @@ class DistillBEVLoss(nn.Module):
 
     student_channels / teacher_channels: channels per feature name; student_shapes / teacher_shapes: (Y, X) per
     feature name; bev_extent: (x_min, x_max, y_min, y_max) in metres, shared by every map.
+    precision: the autocast arithmetic of the adapters, the student's own (`train.precision`): they are student-side
+    layers trained with it. Their outputs, and everything after them (differences, sums, attention), are float32.
     """
 
     def __init__(self, config: DistillConfig, student_channels: dict[str, int], teacher_channels: dict[str, int],
                  student_shapes: dict[str, tuple[int, int]], teacher_shapes: dict[str, tuple[int, int]],
-                 bev_extent: tuple[float, float, float, float]) -> None:
+                 bev_extent: tuple[float, float, float, float], precision: Precision = "fp32") -> None:
         super().__init__()
         self.config = config
+        self.precision = precision
         self.bev_extent = tuple(float(v) for v in bev_extent)
         self.pairs = list(config.layers)
         self.layers = nn.ModuleDict()
@@ -374,7 +378,9 @@ class DistillBEVLoss(nn.Module):
             if len(gt_boxes) != teacher.shape[0] or student.shape[0] != teacher.shape[0]:
                 raise ValueError(f"distill layer {pair.name!r}: batch sizes differ: student {student.shape[0]}, "
                                  f"teacher {teacher.shape[0]}, gt_boxes {len(gt_boxes)}")
-            adapted = layer.adapt(student).float()
+            with autocast(student.device, self.precision):  # a bf16 student feature meets fp32 adapters as float32
+                adapted = layer.adapt(student.float() if self.precision == "fp32" else student)
+            adapted = adapted.float()  # (B, C_t, Y_t, X_t)
             grid = tuple(teacher.shape[-2:])
             given = None if precomputed is None else precomputed.layers.get(pair.name)
             if given is not None:

@@ -76,3 +76,34 @@ def test_every_term_uses_the_adapted_student():
     # the same sums with the attention taken from the raw student differ: this case tells the two apart
     raw = expected_terms(adapted, teacher, attention_from=student)
     assert abs(raw["kd_neck_bg"] - expected["kd_neck_bg"]) > 1e-3 * expected["kd_neck_bg"]
+
+
+def test_bf16_adapters_run_in_the_students_arithmetic_and_the_sums_in_float32():
+    """precision "bf16": the adapter convolves in bfloat16 (as the student's own layers do under autocast), then
+    S' is float32 for every difference and sum; W, b and the inputs here are exact in bf16, so S' is W S + b rounded
+    once to bf16. With "fp32" a bf16 student feature is converted, not refused."""
+    loss, weight, bias = make_loss()
+    student, teacher, boxes, heatmap, gt_heatmap = inputs()
+    student = student.to(torch.bfloat16)
+    seen = []
+    loss.layers["neck"].adapter.conv.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype,
+                                                                                                 out.dtype)))
+    loss.precision = "bf16"
+    terms = loss({"neck": student.detach().requires_grad_()}, {"neck": teacher}, boxes, heatmap, gt_heatmap)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert all(value.dtype == torch.float32 for value in terms.values())
+    adapted = (torch.einsum("ts,bsyx->btyx", weight, student.float()) + bias[None, :, None, None]).to(torch.bfloat16)
+    expected = expected_terms(adapted.float(), teacher, attention_from=adapted.float())
+    values = {key: float(value.detach()) for key, value in terms.items()}
+    for key, value in expected.items():
+        assert abs(values[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, values[key], value)
+    sum(terms.values()).backward()
+    grad = loss.layers["neck"].adapter.conv.weight.grad
+    assert grad.dtype == torch.float32 and float(grad.abs().sum()) > 0  # the adapters' weights stay float32
+
+    seen.clear()
+    loss.precision = "fp32"
+    terms = loss({"neck": student}, {"neck": teacher}, boxes, heatmap, gt_heatmap)
+    assert seen == [(torch.float32, torch.float32)]
+    float_terms = loss({"neck": student.float()}, {"neck": teacher}, boxes, heatmap, gt_heatmap)
+    assert {k: float(v.detach()) for k, v in terms.items()} == {k: float(v.detach()) for k, v in float_terms.items()}
