@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, trained_teacher  # noqa: E402
+from distillbev.cache_schemas import v2  # noqa: E402
 from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention  # noqa: E402
 from distillbev.pipeline.cache.quantize import dequantize_per_channel, quantize_per_channel  # noqa: E402
 
@@ -115,7 +116,7 @@ def fp16_codec(kind: str, keep: int = 10, level: int = 3) -> Codec:
 
 def int8_codec(kind: str, error: float = 0.0, level: int = 3) -> Codec:
     """Per-channel int8 (`quantize.py`) with its scale and offset chunks, as the int8 store keeps them."""
-    compressor, plain = _compressor(kind, level), _compressor("zstd")
+    compressor, plain = _compressor(kind, level), _compressor("zstd", level if kind == "zstd" else v2.ZSTD_LEVEL)
 
     def encode(x: np.ndarray) -> Encoded:
         q, scale, offset = quantize_per_channel(x, error)
@@ -159,6 +160,7 @@ def candidates() -> list[Codec]:
     for error in (0.02, 0.03, 0.04, 0.05):
         out.append(int8_codec("zstd", error))
     out += [int8_codec("blosc-bitshuffle", 0.03), int8_codec("zstd", 0.03, level=9), sparse_codec()]
+    out += [fp16_codec("zstd", level=1), int8_codec("zstd", 0.03, level=1), int8_codec("zstd", 0.03, level=2)]
     return out
 
 
@@ -270,8 +272,9 @@ def measure(codec: Codec, views: list[SampleView], repeats: int) -> Row:
 
 def other_arrays_bytes(views: list[SampleView]) -> float:
     """Mean stored bytes per sample-view of the arrays every codec keeps as they are: the fp16 heatmap, float32
-    attention per layer and the bool occupancy, each bytes -> zstd 3 -> crc32c as the store writes them."""
-    compressor = _compressor("zstd")
+    attention per layer and the bool occupancy, each bytes -> zstd -> crc32c as the store writes them (at the
+    store's level, `v2.ZSTD_LEVEL`)."""
+    compressor = _compressor("zstd", v2.ZSTD_LEVEL)
     sizes = []
     for view in views:
         arrays = [view.heatmap.astype(np.float16), view.occupancy.astype(bool)]

@@ -246,7 +246,7 @@ def profile_read(path: Path, sample_index: int, repeats: int = 7) -> dict[str, f
 
 def print_profile(dtype: str, steps: dict[str, float]) -> None:
     codecs = steps["io"] + steps["crc32c"] + steps["zstd"]
-    print(f"| {dtype}+zstd3 | {steps['reader_sequential']:.1f} | {steps['reader_concurrent']:.1f} "
+    print(f"| {dtype}+zstd{v2.ZSTD_LEVEL} | {steps['reader_sequential']:.1f} | {steps['reader_concurrent']:.1f} "
           f"| {steps['zarr_arrays']:.1f} | {steps['io']:.1f} | {steps['crc32c']:.1f} | {steps['zstd']:.1f} "
           f"| {steps['zarr_arrays'] - codecs:.1f} | {int(steps['arrays'])} x {steps['per_array_latency']:.2f} "
           f"| {steps['to_float32']:.1f} | {steps['to_float32_torch1']:.1f} | {steps['reader_torch1']:.1f} |")
@@ -265,8 +265,8 @@ def full_shape_benchmark(args: argparse.Namespace, folder: Path) -> None:
     profiles = {}
     for dtype in ("fp16", "int8"):
         r = run(dtype, records, folder, args.int8_error)
-        print(f"| {label(dtype, args)}+zstd3 | {r['write_ms']:.0f} | {r['read_ms']:.0f} | {r['read_cpu_ms']:.0f} "
-              f"| {r['read_seq_ms']:.0f} "
+        print(f"| {label(dtype, args)}+zstd{v2.ZSTD_LEVEL} | {r['write_ms']:.0f} | {r['read_ms']:.0f} "
+              f"| {r['read_cpu_ms']:.0f} | {r['read_seq_ms']:.0f} "
               f"| {r['bytes_per_view'] / 1e6:.2f} | {r['feature_bytes'] / 1e6:.2f} | {r['ratio']:.2f}x "
               f"| {r['cosine']:.6f} | {r['max_abs']:.2e} | {r['max_rel']:.2e} |")
         profiles[dtype] = profile_read(folder / f"bench_{dtype}.zarr", 0)

@@ -14,6 +14,9 @@ zarr's standard blosc codec reads the same way). Any other chain is named as uns
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,6 +153,23 @@ def encode_chunk(array: Any, values: np.ndarray) -> bytes:
         if type(codec).__name__ != "Crc32cCodec":
             payload = bytes(_compressor(codec).encode(payload))
     return payload + np.uint32(google_crc32c.value(payload)).tobytes()
+
+
+def write_local_chunk(path: Path, raw: bytes, fsync: bool) -> None:
+    """Write one encoded chunk file as zarr's LocalStore does (a `.partial` file renamed into place, so a reader
+    sees the old chunk or the new one), fsync'ed before the rename when asked: one open per chunk, no event loop."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(raw)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def put_chunks(store: Any, chunks: dict[str, bytes]) -> None:

@@ -19,6 +19,7 @@ as an uninterrupted run (given a deterministic teacher: same device, same thread
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -106,13 +107,15 @@ def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: lis
     for b, (sample_index, view) in enumerate(tasks):
         for name in [layer.name for layer in layers] + [v2.HEATMAP]:
             values = maps[name][b]
-            if not bool(torch.isfinite(values).all()):
+            # one pass, no temporary: a NaN makes both extremes NaN, an infinity shows in one of them
+            low, high = (float(v) for v in torch.aminmax(values.detach()))
+            if not (math.isfinite(low) and math.isfinite(high)):
                 count = int((~torch.isfinite(values)).sum())
                 raise CacheError(f"teacher output {name!r} of sample {tokens[b]} (index {sample_index}, view {view}) "
                                  f"has {count} NaN/Inf values; check the teacher checkpoint and that sample's points")
-            if fp16 and name != v2.HEATMAP and float(values.abs().max()) > FLOAT16_MAX:
+            if fp16 and name != v2.HEATMAP and max(-low, high) > FLOAT16_MAX:
                 raise CacheError(f"teacher output {name!r} of sample {tokens[b]} (view {view}) exceeds the float16 "
-                                 f"range ({float(values.abs().max()):.3g}); extract with --dtype int8")
+                                 f"range ({max(-low, high):.3g}); extract with --dtype int8")
     records = []
     for b, (sample_index, view) in enumerate(tasks):
         records.append(SampleViewRecord(

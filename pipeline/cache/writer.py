@@ -2,10 +2,10 @@
 
 `prepare_store` creates a store (marker first, manifest last) or reopens one to resume; `SampleViewWriter`
 writes one sample-view's chunks, fsyncs them and only then sets its done marker; `finalize_store` checks the
-whole store, fsyncs the markers and sets status "complete". zarr's LocalStore writes a chunk to a temporary
-`.partial` file and renames it, so a killed writer leaves the old chunk, the new chunk or a stray `.partial`
-file (removed on resume), never a torn chunk; and since a done marker is trusted only after its chunks pass
-their checks (`checks.py`), not even a lost or truncated file can make a sample-view count as done.
+whole store, fsyncs the markers and sets status "complete". A chunk file is written as zarr's LocalStore writes
+one, to a temporary `.partial` file renamed into place, so a killed writer leaves the old chunk, the new chunk or a
+stray `.partial` file (removed on resume), never a torn chunk; and since a done marker is trusted only after its
+chunks pass their checks (`checks.py`), not even a lost or truncated file can make a sample-view count as done.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .chunks import chunk_coords, chunk_key, encode_chunk, put_chunks
+from .chunks import chunk_coords, chunk_key, encode_chunk, put_chunks, write_local_chunk
 from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
 from .quantize import quantize_per_channel
 from .location import StoreLocation
@@ -353,14 +353,20 @@ class SampleViewWriter:
         chunks[v2.HEATMAP] = record.heatmap.astype(np.float16)
         chunks[v2.OCCUPANCY] = record.occupancy.astype(bool)
         # encoded here, in this (writer) thread, with the arrays' own codec chains: the same bytes zarr writes,
-        # without a round trip through zarr's event loop per array; then one concurrent put for all of them
+        # without a round trip through zarr's event loop per array
         encoded = {chunk_key(self.arrays[name], chunk_coords(self.arrays[name], s, v)):
                    encode_chunk(self.arrays[name], values[None, None]) for name, values in chunks.items()}
+        done = self.arrays[v2.DONE]
+        marker = {chunk_key(done, chunk_coords(done, s, v)): encode_chunk(done, np.ones((1, 1), dtype=done.dtype))}
         try:
-            put_chunks(self.arrays[v2.DONE].store, encoded)
-            for name in chunks:
-                _fsync_chunks(self.path, self.arrays[name], [(s, v)])
-            self.arrays[v2.DONE][s, v] = 1
+            if self.path.is_local:  # each file written, fsync'ed and renamed into place; then the marker
+                for key, raw in encoded.items():
+                    write_local_chunk(self.path.path / key, raw, fsync=True)
+                for key, raw in marker.items():  # made durable with the others by finalize_store
+                    write_local_chunk(self.path.path / key, raw, fsync=False)
+            else:  # an object store: one concurrent put of the chunks (a PUT is durable), then the marker's
+                put_chunks(done.store, encoded)
+                put_chunks(done.store, marker)
         except OSError as exc:
             raise storage_error(self.path, exc) from exc
 

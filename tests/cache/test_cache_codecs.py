@@ -7,6 +7,9 @@ read, verify and repair as before.
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 from cache_fakes import FakeTeacher, chunk_files, load_points, make_manifest, run_extract
@@ -94,7 +97,7 @@ def test_writer_chunks_equal_zarrs_own_writes(tmp_path, teacher):
     run_extract(tmp_path / "c.zarr", manifest)
     group = TeacherCache.open(tmp_path / "c.zarr").path.open_group(mode="r+")
     for name in [v2.feature_array("neck"), v2.feature_scale_array("neck"), v2.attention_array("neck"), v2.HEATMAP,
-                 v2.OCCUPANCY]:
+                 v2.OCCUPANCY, v2.DONE]:
         array = group[name]
         stored = get_chunk_bytes(array, chunk_coords(array, 1, 0))
         values = array[1, 0]
@@ -107,7 +110,54 @@ def test_writer_chunks_equal_zarrs_own_writes(tmp_path, teacher):
                                  config={"write_empty_chunks": True})
         copy[1, 0] = values
         assert get_chunk_bytes(copy, chunk_coords(copy, 1, 0)) == stored, name
-        assert encode_chunk(array, values[None, None]) == stored, name
+        assert encode_chunk(array, np.reshape(values, array.chunks)) == stored, name
+
+
+
+def test_a_store_of_another_zstd_level_resumes_at_its_own_level(tmp_path, teacher, monkeypatch):
+    """The level changes bytes, never values: a store created at level 3 resumes under today's level and keeps
+    writing level-3 chunks (its arrays' codecs), so every chunk of it is encoded alike."""
+    from numcodecs.zstd import Zstd
+
+    from distillbev.pipeline.cache.writer import read_done, set_done, set_status
+
+    path = tmp_path / "c.zarr"
+    monkeypatch.setattr(v2, "ZSTD_LEVEL", 3)
+    old = make_manifest(teacher, dtype="int8", views=1, sample_count=3)
+    run_extract(path, old)
+    set_done(path, [(1, 0)], 0)  # as if the run had stopped before sample 1
+    set_status(path, v2.STATUS_WRITING)
+    monkeypatch.undo()
+    assert v2.ZSTD_LEVEL != 3
+    new = make_manifest(teacher, dtype="int8", views=1, sample_count=3)
+    assert new["storage"]["level"] == v2.ZSTD_LEVEL
+    report = run_extract(path, new)
+    assert (report.state, report.status, report.written, report.skipped) == ("resumed", "complete", 1, 2)
+    assert read_done(path).all()
+    group = TeacherCache.open(path).path.open_group(mode="r")
+    assert dict(group.attrs)["storage"]["level"] == 3
+    array = group[v2.feature_array("neck")]
+    raw = get_chunk_bytes(array, chunk_coords(array, 1, 0))
+    payload = np.ascontiguousarray(decode_chunk(array, raw)).tobytes()
+    assert raw[:-4] == Zstd(level=3).encode(payload)
+
+
+def test_a_failed_chunk_write_leaves_the_old_chunk_and_no_partial_file(tmp_path, monkeypatch):
+    from distillbev.pipeline.cache.chunks import write_local_chunk
+
+    chunk = tmp_path / "features" / "neck" / "c" / "0" / "0" / "0" / "0" / "0"
+    write_local_chunk(chunk, b"old chunk", fsync=True)
+    write_local_chunk(chunk, b"new chunk", fsync=False)
+    assert chunk.read_bytes() == b"new chunk"
+
+    def failing_replace(source, target):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_local_chunk(chunk, b"torn", fsync=True)
+    assert chunk.read_bytes() == b"new chunk"
+    assert sorted(p.name for p in chunk.parent.iterdir()) == ["0"]
 
 
 # -- the manifest ------------------------------------------------------------------------------------------------

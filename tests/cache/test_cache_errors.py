@@ -14,17 +14,18 @@ from distillbev.pipeline.errors import CacheError
 
 
 class NaNTeacher(FakeTeacher):
-    """Puts a NaN into backbone2 of every batch that contains the cloud of sample 3."""
+    """Puts a NaN (or `value`) into backbone2 of every batch that contains one of `bad_clouds`."""
 
-    def __init__(self, bad_clouds: list[torch.Tensor]) -> None:
+    def __init__(self, bad_clouds: list[torch.Tensor], value: float = float("nan")) -> None:
         super().__init__()
         self.bad_clouds = bad_clouds
+        self.value = value
 
     def __call__(self, points_list):
         outputs = super().__call__(points_list)
         for b, points in enumerate(points_list):
             if any(points.shape == bad.shape and torch.equal(points, bad) for bad in self.bad_clouds):
-                outputs.features["backbone2"][b, 3, 1, 2] = float("nan")
+                outputs.features["backbone2"][b, 3, 1, 2] = self.value
         return outputs
 
 
@@ -55,6 +56,16 @@ def test_nan_in_a_worker_process_is_reported(tmp_path, manifest):
     assert zarr.open_group(str(path), mode="r").attrs["status"] == "writing"
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+def test_an_infinite_output_is_refused_like_a_nan(tmp_path, manifest, value):
+    from cache_fakes import load_points
+    from distillbev.pipeline.cache.manifest import ViewConfig, view_augmentations
+
+    bad = [load_points(2, view_augmentations(ViewConfig.from_json(manifest["views"]), 2)[0])[1]]
+    with pytest.raises(CacheError, match=r"'backbone2' of sample token-002 \(index 2, view 0\) has 1 NaN/Inf"):
+        run_extract(tmp_path / "cache.zarr", manifest, teacher=NaNTeacher(bad, value))
+
+
 def test_unwritable_path_is_a_cache_error(tmp_path, manifest):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -63,23 +74,23 @@ def test_unwritable_path_is_a_cache_error(tmp_path, manifest):
 
 
 def test_disk_full_during_writes_keeps_status_writing(tmp_path, manifest, monkeypatch):
-    from zarr.storage import _local
+    from distillbev.pipeline.cache import writer
 
-    original = _local._put
+    original = writer.write_local_chunk  # the writer's one way to a chunk file of a local store
     calls = {"n": 0}
 
-    def filling_put(path, value, exclusive=False):
+    def filling_write(path, raw, fsync):
         if "/c/" in str(path) and "features" in str(path):
             calls["n"] += 1
             if calls["n"] > 10:  # the disk fills up part-way through the run
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return original(path, value, exclusive)
+        return original(path, raw, fsync)
 
-    monkeypatch.setattr(_local, "_put", filling_put)
+    monkeypatch.setattr(writer, "write_local_chunk", filling_write)
     path = tmp_path / "cache.zarr"
     with pytest.raises(CacheError, match=r"cache.zarr: cannot write .*No space left.*free disk space"):
         run_extract(path, manifest)
-    monkeypatch.setattr(_local, "_put", original)
+    monkeypatch.setattr(writer, "write_local_chunk", original)
     assert zarr.open_group(str(path), mode="r").attrs["status"] == "writing"
     done = read_done(path)
     assert 0 < done.sum() < done.size

@@ -24,7 +24,7 @@ def test_summary_fields(store):
                                   "sample_tokens_sha256": tokens_sha}
     assert summary["bev_grid"]["shape"] == [32, 32]
     assert summary["layers"]["backbone2"]["channels"] == 8 and summary["layers"]["backbone2"]["shape"] == [8, 8]
-    assert summary["layers"]["neck"]["dtype"] == "float16" and summary["layers"]["neck"]["codec"] == "zstd-3+crc32c"
+    assert summary["layers"]["neck"]["dtype"] == "float16" and summary["layers"]["neck"]["codec"] == "zstd-1+crc32c"
     assert summary["views"]["count"] == 2 and summary["views"]["seed"] == 3
     assert summary["samples"] == {"total": 4, "complete": 4, "missing": 0, "missing_tokens": [],
                                   "sample_views_done": 8, "sample_views_total": 8}
@@ -53,7 +53,7 @@ def test_summary_of_a_partial_store(tmp_path):
 def test_cli_summary_text_and_json(store):
     text = CliRunner().invoke(cli, ["inspect-cache", str(store)])
     assert text.exit_code == 0, text.output
-    for expected in ("status complete", "sha256 bbbbbbbbbbbb", "split mini_val", "backbone2      C=8", "zstd-3+crc32c",
+    for expected in ("status complete", "sha256 bbbbbbbbbbbb", "split mini_val", "backbone2      C=8", "zstd-1+crc32c",
                      "4 of 4 complete, 0 missing; sample-views 8 / 8 done", "features/neck"):
         assert expected in text.output
     result = CliRunner().invoke(cli, ["inspect-cache", str(store), "--json"])
