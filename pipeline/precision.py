@@ -1,9 +1,9 @@
 """Training arithmetic: the autocast dtype of a forward pass and the memory format of the convolutions.
 
 `precision: bf16` runs the model's forward under `torch.autocast` in bfloat16 (convolutions and matmuls in bf16,
-reductions and the losses in float32); the DistillBEV adapters, student-side layers, run in the same autocast, and
-their outputs reach the loss in float32. The weights, gradients and optimiser state stay float32, so no loss scaling
-is needed (bf16 has float32's exponent range). `channels_last` stores 4-d activations NHWC, the layout oneDNN (CPU)
+reductions and the losses in float32); the DistillBEV adapters have their own setting (`train.adapter_precision`,
+float32 by default). The weights, gradients and optimiser state stay float32, so no loss scaling is needed (bf16 has
+float32's exponent range). `channels_last` stores 4-d activations NHWC, the layout oneDNN (CPU)
 and cuDNN (tensor cores) convolve fastest.
 
 Measured on this project's machine kind (2 x AMD EPYC with AVX512-BF16, torch 2.13 CPU), one step of the main job's

@@ -153,7 +153,7 @@ def build_distill_loss(cfg: StudentExperimentConfig, student: torch.nn.Module,
         student_shapes=student.feature_shapes,
         teacher_shapes={name: tuple(spec["shape"]) for name, spec in teacher_layers.items()},
         bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
-        precision=cfg.train.precision,
+        precision=cfg.train.adapter_precision,
     )
 
 

@@ -42,8 +42,7 @@ class DistillationSetup:
     distill_loss: DistillBEVLoss | None
     teacher: torch.nn.Module | None  # only for `online` targets
     layers: list[tuple[str, str]]  # (student feature, teacher feature) pairs
-    precision: Precision = "fp32"  # autocast dtype of the student's forward (and of the distillation adapters); its
-    # outputs reach the losses in float32
+    precision: Precision = "fp32"  # autocast dtype of the student's forward; its outputs reach the losses in float32
 
 
 def teacher_targets_online(teacher: torch.nn.Module, batch, layers: list[str]) -> TargetsBatch:

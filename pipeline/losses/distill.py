@@ -315,8 +315,8 @@ class DistillBEVLoss(nn.Module):
 
     student_channels / teacher_channels: channels per feature name; student_shapes / teacher_shapes: (Y, X) per
     feature name; bev_extent: (x_min, x_max, y_min, y_max) in metres, shared by every map.
-    precision: the autocast arithmetic of the adapters, the student's own (`train.precision`): they are student-side
-    layers trained with it. Their outputs, and everything after them (differences, sums, attention), are float32.
+    precision: the autocast arithmetic of the adapters (`train.adapter_precision`). Their outputs, and everything
+    after them (differences, sums, attention), are float32; a bf16 student feature meets fp32 adapters as float32.
     """
 
     def __init__(self, config: DistillConfig, student_channels: dict[str, int], teacher_channels: dict[str, int],
@@ -378,7 +378,7 @@ class DistillBEVLoss(nn.Module):
             if len(gt_boxes) != teacher.shape[0] or student.shape[0] != teacher.shape[0]:
                 raise ValueError(f"distill layer {pair.name!r}: batch sizes differ: student {student.shape[0]}, "
                                  f"teacher {teacher.shape[0]}, gt_boxes {len(gt_boxes)}")
-            with autocast(student.device, self.precision):  # a bf16 student feature meets fp32 adapters as float32
+            with autocast(student.device, self.precision):
                 adapted = layer.adapt(student.float() if self.precision == "fp32" else student)
             adapted = adapted.float()  # (B, C_t, Y_t, X_t)
             grid = tuple(teacher.shape[-2:])

@@ -116,3 +116,32 @@ def test_a_step_with_worker_inputs_gives_the_in_step_loss(parts, world, mode, us
             assert abs(float(worker[name]) - float(value)) <= 1e-6 * abs(float(value)), name
         else:  # the detection terms see the same batch
             assert float(worker[name]) == float(value), name
+
+
+def test_train_adapter_precision_sets_the_adapters_arithmetic_in_a_bf16_step(parts, world):
+    """A bf16 student step hands its bf16 features to the loss: with `train.adapter_precision` fp32 (the default)
+    the adapters convolve their float32 copy, with bf16 the bf16 features themselves; the kd terms are float32."""
+    import dataclasses
+
+    cfg, student, _, cache, _ = parts
+    assert cfg.train.adapter_precision == "fp32"
+    train_set = distill_set(parts, world, "cache", precompute=True)
+    train_set.set_epoch(1)
+    batch, targets = collate_with_targets([train_set[0]])
+    for adapter_precision in ("fp32", "bf16"):
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, adapter_precision=adapter_precision))
+        loss = build_distill_loss(run_cfg, student, cache.manifest["layers"])
+        assert loss.precision == adapter_precision
+        seen = []
+        hooks = [module.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+                 for module in loss.modules() if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)]
+        setup = DistillationSetup(student=student, distill_loss=loss, teacher=None, precision="bf16",
+                                  layers=[(pair.student, pair.teacher) for pair in cfg.distill.layers])
+        with torch.no_grad():
+            terms = training_step(setup, batch, targets, cfg.model.head.grid)
+        for hook in hooks:
+            hook.remove()
+        expected = torch.float32 if adapter_precision == "fp32" else torch.bfloat16
+        assert seen and set(seen) == {expected}
+        kd_terms = [value for name, value in terms.items() if name.startswith("kd_")]
+        assert kd_terms and all(v.dtype == torch.float32 and bool(torch.isfinite(v)) for v in kd_terms)
