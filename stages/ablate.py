@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .demo import STUDENTS, plan, set_args, student_label
+from .demo import STUDENTS, plan, pretrained_backbone_override, set_args, student_label
 from .jobs import Step, run_parallel, run_steps
 
 # Layer pairs as config literals (student feature, teacher feature, adapter, FP region).
@@ -155,7 +155,7 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
     seconds: dict[str, float] = {}
     run_steps(inputs, seconds)  # point --out at a demo made with the same --set
     student_config = baseline_step.argv[baseline_step.argv.index("--config") + 1]
-    pretrained = ("model.backbone.pretrained=" + paths["backbone"],) if pretrain_backbone else ()
+    pretrained = (pretrained_backbone_override(paths["backbone"]),) if pretrain_backbone else ()
     runs: dict[str, list[str] | None] = {}
     for _, row_overrides, _, _ in component_rows + layer_rows:
         runs[run_name(row_overrides)] = row_overrides

@@ -65,6 +65,11 @@ def teacher_label(teacher: str | None, student: str) -> str | None:
     return "CenterPoint+DETR" if teacher == "centerpoint" and student == "bevformer" else TEACHERS[teacher][0]
 
 
+def pretrained_backbone_override(backbone: Path | str) -> str:
+    """The --set that starts a student from the backbone `pretrain-backbone` wrote (the demo's and ablate's rows)."""
+    return f"model.backbone.pretrained={backbone}"
+
+
 def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
          device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...] = (),
          world: int = 1, teachers: tuple[str, ...] = ("centerpoint",),
@@ -96,7 +101,7 @@ def plan(out: Path, student: str, views: int, scenes: int | None, samples_per_sc
                          ["pretrain-backbone", "--config", student_config, "--dataroot", str(dataroot), "--out",
                           str(backbone.parent), "--device", device, *set_args((*PRETRAIN_AUGMENTATION, *overrides))],
                          backbone)]
-        sets = ["--set", f"model.backbone.pretrained={backbone}", *sets]
+        sets = ["--set", pretrained_backbone_override(backbone), *sets]
 
     def teacher_steps(label: str, config: str, run: Path, store: Path, distilled: Path,
                       layers: str = "backbone0,backbone1,backbone2,neck") -> list[Step]:  # B0: layer ablation
