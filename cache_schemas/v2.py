@@ -49,10 +49,10 @@ SCALE_DTYPE = "float32"
 VIEWS_DTYPE = "float64"
 DONE_DTYPE = "uint8"
 HEATMAP_CHANNELS = 10
-# zstd level of every chunk written from now on. Level 1 was chosen by the codec study (docs/benchmarks.md): on the
-# trained teacher's int8 features it encodes 1.8x faster than level 3 and stores 3% fewer bytes. A store keeps the
-# level it was created with (its arrays' codecs say it; a resume or repair writes at that level), so the level is not
-# part of a store's identity (VOLATILE_KEYS).
+# zstd level of every chunk written from now on. Level 1 was chosen by the codec study (docs/benchmarks.md): on
+# the trained teacher's int8 features it encodes 1.4-1.5x faster than level 3 and stores 3-4% fewer bytes. A store
+# keeps the level it was created with (its arrays' codecs say it; a resume or repair writes at that level), so the
+# level is not part of a store's identity (VOLATILE_KEYS).
 ZSTD_LEVEL = 1
 # int8 rate control (`pipeline/cache/quantize.py`): RMS quantisation error per layer map as a fraction of its RMS.
 # The manifest's optional `storage.int8_error` holds it; absent means 0 (steps of range / 255, the int8 stores

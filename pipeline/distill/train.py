@@ -66,7 +66,7 @@ def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
     student = setup.student
     with autocast(next(student.parameters()).device, setup.precision):
         outputs = student(batch)
-    features = outputs.features  # in the forward's arithmetic, which the distillation adapters share
+    features = outputs.features  # as the forward made them: the loss casts them for its adapters' arithmetic
     if setup.precision != "fp32":
         outputs = outputs.float()
     losses = dict(student.detection_loss(outputs, batch))
