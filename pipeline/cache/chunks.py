@@ -2,7 +2,8 @@
 
 zarr returns the fill value for a chunk that is not in the store, and a bare ValueError for a checksum mismatch.
 A teacher cache must never hand out fill values as targets, so the reader and the checks read each chunk's bytes
-themselves (one `get` through the array's own zarr store, any backend) and decode them here. The codec chain
+themselves (the chunk file on a local disk, one `get` through the array's zarr store on any other backend) and
+decode them here. The codec chain
 is read from each array's zarr metadata: a serializer `bytes`, then any number of `zstd` or `blosc` compressors,
 then `crc32c` (schema 2 writes bytes -> zstd -> crc32c; a blosc chain is decoded too, so a store written with
 zarr's standard blosc codec reads the same way). Any other chain is named as unsupported:
@@ -39,11 +40,25 @@ def chunk_key(array: Any, coords: tuple[int, ...]) -> str:
         array.metadata.encode_chunk_key(coords)
 
 
+def local_root(array: Any) -> Path | None:
+    """The folder of the array's store when it is zarr's LocalStore (its chunks are plain files), else None."""
+    from zarr.storage import LocalStore
+
+    return Path(array.store.root) if isinstance(array.store, LocalStore) else None
+
+
 def get_chunk_bytes(array: Any, coords: tuple[int, ...]) -> bytes | None:
-    """The stored bytes of one chunk (None when absent), through the array's zarr store."""
+    """The stored bytes of one chunk (None when absent): the file itself on a local disk, where a round trip through
+    zarr's event loop costs 20x the read (docs/benchmarks.md); otherwise through the array's zarr store."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
+    root = local_root(array)
+    if root is not None:
+        try:
+            return (root / chunk_key(array, coords)).read_bytes()
+        except FileNotFoundError:
+            return None
     buffer = sync(array.store.get(chunk_key(array, coords), prototype=default_buffer_prototype()))
     return None if buffer is None else buffer.to_bytes()
 
@@ -67,7 +82,10 @@ def chunk_size(array: Any, coords: tuple[int, ...]) -> int | None:
     """Stored size in bytes of one chunk (None when absent), without reading it."""
     from zarr.core.sync import sync
 
+    root = local_root(array)
     try:
+        if root is not None:
+            return os.stat(root / chunk_key(array, coords)).st_size
         return int(sync(array.store.getsize(chunk_key(array, coords))))
     except FileNotFoundError:
         return None

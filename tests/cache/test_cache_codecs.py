@@ -142,6 +142,29 @@ def test_a_store_of_another_zstd_level_resumes_at_its_own_level(tmp_path, teache
     assert raw[:-4] == Zstd(level=3).encode(payload)
 
 
+
+def test_local_chunk_reads_give_what_zarrs_store_gives(tmp_path, teacher):
+    """On a local disk chunks are read and sized as files; the bytes, sizes and absences are those of zarr's store."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from distillbev.pipeline.cache.chunks import chunk_key, chunk_size, local_root
+
+    manifest = make_manifest(teacher, dtype="int8", views=1, sample_count=2)
+    run_extract(tmp_path / "c.zarr", manifest)
+    group = TeacherCache.open(tmp_path / "c.zarr").path.open_group(mode="r+")
+    array = group[v2.feature_array("neck")]
+    assert local_root(array) == tmp_path / "c.zarr"
+    key = chunk_key(array, chunk_coords(array, 1, 0))
+    through_zarr = sync(array.store.get(key, prototype=default_buffer_prototype())).to_bytes()
+    assert get_chunk_bytes(array, chunk_coords(array, 1, 0)) == through_zarr
+    assert chunk_size(array, chunk_coords(array, 1, 0)) == len(through_zarr) == int(sync(array.store.getsize(key)))
+    (tmp_path / "c.zarr" / key).unlink()
+    assert get_chunk_bytes(array, chunk_coords(array, 1, 0)) is None
+    assert chunk_size(array, chunk_coords(array, 1, 0)) is None
+    assert sync(array.store.get(key, prototype=default_buffer_prototype())) is None
+
+
 def test_a_failed_chunk_write_leaves_the_old_chunk_and_no_partial_file(tmp_path, monkeypatch):
     from distillbev.pipeline.cache.chunks import write_local_chunk
 
