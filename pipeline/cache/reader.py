@@ -23,7 +23,7 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -222,22 +222,34 @@ class TeacherCache:
                              f"read so far may mix two extractions: wait for the extraction to finish and restart "
                              f"this job (training: --resume)")
 
-    def read(self, sample_index: int, view: int) -> TeacherTargets:
-        """The targets of one sample-view (features dequantised to float32 for int8 stores)."""
+    def read(self, sample_index: int, view: int, layers: Sequence[str] | None = None) -> TeacherTargets:
+        """The targets of one sample-view (features dequantised to float32 for int8 stores).
+
+        layers: the cached layers to read, features and attention (default: every one); the others' chunks are not
+        read. The heatmap and occupancy are always read.
+        """
         if not (0 <= sample_index < self.num_samples and 0 <= view < self.num_views):
             raise IndexError(f"sample-view ({sample_index}, {view}) outside {self.num_samples} x {self.num_views}")
+        cached = [layer.name for layer in self.layers]
+        wanted = set(cached if layers is None else layers)
+        if wanted - set(cached):
+            raise CacheError(f"{self.path}: layers {sorted(wanted - set(cached))} are not cached; it holds {cached}")
+        chosen = [layer for layer in self.layers if layer.name in wanted]
         arrays = self._open_arrays()
         if not self.is_complete and not bool(self._read_chunk(v2.DONE, sample_index, view)):
             raise CacheError(f"{self.path}: sample-view ({sample_index}, {view}) is not extracted yet; finish the "
                              f"extraction with the same extract-teacher command")
-        names = [n for n in arrays if n != v2.DONE]
+        skipped = {name for layer in cached if layer not in wanted
+                   for name in (v2.feature_array(layer), v2.attention_array(layer),
+                                v2.feature_scale_array(layer), v2.feature_offset_array(layer))}
+        names = [n for n in arrays if n != v2.DONE and n not in skipped]
         if self.concurrent_reads:
             chunks = dict(zip(names, self._pool.map(lambda n: self._read_chunk(n, sample_index, view), names)))
         else:
             chunks = {n: self._read_chunk(n, sample_index, view) for n in names}
         self.check_unchanged()
         features, attention = {}, {}
-        for layer in self.layers:
+        for layer in chosen:
             stored = chunks[v2.feature_array(layer.name)]
             if self.manifest["storage"]["dtype"] == "int8":
                 features[layer.name] = torch.from_numpy(dequantize_per_channel(

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.collate import collate_samples
+from ..data.handover import share_one_block_in_worker
 from ..data.types import Batch, Sample
 from ..geometry.bev import BEVAugmentation, BEVGrid, sample_bev_augmentation
 from ..heads.targets import gt_heatmap_max
@@ -39,7 +40,8 @@ class TargetsBatch:
     """Teacher targets of a batch, stacked.
 
     features:  layer -> (B, C, Y, X) float32, or None with a live teacher (it runs in the step);
-    heatmap: (B, 10, Yh, Xh) probabilities, or None with a live teacher;
+    heatmap: (B, 10, Yh, Xh) probabilities, or None with a live teacher, or when the workers built every layer's
+             masks (it feeds only the FP masks);
     attention: layer -> (B, Y, X) teacher spatial attention, or None (then computed from the features);
     precomputed: the loss's student-independent inputs from the workers, or None (then computed in the step).
     """
@@ -63,7 +65,8 @@ class TargetsBatch:
 @dataclass
 class TargetsItem:
     """One sample's targets: features layer -> (C, Y, X); heatmap (10, Yh, Xh); attention layer -> (Y, X); the
-    loss's precomputed inputs (a batch of 1). features and heatmap are None with a live teacher."""
+    loss's precomputed inputs (a batch of 1). features and heatmap are None with a live teacher; heatmap is also
+    None once the precomputed inputs hold every layer's masks."""
 
     features: dict[str, torch.Tensor] | None
     heatmap: torch.Tensor | None
@@ -123,6 +126,9 @@ class DistillationDataset(Dataset):
         self.use_cached_attention = use_cached_attention
         self._cache_index = None if cache is None else [cache.index_of(t) for t in dataset.sample_tokens]
         self.precompute = None if mode == "none" else precompute
+        # with the loss's spec known here, only the teacher layers it distils are read (None: every cached layer)
+        self._teacher_layers = (None if self.precompute is None
+                                else sorted({pair.teacher for pair in self.precompute.loss.pairs}))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -147,7 +153,7 @@ class DistillationDataset(Dataset):
         if self.mode == "cache":
             cache_index = self._cache_index[index]
             view = int(rng.integers(self.cache.num_views))
-            cached = self.cache.read(cache_index, view)
+            cached = self.cache.read(cache_index, view, layers=self._teacher_layers)
             sample = self.dataset.get(index, bev_aug=cached.bev_aug, rng=rng)
             sample.view_index = view
             item = TargetsItem(cached.features, cached.heatmap, cached.attention if self.use_cached_attention else None)
@@ -155,7 +161,7 @@ class DistillationDataset(Dataset):
         augmentation = self._fresh_augmentation(rng)
         sample = self.dataset.get(index, bev_aug=augmentation, rng=rng)
         if self.mode == "approximate":
-            cached = self.cache.read(self._cache_index[index], 0)
+            cached = self.cache.read(self._cache_index[index], 0, layers=self._teacher_layers)
             item = TargetsItem(
                 features={k: warp_bev(v, augmentation, self.bev_extent) for k, v in cached.features.items()},
                 heatmap=warp_bev(cached.heatmap, augmentation, self.bev_extent),
@@ -179,7 +185,9 @@ class DistillationDataset(Dataset):
                          for name in {pair.teacher for pair in spec.pairs}}
         precomputed = precompute_targets(spec, sample.gt_boxes, self.precompute.gt_heatmap(sample),
                                          teacher_features=item.features, teacher_heatmap=item.heatmap)
-        return TargetsItem(item.features, item.heatmap, attention, precomputed)
+        # the teacher heatmap only feeds the FP masks: once every layer's masks are built, the step does not need it
+        heatmap = None if all(layer.regions is not None for layer in precomputed.layers.values()) else item.heatmap
+        return TargetsItem(item.features, heatmap, attention, precomputed)
 
 
 def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> tuple[Batch, TargetsBatch | None]:
@@ -187,17 +195,18 @@ def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> tupl
     batch = collate_samples([sample for sample, _ in items])
     targets = [t for _, t in items]
     if targets[0] is None:
-        return batch, None
+        return share_one_block_in_worker((batch, None))
     attention = None
     if targets[0].attention is not None:
         attention = {k: torch.stack([t.attention[k] for t in targets]) for k in targets[0].attention}
     precomputed = None
     if targets[0].precomputed is not None:
         precomputed = PrecomputedTargets.cat([t.precomputed for t in targets])
-    return batch, TargetsBatch(
+    # one shared-memory block per batch out of a worker (pipeline/data/handover.py)
+    return share_one_block_in_worker((batch, TargetsBatch(
         features=None if targets[0].features is None else
         {k: torch.stack([t.features[k] for t in targets]) for k in targets[0].features},
         heatmap=None if targets[0].heatmap is None else torch.stack([t.heatmap for t in targets]),
         attention=attention,
         precomputed=precomputed,
-    )
+    )))

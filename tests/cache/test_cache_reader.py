@@ -102,3 +102,21 @@ def test_sequential_and_concurrent_reads_agree(store):
     b = TeacherCache.open(store, concurrent_reads=False).read(4, 2)
     assert torch.equal(a.heatmap, b.heatmap) and torch.equal(a.occupancy, b.occupancy)
     assert all(torch.equal(a.attention[k], b.attention[k]) for k in a.attention)
+
+
+def test_reading_some_layers_reads_only_their_chunks(store, monkeypatch):
+    cache = TeacherCache.open(store)
+    whole = cache.read(4, 2)
+    assert sorted(whole.features) == ["backbone1", "backbone2", "neck"]
+    asked = []
+    read_chunk = cache._read_chunk
+    monkeypatch.setattr(cache, "_read_chunk", lambda name, *where: asked.append(name) or read_chunk(name, *where))
+    part = cache.read(4, 2, layers=["neck"])
+    assert sorted(part.features) == sorted(part.attention) == ["neck"]
+    assert torch.equal(part.features["neck"], whole.features["neck"])
+    assert torch.equal(part.attention["neck"], whole.attention["neck"])
+    assert torch.equal(part.heatmap, whole.heatmap) and torch.equal(part.occupancy, whole.occupancy)
+    assert sorted(asked) == ["attention/neck", "features/neck", "heatmap", "occupancy"]  # an fp16 store
+    with pytest.raises(CacheError, match=r"layers \['head'\] are not cached; it holds \['backbone1', 'backbone2', "
+                                         r"'neck'\]"):
+        cache.read(4, 2, layers=["neck", "head"])

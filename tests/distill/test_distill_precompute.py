@@ -89,6 +89,19 @@ def test_worker_inputs_are_those_of_the_replayed_view(parts, world):
     assert not cache.bev_aug(index, 1).is_identity
 
 
+def test_workers_read_only_the_distilled_layers_and_drop_the_heatmap(parts, world, monkeypatch):
+    _, _, distill_loss, cache, _ = parts
+    asked = []
+    read = cache.read
+    monkeypatch.setattr(cache, "read", lambda *where, layers=None: asked.append(layers) or read(*where, layers=layers))
+    sample, item = distill_set(parts, world, "cache", precompute=True)[0]
+    teachers = sorted({pair.teacher for pair in distill_loss.pairs})
+    assert asked == [teachers] and sorted(item.features) == teachers
+    assert item.heatmap is None  # every layer's masks, the FP region's too, were built in the worker
+    _, without = distill_set(parts, world, "cache", precompute=False)[0]
+    assert asked[-1] is None and without.heatmap is not None  # the step builds the masks: it needs the heatmap
+
+
 @pytest.mark.parametrize("mode,use_cached_attention", [("cache", True), ("cache", False), ("approximate", True),
                                                       ("online", True)])
 def test_a_step_with_worker_inputs_gives_the_in_step_loss(parts, world, mode, use_cached_attention):
