@@ -11,7 +11,9 @@ With a `StepPrecompute`, the workers also compute everything of the DistillBEV l
 student (`pipeline/losses/distill.py` `precompute_targets`): per sample, on the boxes of the view it replays or the
 augmentation it drew, the region masks and scales, the GT heatmap of the FP rule, the teacher's spatial attention
 (when the cache does not hold it at the run's temperature), channel attention and channel mean. With `online`
-targets only the GT-only parts can be done here (the teacher's maps come from the step).
+targets only the GT-only parts can be done here (the teacher's maps come from the step). The workers then read only
+the teacher layers the loss distils, and leave out the teacher heatmap once the FP masks are built from it.
+`collate_with_targets` hands a worker's batch over as one shared-memory block (`pipeline/data/handover.py`).
 """
 
 from __future__ import annotations
