@@ -183,6 +183,14 @@ def read_points(path: str | Path, sample_token: str) -> np.ndarray:
     return np.fromfile(path, dtype=np.float32).reshape(-1, 5)  # (P, 5)
 
 
+NO_RETURN_RADIUS = 1e-3  # [m] nuScenes stores a ray without a return as a point this close to the sensor
+
+
+def lidar_returns(points: np.ndarray) -> np.ndarray:
+    """(P,) True for the rows of a .pcd.bin cloud (P, >= 3) that are returns, not rays stored without one."""
+    return np.einsum("pi,pi->p", points[:, :3], points[:, :3]) > NO_RETURN_RADIUS ** 2
+
+
 def lidar_records(nusc, sample_token: str, num_sweeps: int, sweep_candidates: int,
                   rng: np.random.Generator | None) -> list[dict]:
     """LIDAR_TOP sample_data records a key frame's point cloud is built from: [key frame, sweep, ...].

@@ -3,8 +3,8 @@
     stats = dataset_statistics(nusc)      # any dataroot the devkit loads: v1.0-mini, trainval, synthetic
     print(format_statistics(stats))
 
-Per key frame: annotations (all categories and the 10 detection classes), LiDAR points; per annotation of the
-10 classes: class, distance from the ego in the ground plane, LiDAR points inside the box; per scene: LiDAR
+Per key frame: annotations (all categories and the 10 detection classes), LiDAR points and returns; per
+annotation of the 10 classes: class, distance from the ego in the ground plane, LiDAR points inside the box; per scene: LiDAR
 sweeps before its first key frame; per camera record: its time offset from the sample's LiDAR key frame; per key
 frame: the ego's pitch and roll (how much the ground tilts under it).
 """
@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from .classes import DETECTION_CLASSES, category_to_class
+from .loading import NO_RETURN_RADIUS, lidar_returns
 
 # Published or measured figures of real nuScenes, with where each comes from. Only these are printed beside ours.
 NUSCENES_REFERENCE = {
     "annotations_per_sample_all": (46.0, "v1.0-mini, all 23 categories"),
-    "lidar_points_per_key_frame": (34000.0, "HDL-32E key frame, about 34k points"),
+    "lidar_points_per_key_frame": (34500.0, "HDL-32E key frame, about 34.5k rows: every ray of its ~1,085 "
+                                            "firing columns, a ray without a return near the origin"),
 }
 RANGE_BINS = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0)
 
@@ -41,13 +43,15 @@ class DatasetStatistics:
     other_categories: dict[str, int]
     range_percentiles: dict[str, float]  # p5 / p50 / p95 of the detection-class annotations' ego distance [m]
     range_histogram: dict[str, float]  # fraction of detection-class annotations per distance bin
-    points_per_key_frame: dict[str, float]  # mean / p5 / p95
+    points_per_key_frame: dict[str, float]  # mean / p5 / p95 of the rows of each key frame's .pcd.bin
     points_per_box: dict[str, float]  # median LiDAR points per box, per class
     empty_boxes: float  # fraction of detection-class annotations with no LiDAR point
     sweeps_before_first_key_frame: dict[str, float]  # mean / max over scenes
     camera_offsets_ms: dict[str, float] = field(default_factory=dict)  # per channel: mean |camera - LiDAR| [ms]
     # |pitch| and |roll| of the LiDAR key frames' ego poses [deg]: p50 / p95 / max (0 on flat ground)
     ego_tilt_deg: dict[str, dict[str, float]] = field(default_factory=dict)
+    # mean / p5 / p95 of the returns among those rows (nuScenes stores a ray without a return at the origin)
+    returns_per_key_frame: dict[str, float] = field(default_factory=dict)
 
     @property
     def annotations_per_sample(self) -> float:
@@ -66,6 +70,7 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
     distances: list[float] = []
     box_points: dict[str, list[int]] = {name: [] for name in DETECTION_CLASSES}
     key_points: list[int] = []
+    key_returns: list[int] = []
     offsets: dict[str, list[float]] = {}
     tilts: dict[str, list[float]] = {"pitch": [], "roll": []}
     total = 0
@@ -77,7 +82,10 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
         tilts["roll"].append(abs(roll))
         path = os.path.join(nusc.dataroot, lidar["filename"])
         if os.path.exists(path):
-            key_points.append(os.path.getsize(path) // 20)  # x, y, z, intensity, ring as float32
+            cloud = np.fromfile(path, dtype=np.float32)
+            cloud = cloud[:len(cloud) - len(cloud) % 5].reshape(-1, 5)  # x, y, z, intensity, ring
+            key_points.append(len(cloud))
+            key_returns.append(int(lidar_returns(cloud).sum()))
         for channel, token in sample["data"].items():
             if channel.startswith("CAM"):
                 record = nusc.get("sample_data", token)
@@ -106,6 +114,7 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
     distance = np.asarray(distances) if distances else np.zeros(1)
     hist, _ = np.histogram(distance, bins=RANGE_BINS)
     points = np.asarray(key_points, dtype=np.float64) if key_points else np.zeros(1)
+    returns = np.asarray(key_returns, dtype=np.float64) if key_returns else np.zeros(1)
     all_box_points = [n for values in box_points.values() for n in values]
     return DatasetStatistics(
         version=str(nusc.version), samples=len(nusc.sample), scenes=len(nusc.scene), annotations_all=total,
@@ -124,7 +133,9 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
         camera_offsets_ms={channel: float(np.mean(values)) for channel, values in sorted(offsets.items())},
         ego_tilt_deg={name: {"p50": float(np.degrees(np.percentile(values, 50))),
                              "p95": float(np.degrees(np.percentile(values, 95))),
-                             "max": float(np.degrees(np.max(values)))} for name, values in tilts.items() if values})
+                             "max": float(np.degrees(np.max(values)))} for name, values in tilts.items() if values},
+        returns_per_key_frame={"mean": float(returns.mean()), "p5": float(np.percentile(returns, 5)),
+                               "p95": float(np.percentile(returns, 95))})
 
 
 def _pitch_roll(rotation: list[float]) -> tuple[float, float]:
@@ -147,6 +158,10 @@ def format_statistics(stats: DatasetStatistics, reference: dict[str, float] | No
     p = stats.points_per_key_frame
     lines.append(f"| LiDAR points per key frame, mean (p5-p95) | {p['mean']:.0f} ({p['p5']:.0f}-{p['p95']:.0f}) | "
                  f"{_ref('lidar_points_per_key_frame')} |")
+    if stats.returns_per_key_frame:
+        q = stats.returns_per_key_frame
+        lines.append(f"| of which returns (farther than {1000 * NO_RETURN_RADIUS:.0f} mm from the sensor), mean "
+                     f"(p5-p95) | {q['mean']:.0f} ({q['p5']:.0f}-{q['p95']:.0f}) | |")
     r = stats.range_percentiles
     lines.append(f"| ego distance of annotations, p5 / p50 / p95 [m] | {r['p5']:.1f} / {r['p50']:.1f} / "
                  f"{r['p95']:.1f} | |")

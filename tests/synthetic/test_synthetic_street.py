@@ -132,6 +132,49 @@ def test_scenes_start_without_sweeps_and_cameras_have_their_own_times(roots):
     assert abs(offsets["CAM_FRONT_LEFT"]) == pytest.approx(abs(offsets["CAM_FRONT_RIGHT"]), abs=9)
 
 
+def test_lidar_files_hold_every_ray_in_the_nuscenes_layout(roots):
+    """As in nuScenes, a .pcd.bin holds every ray, column by column with the 32 rings in order, and a ray without a
+    return is a row at the sensor origin; the devkit's remove_close(1.0) drops exactly those rows."""
+    from nuscenes.utils.data_classes import LidarPointCloud
+
+    from distillbev.pipeline.data.loading import lidar_returns
+
+    nusc = load(roots[0])
+    records = [r for r in nusc.sample_data if r["channel"] == "LIDAR_TOP"]
+    assert any(not r["is_key_frame"] for r in records) and any(r["is_key_frame"] for r in records)
+    for record in records:
+        path = roots[0] / record["filename"]
+        points = np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+        assert points.shape == (32 * 1084, 5)
+        assert (points.reshape(1084, 32, 5)[:, :, 4] == np.arange(32)).all()
+        returns = lidar_returns(points)
+        assert (points[~returns, :4] == 0).all()
+        # nothing stands within a metre of the sensor (the lowest beam meets the ground 3.1 m away)
+        assert (np.maximum(np.abs(points[returns, 0]), np.abs(points[returns, 1])) >= 1.0).all()
+        # the upper beams see sky over the street: a real share of rays return nothing, most return something
+        assert 0.6 < returns.mean() < 0.95
+        cloud = LidarPointCloud.from_file(str(path))
+        cloud.remove_close(1.0)
+        assert cloud.nbr_points() == int(returns.sum())
+
+
+def test_dataset_stats_counts_rows_and_returns_per_key_frame(roots):
+    from distillbev.pipeline.data.loading import lidar_returns
+    from distillbev.pipeline.data.stats import dataset_statistics, format_statistics
+
+    nusc = load(roots[0])
+    stats = dataset_statistics(nusc)
+    returns = []
+    for sample in nusc.sample:
+        record = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+        returns.append(lidar_returns(np.fromfile(roots[0] / record["filename"], dtype=np.float32).reshape(-1, 5)).sum())
+    assert stats.samples == 6 and stats.annotations_all == len(nusc.sample_annotation)
+    assert stats.points_per_key_frame == {"mean": 34688.0, "p5": 34688.0, "p95": 34688.0}
+    assert stats.returns_per_key_frame["mean"] == pytest.approx(np.mean(returns))
+    assert stats.returns_per_key_frame["p5"] == pytest.approx(np.percentile(returns, 5))
+    assert f"| {np.mean(returns):.0f} (" in format_statistics(stats)
+
+
 def test_world_one_keeps_its_single_time():
     from distillbev.pipeline.data.synthetic.world import Scene
 

@@ -166,8 +166,9 @@ def _points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def simulate_lidar(scene: Scene, timestamp: int, settings: SensorSettings, count_points: bool) -> LidarFrame:
     """Casts the LiDAR from the ego pose at `timestamp` against the objects at their positions at that time.
 
-    With count_points (key frames), points within BOUNDARY_GUARD of a visible box surface are dropped and the
-    points inside each visible box are counted in the global frame.
+    With count_points (key frames), points within BOUNDARY_GUARD of a visible box surface are dropped (world 2:
+    written as rays without a return, at the origin) and the points inside each visible box are counted in the
+    global frame.
     """
     global_from_lidar = global_from_ego(scene, timestamp) @ rig_variant(scene.car)[LIDAR_CHANNEL].ego_from_sensor
     visible, boxes = visible_objects(scene, timestamp, settings.visibility_range)
@@ -190,7 +191,10 @@ def simulate_lidar(scene: Scene, timestamp: int, settings: SensorSettings, count
         shrunk[:, 3:6] -= 2 * BOUNDARY_GUARD
         inside = _points_in_boxes(global_points, shrunk)  # (P, V)
         ambiguous = (_points_in_boxes(global_points, grown) & ~inside).any(axis=1)
-        points = points[~ambiguous]
+        if scene.world == 2:  # every ray keeps its row (nuScenes' layout): an ambiguous one becomes a no-return
+            points[ambiguous, :4] = 0.0
+        else:
+            points = points[~ambiguous]
         num_points = inside[~ambiguous].sum(axis=0)
     return LidarFrame(timestamp, points, visible, num_points)
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ...errors import ConfigError, DataError
 from ..classes import DETECTION_CLASSES
+from ..loading import lidar_returns
 from .camera import save_jpeg
 from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, ego_height, ego_pose, simulate_lidar
 from .lidar import LidarPattern
@@ -182,13 +183,14 @@ def plan_scene(config: SyntheticConfig, scene_index: int) -> ScenePlan:
 
 @dataclass
 class SceneResult:
-    """One generated scene: its table records (a `DatasetTables` holding this scene only), how many sweeps and
-    key-frame points it wrote, and the detection classes it annotates."""
+    """One generated scene: its table records (a `DatasetTables` holding this scene only), how many sweeps,
+    key-frame points (rows) and key-frame returns it wrote, and the detection classes it annotates."""
 
     scene_index: int
     tables: DatasetTables
     sweeps: int
     key_frame_points: int
+    key_frame_returns: int
     classes: set[str]
 
 
@@ -209,7 +211,7 @@ def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, nam
     settings = sensor_settings(config)
     cameras = CameraRig()
     tables = _new_tables(config)
-    counts = {"sweeps": 0, "key_frame_points": 0}
+    counts = {"sweeps": 0, "key_frame_points": 0, "key_frame_returns": 0}
     classes: set[str] = set()
     plan = plan_scene(config, scene_index)
     scene = plan.scene
@@ -236,6 +238,7 @@ def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, nam
         filename = f"samples/{LIDAR_CHANNEL}/{log_name}__{LIDAR_CHANNEL}__{key_time}.pcd.bin"
         _write_points(out_dir / filename, key_frame.points)
         counts["key_frame_points"] += len(key_frame.points)
+        counts["key_frame_returns"] += int(lidar_returns(key_frame.points).sum())
         tables.add_sample_data(scene_index, LIDAR_CHANNEL, sample_token, key_time, True, filename, ego_xy, heading,
                                rotation_at(key_time))
         camera_frame = cameras.render(scene, key_time, settings, with_owners=config.instance_masks)
@@ -263,7 +266,8 @@ def generate_scene(out_dir: Path, config: SyntheticConfig, scene_index: int, nam
                                   float(camera_frame.visible_fraction[slot]))
             if not obj.category:
                 classes.add(obj.class_name)
-    return SceneResult(scene_index, tables, counts["sweeps"], counts["key_frame_points"], classes)
+    return SceneResult(scene_index, tables, counts["sweeps"], counts["key_frame_points"], counts["key_frame_returns"],
+                       classes)
 
 
 def _scene_job(args: tuple[Path, SyntheticConfig, int, str]) -> SceneResult:
@@ -355,12 +359,13 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
                disable=not progress)
     results = _run_scenes(out_dir, config, scene_names, resolve_workers(workers, config.num_scenes), bar)
     bar.close()
-    counts = {"sweeps": 0, "key_frame_points": 0}
+    counts = {"sweeps": 0, "key_frame_points": 0, "key_frame_returns": 0}
     val_classes: set[str] = set()
     for result in results:  # in scene order, whatever order the scenes finished in
         tables.extend(result.tables)
         counts["sweeps"] += result.sweeps
         counts["key_frame_points"] += result.key_frame_points
+        counts["key_frame_returns"] += result.key_frame_returns
         if result.scene_index >= first_val:
             val_classes |= result.classes
 
@@ -381,7 +386,7 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
         "splits": ["mini_train", "mini_val"] if official else [config.train_split, config.val_split],
         "samples": len(tables.tables["sample"]), "sweeps": counts["sweeps"],
         "annotations": len(tables.tables["sample_annotation"]), "instances": len(tables.tables["instance"]),
-        "key_frame_points": counts["key_frame_points"],
+        "key_frame_points": counts["key_frame_points"], "key_frame_returns": counts["key_frame_returns"],
         "val_classes": [name for name in DETECTION_CLASSES if name in val_classes],
     }
     summary["bytes"] = _folder_bytes(out_dir)

@@ -24,6 +24,8 @@ BACK_FACE_GAIN = 0.5  # and from its back face
 SOLID_SIDE_INSET = 0.05  # [m] per side in length and width
 SOLID_TOP_INSET = 0.05  # [m] off the top
 
+NO_RETURN_OWNER = -2  # owner of a world-v2 ray without a return, written as a row at the sensor origin
+
 
 @dataclass(frozen=True)
 class LidarPattern:
@@ -133,7 +135,13 @@ def cast_lidar_materials(global_from_lidar: np.ndarray, solids: np.ndarray, refl
     cos(incidence)) with 15% noise; a return is lost with probability `dropout`, more often on dark surfaces, at
     grazing incidence and at long range, as a real scanner loses them. Range noise grows with range. The ground is
     `terrain` (terrain.Terrain: slopes and kerbs) or, without it, the plane z = 0.
-    Returns points (P, 5) float32 x, y, z, intensity, ring and the solid each point hit (P,) (-1: the ground).
+
+    Every ray is written, in nuScenes' layout: column by column (azimuth), each column all `num_beams` rings in
+    order, so that `points.reshape(-1, num_beams, 5)[:, r, 4] == r`. A ray without a return (sky, beyond
+    max_range, lost) is a row at the sensor origin with intensity 0, as nuScenes stores its invalid
+    returns at a radius close to zero; `remove_close` style filters drop them.
+    Returns points (A * B, 5) float32 x, y, z, intensity, ring and the solid each ray hit (A * B,) (-1: the
+    ground, NO_RETURN_OWNER: no return).
     """
     dirs_lidar, dirs_global, ranges, owner, face, ground_normals = _cast(global_from_lidar, solids, pattern, terrain,
                                                                          max_range)
@@ -151,11 +159,16 @@ def cast_lidar_materials(global_from_lidar: np.ndarray, solids: np.ndarray, refl
     survive = rng.uniform(size=len(keep)) >= np.clip(loss, 0.0, 0.95)
     keep, hit, cos_incidence, reflect = keep[survive], hit[survive], cos_incidence[survive], reflect[survive]
     noisy = ranges[keep] + rng.normal(0.0, 1.0, size=len(keep)) * range_noise * (1.0 + ranges[keep] / 50.0)
-    xyz = dirs_lidar[keep] * noisy[:, None]
     intensity = 255.0 * reflect * (0.25 + 0.75 * cos_incidence) * rng.uniform(0.85, 1.15, size=len(keep))
-    ring = keep // pattern.num_azimuths
-    points = np.concatenate([xyz, np.clip(intensity, 0.0, 255.0).round()[:, None], ring[:, None]], axis=1)
-    return points.astype(np.float32), hit
+    beams, columns = pattern.num_beams, pattern.num_azimuths
+    points = np.zeros((beams * columns, 5), dtype=np.float64)  # rays column-major: row = column * B + beam
+    points[:, 4] = np.tile(np.arange(beams), columns)
+    rows = (keep % columns) * beams + keep // columns  # ray index beam * A + column -> row
+    points[rows, :3] = dirs_lidar[keep] * noisy[:, None]
+    points[rows, 3] = np.clip(intensity, 0.0, 255.0).round()
+    owners = np.full(beams * columns, NO_RETURN_OWNER)
+    owners[rows] = hit
+    return points.astype(np.float32), owners
 
 
 def cast_lidar(global_from_lidar: np.ndarray, boxes: np.ndarray, intensities: np.ndarray, pattern: LidarPattern,
