@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .demo import STUDENTS, plan, pretrained_backbone_override, set_args, student_label
+from .demo import RECIPES, STUDENTS, apply_recipe, plan, pretrained_backbone_override, set_args, student_label
 from .jobs import Step, run_parallel, run_steps
 
 # Layer pairs as config literals (student feature, teacher feature, adapter, FP region).
@@ -124,10 +124,12 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]
               help="Output directory; point it at a demo directory to reuse its dataroot, teacher and cache.")
 @click.option("--student", type=click.Choice(STUDENTS), default="bevdet", show_default=True,
               help="Camera student (configs/synthetic/student_<name>.yaml).")
-@click.option("--views", type=int, default=4, show_default=True, help="Cached BEV-augmented views per sample.")
+@click.option("--views", type=int, default=None,
+              help="Cached BEV-augmented views per sample (default: the world's recipe, as `demo`).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="Synthetic world of the demo directory (2: the street world, configs/street/).")
+@click.option("--world", type=click.Choice(["1", "2"]), default="2", show_default=True,
+              help="Synthetic world of the demo directory (2: the street world, configs/street/; 1: configs/synthetic/"
+                   "). Its recipe (demo.RECIPES) sets what the options leave unset, as in `demo`.")
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Student runs trained at once, each as its own process with cores/jobs threads.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -135,12 +137,12 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]
 @click.option("--rows", "rows", default=None, metavar="NAMES",
               help="Only these rows, comma-separated, e.g. \"baseline,plain imitation,+FG/BG,+FP\" "
                    "(default: every row of both tables).")
-@click.option("--pretrain-backbone", is_flag=True,
+@click.option("--pretrain-backbone/--no-pretrain-backbone", default=None,
               help="Start every row from the demo's pretrained image backbone (OUT/backbone, made first if missing: "
-                   "`demo --pretrain-backbone`).")
+                   "`demo --pretrain-backbone`; default: the world's recipe, on in world 2).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override every student run's config.")
-def command(out: Path, student: str, views: int, device: str, world: str, jobs: int, seeds: int, rows: str | None,
-            pretrain_backbone: bool, overrides: tuple[str, ...]) -> None:
+def command(out: Path, student: str, views: int | None, device: str, world: str, jobs: int, seeds: int,
+            rows: str | None, pretrain_backbone: bool | None, overrides: tuple[str, ...]) -> None:
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
     paper's numbers."""
@@ -149,7 +151,10 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
     row_names = parse_rows(rows)
     component_rows, layer_rows = ablation_rows(student, row_names)  # before any work: a typo fails at once
     out.mkdir(parents=True, exist_ok=True)
-    steps, paths = plan(out, student, views, None, None, device, overrides, world=int(world),
+    recipe_pretrain = RECIPES[int(world)].pretrain_backbone
+    views, scenes, pretrain_backbone, overrides, teacher_overrides = apply_recipe(
+        int(world), views, None, pretrain_backbone, overrides, ())
+    steps, paths = plan(out, student, views, scenes, None, device, overrides, teacher_overrides, world=int(world),
                         pretrain_backbone=pretrain_backbone)
     *inputs, baseline_step, distilled_step = steps  # dataroot, [backbone,] teacher, cache; the demo's two students
     seconds: dict[str, float] = {}
@@ -187,8 +192,9 @@ def command(out: Path, student: str, views: int, device: str, world: str, jobs: 
         f"Ablations of {label} distilled from the CenterPoint-pillar teacher"
         + (" with a DETR decoder (its decoder inherited in every distilled row)" if student == "bevformer" else "")
         + " on the synthetic dataset "
-        f"(`distillbev ablate --out {out} --student {student}" + (f" --world {world}" if world != "1" else "")
-        + (" --pretrain-backbone" if pretrain_backbone else "") + f" --seeds {seeds}"
+        f"(`distillbev ablate --out {out} --student {student}" + (f" --world {world}" if world != "2" else "")
+        + ("" if pretrain_backbone == recipe_pretrain else
+           " --pretrain-backbone" if pretrain_backbone else " --no-pretrain-backbone") + f" --seeds {seeds}"
         + (f" --rows \"{','.join(row_names)}\"" if row_names else "") + "`); "
         + (f"each of our cells is the mean ± sample sd of {seeds} runs (train.seed 0..{seeds - 1}); " if seeds > 1
            else "each of our rows is one run; ") + "paper numbers: BEVDet4D-R50 on nuScenes val.",

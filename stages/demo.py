@@ -3,10 +3,12 @@
 Each step is the equivalent `distillbev` command: the data, teacher and cache steps run in-process with every core,
 the two students side by side as two processes with half the cores each (`--jobs 1`: in-process, one after the
 other; stages/jobs.py). A step whose output is already complete is reused, so rerunning after an interruption
-continues where it stopped. `--world 2` runs it on the street world with configs/street/ (+-51.2 m) instead of
-world 1 with configs/synthetic/ (+-32 m). The two students evaluate every 2 epochs and save attention snapshots
-(FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/ at the end (OUT/figures_<student>/ for a
-student other than bevdet).
+continues where it stopped. It runs on world 2, the street world, with configs/street/ (+-51.2 m) at its recipe
+(RECIPES: a 150-scene dataroot, one cached view per sample, a backbone pretrained on the train images, 6 student
+epochs, 2 teacher epochs), which is what its camera students need to learn (docs/synthetic.md). `--world 1` runs
+the quick main job on world 1 with configs/synthetic/ (+-32 m), 10 scenes and 4 views. The two students evaluate
+every 2 epochs and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/
+at the end (OUT/figures_<student>/ for a student other than bevdet).
 
 Another `--student` on the same OUT reuses its dataroot, teacher and cache and adds that student's baseline and
 distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
@@ -20,11 +22,11 @@ its cache and a student distilled from it, so the table holds the teacher x stud
 every finished step of a main job already in OUT, so it extends one whose dataroot has masks.
 
 `--pretrain-backbone` pretrains the students' ResNet on the train split's images first (`pretrain-backbone`, the
-stand-in for the ImageNet / FCOS3D weights the paper's students start from) and starts both students from it. On
-world 2 the camera students need it with a larger dataroot and schedule than the default (docs/synthetic.md):
+stand-in for the ImageNet / FCOS3D weights the paper's students start from) and starts both students from it; it
+is on in world 2's recipe. The default main job is the same as
 
     distillbev demo --world 2 --scenes 150 --views 1 --pretrain-backbone --set pretrain.epochs=10 \
-        --set train.epochs=6 --set "train.lr_steps=[5]" --out runs/world2
+        --set train.epochs=6 --set "train.lr_steps=[5]" --teacher-set train.epochs=2 --out runs/world2
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -51,6 +54,41 @@ TEACHER_RUNS = (("CenterPoint", "L", "teacher"), ("CenterPoint+DETR", "L", "teac
 # `--pretrain-backbone`: the backbone pretraining flips and rescales the train images (BEVDet's image augmentation)
 # whatever the student's own data section says; measured on world 2 in docs/synthetic.md
 PRETRAIN_AUGMENTATION = ("data.image_flip=true", "data.resize_lim=[-0.06,0.11]")
+
+
+@dataclass(frozen=True)
+class MainJobRecipe:
+    """The size and schedules a world's main job runs at unless the command line says otherwise: the dataroot's
+    scenes (None: the generator's default), the cached views per sample, whether the students start from a
+    backbone pretrained on the train images, and the --set / --teacher-set put before the user's (which win)."""
+
+    scenes: int | None
+    views: int
+    pretrain_backbone: bool
+    student_sets: tuple[str, ...] = ()
+    teacher_sets: tuple[str, ...] = ()
+
+
+# World 2 (the default): its camera students learn only from a larger dataroot, a pretrained backbone and a longer
+# schedule than world 1's (docs/synthetic.md, "The camera students on world 2"); about 75 min on 2 idle cores.
+# World 1: the small, quick main job (about 13 min), whose world gives the class and depth away.
+RECIPES = {
+    1: MainJobRecipe(scenes=None, views=4, pretrain_backbone=False),
+    2: MainJobRecipe(scenes=150, views=1, pretrain_backbone=True,
+                     student_sets=("pretrain.epochs=10", "train.epochs=6", "train.lr_steps=[5]"),
+                     teacher_sets=("train.epochs=2",)),
+}
+
+
+def apply_recipe(world: int, views: int | None, scenes: int | None, pretrain_backbone: bool | None,
+                 overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]
+                 ) -> tuple[int, int | None, bool, tuple[str, ...], tuple[str, ...]]:
+    """The world's recipe filled in where the command line left an option unset: (views, scenes,
+    pretrain_backbone, student overrides, teacher overrides); the user's --set come after the recipe's."""
+    recipe = RECIPES[world]
+    return (recipe.views if views is None else views, recipe.scenes if scenes is None else scenes,
+            recipe.pretrain_backbone if pretrain_backbone is None else pretrain_backbone,
+            (*recipe.student_sets, *overrides), (*recipe.teacher_sets, *teacher_overrides))
 
 
 def set_args(items) -> list[str]:
@@ -224,26 +262,31 @@ def bar_chart(rows: list[dict], path: Path) -> None:
               help="Output directory (reused on rerun: finished steps are skipped).")
 @click.option("--student", type=click.Choice(STUDENTS), default="bevdet", show_default=True,
               help="Camera student (configs/synthetic/student_<name>.yaml).")
-@click.option("--views", type=int, default=4, show_default=True, help="Cached BEV-augmented views per sample.")
-@click.option("--scenes", type=int, default=None, help="Synthetic scenes (default: the generator's default).")
+@click.option("--views", type=int, default=None,
+              help="Cached BEV-augmented views per sample (default: the world's recipe, 1 in world 2, 4 in "
+                   "world 1).")
+@click.option("--scenes", type=int, default=None,
+              help="Synthetic scenes (default: the world's recipe, 150 in world 2, the generator's 10 in world 1).")
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="Synthetic world: 1 (configs/synthetic/, +-32 m) or 2, the street world (configs/street/, "
-                   "+-51.2 m; docs/synthetic.md).")
+@click.option("--world", type=click.Choice(["1", "2"]), default="2", show_default=True,
+              help="Synthetic world: 2, the street world (configs/street/, +-51.2 m; docs/synthetic.md), or 1, the "
+                   "quick one that gives class and depth away (configs/synthetic/, +-32 m). Each has its recipe "
+                   "(RECIPES): the options below left unset take the world's values.")
 @click.option("--jobs", type=click.IntRange(1, 2), default=min(2, os.cpu_count() or 1), show_default="2 with 2+ cores",
               help="Student runs trained at once (baseline and distilled), each its own process with cores/jobs "
                    "threads; 1 trains them one after the other in this process.")
 @click.option("--teachers", "teacher_names", default="centerpoint", show_default=True,
               help="centerpoint, or centerpoint,mvp to add the LiDAR-camera MVP teacher and its student.")
-@click.option("--pretrain-backbone", is_flag=True,
+@click.option("--pretrain-backbone/--no-pretrain-backbone", default=None,
               help="Pretrain the students' image backbone on the train split's images first (`pretrain-backbone`, "
-                   "OUT/backbone; its schedule from --set pretrain.*) and start both students from it.")
+                   "OUT/backbone; its schedule from --set pretrain.*) and start both students from it (default: "
+                   "the world's recipe, on in world 2, off in world 1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override the student config.")
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override the teacher config (both teachers).")
-def command(out: Path, student: str, views: int, scenes: int | None, samples_per_scene: int | None,
-            device: str, world: str, jobs: int, teacher_names: str, pretrain_backbone: bool,
+def command(out: Path, student: str, views: int | None, scenes: int | None, samples_per_scene: int | None,
+            device: str, world: str, jobs: int, teacher_names: str, pretrain_backbone: bool | None,
             overrides: tuple[str, ...], teacher_overrides: tuple[str, ...]) -> None:
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
@@ -251,6 +294,8 @@ def command(out: Path, student: str, views: int, scenes: int | None, samples_per
     from ..pipeline.eval.figures import draw_figures
 
     world = int(world)
+    views, scenes, pretrain_backbone, overrides, teacher_overrides = apply_recipe(
+        world, views, scenes, pretrain_backbone, overrides, teacher_overrides)
     teachers = parse_teachers(teacher_names)
     if "mvp" in teachers:
         check_masks(out / "data")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -12,9 +13,10 @@ from distillbev.cli import cli
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--scenes", "2", "--samples-per-scene", "4", "--views", "2",
+SIZES = ["--scenes", "2", "--samples-per-scene", "4", "--views", "2",
         "--teacher-set", "train.epochs=1", "--teacher-set", "train.batch_size=2",
         "--set", "train.epochs=1", "--set", "train.num_workers=0"]
+TINY = ["--world", "1", *SIZES]  # world 1's recipe at a tiny size
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_demo_rerun_reuses_every_step(demo_dir):
 
 
 def test_ablate_trains_each_distinct_row_once_and_writes_both_tables(demo_dir):
-    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--views", "2", "--jobs", "2",
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--world", "1", "--views", "2", "--jobs", "2",
                                       "--set", "train.epochs=1", "--set", "train.num_workers=0"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -81,7 +83,8 @@ def test_ablate_trains_each_distinct_row_once_and_writes_both_tables(demo_dir):
 def test_ablate_seeds_repeats_every_row_and_reports_mean_and_sd(demo_dir):
     import statistics
 
-    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--views", "2", "--jobs", "2", "--seeds", "2",
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--world", "1", "--views", "2", "--jobs", "2",
+                                      "--seeds", "2",
                                       "--set", "train.epochs=1", "--set", "train.num_workers=0"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -97,7 +100,7 @@ def test_ablate_seeds_repeats_every_row_and_reports_mean_and_sd(demo_dir):
 
 
 def test_ablate_rows_trains_and_reports_only_the_named_rows(demo_dir):
-    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--views", "2", "--jobs", "2",
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(demo_dir), "--world", "1", "--views", "2", "--jobs", "2",
                                       "--rows", "baseline, plain imitation,+FP",
                                       "--set", "train.epochs=1", "--set", "train.num_workers=0"],
                                 catch_exceptions=False)
@@ -108,6 +111,39 @@ def test_ablate_rows_trains_and_reports_only_the_named_rows(demo_dir):
     text = (demo_dir / "ablations.md").read_text()
     assert "### Components" in text and "### Layers" not in text and "+FG/BG" not in text
     assert '--rows "baseline,plain imitation,+FP"' in text
+
+
+@pytest.mark.parametrize("command", ["demo", "ablate"])
+def test_the_default_main_job_is_world_2_at_its_recipe(tmp_path, monkeypatch, command):
+    """`distillbev demo` (and `ablate` on its folder) plans exactly the documented world-2 command; an option given
+    on the command line wins over the recipe, and world 1 keeps its quick main job."""
+    from distillbev.stages import ablate, demo
+
+    planned = []
+
+    def fake_plan(out, student, views, scenes, samples_per_scene, device, overrides, teacher_overrides=(), world=1,
+                  teachers=("centerpoint",), pretrain_backbone=False):
+        planned.append((views, scenes, world, pretrain_backbone, tuple(overrides), tuple(teacher_overrides)))
+        raise click.Abort()
+
+    monkeypatch.setattr(demo if command == "demo" else ablate, "plan", fake_plan)
+    documented = ["--world", "2", "--scenes", "150", "--views", "1", "--pretrain-backbone", "--set",
+                  "pretrain.epochs=10", "--set", "train.epochs=6", "--set", "train.lr_steps=[5]", "--teacher-set",
+                  "train.epochs=2"]
+    if command == "ablate":  # ablate has no --scenes / --teacher-set: it always takes the recipe's
+        documented = [arg for arg in documented[4:] if arg != "--teacher-set" and arg != "train.epochs=2"]
+    for argv in ([], documented, ["--world", "1"],
+                 ["--views", "4", "--no-pretrain-backbone", "--set", "train.epochs=3"]):
+        CliRunner().invoke(cli, [command, "--out", str(tmp_path / "out"), *argv])
+    default, explicit, world1, mine = planned
+    recipe_sets = ("pretrain.epochs=10", "train.epochs=6", "train.lr_steps=[5]")
+    assert default == (1, 150, 2, True, recipe_sets, ("train.epochs=2",))
+    if command == "demo":
+        assert explicit == (1, 150, 2, True, recipe_sets * 2, ("train.epochs=2",) * 2)  # the same values, twice
+    else:
+        assert explicit[:4] == default[:4] and explicit[4] == recipe_sets * 2
+    assert world1 == (4, None, 1, False, (), ())
+    assert mine == (4, 150, 2, False, (*recipe_sets, "train.epochs=3"), ("train.epochs=2",))
 
 
 def test_ablation_rows_selects_by_name_and_names_the_valid_rows_on_a_typo():
@@ -163,7 +199,7 @@ def test_demo_with_the_mvp_teacher_adds_its_teacher_cache_and_student(tmp_path):
 
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--world", "2", "--teachers", "centerpoint,mvp",
-                                      *TINY], catch_exceptions=False)
+                                      "--no-pretrain-backbone", *SIZES], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_summary.json").read_text())
     assert [step["name"] for step in summary["steps"]] == [
@@ -242,7 +278,8 @@ def test_demo_pretrain_backbone_adds_the_step_and_both_students_start_from_it(de
         moved = (state["backbone.conv1.weight"] - weights["conv1.weight"]).abs().max()
         assert moved < 0.01 * weights["conv1.weight"].abs().max(), moved
 
-    result = CliRunner().invoke(cli, ["ablate", "--out", str(out), "--pretrain-backbone", "--views", "2", "--rows",
+    result = CliRunner().invoke(cli, ["ablate", "--out", str(out), "--world", "1", "--pretrain-backbone",
+                                      "--views", "2", "--rows",
                                       "+FG/BG", "--set", "train.epochs=1", "--set", "train.num_workers=0",
                                       "--set", "pretrain.epochs=1", "--set", "pretrain.num_workers=0"],
                                 catch_exceptions=False)
