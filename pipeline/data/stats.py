@@ -4,9 +4,9 @@
     print(format_statistics(stats))
 
 Per key frame: annotations (all categories and the 10 detection classes), LiDAR points and returns; per
-annotation of the 10 classes: class, distance from the ego in the ground plane, LiDAR points inside the box; per scene: LiDAR
-sweeps before its first key frame; per camera record: its time offset from the sample's LiDAR key frame; per key
-frame: the ego's pitch and roll (how much the ground tilts under it).
+annotation of the 10 classes: class, distance from the ego in the ground plane, LiDAR points inside the box; per
+scene: LiDAR sweeps before its first key frame; per camera record: its time offset from the sample's LiDAR key
+frame; per key frame: the ego's pitch and roll (how much the ground tilts under it).
 """
 
 from __future__ import annotations
