@@ -130,7 +130,7 @@ def small_shape_setup(folder: Path, steps: int, warmup: int, workers: int, stude
     train_scenes = math.ceil((steps + warmup) * cfg.train.batch_size / samples_per_scene)
     dataroot = folder / "synthetic"
     log.info("small: generating %d synthetic scenes", train_scenes + 1)
-    generate_dataset(dataroot, SyntheticConfig(num_scenes=train_scenes + 1, samples_per_scene=samples_per_scene,
+    generate_dataset(dataroot, SyntheticConfig.boxes(num_scenes=train_scenes + 1, samples_per_scene=samples_per_scene,
                                                val_scenes=1, sweeps_per_key_frame=max(teacher_cfg.data.num_sweeps, 1)),
                      progress=False)
     cfg.data.dataroot = teacher_cfg.data.dataroot = str(dataroot)

@@ -209,8 +209,8 @@ def check_masks(dataroot: Path) -> None:
     if (dataroot / "synthetic_summary.json").exists() and not (dataroot / "masks").is_dir():
         raise click.UsageError(f"{dataroot} has no instance masks (masks/), which the MVP teacher's virtual points "
                                f"are lifted from; regenerate it with `distillbev make-synthetic --out {dataroot} "
-                               f"--masks` (world 1: the same files plus masks/, so the finished steps "
-                               f"stay valid) or use a new --out")
+                               f"--world 1 --masks` (a world-1 main job: the same files plus masks/, so the finished "
+                               f"steps stay valid) or use a new --out")
 
 
 METRIC_KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")

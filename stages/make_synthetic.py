@@ -14,9 +14,9 @@ import click
 @click.option("--version", "version", type=str, default=None,
               help="Table folder name (default v1.0-synthetic). v1.0-mini writes the official mini layout: 10 "
                    "scenes under the official mini scene names, split by the devkit's own mini_train / mini_val.")
-@click.option("--world", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="1: one coloured box per object on a flat grid; 2: the street world (objects built from parts, "
-                   "materials, clutter, nuScenes range and class frequencies).")
+@click.option("--world", type=click.Choice(["1", "2"]), default="2", show_default=True,
+              help="2: the street world (objects built from parts, materials, clutter, nuScenes range and class "
+                   "frequencies); 1: one coloured box per object on a flat grid (the quick main job's world).")
 @click.option("--workers", type=int, default=None,
               help="Processes generating scenes in parallel (default: one per CPU, at most one per scene); the "
                    "output is the same for any number.")
@@ -31,7 +31,7 @@ def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val
     """Generate a synthetic nuScenes-format dataset (LiDAR, six cameras, 13 tables, custom splits)."""
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
-    config = SyntheticConfig() if world == "1" else SyntheticConfig.street()
+    config = SyntheticConfig.boxes() if world == "1" else SyntheticConfig()
     if version == "v1.0-mini" and scenes is None:
         scenes = 10
     if scenes is not None:

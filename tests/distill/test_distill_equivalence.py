@@ -103,12 +103,14 @@ def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: st
                      decoder: TeacherDecoderConfig | None = None, layers: str | None = None) -> TinyWorld:
     """Generate the dataroot, save a random teacher and run `extract-teacher` (fp16, `views` views). With
     point_features "mvp": instance masks, virtual points and a 17-dim MVP teacher; with `decoder`, a teacher with
-    a DETR decoder; `layers` = extract-teacher's --layers (its default when None)."""
+    a DETR decoder; `layers` = extract-teacher's --layers (its default when None). World 1: one key frame per scene
+    with sweeps before it (world 2, like nuScenes, has no sweep before a scene's first key frame)."""
     dataroot = folder / "synthetic"
     mvp = point_features == "mvp"
-    generate_dataset(dataroot, SyntheticConfig(num_scenes=2, samples_per_scene=1, val_scenes=1,
-                                               sweeps_per_key_frame=NUM_SWEEPS, objects_per_scene=16,
-                                               visibility_range=20.0, lidar_azimuth_steps=512, instance_masks=mvp),
+    generate_dataset(dataroot, SyntheticConfig.boxes(num_scenes=2, samples_per_scene=1, val_scenes=1,
+                                                     sweeps_per_key_frame=NUM_SWEEPS, objects_per_scene=16,
+                                                     visibility_range=20.0, lidar_azimuth_steps=512,
+                                                     instance_masks=mvp),
                      progress=False)
     if mvp:
         from distillbev.pipeline.mvp.run import make_virtual_points

@@ -54,7 +54,9 @@ def student_config(world: World, distilled: bool, epochs: int = EPOCHS, eval_eve
 
 
 def build_world(folder: Path) -> World:
-    """3 train and 3 val key frames (2 scenes), a random tiny teacher and its 2-view cache."""
+    """3 train and 3 val key frames (2 scenes), a random tiny teacher and its 2-view cache. World 1, like the cache
+    tests' tiny world (tests/distill/test_distill_equivalence.py): the DDP test that shares it compares near-tied
+    scores of a barely trained student between one and two processes."""
     from click.testing import CliRunner
 
     from distillbev.pipeline.config import dump_config
@@ -65,9 +67,9 @@ def build_world(folder: Path) -> World:
 
     module = tiny_module()
     dataroot = folder / "synthetic"
-    generate_dataset(dataroot, SyntheticConfig(num_scenes=2, samples_per_scene=3, val_scenes=1,
-                                               sweeps_per_key_frame=module.NUM_SWEEPS, objects_per_scene=16,
-                                               visibility_range=20.0, lidar_azimuth_steps=512), progress=False)
+    generate_dataset(dataroot, SyntheticConfig.boxes(num_scenes=2, samples_per_scene=3, val_scenes=1,
+                                                     sweeps_per_key_frame=module.NUM_SWEEPS, objects_per_scene=16,
+                                                     visibility_range=20.0, lidar_azimuth_steps=512), progress=False)
     teacher_config = module.tiny_teacher_config(dataroot)
     dump_config(teacher_config, folder / "teacher.yaml")
     torch.manual_seed(0)

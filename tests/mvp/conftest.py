@@ -16,7 +16,7 @@ SHARP = MaskErrorModel(boundary_sigma=0.0, jitter_sigma=0.0, ragged=0.0)
 
 @pytest.fixture(scope="session")
 def street_config() -> SyntheticConfig:
-    return SyntheticConfig.street(num_scenes=2, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=2, seed=5,
+    return SyntheticConfig(num_scenes=2, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=2, seed=5,
                                   mask_errors=SHARP)
 
 

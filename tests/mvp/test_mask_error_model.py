@@ -77,10 +77,10 @@ def test_false_masks_on_clutter_and_background() -> None:
 
 
 def test_world_one_has_no_masks_and_world_two_has_them_by_default() -> None:
-    assert SyntheticConfig().instance_masks is False and SyntheticConfig.street().instance_masks is True
-    check_config(SyntheticConfig(instance_masks=True))  # world 1 on request (make-synthetic --masks)
+    assert SyntheticConfig.boxes().instance_masks is False and SyntheticConfig().instance_masks is True
+    check_config(SyntheticConfig.boxes(instance_masks=True))  # world 1 on request (make-synthetic --world 1 --masks)
     with pytest.raises(ConfigError, match="confusion"):
-        check_config(SyntheticConfig.street(mask_errors=MaskErrorModel(confusion=1.5)))
+        check_config(SyntheticConfig(mask_errors=MaskErrorModel(confusion=1.5)))
 
 
 @pytest.mark.slow
@@ -90,8 +90,8 @@ def test_world_one_masks_add_files_and_change_no_other_byte(tmp_path: Path) -> N
     roots = {}
     for flag in ("--masks", "--no-masks"):
         roots[flag] = tmp_path / flag.strip("-")
-        main(["make-synthetic", "--out", str(roots[flag]), "--scenes", "2", "--samples-per-scene", "2", "--workers",
-              "1", "--no-progress", flag])
+        main(["make-synthetic", "--out", str(roots[flag]), "--world", "1", "--scenes", "2", "--samples-per-scene", "2",
+              "--workers", "1", "--no-progress", flag])
     files = {flag: {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file()} for flag, root in roots.items()}
     added = set(files["--masks"]) - set(files["--no-masks"])
     assert set(files["--no-masks"]) <= set(files["--masks"]) and added

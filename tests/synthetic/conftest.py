@@ -13,7 +13,7 @@ TINY_CONFIG = dict(num_scenes=2, samples_per_scene=3, val_scenes=1, seed=3)
 
 @pytest.fixture(scope="session")
 def synthetic_config() -> SyntheticConfig:
-    return SyntheticConfig(**TINY_CONFIG)
+    return SyntheticConfig.boxes(**TINY_CONFIG)
 
 
 @pytest.fixture(scope="session")

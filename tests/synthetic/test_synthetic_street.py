@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def street_config(seed: int) -> SyntheticConfig:
-    return SyntheticConfig.street(num_scenes=2, samples_per_scene=3, val_scenes=1, seed=seed, sweeps_per_key_frame=2)
+    return SyntheticConfig(num_scenes=2, samples_per_scene=3, val_scenes=1, seed=seed, sweeps_per_key_frame=2)
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def test_sloped_dataroot_boxes_and_points_agree_after_the_devkit_transforms(tmp_
     from distillbev.pipeline.data.stats import _pitch_roll
     from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 
-    config = SyntheticConfig.street(num_scenes=2, samples_per_scene=2, val_scenes=1, seed=7, sweeps_per_key_frame=1,
+    config = SyntheticConfig(num_scenes=2, samples_per_scene=2, val_scenes=1, seed=7, sweeps_per_key_frame=1,
                                     instance_masks=False)
     generate_dataset(tmp_path, config, progress=False)
     nusc = NuScenes(config.version, str(tmp_path), verbose=False)

@@ -28,9 +28,9 @@ def test_worker_count_defaults_to_the_cpus_and_never_exceeds_the_scenes(monkeypa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [
-    SyntheticConfig(num_scenes=3, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=2, objects_per_scene=14,
+    SyntheticConfig.boxes(num_scenes=3, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=2, objects_per_scene=14,
                     seed=4),
-    SyntheticConfig.street(num_scenes=3, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=1, seed=4),
+    SyntheticConfig(num_scenes=3, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=1, seed=4),
 ], ids=["world1", "world2"])
 def test_two_workers_write_the_same_bytes_as_one(tmp_path, config):
     serial, pooled = tmp_path / "serial", tmp_path / "pooled"

@@ -50,7 +50,8 @@ PREDEFINED_SPLITS = frozenset({"train", "val", "test", "mini_train", "mini_val",
 
 @dataclass
 class SyntheticConfig:
-    """What to generate. Defaults: 10 scenes x 10 key frames (8 train, 2 val scenes)."""
+    """What to generate. Defaults: world 2, the street world, at 10 scenes x 10 key frames (8 train, 2 val scenes)
+    with nuScenes' range and density; `SyntheticConfig.boxes()` gives world 1."""
 
     num_scenes: int = 10  # scenes (one log each)
     samples_per_scene: int = 10  # key frames per scene (2 Hz)
@@ -59,27 +60,27 @@ class SyntheticConfig:
     train_split: str = "synth_train"  # custom split names in <version>/splits.json (not train/val)
     val_split: str = "synth_val"
     val_scenes: int = 2  # the last `val_scenes` scenes form the val split
-    visibility_range: float = 30.0  # objects beyond this distance from the ego are neither rendered nor hit by LiDAR
-    sweeps_per_key_frame: int = 9  # 20 Hz LiDAR sweeps before each key frame
-    objects_per_scene: int = 28  # objects drawn per scene (world 1: one of each class first), before overlap rejection
+    visibility_range: float = 70.0  # objects beyond this distance from the ego are neither rendered nor hit by LiDAR
+    sweeps_per_key_frame: int = 9  # 20 Hz LiDAR sweeps before each key frame (world 2: none before a scene's first)
+    objects_per_scene: int = 160  # objects drawn per scene (world 1: one of each class first), before overlap rejection
     ego_speed_range: tuple[float, float] = (3.0, 8.0)  # ego speed drawn per scene [m/s]
     max_curvature: float = 0.02  # |curvature| of the ego path [1/m] (radius >= 50 m)
     lidar_azimuth_steps: int = 1084  # LiDAR columns per revolution (32 beams each)
     lidar_range_noise: float = 0.01  # LiDAR range noise std [m]
     start_timestamp: int = 1_600_000_000_000_000  # first key frame of scene 0 [us]; scenes are 60 s apart
     max_scene_attempts: int = 20  # redraws of a scene until every class is annotated in it (world 1)
-    world: int = 1  # 1: one coloured box per object on a flat grid; 2: the street world of layout.py
-    instance_masks: bool = False  # per-camera instance masks of a segmenter beside samples/ (masks.py); on in world
-    # 2's defaults, opt-in in world 1 (`make-synthetic --masks`), where they add files and change no other byte
-    terrain: bool = False  # world 2: slopes and kerbs (terrain.py); the ego pitches and rolls with the ground
+    world: int = 2  # 2: the street world of layout.py; 1: one coloured box per object on a flat grid
+    instance_masks: bool = True  # per-camera instance masks of a segmenter beside samples/ (masks.py); opt-in in
+    # world 1 (`make-synthetic --world 1 --masks`), where they add files and change no other byte
+    terrain: bool = True  # world 2: slopes and kerbs (terrain.py); the ego pitches and rolls with the ground
     mask_errors: MaskErrorModel = field(default_factory=MaskErrorModel)  # how those masks differ from the truth
 
     @classmethod
-    def street(cls, **overrides) -> "SyntheticConfig":
-        """The world-2 defaults: nuScenes range and density (sensors to 70 m, about 40 detection-class objects
-        around each key frame), no sweeps before a scene's first key frame, instance masks of every camera."""
-        return cls(**{"world": 2, "visibility_range": 70.0, "objects_per_scene": 160, "instance_masks": True,
-                      "terrain": True, **overrides})
+    def boxes(cls, **overrides) -> "SyntheticConfig":
+        """World 1: one coloured box per object on flat ground, 28 objects per scene seen to 30 m, no masks. Its
+        class is a colour and its depth nearly a lookup; it is kept for the quick main job (`demo --world 1`)."""
+        return cls(**{"world": 1, "visibility_range": 30.0, "objects_per_scene": 28, "instance_masks": False,
+                      "terrain": False, **overrides})
 
 
 @dataclass
