@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-backbone": ("pretrain_backbone", "command"),
     "train-student": ("train_student", "command"),
     "evaluate": ("evaluate", "command"),
+    "evaluate-teacher": ("evaluate_teacher", "command"),
     "inspect-cache": ("inspect_cache", "command"),
     "figures": ("figures", "command"),
     "demo": ("demo", "command"),
@@ -61,6 +62,7 @@ def cli(verbose: bool) -> None:
     \b
     Pipeline:  make-synthetic -> train-teacher -> extract-teacher -> train-student -> evaluate
     Inspect:   inspect-cache STORE [--verify | --stats | --render SAMPLE | --compare STORE2]
+    Teacher:   evaluate-teacher --checkpoint PTH  (ours or an mmdet3d file; docs/teacher_checkpoints.md)
     Figures:   figures --out DIR RUN [RUN ...]  (training curves, attention maps, qualitative boxes)
     All at once on the embedded synthetic dataset:  distillbev demo --out DIR
     """

@@ -14,9 +14,11 @@ $(VENV_MMDET3D)/.installed: scripts/install_mmdet3d.sh pyproject.toml
 
 venv-mmdet3d: $(VENV_MMDET3D)/.installed
 
-## Equivalence of our teacher with mmdet3d's CenterPoint (key names, shapes, numerics, checkpoints both ways).
+## Equivalence of our teacher with mmdet3d's CenterPoint (key names, shapes, numerics, checkpoints both ways) and of
+## the split index read from mmdet3d's own nuScenes infos with the one built from the tables, and of mmdet3d's
+## loading and CenterPoint on the real key frame in tests/real/data.
 test-mmdet3d: venv-mmdet3d
-	$(VENV_MMDET3D)/bin/python -m pytest -q -m mmdet3d tests/teacher tests/student
+	$(VENV_MMDET3D)/bin/python -m pytest -q -m mmdet3d tests/teacher tests/student tests/data tests/real
 
 clean-venv-mmdet3d:
 	rm -rf $(VENV_MMDET3D)

@@ -16,8 +16,9 @@ import click
               help="Table folder: v1.0-mini, v1.0-trainval, v1.0-synthetic, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of markdown tables.")
 def command(dataroot: str, version: str, as_json: bool) -> None:
-    """Annotations per key frame, class shares, annotation range, LiDAR points per key frame and per box, sweeps
-    before each scene's first key frame and camera time offsets."""
+    """Annotations per key frame, class shares, annotation range, LiDAR rows per key frame (returns, and rows near
+    the sensor: rays without a return and the car's own body) and points per box, sweeps before each scene's first
+    key frame and camera time offsets."""
     import json
 
     from ..pipeline.data.loading import load_nuscenes

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .options import infos_option
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,8 +27,9 @@ logger = logging.getLogger(__name__)
 @click.option("--by-distance", "distance_edges", default=None, metavar="EDGES",
               help="Also score AP by ego-distance band, e.g. 0,20,30,40 (bands 0-20, 20-30, 30-40, >= 40 m); "
                    "writes metrics_by_distance.json.")
+@infos_option
 def command(dataroot: Path, version: str, split: str, results_path: Path | None, out_dir: Path,
-            gt_as_prediction: bool, distance_edges: str | None) -> None:
+            gt_as_prediction: bool, distance_edges: str | None, infos: str | None) -> None:
     """Run the devkit's detection_cvpr_2019 evaluation and print mAP, NDS, the TP errors and per-class AP."""
     if (results_path is None) == (not gt_as_prediction):
         raise click.UsageError("pass exactly one of --results RESULTS.json or --gt-as-prediction")
@@ -49,7 +52,8 @@ def command(dataroot: Path, version: str, split: str, results_path: Path | None,
 
     start = time.perf_counter()
     if gt_as_prediction:
-        config = DataConfig(dataroot=str(dataroot), version=version, num_sweeps=0, load_images=False)
+        config = DataConfig(dataroot=str(dataroot), version=version, num_sweeps=0, load_images=False,
+                            infos=str(infos) if infos is not None else "")
         dataset = NuScenesDetectionDataset(config, split, mode="test")
         annotations = [dataset.annotations(index) for index in range(len(dataset))]
         scores = distinct_gt_scores([len(boxes) for boxes, _, _ in annotations])

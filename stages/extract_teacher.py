@@ -4,18 +4,20 @@
         --checkpoint runs/teacher/teacher.pth --cache runs/cache.zarr --split synth_train --views 4 --workers 2
 
 Before any teacher compute, a pre-flight pass checks every input the split needs (tables, every key-frame and sweep
-file, the checkpoint) and reports all problems at once. The same command resumes an interrupted extraction
-(sample-views marked done are re-checked, those that fail are redone), and on a finished store checks that every
-chunk is present; `--repair` reads and CRC-checks every chunk and re-extracts the damaged sample-views. A store
-written from another teacher, config, grid, split, view set, dtype or dataset content is refused with the list of
-differences unless --overwrite. One extraction at a time per store (a lock). See docs/cache.md.
+file, the checkpoint) and reports all problems at once; with `--infos` (mmdet3d's info files, where the dataroot
+may hold no tables) it checks the files of the split index built from them. The same command resumes an
+interrupted extraction (sample-views marked done are re-checked, those that fail are redone), and on a finished
+store checks that every chunk is present; `--repair` reads and CRC-checks every chunk and re-extracts the damaged
+sample-views. A store written from another teacher, config, grid, split, view set, dtype or dataset content is
+refused with the list of differences unless --overwrite. One extraction at a time per store (a lock). See
+docs/cache.md.
 """
 
 from __future__ import annotations
 
 import click
 
-from .options import recorded_storage_options, storage_option
+from .options import infos_option, infos_override, recorded_storage_options, storage_option
 
 from ..cache_schemas.v2 import DEFAULT_INT8_ERROR, MAX_INT8_ERROR
 
@@ -52,10 +54,11 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
               help="Read and CRC-check every chunk of a complete store; re-extract the damaged sample-views.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. data.num_sweeps=4.")
+@infos_option
 def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, storage_options: tuple[str, ...],
             split: str, views: int, seed: int, workers: int, dtype: str, int8_error: float, layers: str,
             batch_size: int, no_background_writer: bool, overwrite: bool, repair: bool, device: str,
-            overrides: tuple[str, ...]) -> None:
+            overrides: tuple[str, ...], infos: str | None) -> None:
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     import dataclasses
     import logging
@@ -71,7 +74,9 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     from ..pipeline.config import load_config, to_dict
     from ..pipeline.distributed import init_from_env, world_from_env
     from ..pipeline.data.dataset import NuScenesDetectionDataset
-    from ..pipeline.data.preflight import point_loading_settings, preflight_message, preflight_split
+    from ..pipeline.data.index_store import open_split_index
+    from ..pipeline.data.preflight import (check_index_inputs, point_loading_settings, preflight_message,
+                                           preflight_split)
     from ..pipeline.errors import CheckpointError, ConfigError, DataError
     from ..pipeline.geometry.bev import BEVAugmentation
     from ..pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
@@ -94,7 +99,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         raise ConfigError("under torchrun every rank is one extraction process: drop --workers (or set it to 1) "
                           "and choose the number of processes with --nproc-per-node")
     _, device = init_from_env(device)  # joins the process group; a CUDA rank takes cuda:LOCAL_RANK
-    config = load_config(TeacherExperimentConfig, config_path, overrides=list(overrides))
+    config = load_config(TeacherExperimentConfig, config_path, overrides=[*overrides, *infos_override(infos)])
     data_config = dataclasses.replace(config.data, dataroot=str(dataroot), load_images=False)
     layer_names = [name.strip() for name in layers.split(",") if name.strip()]
 
@@ -109,12 +114,17 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         load_teacher_checkpoint(model, checkpoint)  # logs what it loaded
     except CheckpointError as exc:
         checkpoint_error = exc
+    virtual = data_config.point_features == "mvp"
+    nusc = index = None
     try:
-        nusc, _, inputs = preflight_split(dataroot, data_config.version, split, data_config.num_sweeps,
-                                          data_config.sweep_candidates, progress=True,
-                                          virtual=data_config.point_features == "mvp")
+        if data_config.infos:  # the split index from mmdet3d's infos: the dataroot may hold no tables
+            index = open_split_index(data_config, split)
+            inputs = check_index_inputs(index, data_config.num_sweeps, progress=True, virtual=virtual)
+        else:
+            nusc, _, inputs = preflight_split(dataroot, data_config.version, split, data_config.num_sweeps,
+                                              data_config.sweep_candidates, progress=True, virtual=virtual)
         problems = list(inputs.problems)
-    except DataError as exc:  # the dataroot, its tables or the split: nothing further can be checked
+    except DataError as exc:  # the dataroot, its tables, the infos or the split: nothing further can be checked
         problems = [str(exc)]
     if checkpoint_error is not None and not problems:
         raise checkpoint_error
@@ -127,7 +137,10 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     model = model.to(device).eval()
     sha = checkpoint_sha256(checkpoint)
 
-    dataset = NuScenesDetectionDataset(data_config, split, mode="test", nusc=nusc)
+    # the saved split index, mapped (built from the pre-flight's devkit tables when none is saved)
+    if index is None:
+        index = open_split_index(data_config, split, nusc=nusc)
+    dataset = NuScenesDetectionDataset(data_config, split, mode="test", index=index)
     del nusc  # the dataset keeps a flat index; the devkit tables are not needed past this point
     canvas = config.model.canvas_grid
     shapes, channels = model.feature_shapes, model.feature_channels
@@ -145,7 +158,8 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         *(["--int8-error", repr(int8_error)] if dtype == "int8" else []), "--layers", ",".join(layer_names),
         "--batch-size", str(batch_size), "--device", device,
         *(["--no-background-writer"] if no_background_writer else []),
-        *[arg for item in overrides for arg in ("--set", item)]])
+        *[arg for item in overrides for arg in ("--set", item)],
+        *(["--infos", str(Path(infos).resolve())] if infos is not None else [])])
     manifest = build_manifest(
         teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
         layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,

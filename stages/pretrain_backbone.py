@@ -15,6 +15,8 @@ import json
 
 import click
 
+from .options import infos_option, infos_override
+
 
 @click.command("pretrain-backbone")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
@@ -26,7 +28,9 @@ import click
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set pretrain.epochs=12 (repeatable).")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda[:N].")
-def command(config_path: str, dataroot: str, out_dir: str, overrides: tuple[str, ...], device: str) -> None:
+@infos_option
+def command(config_path: str, dataroot: str, out_dir: str, overrides: tuple[str, ...], device: str,
+            infos: str | None) -> None:
     """Train the student's ResNet on 2D centres and depth of the train split's boxes; writes OUT/backbone.pth."""
     import dataclasses
     from pathlib import Path
@@ -36,7 +40,7 @@ def command(config_path: str, dataroot: str, out_dir: str, overrides: tuple[str,
     from ..pipeline.errors import ConfigError
     from ..pipeline.student.pretrain_run import pretrain_backbone
 
-    config = load_config(StudentExperimentConfig, config_path, list(overrides))
+    config = load_config(StudentExperimentConfig, config_path, [*overrides, *infos_override(infos)])
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataroot=str(dataroot)))
     if device.startswith("cuda"):
         import torch

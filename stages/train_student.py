@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .options import storage_option
+from .options import infos_option, infos_override, storage_option
 
 
 @click.command("train-student")
@@ -38,9 +38,10 @@ from .options import storage_option
                                               "(mmdet3d's --sync-bn).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+@infos_option
 def command(config_path: Path, dataroot: Path | None, cache_path: str | None, storage_options: tuple[str, ...],
             out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
-            max_steps: int | None, overrides: tuple[str, ...], sync_bn: bool) -> None:
+            max_steps: int | None, overrides: tuple[str, ...], sync_bn: bool, infos: str | None) -> None:
     """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D / BEVFormer student, then evaluate it with the devkit.
 
     Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
@@ -61,6 +62,7 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
         sets.append("distillation=false")
     if targets is not None:
         sets.append(f"targets={targets}")
+    sets += infos_override(infos)
     cfg = load_config(StudentExperimentConfig, config_path, sets)
     if dataroot is not None:
         cfg.data.dataroot = str(dataroot)

@@ -13,6 +13,8 @@ import logging
 
 import click
 
+from .options import infos_option, infos_override
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
                                              "any world size.")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun on CUDA: synchronise BatchNorm across the ranks "
                                               "(mmdet3d's --sync-bn).")
+@infos_option
 def command(config_path: str, dataroot: str, run_dir: str, overrides: tuple[str, ...], device: str,
-            resume: bool, sync_bn: bool) -> None:
+            resume: bool, sync_bn: bool, infos: str | None) -> None:
     """Train the LiDAR teacher; writes RUN/latest.pth and RUN/eval/metrics_summary.json."""
     from pathlib import Path
 
@@ -44,7 +47,7 @@ def command(config_path: str, dataroot: str, run_dir: str, overrides: tuple[str,
 
     import dataclasses
 
-    config = load_config(TeacherExperimentConfig, config_path, list(overrides))
+    config = load_config(TeacherExperimentConfig, config_path, [*overrides, *infos_override(infos)])
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataroot=str(dataroot)))
     if device.startswith("cuda"):
         import torch

@@ -21,6 +21,11 @@ class DataConfig:
     version: str = "v1.0-trainval"  # table folder name under dataroot, e.g. v1.0-mini, v1.0-synthetic
     train_split: str = "train"  # predefined devkit split name or a custom name from <version>/splits.json
     val_split: str = "val"  # split evaluated after training
+    # The split index every process maps (pipeline/data/index_store.py): built once per dataroot, split and
+    # loading parameters, saved as raw arrays, rebuilt when a source table changes.
+    infos: str = ""  # folder of mmdet3d's nuscenes_infos_{train,val}.pkl to build it from; "" = the devkit tables
+    index_dir: str = ""  # where it is saved; "" = <dataroot>/.distillbev/index when writable, else
+    # $XDG_CACHE_HOME/distillbev/index (~/.cache/distillbev/index)
     seed: int = 0  # train-mode draws use numpy default_rng(seed + epoch * len(dataset) + index)
 
     # LiDAR

@@ -1,8 +1,9 @@
 """`NuScenesDetectionDataset`: one key frame of a nuScenes-format dataroot as a `Sample`.
 
 Real nuScenes and the synthetic dataroot go through exactly the same code. The devkit tables are read once into a
-flat `SplitIndex` (`data/index.py`) and the devkit object is dropped, so DataLoader workers share the index's numpy
-buffers instead of each growing a copy of the devkit's dicts. Everything is expressed in the key-frame LIDAR_TOP
+flat `SplitIndex` (`data/index.py`), saved, and mapped by every process that opens the split
+(`data/index_store.py`), so ranks and DataLoader workers share the index's pages instead of each growing a copy of
+the devkit's dicts. Everything is expressed in the key-frame LIDAR_TOP
 frame; BEV augmentation is applied identically to points and GT boxes (cameras keep their un-augmented
 `camera_to_lidar` and carry the augmentation in `Sample.bev_aug`), and the point range filter comes after it, on the
 augmented cloud.
@@ -24,6 +25,7 @@ from ..geometry.bev import BEVAugmentation, sample_bev_augmentation
 from ..geometry.transforms import invert_transform, make_transform
 from .config import DataConfig
 from .index import FrameTable, SplitIndex, build_split_index, key_frame_lidar, load_lidar_points
+from .index_store import open_split_index
 from .loading import crop_points, decode_image, load_nuscenes, open_image, sample_image_augmentation
 from .types import CameraInputs, Sample
 
@@ -31,8 +33,9 @@ from .types import CameraInputs, Sample
 class NuScenesDetectionDataset(torch.utils.data.Dataset):
     """Key frames of one split. `dataset[i]` draws train-mode augmentation; `get` replays an exact view.
 
-    Built from the devkit (`nusc`, loaded from the config's dataroot when not given, used for the index only and
-    not kept) or from a ready `index` (e.g. `SplitIndex.load`).
+    Reads the split's saved index (`index_store.open_split_index`: mapped read-only, built and saved on first use
+    from the devkit tables or `config.infos`), or a ready `index`; a given devkit `nusc` builds one in memory
+    instead (used for the index only and not kept).
     """
 
     def __init__(self, config: DataConfig, split: str, mode: Literal["train", "test"], nusc=None,
@@ -45,9 +48,11 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
         self.epoch = 0
         channels = tuple(config.camera_channels) if config.load_images else ()
         adjacent = config.adjacent_candidates
-        if index is None:
-            index = build_split_index(nusc if nusc is not None else load_nuscenes(config.dataroot, config.version),
-                                      split, config.sweep_candidates, channels, adjacent, config.adjacent_interval)
+        if index is None and nusc is None:
+            index = open_split_index(config, split)  # mapped from its saved folder, built there once
+        elif index is None:
+            index = build_split_index(nusc, split, config.sweep_candidates, channels, adjacent,
+                                      config.adjacent_interval)
         elif index.split != split or index.camera_channels != channels \
                 or index.sweeps.files.shape[1] < config.sweep_candidates or index.adjacent.files.shape[1] < adjacent \
                 or (adjacent and index.adjacent_interval != config.adjacent_interval):

@@ -20,11 +20,17 @@ record nearest in time to that one. Where a dataroot has camera records at key f
 the chain is the previous key frames.
 
 `build_split_index` is the only code that reads the devkit tables for loading; `NuScenesDetectionDataset` reads
-only this index. `save`/`load` write and read it as one `.npz` file (no pickle).
+only this index. `save` writes it as a folder of raw `.npy` arrays and an `index.json` (no pickle), `load` maps
+that folder read-only; `index_store.open_split_index` keeps one such folder per dataroot, split and parameters.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -37,7 +43,8 @@ from ..mvp.points import mvp_point_features, read_virtual_points, virtual_path
 from .classes import ATTRIBUTE_ID, CLASS_ID, NO_ATTRIBUTE, category_to_class
 from .loading import lidar_records, read_points, split_sample_tokens
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 1: one .npz file; 2: a folder of .npy arrays and index.json
+INDEX_HEADER = "index.json"  # an index folder's format, scalars, array shapes and the index store's metadata
 
 
 @dataclass(frozen=True)
@@ -106,48 +113,160 @@ class SplitIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the index's arrays."""
-        arrays = [getattr(self, f.name) for f in fields(self)]
-        arrays += [getattr(t, f.name) for t in (self.lidar, self.sweeps, self.cameras, self.adjacent)
-                   for f in fields(FrameTable)]
-        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+        return sum(a.nbytes for a in self.arrays().values())
 
     # ------------------------------------------------------------------------------------------ serialisation
-    def save(self, path: str | Path) -> None:
-        """Write the index to one uncompressed `.npz` (no pickled objects)."""
-        arrays = {"format": np.array(INDEX_FORMAT), "dataroot": np.array(self.dataroot),
-                  "version": np.array(self.version), "split": np.array(self.split),
-                  "camera_channels": np.array(self.camera_channels, dtype=str).reshape(-1),
-                  "adjacent_interval": np.array(self.adjacent_interval),
-                  "reference_camera": np.array(self.reference_camera)}
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the index by its file stem: "tokens", "lidar.files", ..."""
+        out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, FrameTable):
-                arrays.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(FrameTable)})
+                out.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(FrameTable)})
             elif isinstance(value, np.ndarray):
-                arrays[f.name] = value
-        np.savez(path, **arrays)
+                out[f.name] = value
+        return out
+
+    def save(self, folder: str | Path, metadata: dict | None = None) -> None:
+        """Write the index as a folder of raw `.npy` arrays and `index.json`, atomically.
+
+        The arrays go to a temporary sibling folder that is renamed to `folder` once complete, so a reader sees
+        no index or a whole one; an existing `folder` is replaced (processes that mapped it keep their pages).
+        `metadata` is stored in `index.json` under "metadata" (the index store's parameters and sources).
+        Writers of the same `folder` must not run at once (`index_store` holds a lock around this).
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        arrays = self.arrays()
+        header = {"format": INDEX_FORMAT, "dataroot": self.dataroot, "version": self.version, "split": self.split,
+                  "camera_channels": list(self.camera_channels), "adjacent_interval": int(self.adjacent_interval),
+                  "reference_camera": int(self.reference_camera), "build_id": uuid.uuid4().hex,
+                  "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in arrays.items()},
+                  "metadata": metadata or {}}
+        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        old = None
+        try:
+            for name, array in arrays.items():
+                with open(temporary / f"{name}.npy", "wb") as f:
+                    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+            with open(temporary / INDEX_HEADER, "w", encoding="utf-8") as f:
+                json.dump(header, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if folder.exists():  # a folder cannot be renamed over a non-empty one: move the old one aside first
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+                os.replace(folder, old / folder.name)
+            os.replace(temporary, folder)
+            _fsync_folder(folder.parent)
+        except BaseException:
+            for leftover in (temporary, old):
+                if leftover is not None:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SplitIndex":
-        """Read an index written by `save`; a file of another format is a `DataError` naming it."""
-        with np.load(path, allow_pickle=False) as data:
-            found = int(data["format"]) if "format" in data else None
-            if found != INDEX_FORMAT:
-                raise DataError(f"{path}: split index format {found}, expected {INDEX_FORMAT}; delete the file, "
-                                f"it is rebuilt from the dataroot")
-            values = {}
+    def load(cls, folder: str | Path, dataroot: str | None = None, mmap: bool = True) -> "SplitIndex":
+        """Map (or, with `mmap=False`, read) an index written by `save`.
+
+        Mapped arrays are read-only `np.memmap`s: every process that loads the same folder shares the page cache
+        instead of holding its own copy. `dataroot` replaces the recorded dataroot in the index's paths (the same
+        data mounted elsewhere). A folder of another format, or whose arrays do not match `index.json`, is a
+        `DataError` naming it.
+        """
+        folder = Path(folder)
+        header = read_index_header(folder)
+        values = {"dataroot": str(dataroot) if dataroot is not None else header["dataroot"],
+                  "version": header["version"], "split": header["split"],
+                  "camera_channels": tuple(header["camera_channels"]),
+                  "adjacent_interval": int(header["adjacent_interval"]),
+                  "reference_camera": int(header["reference_camera"])}
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            path = folder / f"{name}.npy"
+            try:
+                array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: split index array unreadable ({exc}); delete {folder}, it is rebuilt "
+                                f"from the dataroot") from exc
+            if array.dtype.str != spec["dtype"] or list(array.shape) != spec["shape"]:
+                raise DataError(f"{path}: split index array of {array.dtype.str} {list(array.shape)}, expected "
+                                f"{spec['dtype']} {spec['shape']} (index.json); delete {folder}, it is rebuilt "
+                                f"from the dataroot")
+            arrays[name] = array
+        try:
             for f in fields(cls):
-                if f.name in ("dataroot", "version", "split"):
-                    values[f.name] = str(data[f.name])
-                elif f.name == "camera_channels":
-                    values[f.name] = tuple(str(c) for c in data[f.name])
-                elif f.name in ("adjacent_interval", "reference_camera"):
-                    values[f.name] = int(data[f.name])
-                elif f.name in ("lidar", "sweeps", "cameras", "adjacent"):
-                    values[f.name] = FrameTable(**{g.name: data[f"{f.name}.{g.name}"] for g in fields(FrameTable)})
+                if f.name in values:
+                    continue
+                if f.name in ("lidar", "sweeps", "cameras", "adjacent"):
+                    values[f.name] = FrameTable(**{g.name: arrays[f"{f.name}.{g.name}"] for g in fields(FrameTable)})
                 else:
-                    values[f.name] = data[f.name]
-        return cls(**values)
+                    values[f.name] = arrays[f.name]
+        except KeyError as exc:
+            raise DataError(f"{folder / INDEX_HEADER}: the split index lists no array {exc.args[0]!r}; delete "
+                            f"{folder}, it is rebuilt from the dataroot") from None
+        index = cls(**values)
+        if mmap:
+            object.__setattr__(index, "_mapped", (str(folder.resolve()), header["build_id"]))
+        return index
+
+    def __reduce__(self):
+        # A mapped index travels to spawned processes (forkserver DataLoader workers) as its folder, so they map
+        # the same pages instead of unpickling a private copy of every array.
+        mapped = self.__dict__.get("_mapped")
+        if mapped is not None and all(isinstance(a, np.memmap) for a in self.arrays().values()):
+            return _remap, (*mapped, self.dataroot)
+        return super().__reduce__()
+
+
+def read_index_header(folder: str | Path) -> dict:
+    """The `index.json` of an index folder; a missing or foreign one is a `DataError` naming it."""
+    folder = Path(folder)
+    if folder.is_file():  # format 1 was one .npz file
+        try:
+            with np.load(folder, allow_pickle=False) as data:
+                found = int(data["format"]) if "format" in data else None
+        except (OSError, ValueError):
+            found = None
+        raise DataError(f"{folder}: split index format {found}, expected {INDEX_FORMAT} (a folder); delete the file, "
+                        f"it is rebuilt from the dataroot")
+    path = folder / INDEX_HEADER
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: split index header unreadable ({exc}); delete {folder}, it is rebuilt from the "
+                        f"dataroot") from exc
+    found = header.get("format") if isinstance(header, dict) else None
+    if found != INDEX_FORMAT:
+        raise DataError(f"{path}: split index format {found}, expected {INDEX_FORMAT}; delete {folder}, it is "
+                        f"rebuilt from the dataroot")
+    return header
+
+
+def _remap(folder: str, build_id: str, dataroot: str) -> SplitIndex:
+    """Unpickle a mapped index: map its folder again, which must still hold the same build."""
+    found = read_index_header(folder).get("build_id")
+    if found != build_id:
+        raise DataError(f"{folder}: the split index was rebuilt (build {found}, this process mapped {build_id}) "
+                        f"because its sources changed while the job ran; restart the job")
+    return SplitIndex.load(folder, dataroot=dataroot)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 # ----------------------------------------------------------------------------------------------------- build

@@ -174,28 +174,54 @@ def dataset_fingerprint(nusc, sample_tokens: list[str], num_sweeps: int, sweep_c
     return check_split_inputs(nusc, sample_tokens, num_sweeps, sweep_candidates, virtual=virtual).fingerprint
 
 
+def check_index_inputs(index, num_sweeps: int, progress: bool = False, virtual: bool = False) -> SplitInputs:
+    """`check_split_inputs` from a `SplitIndex` instead of the devkit (an index built from mmdet3d's infos, whose
+    dataroot may hold no tables): the same records (the key frame and the nearest `num_sweeps` sweeps), each file
+    stat'ed once, the same problem lines and the same fingerprint.
+
+    The index must hold at least `num_sweeps` sweep candidates per sample (ValueError otherwise). Every sample of an
+    index has its key frame (the builders refuse one without), so only files can be problems.
+    """
+    from tqdm import tqdm
+
+    if index.sweeps.files.shape[1] < num_sweeps:
+        raise ValueError(f"the index holds {index.sweeps.files.shape[1]} sweep candidates, the fingerprint needs "
+                         f"{num_sweeps}")
+    dataroot = Path(index.dataroot)
+    sizes: dict[str, tuple[int, str | None]] = {}  # filename -> (size, issue)
+    readers: dict[str, list[str]] = {}  # filename with an issue -> sample tokens reading it, in split order
+    digest = _fingerprint_header(num_sweeps, virtual)
+    for i in tqdm(range(len(index)), desc="preflight", unit="sample", disable=not progress):
+        token = index.token(i)
+        where = [(index.lidar, (i,))] + [(index.sweeps, (i, j))
+                                         for j in range(min(int(index.sweep_counts[i]), num_sweeps))]
+        keys = []
+        for table, at in where:
+            filename = table.files[at].decode()
+            found = []
+            for name in (filename, *([str(virtual_path(filename))] if virtual else [])):
+                if name not in sizes:
+                    sizes[name] = _file_size(str(dataroot / name), name.endswith(VIRTUAL_FILE_END))
+                size, issue = sizes[name]
+                if issue is not None and token not in readers.setdefault(name, []):
+                    readers[name].append(token)
+                found.append(size)
+            keys.append(_record_key(filename, table.timestamps[at], index.calibrations[table.calibration[at]].tolist(),
+                                    table.ego_pose[at].tolist(), *found))
+        digest.update(_fingerprint_line(token, keys))
+    problems = [_file_problem(str(dataroot / name), sizes[name][0], sizes[name][1], tokens)
+                for name, tokens in readers.items()]
+    total = sum(size for size, _ in sizes.values() if size >= 0)
+    return SplitInputs(problems=problems, sample_count=len(index), files=len(sizes), bytes=total,
+                       fingerprint=digest.hexdigest())
+
+
 def index_fingerprint(index, num_sweeps: int, virtual: bool = False) -> str:
     """The `dataset_fingerprint` of a split from its `SplitIndex` (no devkit): the same records, the same hash.
 
     The index must hold at least `num_sweeps` sweep candidates per sample (ValueError otherwise).
     """
-    if index.sweeps.files.shape[1] < num_sweeps:
-        raise ValueError(f"the index holds {index.sweeps.files.shape[1]} sweep candidates, the fingerprint needs "
-                         f"{num_sweeps}")
-    dataroot = Path(index.dataroot)
-    digest = _fingerprint_header(num_sweeps, virtual)
-    for i in range(len(index)):
-        where = [(index.lidar, (i,))] + [(index.sweeps, (i, j)) for j in range(min(int(index.sweep_counts[i]),
-                                                                                       num_sweeps))]
-        keys = []
-        for table, at in where:
-            filename = table.files[at].decode()
-            virtual_size = _file_size(str(dataroot / virtual_path(filename)), True)[0] if virtual else None
-            keys.append(_record_key(filename, table.timestamps[at], index.calibrations[table.calibration[at]].tolist(),
-                                    table.ego_pose[at].tolist(), _file_size(str(dataroot / filename))[0],
-                                    virtual_size))
-        digest.update(_fingerprint_line(index.token(i), keys))
-    return digest.hexdigest()
+    return check_index_inputs(index, num_sweeps, virtual=virtual).fingerprint
 
 
 def preflight_message(problems: list[str], limit: int = 5) -> str:

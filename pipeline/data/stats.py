@@ -3,7 +3,8 @@
     stats = dataset_statistics(nusc)      # any dataroot the devkit loads: v1.0-mini, trainval, synthetic
     print(format_statistics(stats))
 
-Per key frame: annotations (all categories and the 10 detection classes), LiDAR points and returns; per
+Per key frame: annotations (all categories and the 10 detection classes), LiDAR rows, returns and near-sensor
+rows (`loading.near_sensor`: rays without a return and the car's own body, inside the devkit's 1 m box); per
 annotation of the 10 classes: class, distance from the ego in the ground plane, LiDAR points inside the box; per
 scene: LiDAR sweeps before its first key frame; per camera record: its time offset from the sample's LiDAR key
 frame; per key frame: the ego's pitch and roll (how much the ground tilts under it).
@@ -19,13 +20,16 @@ from typing import Any
 import numpy as np
 
 from .classes import DETECTION_CLASSES, category_to_class
-from .loading import NO_RETURN_RADIUS, lidar_returns
+from .loading import NEAR_SENSOR_BOX, near_sensor
 
 # Published or measured figures of real nuScenes, with where each comes from. Only these are printed beside ours.
 NUSCENES_REFERENCE = {
     "annotations_per_sample_all": (46.0, "v1.0-mini, all 23 categories"),
     "lidar_points_per_key_frame": (34500.0, "HDL-32E key frame, about 34.5k rows: every ray of its ~1,085 "
-                                            "firing columns, a ray without a return near the origin"),
+                                            "firing columns, a ray without a return written near the sensor"),
+    "lidar_returns_per_key_frame": (26414.0, "one v1.0-mini key frame (ca9a282c, 9 m/s): 26,414 of its 34,688 rows"),
+    "lidar_near_sensor_per_key_frame": (8274.0, "the same key frame: 4,393 rays without a return and 3,881 returns "
+                                                "from the car's roof"),
 }
 RANGE_BINS = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0)
 
@@ -50,8 +54,10 @@ class DatasetStatistics:
     camera_offsets_ms: dict[str, float] = field(default_factory=dict)  # per channel: mean |camera - LiDAR| [ms]
     # |pitch| and |roll| of the LiDAR key frames' ego poses [deg]: p50 / p95 / max (0 on flat ground)
     ego_tilt_deg: dict[str, dict[str, float]] = field(default_factory=dict)
-    # mean / p5 / p95 of the returns among those rows (nuScenes stores a ray without a return at the origin)
+    # mean / p5 / p95 of the returns among those rows (outside the devkit's 1 m near-sensor box)
     returns_per_key_frame: dict[str, float] = field(default_factory=dict)
+    # mean / p5 / p95 of the other rows: rays without a return and the car's own body (`loading.near_sensor`)
+    near_sensor_per_key_frame: dict[str, float] = field(default_factory=dict)
 
     @property
     def annotations_per_sample(self) -> float:
@@ -71,6 +77,7 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
     box_points: dict[str, list[int]] = {name: [] for name in DETECTION_CLASSES}
     key_points: list[int] = []
     key_returns: list[int] = []
+    key_near: list[int] = []
     offsets: dict[str, list[float]] = {}
     tilts: dict[str, list[float]] = {"pitch": [], "roll": []}
     total = 0
@@ -84,8 +91,10 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
         if os.path.exists(path):
             cloud = np.fromfile(path, dtype=np.float32)
             cloud = cloud[:len(cloud) - len(cloud) % 5].reshape(-1, 5)  # x, y, z, intensity, ring
-            key_points.append(len(cloud))
-            key_returns.append(int(lidar_returns(cloud).sum()))
+            rows, returns, near = lidar_row_counts(cloud)
+            key_points.append(rows)
+            key_returns.append(returns)
+            key_near.append(near)
         for channel, token in sample["data"].items():
             if channel.startswith("CAM"):
                 record = nusc.get("sample_data", token)
@@ -115,6 +124,7 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
     hist, _ = np.histogram(distance, bins=RANGE_BINS)
     points = np.asarray(key_points, dtype=np.float64) if key_points else np.zeros(1)
     returns = np.asarray(key_returns, dtype=np.float64) if key_returns else np.zeros(1)
+    near = np.asarray(key_near, dtype=np.float64) if key_near else np.zeros(1)
     all_box_points = [n for values in box_points.values() for n in values]
     return DatasetStatistics(
         version=str(nusc.version), samples=len(nusc.sample), scenes=len(nusc.scene), annotations_all=total,
@@ -134,8 +144,19 @@ def dataset_statistics(nusc: Any, progress: bool = False) -> DatasetStatistics:
         ego_tilt_deg={name: {"p50": float(np.degrees(np.percentile(values, 50))),
                              "p95": float(np.degrees(np.percentile(values, 95))),
                              "max": float(np.degrees(np.max(values)))} for name, values in tilts.items() if values},
-        returns_per_key_frame={"mean": float(returns.mean()), "p5": float(np.percentile(returns, 5)),
-                               "p95": float(np.percentile(returns, 95))})
+        returns_per_key_frame=_spread(returns), near_sensor_per_key_frame=_spread(near))
+
+
+def lidar_row_counts(cloud: np.ndarray) -> tuple[int, int, int]:
+    """(rows, returns, near-sensor rows) of one .pcd.bin cloud (P, 5); returns + near-sensor rows = rows."""
+    near = int(near_sensor(cloud).sum())
+    return len(cloud), len(cloud) - near, near
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    """mean / p5 / p95 of per-key-frame counts."""
+    return {"mean": float(values.mean()), "p5": float(np.percentile(values, 5)),
+            "p95": float(np.percentile(values, 95))}
 
 
 def _pitch_roll(rotation: list[float]) -> tuple[float, float]:
@@ -160,8 +181,14 @@ def format_statistics(stats: DatasetStatistics, reference: dict[str, float] | No
                  f"{_ref('lidar_points_per_key_frame')} |")
     if stats.returns_per_key_frame:
         q = stats.returns_per_key_frame
-        lines.append(f"| of which returns (farther than {1000 * NO_RETURN_RADIUS:.0f} mm from the sensor), mean "
-                     f"(p5-p95) | {q['mean']:.0f} ({q['p5']:.0f}-{q['p95']:.0f}) | |")
+        lines.append(f"| of which returns (outside the devkit's {NEAR_SENSOR_BOX:.0f} m box around the sensor), mean "
+                     f"(p5-p95) | {q['mean']:.0f} ({q['p5']:.0f}-{q['p95']:.0f}) | "
+                     f"{_ref('lidar_returns_per_key_frame')} |")
+    if stats.near_sensor_per_key_frame:
+        q = stats.near_sensor_per_key_frame
+        lines.append(f"| of which near the sensor (inside that box: rays without a return, the car's body), mean "
+                     f"(p5-p95) | {q['mean']:.0f} ({q['p5']:.0f}-{q['p95']:.0f}) | "
+                     f"{_ref('lidar_near_sensor_per_key_frame')} |")
     r = stats.range_percentiles
     lines.append(f"| ego distance of annotations, p5 / p50 / p95 [m] | {r['p5']:.1f} / {r['p50']:.1f} / "
                  f"{r['p95']:.1f} | |")

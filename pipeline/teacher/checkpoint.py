@@ -3,12 +3,23 @@
 Accepted files: our own ({"state_dict", "config", "meta"}), mmdet3d/mmengine ones ({"state_dict", "meta", ...}),
 or a bare state_dict. A `module.` prefix (DistributedDataParallel) is stripped. Loading never drops weights
 silently: missing or unexpected keys and shape mismatches are `CheckpointError`s that name the keys.
+
+Before the keys are matched, two checks catch files whose keys would fit, or nearly fit, but whose weights cannot
+mean what our teacher computes (docs/teacher_checkpoints.md lists the released files and what each gets):
+- architecture: a CenterPoint-voxel file (sparse 3D convolutions, `pts_middle_encoder.*`) or one with the DCN head
+  (a deformable convolution per task, `...feature_adapt_cls.conv_offset.*`) is refused by name.
+- box convention: mmdet3d v1.0.0rc0 changed its LiDAR boxes (sizes (w, l, h) became (l, w, h), yaw became
+  -yaw - pi/2). A file trained before it has our keys and shapes but decodes every box with length
+  and width swapped and a wrong heading, so a file whose meta says mmdet3d 0.x is refused. A file that says
+  nothing (a bare state_dict, or meta without any version) cannot be checked: it loads with a warning. Our own
+  files and mmengine-era files (mmdet3d >= 1.1, which records `mmengine_version`) use the current convention.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +37,33 @@ TEACHER_PREFIXES: tuple[str, ...] = ("pts_voxel_encoder.", "pts_backbone.", "pts
 FORMAT_NAME = "distillbev-teacher"
 SHOWN_KEYS = 8
 
+# The first mmdet3d release with the current LiDAR box convention (docs/en/notes/compatibility.md of mmdet3d).
+BOX_CONVENTION_VERSION = "1.0.0rc0"
+# The mmdet3d 1.x model zoo's CenterPoint files (its configs/centerpoint/metafile.yml): mmdet3d config name ->
+# (released file name, what our teacher makes of it: "loads" into configs/nuscenes/teacher_pillar02.yaml, or is
+# refused as "voxel" or "dcn" by `check_architecture`). docs/teacher_checkpoints.md has the whole table;
+# tests/teacher/test_released_checkpoints.py keeps it true against mmdet3d.
+RELEASED_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "centerpoint_voxel01_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d": (
+        "centerpoint_01voxel_second_secfpn_circlenms_4x8_cyclic_20e_nus_20220810_030004-9061688e.pth", "voxel"),
+    "centerpoint_voxel01_second_secfpn_head-dcn-circlenms_8xb4-cyclic-20e_nus-3d": (
+        "centerpoint_01voxel_second_secfpn_dcn_circlenms_4x8_cyclic_20e_nus_20220810_052355-a6928835.pth", "voxel"),
+    "centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d": (
+        "centerpoint_0075voxel_second_secfpn_circlenms_4x8_cyclic_20e_nus_20220810_011659-04cb3a3b.pth", "voxel"),
+    "centerpoint_voxel0075_second_secfpn_head-dcn-circlenms_8xb4-cyclic-20e_nus-3d": (
+        "centerpoint_0075voxel_second_secfpn_dcn_circlenms_4x8_cyclic_20e_nus_20220810_025930-657f67e0.pth", "voxel"),
+    "centerpoint_pillar02_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d": (
+        "centerpoint_02pillar_second_secfpn_circlenms_4x8_cyclic_20e_nus_20220811_031844-191a3822.pth", "loads"),
+    "centerpoint_pillar02_second_secfpn_head-dcn_8xb4-cyclic-20e_nus-3d": (
+        "centerpoint_02pillar_second_secfpn_dcn_4x8_cyclic_20e_nus_20220811_045458-808e69ad.pth", "dcn"),
+}
+LOADABLE_RELEASE = RELEASED_CHECKPOINTS["centerpoint_pillar02_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d"][0]
+PILLAR_DCN_RELEASE = RELEASED_CHECKPOINTS["centerpoint_pillar02_second_secfpn_head-dcn_8xb4-cyclic-20e_nus-3d"][0]
+VOXEL_RELEASES = ("centerpoint_01voxel_second_secfpn_[dcn_]circlenms_4x8_cyclic_20e_nus_*.pth, "
+                  "centerpoint_0075voxel_second_secfpn_[dcn_]circlenms_4x8_cyclic_20e_nus_*.pth")
+WHAT_TO_USE = (f"use the released {LOADABLE_RELEASE} with configs/nuscenes/teacher_pillar02.yaml, or train a "
+               f"teacher with `distillbev train-teacher` (docs/teacher_checkpoints.md)")
+
 
 @dataclass
 class LoadReport:
@@ -39,11 +77,15 @@ class LoadReport:
     stripped_prefix: str = ""  # prefix removed from every key, e.g. "module."
     config: dict[str, Any] | None = None  # the model config stored by `save_teacher_checkpoint`
     meta: dict[str, Any] | None = None  # meta stored with the checkpoint
+    mmdet3d_version: str | None = None  # meta["mmdet3d_version"] of an mmdet3d file, when it records one
+    box_convention: str = ""  # why the boxes are taken to be in the current convention, or "unknown (...)"
 
     def summary(self) -> str:
         text = f"{self.path}: loaded {self.num_loaded} tensors ({self.source} checkpoint)"
         if self.stripped_prefix:
             text += f", stripped prefix {self.stripped_prefix!r}"
+        if self.box_convention:
+            text += f", boxes: {self.box_convention}"
         if self.missing or self.unexpected:
             text += f", {len(self.missing)} missing, {len(self.unexpected)} unexpected"
         return text
@@ -102,6 +144,78 @@ def _first(keys: list[str]) -> str:
     return shown + (f", ... (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else "")
 
 
+def check_architecture(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse, by name and with the reason, the released CenterPoint variants our pillar teacher cannot run.
+
+    Voxel files hold a sparse 3D convolution encoder (`pts_middle_encoder.*`, mmdet3d's SparseEncoder); DCN-head
+    files hold a deformable convolution per task (DCNSeparateHead: `feature_adapt_cls` / `feature_adapt_reg`, each
+    with a `conv_offset` layer predicting the sampling offsets). Neither has a counterpart in our model, and loading
+    the rest would silently give another network.
+    """
+    sparse = sorted(k for k in state if k.startswith("pts_middle_encoder."))
+    deformable = sorted(k for k in state if k.startswith("pts_bbox_head.")
+                        and (".conv_offset." in k or ".feature_adapt_" in k or ".dcn." in k))
+    dcn_note = (f" It also has the DCN head ({len(deformable)} deformable-convolution keys such as "
+                f"{deformable[0]})." if deformable else "")
+    if sparse:
+        raise CheckpointError(
+            f"{path}: a CenterPoint-voxel checkpoint ({len(sparse)} sparse 3D convolution keys such as {sparse[0]}; "
+            f"released as {VOXEL_RELEASES}), not CenterPoint-pillar: its SparseEncoder over 0.1 m / 0.075 m voxels "
+            f"has no counterpart in our teacher, which scatters 2D pillars into a dense canvas.{dcn_note} "
+            f"Refused; {WHAT_TO_USE}")
+    if deformable:
+        raise CheckpointError(
+            f"{path}: a CenterPoint checkpoint with the DCN head (DCNSeparateHead, released as {PILLAR_DCN_RELEASE} "
+            f"and the voxel *_dcn_* files): {len(deformable)} of its head keys belong to deformable convolutions "
+            f"(e.g. {_first(deformable[:2])}). Our CenterHead has no deformable convolution, so its heatmap and box "
+            f"branches would run on features the DCN layers never saw. Refused; {WHAT_TO_USE}")
+
+
+def _version_tuple(version: str) -> tuple[int, int] | None:
+    match = re.match(r"\s*v?(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_box_convention(path: Path, source: str, meta: dict[str, Any] | None, payload: Any) -> tuple[str | None, str]:
+    """(meta["mmdet3d_version"] or None, the evidence for the box convention). Refuses a file written by
+    mmdet3d < 1.0 (the old LiDAR box convention); warns when a file gives no version information at all.
+
+    Evidence, in order: our own format; meta["mmdet3d_version"] (mmdet3d <= 1.0's runners write it; 0.x is refused);
+    meta["mmengine_version"] or mmengine's "message_hub" (only mmdet3d >= 1.1 trains with mmengine); else unknown.
+    """
+    meta = meta or {}
+    if source == "distillbev":
+        return None, "distillbev checkpoint"
+    version = meta.get("mmdet3d_version")
+    if version is not None:
+        version = str(version)
+        parsed = _version_tuple(version)
+        if parsed is not None and parsed[0] == 0:
+            raise CheckpointError(
+                f"{path}: written by mmdet3d {version} (meta['mmdet3d_version']), before mmdet3d "
+                f"{BOX_CONVENTION_VERSION} changed its LiDAR box convention (sizes (w, l, h) became (l, w, h), yaw "
+                f"became -yaw - pi/2): its keys fit our teacher but its head decodes every box with length and width "
+                f"swapped and a wrong heading. Refused; {WHAT_TO_USE}; the model zoo's v1.0.0_models files were "
+                f"trained in the current convention")
+        if parsed is not None:
+            return version, f"mmdet3d {version} (meta['mmdet3d_version'], >= {BOX_CONVENTION_VERSION})"
+        unknown = f"meta['mmdet3d_version'] is {version!r}, not a version number"
+    elif "mmengine_version" in meta or (isinstance(payload, dict) and "message_hub" in payload):
+        engine = meta.get("mmengine_version", "?")
+        return None, f"mmengine {engine} file (mmdet3d >= 1.1, current convention)"
+    else:
+        unknown = ("a bare state_dict" if source == "state_dict" else
+                   "its meta records no mmdet3d or mmengine version" + (f" (keys: {sorted(meta)[:SHOWN_KEYS]})"
+                                                                         if meta else " (no meta)"))
+    LOGGER.warning(
+        "%s: cannot tell which LiDAR box convention this checkpoint was trained in (%s). A file trained with "
+        "mmdet3d < %s has the same keys but decodes boxes with length and width swapped and a wrong heading; "
+        "if it came from mmdet3d's model zoo, use a v1.0.0_models file (docs/teacher_checkpoints.md), and check "
+        "the decoded boxes before trusting it (`distillbev evaluate-teacher`: swapped sizes and headings show as an "
+        "mASE and mAOE far above a working teacher's).", path, unknown, BOX_CONVENTION_VERSION)
+    return None, f"unknown ({unknown})"
+
+
 def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
     """Load a teacher checkpoint into `model` and report what happened.
 
@@ -116,6 +230,8 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = T
             f"{path}: not a CenterPoint-pillar teacher checkpoint: none of its {len(state)} keys start with "
             f"{'/'.join(p.rstrip('.') for p in TEACHER_PREFIXES)} (first keys: {_first(sorted(state))}); "
             f"it looks like another architecture (e.g. an image backbone or a student) -- pass the teacher's .pth")
+    check_architecture(path, state)
+    mmdet3d_version, convention = check_box_convention(path, source, meta, payload)
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
                   for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -144,7 +260,8 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = T
                               f"Check the model config (stages, channels, tasks) against the checkpoint.")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     report = LoadReport(path=str(path), source=source, num_loaded=len(own) - len(missing), missing=missing,
-                        unexpected=unexpected, stripped_prefix=prefix, config=config, meta=meta)
+                        unexpected=unexpected, stripped_prefix=prefix, config=config, meta=meta,
+                        mmdet3d_version=mmdet3d_version, box_convention=convention)
     LOGGER.info(report.summary())
     return report
 
