@@ -31,6 +31,12 @@ from .options import infos_option, infos_override, storage_option
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Teacher checkpoint: the live teacher for --targets online; with --cache, the cache must have "
                    "been extracted from it (its SHA-256 is compared before the first step).")
+@click.option("--teacher-config", "teacher_config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="--targets online: the live teacher's experiment YAML (configs/nuscenes/teacher_pillar02.yaml): "
+                   "its model, and the sweeps and point features it reads (data.num_sweeps, data.point_features). "
+                   "Needed for a checkpoint that does not record them (an mmdet3d file, a checkpoints/epoch_N.pth); "
+                   "a teacher run's latest.pth records both.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/latest.pth (any world size).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda or cuda:N; under torchrun cpu or cuda (each rank takes cuda:LOCAL_RANK).")
@@ -40,13 +46,16 @@ from .options import infos_option, infos_override, storage_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 @infos_option
 def command(config_path: Path, dataroot: Path | None, cache_path: str | None, storage_options: tuple[str, ...],
-            out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None, resume: bool, device: str,
-            max_steps: int | None, overrides: tuple[str, ...], sync_bn: bool, infos: str | None) -> None:
+            out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None,
+            teacher_config_path: Path | None, resume: bool, device: str, max_steps: int | None,
+            overrides: tuple[str, ...], sync_bn: bool, infos: str | None) -> None:
     """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D / BEVFormer student, then evaluate it with the devkit.
 
     Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
     checked against the config before the first step. Writes RUN/config.yaml, RUN/train_log.jsonl (every loss
-    term per step), RUN/checkpoints/, RUN/latest.pth and RUN/eval/metrics_summary.json.
+    term per step), RUN/checkpoints/, RUN/latest.pth and RUN/eval/metrics_summary.json. --targets online runs
+    the frozen teacher of --teacher-checkpoint (with --teacher-config for a file that does not record its config)
+    at every step instead.
     """
     import logging
 
@@ -55,7 +64,9 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
     from ..pipeline.distill.config import StudentExperimentConfig
     from ..pipeline.distributed import check_sync_bn, init_from_env
     from ..pipeline.distill.run import train_student
+    from ..pipeline.errors import ConfigError
     from ..pipeline.eval import format_metrics_table
+    from ..pipeline.teacher.config import TeacherExperimentConfig
 
     sets = list(overrides)
     if baseline:
@@ -66,12 +77,20 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
     cfg = load_config(StudentExperimentConfig, config_path, sets)
     if dataroot is not None:
         cfg.data.dataroot = str(dataroot)
+    teacher_config = None
+    if teacher_config_path is not None:
+        if not cfg.distillation or cfg.targets != "online":
+            raise ConfigError(f"--teacher-config {teacher_config_path}: only --targets online runs a live teacher "
+                              f"(this run: {'baseline' if not cfg.distillation else 'targets ' + cfg.targets}); "
+                              f"drop --teacher-config, or pass --targets online")
+        teacher_config = load_config(TeacherExperimentConfig, teacher_config_path)
     cache = None if cache_path is None else StoreLocation.parse(cache_path, parse_storage_options(storage_options))
     world, device = init_from_env(device)
     check_sync_bn(world, device, sync_bn)  # refused before anything is written
     if not world.is_main:  # rank 0 alone reports; the others say only what went wrong
         logging.getLogger("distillbev").setLevel(logging.WARNING)
     summary = train_student(cfg, out, cache_path=cache, device=device, resume=resume,
-                            teacher_checkpoint=teacher_checkpoint, max_steps=max_steps, world=world, sync_bn=sync_bn)
+                            teacher_checkpoint=teacher_checkpoint, teacher_config=teacher_config, max_steps=max_steps,
+                            world=world, sync_bn=sync_bn)
     if world.is_main:
         click.echo(format_metrics_table(summary))

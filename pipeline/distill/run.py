@@ -9,9 +9,11 @@ alone writes into the run directory (config, log, checkpoints, cache identity, e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,11 +24,13 @@ from ..config import to_dict
 from ..data.collate import collate_samples
 from ..data.dataset import NuScenesDetectionDataset
 from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices
-from ..errors import CacheError, ConfigError
+from ..data.config import DataConfig
+from ..errors import CacheError, CheckpointError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
 from ..precision import set_memory_format
 from ..student.build import build_student
+from ..teacher.config import TeacherExperimentConfig
 from .config import StudentExperimentConfig
 from .inherit import inherit_teacher_head
 from .progress import TrainingProgress, reset_progress
@@ -86,19 +90,21 @@ def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: torch.
     return cache
 
 
-def check_live_teacher_grid(cfg: StudentExperimentConfig, teacher, checkpoint: Path) -> None:
+def check_live_teacher_grid(cfg: StudentExperimentConfig, teacher, checkpoint: Path,
+                            data: DataConfig | None = None) -> None:
     """ConfigError when the online teacher's BEV extent, head grid or point width differ from the student's (the
-    fields a cache is checked on, and the columns of the points the student's loader gives the teacher), listing
-    "field: teacher -> student" for each."""
+    fields a cache is checked on, and the columns of the points the train loader gives the teacher: `data`, default
+    the student's `cfg.data`), listing "field: teacher -> student" for each."""
+    data = cfg.data if data is None else data
     bev, canvas, head = cfg.model.bev, teacher.canvas_grid, teacher.head_grid
     differences = [f"bev_grid.{key}: {getattr(canvas, key)} -> {getattr(bev, key)}"
                    for key in ("x_min", "x_max", "y_min", "y_max")
                    if float(getattr(canvas, key)) != float(getattr(bev, key))]
     if tuple(head.shape) != tuple(cfg.model.head.grid.shape):
         differences.append(f"heatmap.shape: {list(head.shape)} -> {list(cfg.model.head.grid.shape)}")
-    if teacher.config.point_features != cfg.data.point_dims:
-        differences.append(f"point_features: {teacher.config.point_features} -> {cfg.data.point_dims} "
-                           f"(data.point_features {cfg.data.point_features!r})")
+    if teacher.config.point_features != data.point_dims:
+        differences.append(f"point_features: {teacher.config.point_features} -> {data.point_dims} "
+                           f"(data.point_features {data.point_features!r})")
     if differences:
         raise ConfigError(f"{checkpoint}: the online teacher's grid does not fit the student (teacher -> student: "
                           f"{'; '.join(differences)}); use a teacher config with the student's BEV range and head "
@@ -157,6 +163,80 @@ def build_distill_loss(cfg: StudentExperimentConfig, student: torch.nn.Module,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlineTeacherSettings:
+    """What the live teacher of `online` targets is built from and fed."""
+
+    model: dict[str, Any]  # its TeacherModelConfig as a plain dict
+    data: DataConfig  # the student's data config with the teacher's num_sweeps and point_features: the train
+    # loader's (the teacher runs on its points, the student takes only the key frame's depth points from them)
+    source: str  # where the settings come from, for the log
+
+
+def online_teacher_settings(cfg: StudentExperimentConfig, checkpoint: Path,
+                            teacher_config: TeacherExperimentConfig | None = None) -> OnlineTeacherSettings:
+    """The live teacher's model config and data settings: from `teacher_config` (--teacher-config, a teacher
+    experiment YAML) when given, else from what the checkpoint records (a teacher run's latest.pth: `config` and
+    `training.experiment.data`). A file that records less (an mmdet3d file, a checkpoints/epoch_N.pth) is refused:
+    a teacher fed other sweeps or point features than it was trained with gives wrong targets without any error,
+    so the student's own settings are never used in their place. `cfg` is not modified."""
+    if teacher_config is not None:
+        model = to_dict(teacher_config.model)
+        num_sweeps, point_features = teacher_config.data.num_sweeps, teacher_config.data.point_features
+        source = "--teacher-config"
+    else:
+        model, recorded = recorded_teacher_settings(checkpoint)
+        num_sweeps, point_features = recorded["num_sweeps"], recorded["point_features"]
+        source = f"{checkpoint.name} (training.experiment)"
+    try:
+        data = dataclasses.replace(cfg.data, num_sweeps=num_sweeps, point_features=point_features,
+                                   sweep_candidates=max(cfg.data.sweep_candidates, num_sweeps))
+    except ValueError as exc:
+        raise ConfigError(f"{checkpoint}: the teacher's data settings from {source} do not fit the student's data "
+                          f"config: {exc}") from exc
+    log.info("online teacher settings from %s: %d sweeps, %s points (the student's config: %d sweeps, %s points)",
+             source, data.num_sweeps, data.point_features, cfg.data.num_sweeps, cfg.data.point_features)
+    return OnlineTeacherSettings(model=model, data=data, source=source)
+
+
+def recorded_teacher_settings(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config dict, {"num_sweeps", "point_features"}) recorded in our own teacher run's latest.pth.
+
+    Read with weights_only=True: our files hold tensors and plain data only, and a file that needs full
+    unpickling (an mmdet3d/mmengine one) records neither anyway. CheckpointError naming what is missing and
+    --teacher-config as the fix otherwise.
+    """
+    fix = ("pass the teacher's experiment YAML with --teacher-config (e.g. configs/nuscenes/teacher_pillar02.yaml "
+           "for the released mmdet3d pillar checkpoint), or the teacher run's latest.pth")
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: teacher checkpoint not found; pass the path of an existing .pth file")
+    try:
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our own plain-data file
+        raise CheckpointError(
+            f"{checkpoint}: cannot be read as weights only ({exc.__class__.__name__}), so it is not a distillbev "
+            f"teacher file and records no teacher model config or data settings (an mmdet3d/mmengine checkpoint "
+            f"pickles other objects); the live teacher needs both: {fix}") from exc
+    payload = payload if isinstance(payload, dict) else {}
+    model = payload.get("config")
+    if not isinstance(model, dict):
+        raise CheckpointError(
+            f"{checkpoint}: records no teacher model config (no 'config' entry: an mmdet3d/mmengine checkpoint or "
+            f"a bare state_dict); the live teacher needs its model config and the sweeps and point features it was "
+            f"trained with: {fix}")
+    training = payload.get("training")
+    experiment = training.get("experiment") if isinstance(training, dict) else None
+    data = experiment.get("data") if isinstance(experiment, dict) else None
+    missing = [key for key in ("num_sweeps", "point_features") if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint}: records the teacher's model config but not the data settings it was trained with "
+            f"(training.experiment.data.{' / '.join(missing)} missing: a checkpoints/epoch_N.pth file holds only "
+            f"the model); a live teacher fed other sweeps or point features than it was trained with gives wrong "
+            f"targets, and the student's settings are no substitute: {fix}")
+    return model, {"num_sweeps": int(data["num_sweeps"]), "point_features": str(data["point_features"])}
+
+
 def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
     """The frozen teacher for `online` targets (eval mode, no grad, not a submodule of the student)."""
     from ..config import from_dict
@@ -207,11 +287,15 @@ def evaluate_student(cfg: StudentExperimentConfig, student: torch.nn.Module, out
     return summary
 
 
-def teacher_attention_source(cache, teacher, temperature: float, device: torch.device):
+def teacher_attention_source(cache, teacher, temperature: float, device: torch.device,
+                             teacher_data: DataConfig | None = None):
     """A function (samples, pair) -> (teacher attention (S, Yt, Xt) float32 of the samples, source) or None, for
     the attention snapshots: the cache's view 0 (the identity view the snapshot samples are drawn in), else the
-    live teacher on the samples' points, else None (a baseline run has no teacher)."""
+    live teacher on the samples' points (read again with `teacher_data`, the teacher's sweeps and point features,
+    when given), else None (a baseline run has no teacher)."""
     from ..losses.attention import spatial_attention
+
+    teacher_dataset: list[NuScenesDetectionDataset] = []  # opened at the first snapshot
 
     def from_cache(samples, pair) -> tuple[np.ndarray, str] | None:
         stored_temperature = cache.manifest["storage"]["attention_temperature"]
@@ -229,9 +313,17 @@ def teacher_attention_source(cache, teacher, temperature: float, device: torch.d
                 maps.append(spatial_attention(targets.features[pair.teacher][None], temperature)[0].numpy())
         return np.stack(maps).astype(np.float32), f"cache {cache.path.name} (view 0)"
 
+    def teacher_points(samples) -> list[torch.Tensor]:
+        if teacher_data is None:
+            return [sample.points for sample in samples]
+        if not teacher_dataset:  # test mode: the snapshot samples' identity view with the nearest sweeps
+            teacher_dataset.append(NuScenesDetectionDataset(teacher_data, teacher_data.train_split, mode="test"))
+        dataset = teacher_dataset[0]
+        return [dataset.get(dataset.index_of(sample.sample_token), with_images=False).points for sample in samples]
+
     @torch.no_grad()
     def from_teacher(samples, pair) -> tuple[np.ndarray, str]:
-        features = teacher([sample.points.to(device) for sample in samples]).features[pair.teacher]
+        features = teacher([points.to(device) for points in teacher_points(samples)]).features[pair.teacher]
         return spatial_attention(features, temperature).cpu().numpy(), "live teacher"
 
     if cache is not None:
@@ -257,10 +349,12 @@ def warn_if_random_backbone(cfg: StudentExperimentConfig) -> None:
 
 def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
                   device: str = "cpu", resume: bool = False, teacher_checkpoint: Path | None = None,
-                  teacher_config: dict | None = None, max_steps: int | None = None, world: World = World(),
-                  sync_bn: bool = False) -> dict | None:
+                  teacher_config: TeacherExperimentConfig | None = None, max_steps: int | None = None,
+                  world: World = World(), sync_bn: bool = False) -> dict | None:
     """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary (None on ranks other than 0).
 
+    teacher_config: `online` targets: the live teacher's experiment config (its model, and the sweeps and point
+    features it reads), needed when `teacher_checkpoint` does not record them (`online_teacher_settings`);
     world: this rank under torchrun (`distributed.init_from_env`), the default a single process; sync_bn: convert
     BatchNorm to SyncBatchNorm (CUDA ranks only).
     """
@@ -282,6 +376,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     train_dataset = None
     distill_loss = None
     teacher = None
+    teacher_data = None  # online targets: the data settings of the live teacher's train loader
     layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
     if cfg.distillation:
         mode = cfg.targets
@@ -298,27 +393,19 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             teacher_model_config = cache.manifest["teacher"]["config"]
         else:
             if teacher_checkpoint is None:
-                raise ConfigError("targets 'online' needs --teacher-checkpoint (and the teacher's config)")
-            config_dict = teacher_config
-            if config_dict is None:
-                state = torch.load(teacher_checkpoint, map_location="cpu", weights_only=False)
-                config_dict = state.get("config")
-                if not isinstance(config_dict, dict):
-                    raise ConfigError(f"{teacher_checkpoint}: holds no teacher model config (not a distillbev "
-                                      f"teacher checkpoint?); train one with `distillbev train-teacher`")
-                # the live teacher sees the sweeps it was trained with
-                experiment = (state.get("training") or {}).get("experiment") or {}
-                cfg.data.num_sweeps = int(experiment.get("data", {}).get("num_sweeps", cfg.data.num_sweeps))
-                cfg.data.sweep_candidates = max(cfg.data.sweep_candidates, cfg.data.num_sweeps)
-                # and the points it was trained on (an MVP teacher: its 17-dim points with virtual points)
-                cfg.data.point_features = str(experiment.get("data", {}).get("point_features",
-                                                                             cfg.data.point_features))
-            teacher = live_teacher(config_dict, teacher_checkpoint, device_t)
-            check_live_teacher_grid(cfg, teacher, teacher_checkpoint)
+                raise ConfigError("targets 'online' needs --teacher-checkpoint (with --teacher-config when the file "
+                                  "does not record the teacher's config: an mmdet3d or epoch_N.pth checkpoint)")
+            online = online_teacher_settings(cfg, Path(teacher_checkpoint), teacher_config)
+            teacher = live_teacher(online.model, teacher_checkpoint, device_t)
+            check_live_teacher_grid(cfg, teacher, teacher_checkpoint, online.data)
+            # the live teacher sees the sweeps and points it was trained with (an MVP teacher: its 17-dim points):
+            # the train loader reads them, the student takes only the key frame's depth points from them
+            teacher_data = online.data
+            train_dataset = NuScenesDetectionDataset(teacher_data, cfg.data.train_split, mode="train")
             teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
                               for name in {t for _, t in layers}}
             head_state = teacher.head_state()
-            teacher_model_config = config_dict
+            teacher_model_config = online.model
         distill_loss = build_distill_loss(cfg, student, teacher_layers).to(device_t)
         if cfg.inherit_teacher_head:
             count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()},
@@ -372,13 +459,17 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
                                 world=world)
 
     progress = TrainingProgress(cfg, out_dir, setup, device_t, start_epoch, evaluate,
-                                teacher_attention_source(cache, teacher, cfg.distill.temperature, device_t), world)
+                                teacher_attention_source(cache, teacher, cfg.distill.temperature, device_t,
+                                                         teacher_data), world)
     iteration = run_epochs(cfg, setup, train_set, optimizer, out_dir, device_t, cfg.model.head.grid, start_epoch,
                            start_iteration, max_steps, after_epoch=progress.after_epoch, world=world, model=model,
                            sampler=sampler)
     summary = progress.finish(iteration)
     if world.is_main:
-        (out_dir / "run_info.json").write_text(json.dumps({"targets": mode, "cache": None if cache_path is None
-                                                           else str(cache_path), "config": to_dict(cfg)}, indent=2))
+        info = {"targets": mode, "cache": None if cache_path is None else str(cache_path), "config": to_dict(cfg)}
+        if teacher_data is not None:  # what the live teacher's loader read instead of the student's data settings
+            info["teacher_data"] = {key: getattr(teacher_data, key)
+                                    for key in ("num_sweeps", "sweep_candidates", "point_features")}
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=2))
     barrier(world)  # every rank leaves after rank 0 has written its checkpoints and evaluation
     return summary
