@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .options import infos_option
+from .options import infos_option, parse_distance_edges
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +33,7 @@ def command(dataroot: Path, version: str, split: str, results_path: Path | None,
     """Run the devkit's detection_cvpr_2019 evaluation and print mAP, NDS, the TP errors and per-class AP."""
     if (results_path is None) == (not gt_as_prediction):
         raise click.UsageError("pass exactly one of --results RESULTS.json or --gt-as-prediction")
-    edges = None
-    if distance_edges is not None:
-        try:
-            edges = tuple(float(v) for v in distance_edges.split(","))
-        except ValueError:
-            raise click.BadParameter(f"{distance_edges!r}: expected increasing distances in metres separated by "
-                                     f"commas, e.g. 0,20,30,40", param_hint="--by-distance") from None
-        if edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise click.BadParameter(f"{distance_edges!r}: the distances must be >= 0 and increasing, e.g. "
-                                     f"0,20,30,40", param_hint="--by-distance")
+    edges = parse_distance_edges(distance_edges)
 
     from ..pipeline.data.config import DataConfig
     from ..pipeline.data.dataset import NuScenesDetectionDataset

@@ -21,25 +21,9 @@ from typing import Any
 
 import click
 
-from .options import infos_option, infos_override
+from .options import infos_option, infos_override, parse_distance_edges
 
 log = logging.getLogger(__name__)
-
-
-def parse_distance_edges(text: str | None) -> tuple[float, ...] | None:
-    """"0,20,30,40" -> (0.0, 20.0, 30.0, 40.0); None stays None. A `click.BadParameter` when not >= 0 and
-    increasing."""
-    if text is None:
-        return None
-    try:
-        edges = tuple(float(value) for value in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected increasing distances in metres separated by commas, e.g. "
-                                 f"0,20,30,40", param_hint="--by-distance") from None
-    if edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise click.BadParameter(f"{text!r}: the distances must be >= 0 and increasing, e.g. 0,20,30,40",
-                                 param_hint="--by-distance")
-    return edges
 
 
 def checked_device(device: str):

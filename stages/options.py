@@ -1,4 +1,5 @@
-"""Command-line options shared by stages: a teacher cache's storage options, the split index's infos source."""
+"""Command-line options and their parsing shared by stages: a teacher cache's storage options, the split index's infos
+source, distance bands."""
 
 from __future__ import annotations
 
@@ -32,3 +33,19 @@ def infos_override(infos: str | None) -> list[str]:
     """`--infos DIR` as the `--set` override it stands for (none when not given); the path is quoted so that any
     folder name stays a string."""
     return [] if infos is None else [f"data.infos={json.dumps(str(infos))}"]
+
+
+def parse_distance_edges(text: str | None) -> tuple[float, ...] | None:
+    """"0,20,30,40" -> (0.0, 20.0, 30.0, 40.0); None stays None. A `click.BadParameter` when not >= 0 and
+    increasing."""
+    if text is None:
+        return None
+    try:
+        edges = tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected increasing distances in metres separated by commas, e.g. "
+                                 f"0,20,30,40", param_hint="--by-distance") from None
+    if edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise click.BadParameter(f"{text!r}: the distances must be >= 0 and increasing, e.g. 0,20,30,40",
+                                 param_hint="--by-distance")
+    return edges
