@@ -150,12 +150,7 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
         for record in records:
             found = []
             for filename in (record["filename"], *([str(virtual_path(record["filename"]))] if virtual else [])):
-                if filename not in sizes:
-                    sizes[filename] = _file_size(str(dataroot / filename), filename.endswith(VIRTUAL_FILE_END))
-                size, issue = sizes[filename]
-                if issue is not None and token not in readers.setdefault(filename, []):
-                    readers[filename].append(token)
-                found.append(size)
+                found.append(_stat_once(dataroot, filename, token, sizes, readers))
             keys.append(_devkit_record_key(nusc, record, *found))
         digest.update(_fingerprint_line(token, keys))
 
@@ -166,6 +161,18 @@ def check_split_inputs(nusc, sample_tokens: list[str], num_sweeps: int, sweep_ca
     total = sum(size for size, _ in sizes.values() if size >= 0)
     return SplitInputs(problems=problems, sample_count=len(sample_tokens), files=len(sizes), bytes=total,
                        fingerprint=digest.hexdigest())
+
+
+def _stat_once(dataroot: Path, filename: str, token: str, sizes: dict[str, tuple[int, str | None]],
+               readers: dict[str, list[str]]) -> int:
+    """The size of `filename` under `dataroot`, stat'ed once per check (`sizes`: filename -> (size, issue)); a file
+    with an issue records `token` among its readers, in split order."""
+    if filename not in sizes:
+        sizes[filename] = _file_size(str(dataroot / filename), filename.endswith(VIRTUAL_FILE_END))
+    size, issue = sizes[filename]
+    if issue is not None and token not in readers.setdefault(filename, []):
+        readers[filename].append(token)
+    return size
 
 
 def dataset_fingerprint(nusc, sample_tokens: list[str], num_sweeps: int, sweep_candidates: int,
@@ -200,12 +207,7 @@ def check_index_inputs(index, num_sweeps: int, progress: bool = False, virtual: 
             filename = table.files[at].decode()
             found = []
             for name in (filename, *([str(virtual_path(filename))] if virtual else [])):
-                if name not in sizes:
-                    sizes[name] = _file_size(str(dataroot / name), name.endswith(VIRTUAL_FILE_END))
-                size, issue = sizes[name]
-                if issue is not None and token not in readers.setdefault(name, []):
-                    readers[name].append(token)
-                found.append(size)
+                found.append(_stat_once(dataroot, name, token, sizes, readers))
             keys.append(_record_key(filename, table.timestamps[at], index.calibrations[table.calibration[at]].tolist(),
                                     table.ego_pose[at].tolist(), *found))
         digest.update(_fingerprint_line(token, keys))
