@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..data.config import DataConfig
 from ..losses.config import DistillConfig
+from ..precision import PrecisionSetting
 from ..student.config import BackbonePretrainConfig, StudentModelConfig
 
 
@@ -31,12 +32,13 @@ class StudentTrainConfig:
     num_workers: int = 2  # DataLoader worker processes
     checkpoint_every: int = 1  # epochs between checkpoints
     cbgs: bool = False  # class-balanced grouping and sampling of the train split (as every BEVDet-family recipe)
-    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the student's training forward (the DistillBEV
-    # loss stays float32); pipeline/precision.py
-    adapter_precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the DistillBEV adapters. bf16 with a
-    # bf16 student saves 14 ms of a 0.39 s small-shape step, but over 3 seeds of the main job its student scored
-    # 13.7 +- 2.7 mAP against 16.3 +- 3.5 with fp32 adapters (NDS 23.8 against 23.4): not resolved, so not the
-    # default (docs/benchmarks.md, "Training step: the adapters in bf16")
+    precision: PrecisionSetting = "auto"  # autocast dtype of the student's training forward (the DistillBEV loss
+    # stays float32); auto = bf16 where the device computes it natively, else fp32 (pipeline/precision.py); also
+    # the arithmetic of `pretrain-backbone`
+    adapter_precision: PrecisionSetting = "fp32"  # autocast dtype of the DistillBEV adapters (auto: as
+    # `precision`'s rule). bf16 with a bf16 student saves 14 ms of a 0.39 s small-shape step, but over 3 seeds of
+    # the main job its student scored 13.7 +- 2.7 mAP against 16.3 +- 3.5 with fp32 adapters (NDS 23.8 against
+    # 23.4): not resolved, so not the default (docs/benchmarks.md, "Training step: the adapters in bf16")
     channels_last: bool = False  # NHWC convolutions (faster with oneDNN / cuDNN); evaluation is unaffected
     # Progress during training (the inputs of `distillbev figures`); neither changes what the student learns.
     eval_every: int = 0  # N > 0: evaluate the val split after every N-th epoch too (eval/epoch_XXX/); 0: at the end

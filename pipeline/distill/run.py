@@ -28,7 +28,7 @@ from ..data.config import DataConfig
 from ..errors import CacheError, CheckpointError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
-from ..precision import set_memory_format
+from ..precision import resolve_precision, set_memory_format, training_precision
 from ..student.build import build_student
 from ..teacher.config import TeacherExperimentConfig
 from .config import StudentExperimentConfig
@@ -159,7 +159,7 @@ def build_distill_loss(cfg: StudentExperimentConfig, student: torch.nn.Module,
         student_shapes=student.feature_shapes,
         teacher_shapes={name: tuple(spec["shape"]) for name, spec in teacher_layers.items()},
         bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
-        precision=cfg.train.adapter_precision,
+        precision=resolve_precision(cfg.train.adapter_precision, next(student.parameters()).device)[0],
     )
 
 
@@ -362,6 +362,14 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     if not resume and (out_dir / "latest.pth").exists():
         raise ConfigError(f"{out_dir}: already holds a student run (latest.pth); pass --resume to continue it or "
                           f"choose another --out")
+    # `precision: auto` resolved once for this device; config.yaml, latest.pth and run_info.json record what ran
+    precision = training_precision(cfg.train.precision, device_t, "train-student", announce=world.is_main)
+    adapter_precision = cfg.train.adapter_precision
+    if cfg.distillation:
+        adapter_precision = training_precision(adapter_precision, device_t, "train-student (DistillBEV adapters)",
+                                               announce=world.is_main and adapter_precision != "fp32")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision,
+                                                             adapter_precision=adapter_precision))
     seed_everything(cfg.train.seed)  # every rank: the same initial weights, CBGS list and draws
     if world.is_main:
         write_config(cfg, out_dir)

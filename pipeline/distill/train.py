@@ -27,7 +27,7 @@ from ..distributed import World
 from ..errors import CheckpointError
 from ..heads.targets import gt_heatmap_max
 from ..losses.distill import DistillBEVLoss
-from ..precision import Precision, autocast
+from ..precision import PrecisionSetting, autocast, resolve_precision
 from .config import StudentExperimentConfig
 from .targets import DistillationDataset, TargetsBatch, collate_with_targets
 
@@ -42,7 +42,11 @@ class DistillationSetup:
     distill_loss: DistillBEVLoss | None
     teacher: torch.nn.Module | None  # only for `online` targets
     layers: list[tuple[str, str]]  # (student feature, teacher feature) pairs
-    precision: Precision = "fp32"  # autocast dtype of the student's forward; its outputs reach the losses in float32
+    precision: PrecisionSetting = "fp32"  # autocast dtype of the student's forward; its outputs reach the losses in
+    # float32. `auto` is resolved here for the student's device (`train_student` resolves and logs it first)
+
+    def __post_init__(self) -> None:
+        self.precision = resolve_precision(self.precision, next(self.student.parameters()).device)[0]
 
 
 def teacher_targets_online(teacher: torch.nn.Module, batch, layers: list[str]) -> TargetsBatch:

@@ -25,7 +25,7 @@ from ..data.classes import DETECTION_CLASSES
 from ..data.collate import collate_samples
 from ..data.dataset import NuScenesDetectionDataset
 from ..errors import ConfigError
-from ..precision import autocast, set_memory_format
+from ..precision import autocast, set_memory_format, training_precision
 from .config import BackbonePretrainConfig
 from .pretrain import STRIDE, CentrePretrainHead, image_centre_targets, pretrain_losses
 from .resnet import ResNet, load_torchvision_checkpoint
@@ -58,6 +58,9 @@ def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
     target = out_dir / BACKBONE_FILE
     if target.exists():
         raise ConfigError(f"{target}: already exists; choose another --out or remove it")
+    # `train.precision: auto` resolved once for this device; OUT/config.yaml records what ran
+    precision = training_precision(cfg.train.precision, device, "pretrain-backbone")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     torch.manual_seed(config.seed)
     dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, "train")
     steps_per_epoch = len(dataset) // config.batch_size
@@ -87,7 +90,7 @@ def pretrain_backbone(cfg, out_dir: Path, device: str = "cpu") -> dict:
             lr = pretrain_lr(config, iteration, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast(device, cfg.train.precision):
+            with autocast(device, precision):
                 losses, centres = batch_losses(cfg, modules, batch, device)
             total_loss = losses["heatmap"] + losses["depth"]
             if not torch.isfinite(total_loss):

@@ -9,6 +9,7 @@ from typing import Literal
 from ..data.config import DataConfig
 from ..geometry.bev import BEVGrid
 from ..heads.center_head import CenterHeadConfig
+from ..precision import PrecisionSetting
 from ..student.bevformer.config import BEVFormerHeadConfig
 
 
@@ -117,7 +118,8 @@ class TeacherTrainConfig:
     max_steps_per_epoch: int = 0  # cap on steps per epoch (0 = the whole split); for smoke runs
     evaluate: bool = True  # decode the val split and run the nuScenes evaluation after training
     log_every: int = 10  # steps between train_log.jsonl records
-    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the training forward (pipeline/precision.py)
+    precision: PrecisionSetting = "auto"  # autocast dtype of the training forward: auto = bf16 where the device
+    # computes it natively, else fp32, resolved once per run (pipeline/precision.py)
     channels_last: bool = False  # NHWC convolutions (faster with oneDNN / cuDNN); evaluation is unaffected
 
 

@@ -3,7 +3,7 @@
 `run_teacher_training(config, run_dir, device, resume)` is the whole recipe; the loop pieces are small free
 functions so tests can drive them on synthetic tensors. Run directory layout:
 
-    RUN/config.yaml               the full experiment config that ran
+    RUN/config.yaml               the full experiment config that ran (`train.precision: auto` resolved)
     RUN/train_log.jsonl           one JSON record per `log_every` steps and per epoch
     RUN/checkpoints/epoch_N.pth   teacher checkpoint after epoch N (mmdet3d key names)
     RUN/latest.pth                the same plus optimiser / scheduler / epoch / RNG state (for --resume)
@@ -35,7 +35,7 @@ from ..config import dump_config, to_dict
 from ..data.types import Detections
 from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices, unwrap
 from ..errors import CheckpointError
-from ..precision import Precision, autocast, set_memory_format
+from ..precision import Precision, autocast, resolve_precision, set_memory_format, training_precision
 from .checkpoint import load_teacher_checkpoint, save_teacher_checkpoint
 from .config import TeacherExperimentConfig, TeacherTrainConfig
 from .model import CenterPointTeacher
@@ -124,6 +124,7 @@ def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torc
     totals: dict[str, float] = {}
     count = 0
     step = start_step
+    precision = resolve_precision(train.precision, device)[0]  # `run_teacher_training` resolved and logged it
     progress = tqdm(loader, total=num_steps, desc=f"teacher epoch {epoch}", leave=False, dynamic_ncols=True,
                     disable=not show_progress)
     started = time.perf_counter()
@@ -132,7 +133,7 @@ def train_one_epoch(model: CenterPointTeacher, loader: Iterable, optimizer: torc
             break
         batch = batch.to(device)
         record = train_step(model, batch.points, batch.gt_boxes, batch.gt_labels, optimizer, train.grad_clip,
-                            train.precision)
+                            precision)
         scheduler.step()
         step += 1
         count += 1
@@ -286,6 +287,9 @@ def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, d
 
     run_dir = Path(run_dir)
     device = torch.device(device)
+    # `precision: auto` resolved once for this device; config.yaml and latest.pth record what ran
+    precision = training_precision(config.train.precision, device, "train-teacher", announce=world.is_main)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
     train = config.train
     data = dataclasses.replace(config.data, load_images=False)
     seed_everything(train.seed)

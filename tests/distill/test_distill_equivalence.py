@@ -30,7 +30,7 @@ from distillbev.pipeline.config import dump_config, to_dict
 from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
-from distillbev.pipeline.distill.config import StudentExperimentConfig
+from distillbev.pipeline.distill.config import StudentExperimentConfig, StudentTrainConfig
 from distillbev.pipeline.distill.run import build_distill_loss, live_teacher
 from distillbev.pipeline.distill.targets import TargetsItem, collate_with_targets
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
@@ -96,7 +96,9 @@ def tiny_student_config(dataroot: Path) -> StudentExperimentConfig:
         bev=BEVRange(-HALF_EXTENT, HALF_EXTENT, -HALF_EXTENT, HALF_EXTENT, 0.8, -5.0, 3.0), lss_channels=16,
         depth_net_channels=32, bev_encoder_channels=(16, 32, 64), bev_encoder_blocks=(1, 1, 1),
         bev_neck_channels=32, head=tiny_head())
-    return StudentExperimentConfig(data=tiny_data_config(dataroot, load_images=True), model=model)
+    # float32 on every machine (`auto` would pick bf16 where the CPU has it): the equivalence tests compare exactly
+    return StudentExperimentConfig(data=tiny_data_config(dataroot, load_images=True), model=model,
+                                   train=StudentTrainConfig(precision="fp32"))
 
 
 def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: str = "lidar",
