@@ -218,7 +218,7 @@ def gap_teacher(small: ShapeSetup, trained_checkpoint: Path) -> tuple[TeacherExp
     small shapes' random one."""
     if not trained_checkpoint.is_file():
         return small.teacher_config, small.checkpoint, "a randomly initialised teacher (no trained checkpoint found)"
-    state = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     teacher_cfg = dataclasses.replace(small.teacher_config,
                                       model=from_dict(TeacherModelConfig, state["config"], source=str(trained_checkpoint)),
                                       data=dataclasses.replace(small.teacher_config.data))

@@ -66,6 +66,10 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: 
                    "RUN/config.yaml of a train-teacher run).")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Teacher checkpoint: ours (RUN/latest.pth, RUN/checkpoints/epoch_N.pth) or an mmdet3d .pth.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Load the teacher checkpoint with full unpickling, for a file that needs classes outside the "
+                   "weights-only allow list (which is refused otherwise): unpickling runs any code the file carries, "
+                   "so only for a file you made or whose source you trust. Logged as a warning.")
 @click.option("--dataroot", required=True, type=click.Path(file_okay=False), help="nuScenes-format dataroot.")
 @click.option("--version", "version", required=True, help="Table folder, e.g. v1.0-trainval, v1.0-mini.")
 @click.option("--split", required=True, help="Split to evaluate, e.g. val, mini_val, synth_val.")
@@ -86,7 +90,7 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: 
 @infos_option
 def command(config_path: str, checkpoint: Path, dataroot: str, version: str, split: str, out_dir: Path | None,
             distance_edges: str | None, device: str, batch_size: int | None, workers: int | None,
-            overrides: tuple[str, ...], infos: str | None) -> None:
+            overrides: tuple[str, ...], infos: str | None, trust_checkpoint: bool) -> None:
     """Evaluate a teacher checkpoint on a split: prints mAP, NDS, the TP errors and per-class AP."""
     edges = parse_distance_edges(distance_edges)
 
@@ -110,7 +114,7 @@ def command(config_path: str, checkpoint: Path, dataroot: str, version: str, spl
     data = dataclasses.replace(config.data, dataroot=str(dataroot), version=version, load_images=False)
     # the checkpoint first: a file that cannot be used fails before the dataroot is read
     model = CenterPointTeacher(config.model)
-    report = load_teacher_checkpoint(model, checkpoint, strict=True)
+    report = load_teacher_checkpoint(model, checkpoint, strict=True, trust_checkpoint=trust_checkpoint)
     if report.config is not None:
         differences = config_differences(report.config, to_dict(config.model))
         if differences:

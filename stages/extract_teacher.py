@@ -29,6 +29,10 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
               help="Teacher experiment config (YAML: data, model, train).")
 @click.option("--dataroot", required=True, type=click.Path(file_okay=False), help="nuScenes-format dataroot.")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher checkpoint (.pth).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Load the teacher checkpoint with full unpickling, for a file that needs classes outside the "
+                   "weights-only allow list (which is refused otherwise): unpickling runs any code the file carries, "
+                   "so only for a file you made or whose source you trust. Logged as a warning.")
 @click.option("--cache", "cache_path", required=True, help="Output zarr store: a folder or an s3:// (fsspec) URL.")
 @storage_option
 @click.option("--split", required=True, help="Split to extract, e.g. train, mini_train, synth_train.")
@@ -58,7 +62,7 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
 def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, storage_options: tuple[str, ...],
             split: str, views: int, seed: int, workers: int, dtype: str, int8_error: float, layers: str,
             batch_size: int, no_background_writer: bool, overwrite: bool, repair: bool, device: str,
-            overrides: tuple[str, ...], infos: str | None) -> None:
+            overrides: tuple[str, ...], infos: str | None, trust_checkpoint: bool) -> None:
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     import dataclasses
     import logging
@@ -111,7 +115,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     # pre-flight: every input problem (data and checkpoint) in one error, before any teacher compute
     checkpoint_error: CheckpointError | None = None
     try:
-        load_teacher_checkpoint(model, checkpoint)  # logs what it loaded
+        load_teacher_checkpoint(model, checkpoint, trust_checkpoint=trust_checkpoint)  # logs what it loaded
     except CheckpointError as exc:
         checkpoint_error = exc
     virtual = data_config.point_features == "mvp"

@@ -31,6 +31,10 @@ from .options import infos_option, infos_override, storage_option
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Teacher checkpoint: the live teacher for --targets online; with --cache, the cache must have "
                    "been extracted from it (its SHA-256 is compared before the first step).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Load the teacher checkpoint with full unpickling, for a file that needs classes outside the "
+                   "weights-only allow list (which is refused otherwise): unpickling runs any code the file carries, "
+                   "so only for a file you made or whose source you trust. Logged as a warning.")
 @click.option("--teacher-config", "teacher_config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None,
               help="--targets online: the live teacher's experiment YAML (configs/nuscenes/teacher_pillar02.yaml): "
@@ -48,7 +52,7 @@ from .options import infos_option, infos_override, storage_option
 def command(config_path: Path, dataroot: Path | None, cache_path: str | None, storage_options: tuple[str, ...],
             out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None,
             teacher_config_path: Path | None, resume: bool, device: str, max_steps: int | None,
-            overrides: tuple[str, ...], sync_bn: bool, infos: str | None) -> None:
+            overrides: tuple[str, ...], sync_bn: bool, infos: str | None, trust_checkpoint: bool) -> None:
     """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D / BEVFormer student, then evaluate it with the devkit.
 
     Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
@@ -91,6 +95,6 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
         logging.getLogger("distillbev").setLevel(logging.WARNING)
     summary = train_student(cfg, out, cache_path=cache, device=device, resume=resume,
                             teacher_checkpoint=teacher_checkpoint, teacher_config=teacher_config, max_steps=max_steps,
-                            world=world, sync_bn=sync_bn)
+                            world=world, sync_bn=sync_bn, trust_checkpoint=trust_checkpoint)
     if world.is_main:
         click.echo(format_metrics_table(summary))

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..safe_pickle import ForbiddenGlobal, restricted_load
 from .classes import ATTRIBUTE_ID, CLASS_ID, NO_ATTRIBUTE
 from .index import FrameTable, SplitIndex
 from .loading import split_sample_tokens
@@ -79,29 +80,6 @@ def infos_file(infos_dir: str | Path, split: str) -> Path:
     return path
 
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    """A pickle names a global outside the unpickler's allow list."""
-
-
-class _InfosUnpickler(pickle.Unpickler):
-    """Rebuilds only numpy arrays, dtypes and scalars and plain Python values: an info file is untrusted input."""
-
-    ALLOWED = {
-        ("numpy", "dtype"), ("numpy", "ndarray"),
-        ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # protocol-2 pickles spell bytes (a numpy scalar's buffer) this way
-        ("collections", "OrderedDict"),
-        *(("builtins", name) for name in ("set", "frozenset", "bytearray", "complex", "slice", "range")),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise _ForbiddenGlobal(f"global {module}.{name} is not allowed in an info file")
-        return super().find_class(module, name)
-
-
 @contextlib.contextmanager
 def _no_garbage_collection():
     """The cyclic garbage collector off while millions of small containers are built: it would rescan them all
@@ -124,13 +102,13 @@ def read_infos(path: str | Path) -> tuple[dict, list[dict]]:
     path = Path(path)
     try:
         with path.open("rb") as f, _no_garbage_collection():
-            content = _InfosUnpickler(f).load()
+            content = restricted_load(f)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: mmdet3d info file not found; pass the file written by mmdet3d's "
                         f"`tools/create_data.py nuscenes`") from exc
-    except _ForbiddenGlobal as exc:
-        raise DataError(f"{path}: refused ({exc}); an info file holds only numpy arrays and plain Python values, "
-                        f"regenerate it with mmdet3d's tools/create_data.py nuscenes") from exc
+    except ForbiddenGlobal as exc:
+        raise DataError(f"{path}: refused ({exc} in an info file); an info file holds only numpy arrays and plain "
+                        f"Python values, regenerate it with mmdet3d's tools/create_data.py nuscenes") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a pickle file ({type(exc).__name__}: {exc}); pass an mmdet3d info file "

@@ -29,6 +29,7 @@ from ..errors import CacheError, CheckpointError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..losses.distill import DistillBEVLoss
 from ..precision import resolve_precision, set_memory_format, training_precision
+from ..safe_pickle import load_checkpoint
 from ..student.build import build_student
 from ..teacher.config import TeacherExperimentConfig
 from .config import StudentExperimentConfig
@@ -174,7 +175,8 @@ class OnlineTeacherSettings:
 
 
 def online_teacher_settings(cfg: StudentExperimentConfig, checkpoint: Path,
-                            teacher_config: TeacherExperimentConfig | None = None) -> OnlineTeacherSettings:
+                            teacher_config: TeacherExperimentConfig | None = None, *,
+                            trust_checkpoint: bool = False) -> OnlineTeacherSettings:
     """The live teacher's model config and data settings: from `teacher_config` (--teacher-config, a teacher
     experiment YAML) when given, else from what the checkpoint records (a teacher run's latest.pth: `config` and
     `training.experiment.data`). A file that records less (an mmdet3d file, a checkpoints/epoch_N.pth) is refused:
@@ -185,7 +187,7 @@ def online_teacher_settings(cfg: StudentExperimentConfig, checkpoint: Path,
         num_sweeps, point_features = teacher_config.data.num_sweeps, teacher_config.data.point_features
         source = "--teacher-config"
     else:
-        model, recorded = recorded_teacher_settings(checkpoint)
+        model, recorded = recorded_teacher_settings(checkpoint, trust_checkpoint=trust_checkpoint)
         num_sweeps, point_features = recorded["num_sweeps"], recorded["point_features"]
         source = f"{checkpoint.name} (training.experiment)"
     try:
@@ -199,24 +201,22 @@ def online_teacher_settings(cfg: StudentExperimentConfig, checkpoint: Path,
     return OnlineTeacherSettings(model=model, data=data, source=source)
 
 
-def recorded_teacher_settings(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def recorded_teacher_settings(checkpoint: Path, *, trust_checkpoint: bool = False
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model config dict, {"num_sweeps", "point_features"}) recorded in our own teacher run's latest.pth.
 
-    Read with weights_only=True: our files hold tensors and plain data only, and a file that needs full
-    unpickling (an mmdet3d/mmengine one) records neither anyway. CheckpointError naming what is missing and
-    --teacher-config as the fix otherwise.
+    Read without running code (`safe_pickle.load_checkpoint`; trust_checkpoint: full unpickling, --trust-checkpoint):
+    our files hold tensors and plain data only, and an mmdet3d/mmengine file records neither. CheckpointError
+    naming what is missing and --teacher-config as the fix otherwise.
     """
     fix = ("pass the teacher's experiment YAML with --teacher-config (e.g. configs/nuscenes/teacher_pillar02.yaml "
            "for the released mmdet3d pillar checkpoint), or the teacher run's latest.pth")
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: teacher checkpoint not found; pass the path of an existing .pth file")
-    try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our own plain-data file
-        raise CheckpointError(
-            f"{checkpoint}: cannot be read as weights only ({exc.__class__.__name__}), so it is not a distillbev "
-            f"teacher file and records no teacher model config or data settings (an mmdet3d/mmengine checkpoint "
-            f"pickles other objects); the live teacher needs both: {fix}") from exc
+    payload = load_checkpoint(checkpoint, trust=trust_checkpoint, what="teacher checkpoint", fix=(
+        f"a distillbev teacher file holds nothing else, so this one records no teacher model config or data "
+        f"settings (nor does an mmdet3d/mmengine file); the live teacher needs both: {fix}; and to load the file "
+        f"itself, pass --trust-checkpoint if you made it or trust its source"))
     payload = payload if isinstance(payload, dict) else {}
     model = payload.get("config")
     if not isinstance(model, dict):
@@ -237,15 +237,16 @@ def recorded_teacher_settings(checkpoint: Path) -> tuple[dict[str, Any], dict[st
     return model, {"num_sweeps": int(data["num_sweeps"]), "point_features": str(data["point_features"])}
 
 
-def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device):
-    """The frozen teacher for `online` targets (eval mode, no grad, not a submodule of the student)."""
+def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device, *, trust_checkpoint: bool = False):
+    """The frozen teacher for `online` targets (eval mode, no grad, not a submodule of the student);
+    trust_checkpoint: unpickle the file fully (--trust-checkpoint)."""
     from ..config import from_dict
     from ..teacher.checkpoint import load_teacher_checkpoint
     from ..teacher.config import TeacherModelConfig
     from ..teacher.model import CenterPointTeacher
 
     teacher = CenterPointTeacher(from_dict(TeacherModelConfig, config_dict, source=str(checkpoint)))
-    load_teacher_checkpoint(teacher, checkpoint)
+    load_teacher_checkpoint(teacher, checkpoint, trust_checkpoint=trust_checkpoint)
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -350,13 +351,14 @@ def warn_if_random_backbone(cfg: StudentExperimentConfig) -> None:
 def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
                   device: str = "cpu", resume: bool = False, teacher_checkpoint: Path | None = None,
                   teacher_config: TeacherExperimentConfig | None = None, max_steps: int | None = None,
-                  world: World = World(), sync_bn: bool = False) -> dict | None:
+                  world: World = World(), sync_bn: bool = False, trust_checkpoint: bool = False) -> dict | None:
     """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary (None on ranks other than 0).
 
     teacher_config: `online` targets: the live teacher's experiment config (its model, and the sweeps and point
     features it reads), needed when `teacher_checkpoint` does not record them (`online_teacher_settings`);
     world: this rank under torchrun (`distributed.init_from_env`), the default a single process; sync_bn: convert
-    BatchNorm to SyncBatchNorm (CUDA ranks only).
+    BatchNorm to SyncBatchNorm (CUDA ranks only); trust_checkpoint: load `teacher_checkpoint` with full unpickling
+    (--trust-checkpoint), which runs any code it carries.
     """
     device_t = torch.device(device)
     if not resume and (out_dir / "latest.pth").exists():
@@ -403,8 +405,9 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
             if teacher_checkpoint is None:
                 raise ConfigError("targets 'online' needs --teacher-checkpoint (with --teacher-config when the file "
                                   "does not record the teacher's config: an mmdet3d or epoch_N.pth checkpoint)")
-            online = online_teacher_settings(cfg, Path(teacher_checkpoint), teacher_config)
-            teacher = live_teacher(online.model, teacher_checkpoint, device_t)
+            online = online_teacher_settings(cfg, Path(teacher_checkpoint), teacher_config,
+                                             trust_checkpoint=trust_checkpoint)
+            teacher = live_teacher(online.model, teacher_checkpoint, device_t, trust_checkpoint=trust_checkpoint)
             check_live_teacher_grid(cfg, teacher, teacher_checkpoint, online.data)
             # the live teacher sees the sweeps and points it was trained with (an MVP teacher: its 17-dim points):
             # the train loader reads them, the student takes only the key frame's depth points from them

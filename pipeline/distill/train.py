@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from ..config import dump_config, to_dict
 from ..distributed import World
-from ..errors import CheckpointError
 from ..heads.targets import gt_heatmap_max
 from ..losses.distill import DistillBEVLoss
 from ..precision import PrecisionSetting, autocast, resolve_precision
@@ -169,10 +168,10 @@ def load_resume(path: Path, setup: DistillationSetup, optimizer, steps_per_epoch
     When the checkpoint counted another number of steps per epoch (another world size or batch), the iteration
     count, and with it the warmup, restarts at epochs done x `steps_per_epoch`; the epoch count carries over.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint to resume from ({exc}); delete it to start over")
+    from ..safe_pickle import load_checkpoint  # weights only: a run directory can come from elsewhere
+
+    state = load_checkpoint(path, what="resume checkpoint", fix="train-student writes only tensors and plain values "
+                            "into latest.pth; delete the file and drop --resume to start over")
     setup.student.load_state_dict(state["state_dict"])
     if setup.distill_loss is not None and state.get("distill_state_dict") is not None:
         setup.distill_loss.load_state_dict(state["distill_state_dict"])

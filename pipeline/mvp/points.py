@@ -4,7 +4,9 @@ Layout (as MVP's `virtual_gen.py` writes and its released 80 GB set holds): the 
 `samples/LIDAR_TOP/<name>.pcd.bin` is `samples/LIDAR_TOP_VIRTUAL/<name>.pcd.bin.pkl.npy` (sweeps likewise under
 `sweeps/LIDAR_TOP_VIRTUAL/`).
 
-Format: `np.save` of a Python dict (a pickled 0-d object array; read with `np.load(path, allow_pickle=True).item()`):
+Format: `np.save` of a Python dict (a pickled 0-d object array, which `np.load(path, allow_pickle=True).item()` reads;
+here the .npy header is read with numpy.lib.format and the pickle with `safe_pickle.RestrictedUnpickler`, so a
+crafted file cannot run code):
     virtual_points      (V, 14) float32  x, y, z (LiDAR frame of that sample_data), 10 one-hot class, score
     real_points         (R, 15) float32  x, y, z, intensity, 10 one-hot class, score: the LiDAR points inside a mask
     real_points_indice  (R,)    int64    their rows in the .pcd.bin
@@ -25,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from ..errors import DataError
+from ..safe_pickle import ForbiddenGlobal, restricted_load
 
 MVP_CLASSES = ("car", "truck", "trailer", "bus", "construction_vehicle", "bicycle", "motorcycle", "pedestrian",
                "traffic_cone", "barrier")
@@ -72,6 +76,26 @@ def write_virtual_points(path: str | Path, points: VirtualPoints) -> None:
     os.replace(temporary, path)
 
 
+def _read_dict(path: Path) -> dict:
+    """The dict an MVP file holds: the .npy header must describe a 0-d object array, whose pickle (the rest of the
+    file) is read with the restricted unpickler (numpy arrays and plain values only)."""
+    with open(path, "rb") as handle:
+        version = npy_format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f".npy format version {version}, expected 1.0 or 2.0 (np.save's)")
+        if shape != () or dtype != np.dtype(object):
+            raise ValueError(f"a {shape} {dtype} array, expected a 0-d object array holding a dict")
+        # np.load's own pickle encoding would be ASCII; latin1 also reads arrays pickled by Python 2
+        array = restricted_load(handle, encoding="latin1")
+    if not isinstance(array, np.ndarray) or array.shape != () or not isinstance(array.item(), dict):
+        raise ValueError(f"the pickle holds {type(array).__name__}, expected a 0-d object array holding a dict")
+    return array.item()
+
+
 def read_virtual_points(path: str | Path, sample_data_token: str = "") -> VirtualPoints:
     """Read one file written by MVP or by `write_virtual_points`; a missing or malformed file is a one-line
     DataError naming it, the sample_data and what to do."""
@@ -81,10 +105,15 @@ def read_virtual_points(path: str | Path, sample_data_token: str = "") -> Virtua
         raise DataError(f"{path}: virtual-point file{owner} not found; run `{MAKE_COMMAND}` or put MVP's released "
                         f"LIDAR_TOP_VIRTUAL folders next to samples/ and sweeps/")
     try:
-        data = np.load(path, allow_pickle=True).item()
+        data = _read_dict(path)
         virtual, real = np.asarray(data["virtual_points"]), np.asarray(data["real_points"])
         indices = np.asarray(data["real_points_indice"])
-    except (OSError, ValueError, KeyError, AttributeError, EOFError, TypeError, pickle.UnpicklingError) as exc:
+    except ForbiddenGlobal as exc:
+        raise DataError(f"{path}: refused: the pickle in this virtual-point file{owner} names "
+                        f"{exc.qualified_name}, and an MVP file holds only numpy arrays in a dict (unpickling other "
+                        f"objects could run code the file carries); delete it and rerun `{MAKE_COMMAND}`") from None
+    except (OSError, ValueError, KeyError, AttributeError, EOFError, TypeError, IndexError,
+            pickle.UnpicklingError) as exc:
         raise DataError(f"{path}: not an MVP virtual-point file{owner} ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())}); delete it and rerun `{MAKE_COMMAND}`") from None
     shapes_ok = virtual.ndim == 2 and virtual.shape[1] == VIRTUAL_WIDTH and real.ndim == 2 and \

@@ -2,7 +2,9 @@
 
 Accepted files: our own ({"state_dict", "config", "meta"}), mmdet3d/mmengine ones ({"state_dict", "meta", ...}),
 or a bare state_dict. A `module.` prefix (DistributedDataParallel) is stripped. Loading never drops weights
-silently: missing or unexpected keys and shape mismatches are `CheckpointError`s that name the keys.
+silently: missing or unexpected keys and shape mismatches are `CheckpointError`s that name the keys. A file is
+unpickled with an allow list (`safe_pickle.load_checkpoint`: tensors, plain values, the numpy and mmengine classes
+of an mmengine file's meta); one that needs any other class is refused unless the caller trusts it.
 
 Before the keys are matched, two checks catch files whose keys would fit, or nearly fit, but whose weights cannot
 mean what our teacher computes (docs/teacher_checkpoints.md lists the released files and what each gets):
@@ -29,6 +31,7 @@ from torch import nn
 
 from ..config import to_dict
 from ..errors import CheckpointError
+from ..safe_pickle import load_checkpoint
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,19 +106,11 @@ def checkpoint_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, trust: bool) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found; pass the path of an existing .pth file "
                               f"(train one with `distillbev train-teacher` or download the mmdet3d one)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:  # noqa: BLE001 - mmdet3d files pickle non-tensor meta objects
-        LOGGER.debug("weights-only load of %s failed (%s); retrying with full unpickling", path, safe_error)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc.__class__.__name__}: {exc}); "
-                              f"pass a .pth file written by torch.save") from exc
+    return load_checkpoint(path, trust=trust, what="teacher checkpoint")
 
 
 def _state_dict_of(path: Path, payload: Any) -> tuple[dict[str, torch.Tensor], str, dict | None, dict | None]:
@@ -216,13 +211,16 @@ def check_box_convention(path: Path, source: str, meta: dict[str, Any] | None, p
     return None, f"unknown ({unknown})"
 
 
-def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
+                            trust_checkpoint: bool = False) -> LoadReport:
     """Load a teacher checkpoint into `model` and report what happened.
 
     strict=True: every model key must be in the file and vice versa. Shape mismatches are always errors.
+    The file is unpickled without running code (`safe_pickle.load_checkpoint`): a file that needs a class outside
+    its allow list is refused unless trust_checkpoint=True (`--trust-checkpoint`), which unpickles anything.
     """
     path = Path(path)
-    payload = _read(path)
+    payload = _read(path, trust_checkpoint)
     state, source, config, meta = _state_dict_of(path, payload)
     state, prefix = _strip_prefix(state)
     if not any(k.startswith(TEACHER_PREFIXES) for k in state):

@@ -217,8 +217,11 @@ def load_run_state(run_dir: Path, model: CenterPointTeacher, optimizer: torch.op
     if not path.is_file():
         raise CheckpointError(f"{path}: nothing to resume (no latest.pth in the run directory); "
                               f"drop --resume to start a new run")
+    from ..safe_pickle import load_checkpoint  # weights only: a run directory can come from elsewhere
+
+    training = load_checkpoint(path, what="resume checkpoint", fix="train-teacher writes only tensors and plain "
+                               "values into latest.pth; delete the file and drop --resume to start over")["training"]
     load_teacher_checkpoint(model, path, strict=True)
-    training = torch.load(path, map_location="cpu", weights_only=False)["training"]
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     _restore_rng(training["rng"])
