@@ -9,7 +9,7 @@ copied key by key to the S3 server. Then, for each store:
 2. a DataLoader epoch over every sample-view: in the main process (no prefetching), and with 2 workers and
    prefetch_factor 2 (forkserver for S3: object-store clients do not survive a fork), sample-views per second.
 
-    python benchmarks/cache_remote.py --samples 12 --dir /tmp/bench_remote
+    python benchmarks/cache_remote.py --samples 12 --dir SCRATCH
 
 Loopback S3 has no network latency, so these numbers are the client's and the server's own costs; a real object
 store adds its round trips to the sequential reads first, which is what the concurrent reads and prefetching hide.
@@ -21,6 +21,7 @@ import argparse
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2, help="passes over the samples for the per-read times")
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench_remote"))
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "bench_remote")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shutil.rmtree(args.dir, ignore_errors=True)

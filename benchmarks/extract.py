@@ -12,8 +12,8 @@ loading and teacher forward ms/sample, extraction samples/s with the background 
 and without writing at all (loading + forward), the writer overhead, and per stored array the bytes per
 sample-view and the fidelity of fp16 and int8 against the fp32 teacher output.
 
-    python benchmarks/extract.py --samples 4 --dir /tmp/bench
-    python benchmarks/extract.py --dir /tmp/bench --checkpoint runs/teacher/latest.pth --dataroot data/synthetic
+    python benchmarks/extract.py --samples 4 --dir SCRATCH
+    python benchmarks/extract.py --dir SCRATCH --checkpoint runs/teacher/latest.pth --dataroot data/synthetic
 
 The synthetic maps are smooth random fields through a ReLU with about `--zero-fraction` zeros; only the real part
 says what the trained teacher's features compress to.

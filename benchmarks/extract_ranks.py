@@ -7,8 +7,10 @@ exit (process start-up and pre-flight included, as a user sees it) and sample-vi
 extraction itself (the command's own report), and checks that the 2-rank store equals the 1-process 1-thread
 store chunk for chunk (the same thread count per process gives the same bytes).
 
-    python benchmarks/extract_ranks.py --dataroot /work/demo4/data --checkpoint /work/demo4/teacher/latest.pth \
-        --config configs/synthetic/teacher.yaml --split synth_train --views 1 --dir /tmp/bench_ranks --s3
+    python benchmarks/extract_ranks.py --dataroot DIR/data --checkpoint DIR/teacher/latest.pth \
+        --config configs/synthetic/teacher.yaml --split synth_train --views 1 --s3
+
+where DIR is a world-1 main job's output folder (`distillbev demo --world 1 --out DIR`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +64,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/synthetic/teacher.yaml"))
     parser.add_argument("--split", default="synth_train")
     parser.add_argument("--views", type=int, default=1)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench_ranks"))
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "bench_ranks")
     parser.add_argument("--s3", action="store_true", help="also extract into S3 (SeaweedFS on 127.0.0.1)")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)

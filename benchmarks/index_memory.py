@@ -14,7 +14,9 @@ Each variant iterates `--batches` batches of a DataLoader with `--workers` worke
 process and every worker, RSS, PSS (shared pages split between the processes sharing them) and USS (pages only
 this process holds) from /proc/<pid>/smaps_rollup. The total PSS is the memory the job really costs.
 
-    python benchmarks/index_memory.py --dataroot /work/demo3/data --version v1.0-synthetic --copies 100
+    python benchmarks/index_memory.py --dataroot DIR/data --version v1.0-synthetic --copies 100
+
+where DIR is a main job's output folder (`distillbev demo --out DIR`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,7 +163,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=100, help="copies of the tables (1: the dataroot as is)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batches", default="200,1000", help="measure after these many batches of 2 (ascending)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/distillbev_index_memory"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "distillbev_index_memory")
     parser.add_argument("--variant", choices=["index", "devkit"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.variant:

@@ -52,7 +52,6 @@ from distillbev.pipeline.cache.manifest import LayerSpec
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.config import dump_config, from_dict, load_config, to_dict
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.distill.run import build_distill_loss, live_teacher
 from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets
@@ -61,6 +60,7 @@ from distillbev.pipeline.distill.warp import warp_bev
 from distillbev.pipeline.geometry.bev import BEVAugmentation
 from distillbev.pipeline.precision import set_memory_format
 from distillbev.pipeline.student.build import build_student
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher
@@ -501,8 +501,9 @@ def main() -> None:
                         help="interleaved rounds: each builds and times every mode once, the order rotated")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: small 1, full 1)")
     parser.add_argument("--gap-samples", type=int, default=4, help="samples of the approximate-mode gap")
-    parser.add_argument("--trained-teacher", type=Path, default=Path("/work/demo/teacher/latest.pth"),
-                        help="teacher checkpoint for the approximate-mode gap (a random teacher if missing)")
+    parser.add_argument("--trained-teacher", type=Path, default=Path("out/demo/teacher/latest.pth"),
+                        help="teacher checkpoint for the approximate-mode gap (default: `make demo`'s; a random "
+                             "teacher if missing)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args()

@@ -12,9 +12,9 @@ Ampere or newer), fp32 elsewhere. The run records the resolved value (RUN/config
 
 Measured on this project's machine kind (2 x AMD EPYC with AVX512-BF16, torch 2.13 CPU), one step of the main job's
 configs at 2 threads: the teacher 0.96 s (fp32) -> 0.61 s (bf16, channels_last), the BEVDet student 0.35 s -> 0.20 s
-(docs/benchmarks.md, "The main job's time"). On a CPU without native bf16 the same setting is much slower than fp32
-(`BF16_WITHOUT_NATIVE_COST`), so `auto` picks fp32 there and an explicit `bf16` is warned about. Evaluation and
-extraction always run in float32.
+(docs/benchmarks.md, "What bf16, channels_last and the allocator tuning buy"). On a CPU without native bf16 the same
+setting is much slower than fp32 (`BF16_WITHOUT_NATIVE_COST`), so `auto` picks fp32 there and an explicit `bf16` is
+warned about. Evaluation and extraction always run in float32.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Process-wide settings every `distillbev` command starts with.
 
-glibc's malloc serves every allocation above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh mmap
-and returns it to the kernel on free. A training step allocates and frees hundreds of activation tensors of a few
-MB, so each step page-faults its activations in anew: in the main job's teacher, 3.7 million minor page faults and
-9 s of system time per 20 steps. `tune_allocator` keeps freed memory in the process instead (mmap threshold 32 MB,
-trim threshold 4 GB, top pad 256 MB): the teacher step went from 0.95 s to 0.66 s on this project's machine kind
-(docs/benchmarks.md, "The main job's time"). Resident memory then stays near its peak instead of shrinking
-between steps. `DISTILLBEV_MALLOC_TUNING=0` turns it off; other C libraries are left alone.
+glibc's malloc serves every allocation above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh mmap and
+returns it to the kernel on free. A training step allocates and frees hundreds of activation tensors of a few MB, so
+each step page-faults its activations in anew: in the main job's teacher, 3.7 million minor page faults and 9 s of
+system time per 20 steps. `tune_allocator` keeps freed memory in the process instead (mmap threshold 32 MB, trim
+threshold 4 GB, top pad 256 MB): the teacher step went from 0.95 s to 0.66 s on this project's machine kind
+(docs/benchmarks.md, "What bf16, channels_last and the allocator tuning buy"). Resident memory then stays near its
+peak instead of shrinking between steps. `DISTILLBEV_MALLOC_TUNING=0` turns it off; other C libraries are left alone.
 """
 
 from __future__ import annotations

@@ -1,32 +1,10 @@
 """`distillbev demo`: the whole pipeline on the embedded synthetic dataset, with a results table and figures.
 
-Each step is the equivalent `distillbev` command: the data, teacher and cache steps run in-process with every core,
-the two students side by side as two processes with half the cores each (`--jobs 1`: in-process, one after the
-other; stages/jobs.py). A step whose output is already complete is reused, so rerunning after an interruption
-continues where it stopped. It runs on world 2, the street world, with configs/street/ (+-51.2 m) at its recipe
-(RECIPES: a 150-scene dataroot, one cached view per sample, a backbone pretrained on the train images, 6 student
-epochs, 2 teacher epochs), which is what its camera students need to learn (docs/synthetic.md). `--world 1` runs
-the quick main job on world 1 with configs/synthetic/ (+-32 m), 10 scenes and 4 views. The two students evaluate
-every 2 epochs and save attention snapshots (FIGURE_SETTINGS); `distillbev figures` draws them into OUT/figures/
-at the end (OUT/figures_<student>/ for a student other than bevdet).
-
-Another `--student` on the same OUT reuses its dataroot, teacher and cache and adds that student's baseline and
-distilled rows: the results table lists every student trained in OUT, and demo_summary.json keeps the steps of
-the earlier students. `--student bevformer` reuses the dataroot and adds its own teacher: the CenterPoint teacher
-with a DETR decoder (teacher_detr.yaml, OUT/teacher_detr) and its bev_embed cache, which the BEVFormer recipe
-inherits from and imitates.
-
-`--teachers centerpoint,mvp` adds MVP, the LiDAR-camera teacher: the instance masks (`make-synthetic --masks`,
-always on in world 2), the virtual points (`make-virtual-points`), the MVP teacher (configs/*/teacher_mvp.yaml),
-its cache and a student distilled from it, so the table holds the teacher x student grid of the paper. It reuses
-every finished step of a main job already in OUT, so it extends one whose dataroot has masks.
-
-`--pretrain-backbone` pretrains the students' ResNet on the train split's images first (`pretrain-backbone`, the
-stand-in for the ImageNet / FCOS3D weights the paper's students start from) and starts both students from it; it
-is on in world 2's recipe. The default main job is the same as
-
-    distillbev demo --world 2 --scenes 150 --views 1 --pretrain-backbone --set pretrain.epochs=10 \
-        --set train.epochs=6 --set "train.lr_steps=[5]" --teacher-set train.epochs=2 --out runs/world2
+Each step runs the equivalent `distillbev` command: the data, teacher and cache steps in-process with every core,
+the baseline and distilled students side by side as two processes (stages/jobs.py); a finished step is reused, so
+a rerun continues where it stopped. `--world 2` (the default) runs the street world at its recipe (RECIPES),
+`--world 1` the quick main job; `--student`, `--teachers centerpoint,mvp` and `--pretrain-backbone` extend a main
+job in the same OUT. What each option does: docs/commands.md; the tables it makes: docs/results.md.
 """
 
 from __future__ import annotations
@@ -291,7 +269,7 @@ def command(out: Path, student: str, views: int | None, scenes: int | None, samp
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
     of the two students (figures/: training curves, attention maps, qualitative boxes)."""
-    from ..pipeline.eval.figures import draw_figures
+    from ..pipeline.report.figures import draw_figures
 
     world = int(world)
     views, scenes, pretrain_backbone, overrides, teacher_overrides = apply_recipe(

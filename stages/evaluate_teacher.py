@@ -97,14 +97,15 @@ def command(config_path: str, checkpoint: Path, dataroot: str, version: str, spl
     import dataclasses
     import time
 
-    from ..pipeline.config import load_config, to_dict
+    from ..pipeline.config import from_dict, load_config, to_dict
     from ..pipeline.data.collate import collate_samples
     from ..pipeline.data.dataset import NuScenesDetectionDataset
+    from ..pipeline.errors import ConfigError
     from ..pipeline.eval import format_metrics_table
     from ..pipeline.eval.nuscenes_eval import summary_metrics
     from ..pipeline.precision import set_memory_format
     from ..pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
-    from ..pipeline.teacher.config import TeacherExperimentConfig
+    from ..pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
     from ..pipeline.teacher.model import CenterPointTeacher
     from ..pipeline.teacher.train import evaluate_teacher
 
@@ -116,7 +117,11 @@ def command(config_path: str, checkpoint: Path, dataroot: str, version: str, spl
     model = CenterPointTeacher(config.model)
     report = load_teacher_checkpoint(model, checkpoint, strict=True, trust_checkpoint=trust_checkpoint)
     if report.config is not None:
-        differences = config_differences(report.config, to_dict(config.model))
+        try:  # through the loader, so values derived since the checkpoint was written compare as what they are
+            stored = to_dict(from_dict(TeacherModelConfig, report.config, source=str(checkpoint)))
+        except ConfigError:
+            stored = report.config
+        differences = config_differences(stored, to_dict(config.model))
         if differences:
             log.warning("%s was trained with another model config than %s (checkpoint -> config): %s; the "
                         "evaluation uses the config's", checkpoint, config_path, "; ".join(differences))

@@ -30,7 +30,7 @@ def command(runs: tuple[Path, ...], out: Path | None, cache_path: str | None, sa
     The runs need train.eval_every > 0 for the curves and train.attention_snapshots: true for the attention maps;
     what a run lacks is named on its panel and in the log.
     """
-    from ..pipeline.eval.figures import draw_figures
+    from ..pipeline.report.figures import draw_figures
 
     if out is None:
         if len(runs) > 1:

@@ -182,7 +182,7 @@ def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify:
         if not as_json:
             click.echo(format_compare(result["compare"]))
     if render_sample is not None:
-        from ..pipeline.cache.render import render_sample as draw
+        from ..pipeline.report.cache_render import render_sample as draw
 
         drawn = draw(store, render_sample, out, view=view, dataroot=dataroot)
         result["render"] = {"path": str(drawn.path), "sample_token": drawn.sample_token,

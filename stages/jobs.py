@@ -55,9 +55,9 @@ def with_resume(argv: list[str]) -> list[str]:
 
 
 def run_steps(steps: list[Step], seconds: dict[str, float]) -> None:
-    """Run each step's command in-process unless its output is complete already; records seconds per step."""
-    from ..cli import cli
-
+    """Run each step's command in-process, through the command line group of the command that called this one,
+    unless its output is complete already; records seconds per step."""
+    cli = click.get_current_context().find_root().command
     for index, step in enumerate(steps, 1):
         if step.is_done():
             click.echo(f"[{index}/{len(steps)}] {step.name}: done already ({step.done_marker}), reused")

@@ -29,7 +29,7 @@ def command(out_dir: str, scenes: int | None, samples_per_scene: int | None, val
             seed: int | None, version: str | None, world: str, workers: int | None, masks: bool | None,
             overwrite: bool, no_progress: bool) -> None:
     """Generate a synthetic nuScenes-format dataset (LiDAR, six cameras, 13 tables, custom splits)."""
-    from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+    from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 
     config = SyntheticConfig.boxes() if world == "1" else SyntheticConfig()
     if version == "v1.0-mini" and scenes is None:

@@ -61,6 +61,7 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
     the frozen teacher of --teacher-checkpoint (with --teacher-config for a file that does not record its config)
     at every step instead.
     """
+    import dataclasses
     import logging
 
     from ..pipeline.cache.location import StoreLocation, parse_storage_options
@@ -79,8 +80,8 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
         sets.append(f"targets={targets}")
     sets += infos_override(infos)
     cfg = load_config(StudentExperimentConfig, config_path, sets)
-    if dataroot is not None:
-        cfg.data.dataroot = str(dataroot)
+    if dataroot is not None:  # a new config object: the loaded one is never written into
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataroot=str(dataroot)))
     teacher_config = None
     if teacher_config_path is not None:
         if not cfg.distillation or cfg.targets != "online":

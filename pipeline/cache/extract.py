@@ -36,8 +36,8 @@ import torch
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from ..geometry.bev import BEVAugmentation, BEVGrid
-from .manifest import LayerSpec, ViewConfig, layer_specs, view_augmentations
+from ..geometry.bev import BEVAugmentation
+from .manifest import ViewConfig, layer_specs, view_augmentations
 from .checks import damaged_sample_views
 from .location import StoreLocation
 from .store import classify_store, refuse_unusable, writer_lock
@@ -64,24 +64,6 @@ def spatial_attention(features: torch.Tensor, temperature: float = v2.ATTENTION_
     b, _, y, x = features.shape
     magnitude = features.float().abs().mean(dim=1).reshape(b, y * x)  # (B, Y*X)
     return (torch.softmax(magnitude / temperature, dim=1) * (y * x)).reshape(b, y, x)
-
-
-def probe_teacher(run_teacher: RunTeacher, points: torch.Tensor, grid: BEVGrid,
-                  layers: list[str]) -> tuple[list[LayerSpec], tuple[int, int], tuple[int, int]]:
-    """Run the teacher once to learn the stored shapes: (layer specs, heatmap (Yh, Xh), occupancy (Y, X))."""
-    with torch.no_grad():
-        outputs = run_teacher([points])
-    specs = []
-    for name in layers:
-        if name not in outputs.features:
-            raise CacheError(f"teacher output has no layer {name!r}; available: {sorted(outputs.features)}; "
-                             f"fix --layers")
-        _, channels, y, x = outputs.features[name].shape
-        resolution = (grid.x_max - grid.x_min) / x
-        specs.append(LayerSpec(name, int(channels), (int(y), int(x)), resolution, grid.num_x / x))
-    heatmap_shape = tuple(int(s) for s in outputs.heatmap.shape[-2:])
-    occupancy_shape = tuple(int(s) for s in outputs.occupancy.shape[-2:])
-    return specs, heatmap_shape, occupancy_shape
 
 
 def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: list[str],

@@ -25,7 +25,7 @@ from ..errors import CacheError
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
                      expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
 from .location import StoreLocation
-from .manifest import ViewConfig, layer_specs, views_array
+from .manifest import ViewConfig, layer_specs, tokens_sha256, views_array
 from .reader import TeacherCache
 
 ATTENTION_MEAN_TOLERANCE = 1e-2  # |mean(A) - 1| above this means the attention chunk is not what extraction wrote
@@ -287,8 +287,6 @@ def _check_layout(group: Any, manifest: dict[str, Any], specs: list[ArraySpec]) 
 
 
 def _token_problems(array: Any, manifest: dict[str, Any]) -> list[VerifyProblem]:
-    from .manifest import tokens_sha256
-
     problem = crc_problem(single_chunk_bytes(array))
     if problem is not None:
         return [VerifyProblem(problem, v2.SAMPLE_TOKENS)]
@@ -332,11 +330,6 @@ def _codec_text(storage: dict[str, Any]) -> str:
     text = f"{storage['codec']}-{storage['level']}+{storage['checksum']}"
     error = v2.int8_error(storage)
     return f"int8 error {error:g}, {text}" if error else text
-
-
-def _short_error(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
 
 
 def _value_problems(name: str, values: np.ndarray) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .location import StoreLocation
+from .location import StoreLocation, remote_error
 
 logger = logging.getLogger(__name__)
 DEFAULT_TTL = 120.0
@@ -144,8 +144,6 @@ class LeaseLock:
                            "since": _iso(now), "expires_at": now + self.ttl, "command": self.command}).encode()
 
     def acquire(self) -> "LeaseLock":
-        from .store import remote_error
-
         self._objects = _Objects(self.location, v2.LOCK_FILE)
         try:
             for _ in range(5):
@@ -203,15 +201,12 @@ class LeaseLock:
         return True
 
     def _lose(self, why: str) -> None:
-        self._lost = why
         logger.error("%s: lost the writer lease: %s; this process stops writing", self.location, why)
+        self._lost = why  # after the log line: once `still_held()` is False, the reason has been logged
 
     def still_held(self) -> bool:
         """False once the lease was lost (the writer then stops before its next sample-view)."""
         return self._held and self._lost is None
-
-    def lost_reason(self) -> str | None:
-        return self._lost
 
     def holder(self) -> dict[str, Any] | None:
         objects = self._objects or _Objects(self.location, v2.LOCK_FILE)

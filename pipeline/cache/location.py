@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from ..errors import CacheError
+from .durable import write_file_durably
 
 S3_OPTIONS = ("key", "secret", "token", "endpoint_url", "region", "backend")
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
@@ -51,6 +52,13 @@ def store_exists(location: "StoreLocation | str | Path") -> bool:
     if location.is_local:
         return location.path.exists()
     return location.get("zarr.json") is not None
+
+
+def remote_error(location: "StoreLocation", exc: BaseException, action: str) -> CacheError:
+    """A one-line CacheError for a failed request to an object store."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return CacheError(f"{location}: cannot {action} the object store ({type(exc).__name__}: {text}); check the "
+                      f"bucket, the endpoint and the credentials (AWS_* environment or --storage-option)")
 
 
 @dataclass(frozen=True)
@@ -259,8 +267,6 @@ class StoreLocation:
     def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key` (a local file is written through a temporary file and fsync'ed)."""
         if self.is_local:
-            from .store import write_file_durably
-
             target = self.path / key
             target.parent.mkdir(parents=True, exist_ok=True)
             write_file_durably(target, data)
@@ -293,10 +299,3 @@ class StoreLocation:
             return [key async for key in self.zarr_store(read_only=True).list_dir("")]
 
         return sorted(sync(collect()))
-
-    def size_under(self, prefix: str) -> int:
-        """Stored bytes of every key under `prefix`."""
-        from zarr.core.sync import sync
-
-        store = self.zarr_store(read_only=True)
-        return sum(int(sync(store.getsize(key))) for key in self.keys(prefix))

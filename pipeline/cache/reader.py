@@ -31,11 +31,12 @@ import torch
 from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
-from .location import StoreLocation
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
                      expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
-from .manifest import LayerSpec, layer_specs, manifest_diff
+from .location import StoreLocation, remote_error
+from .manifest import LayerSpec, layer_specs, manifest_diff, tokens_sha256
 from .quantize import dequantize_per_channel
+from .writer import read_done
 
 
 @dataclass
@@ -84,8 +85,6 @@ class TeacherCache:
         if path.is_local and not path.path.exists():
             raise CacheError(f"{path}: no teacher cache at this path; {hint}")
         if not path.is_local:
-            from .store import remote_error
-
             try:
                 found = path.get("zarr.json")
             except Exception as exc:
@@ -105,8 +104,6 @@ class TeacherCache:
         if problems:
             raise CacheError(f"{path}: malformed cache manifest ({'; '.join(problems[:5])}); re-extract the cache")
         if manifest["status"] != v2.STATUS_COMPLETE and not allow_partial:
-            from .writer import read_done
-
             done = read_done(path)
             raise CacheError(f"{path}: the cache is partial (status {manifest['status']!r}, {int(done.sum())} of "
                              f"{done.size} sample-views done); rerun the same extract-teacher command to finish it")
@@ -299,8 +296,6 @@ def _as_float32(values: np.ndarray) -> torch.Tensor:
 
 def _read_static(path: StoreLocation, group: Any, manifest: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     """The checked sample tokens and views of a store; CacheError naming the array when either is damaged."""
-    from .manifest import tokens_sha256
-
     problems = {}
     tokens: list[str] = []
     views = np.zeros((0, 0, 4))

@@ -33,7 +33,9 @@ from typing import Any, Literal
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .location import StoreLocation
+from .durable import fsync_dir, fsync_file
+from .lease import LeaseLock
+from .location import StoreLocation, remote_error
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +85,6 @@ def classify_store(location: StoreLocation) -> PathKind:
     if "zarr.json" in entries and _is_distillbev_metadata(location.get("zarr.json")):
         return "legacy"
     return "foreign"
-
-
-def remote_error(location: StoreLocation, exc: BaseException, action: str) -> CacheError:
-    """A one-line CacheError for a failed request to an object store."""
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return CacheError(f"{location}: cannot {action} the object store ({type(exc).__name__}: {text}); check the "
-                      f"bucket, the endpoint and the credentials (AWS_* environment or --storage-option)")
 
 
 def _has_distillbev_manifest(path: Path) -> bool:
@@ -167,39 +162,6 @@ def storage_error(path: Path | str | StoreLocation, exc: OSError) -> CacheError:
 
 
 # -------------------------------------------------------------------------------------------------- durability
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the names in a folder durable (new files, renames)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders; names are then as durable as they get
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary file, fsync it, rename it into place and fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def fsync_keys(location: StoreLocation, keys: list[str], folders: bool = False) -> None:
     """fsync the files of `keys` in a local store, and with `folders` their folders (a rename is durable only then);
     an object store's writes are durable already."""
@@ -230,8 +192,6 @@ def writer_lock(location: StoreLocation, command: str = "") -> "StoreLock | Any"
     """The writer lock of a store: an flock on a local disk, a lease on an object store."""
     if location.is_local:
         return StoreLock(location.path, command=command)
-    from .lease import LeaseLock
-
     return LeaseLock(location, command=command)
 
 

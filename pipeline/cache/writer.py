@@ -19,10 +19,12 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .chunks import chunk_coords, chunk_key, encode_chunk, put_chunks, write_local_chunk
+from .checks import missing_chunks, static_array_problems
+from .chunks import (ChunkError, chunk_coords, chunk_key, decode_chunk, encode_chunk, get_chunk_bytes, put_chunks,
+                     write_local_chunk)
+from .location import StoreLocation
 from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
 from .quantize import quantize_per_channel
-from .location import StoreLocation
 from .store import classify_store, clear_store, fsync_keys, fsync_store, refuse_unusable, storage_error, write_marker
 
 logger = logging.getLogger(__name__)
@@ -221,8 +223,6 @@ def _stored_tokens(group: Any) -> list[str] | None:
 def repair_static_arrays(path: StoreLocation, group: Any, manifest: dict[str, Any], sample_tokens: list[str],
                          head_state: dict[str, np.ndarray]) -> list[str]:
     """Rewrite views / sample_tokens / teacher_head arrays whose chunks are missing, corrupt or not as expected."""
-    from .checks import static_array_problems
-
     views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
     bad = static_array_problems(group, manifest, sample_tokens, views, head_state)
     if not bad:
@@ -278,8 +278,6 @@ def remove_partial_files(path: StoreLocation) -> int:
 
 def read_done(path: str | Path | StoreLocation) -> np.ndarray:
     """(S, V) bool done markers; a marker chunk that is missing or cannot be decoded counts as not done."""
-    from .chunks import ChunkError, chunk_coords, decode_chunk, get_chunk_bytes
-
     done = StoreLocation.parse(path).open_group(mode="r")[v2.DONE]
     out = np.zeros(done.shape, dtype=bool)
     for s, v in np.ndindex(*done.shape):
@@ -377,8 +375,6 @@ def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str]) -
     Every done marker must be set and every chunk of every sample-view present; the static arrays must hold the
     split's tokens and the manifest's views. The done markers are fsync'ed before the status says complete.
     """
-    from .checks import missing_chunks
-
     path = StoreLocation.parse(path)
     group = path.open_group(mode="r+")
     manifest = dict(group.attrs)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 # nuScenes camera order used by BEVDet-family models (and therefore by the student's camera index).
 CAMERA_CHANNELS: tuple[str, ...] = (
@@ -12,10 +14,18 @@ CAMERA_CHANNELS: tuple[str, ...] = (
 # Columns of a loaded point per `DataConfig.point_features`.
 POINT_DIMS = {"lidar": 5, "mvp": 17}
 
+# The crop of a DataConfig whose range is given neither by itself nor by an experiment config's model: mmdet3d's
+# nuScenes LiDAR range (x_min, y_min, z_min, x_max, y_max, z_max).
+DEFAULT_POINT_CLOUD_RANGE: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+
 
 @dataclass
 class DataConfig:
     """Dataset location, point/image loading and the augmentation ranges (BEVDet / CenterPoint recipes)."""
+
+    # Keys a config written by an earlier version (a run's config.yaml) may hold, with the only value that remains:
+    # `load_config` ignores them; any other value is a ConfigError. The crop always runs after the BEV augmentation.
+    RETIRED_KEYS: ClassVar[dict[str, object]] = {"range_filter": "after_bev_augmentation"}
 
     dataroot: str = "data/nuscenes"  # folder holding <version>/, samples/, sweeps/, maps/
     version: str = "v1.0-trainval"  # table folder name under dataroot, e.g. v1.0-mini, v1.0-synthetic
@@ -35,10 +45,10 @@ class DataConfig:
     pad_empty_sweeps: bool = True  # a key frame with no previous sweep repeats itself num_sweeps times (mmdet3d)
     point_features: str = "lidar"  # "lidar": 5-dim x, y, z, intensity, time lag; "mvp": MVP's 17-dim points with
     # the virtual points of `distillbev make-virtual-points` (or MVP's released files), docs/mvp.md
-    point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
-    # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped after the BEV aug
-    range_filter: str = "after_bev_augmentation"  # as the reference; "before_bev_augmentation" = the old order,
-    # kept only to measure what the order costs (docs/method.md)
+    point_cloud_range: tuple[float, float, float, float, float, float] | None = None
+    # x_min, y_min, z_min, x_max, y_max, z_max in the key-frame LiDAR frame; points are cropped after the BEV aug.
+    # Not given: the model's range in an experiment config (`with_model_range`: a teacher's model.point_cloud_range,
+    # a student's model.lidar_range), DEFAULT_POINT_CLOUD_RANGE on its own; filled in at construction
 
     # Cameras
     load_images: bool = True  # False for LiDAR-only consumers (the teacher)
@@ -66,6 +76,10 @@ class DataConfig:
     train_drop_out_of_range_boxes: bool = True  # train: drop GT whose centre leaves the x/y range after aug
 
     def __post_init__(self) -> None:
+        # whether the range was given, so an experiment config knows to put its model's range in its place
+        self.point_cloud_range_given = self.point_cloud_range is not None
+        if self.point_cloud_range is None:
+            self.point_cloud_range = DEFAULT_POINT_CLOUD_RANGE
         if len(self.point_cloud_range) != 6 or not (self.point_cloud_range[0] < self.point_cloud_range[3]
                                                     and self.point_cloud_range[1] < self.point_cloud_range[4]
                                                     and self.point_cloud_range[2] < self.point_cloud_range[5]):
@@ -76,9 +90,6 @@ class DataConfig:
                              f"{self.sweep_candidates}")
         if self.point_features not in POINT_DIMS:
             raise ValueError(f"point_features must be one of {sorted(POINT_DIMS)}, found {self.point_features!r}")
-        if self.range_filter not in ("after_bev_augmentation", "before_bev_augmentation"):
-            raise ValueError(f"range_filter must be 'after_bev_augmentation' or 'before_bev_augmentation', found "
-                             f"{self.range_filter!r}")
         low, high = self.adjacent_train_range
         if self.adjacent_interval < 1 or not 0 <= low < high or self.adjacent_test_candidate < 0:
             raise ValueError(f"need adjacent_interval >= 1, 0 <= adjacent_train_range[0] < adjacent_train_range[1] "
@@ -86,6 +97,12 @@ class DataConfig:
                              f"{self.adjacent_train_range} and {self.adjacent_test_candidate}")
         if len(self.final_size) != 2 or min(self.final_size) <= 0:
             raise ValueError(f"final_size must be (H, W) with positive values, found {self.final_size}")
+
+    def with_model_range(self, point_cloud_range: tuple[float, ...]) -> "DataConfig":
+        """This config cropping to the model's `point_cloud_range` when no range was given to it, else itself."""
+        if self.point_cloud_range_given:
+            return self
+        return dataclasses.replace(self, point_cloud_range=tuple(float(v) for v in point_cloud_range))
 
     @property
     def point_dims(self) -> int:

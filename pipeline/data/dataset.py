@@ -126,16 +126,13 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
 
         lidar_to_ego, ego_to_global = self.poses(index)
         points = load_lidar_points(self.index, index, config, rng)
-        if config.range_filter == "before_bev_augmentation":  # the old order, for measuring it only
-            points = crop_points(points, config.point_cloud_range)
         if not bev_aug.is_identity:
             points = bev_aug.apply_points(points)
         # the camera students' depth targets: every key-frame point, not only those inside the crop
         depth_points = key_frame_lidar(points) if with_images else None  # (P_key, 5)
         # the range filter runs after the BEV augmentation (as the reference pipelines do): a rotated view keeps
         # every point that lands inside the range, so no wedge of the augmented grid is left empty
-        if config.range_filter == "after_bev_augmentation":
-            points = crop_points(points, config.point_cloud_range)  # (P, 5)
+        points = crop_points(points, config.point_cloud_range)  # (P, 5)
 
         boxes, labels, attributes = self.annotations(index)
         boxes = bev_aug.apply_boxes(boxes)  # (K, 9)

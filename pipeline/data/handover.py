@@ -1,13 +1,13 @@
 """One shared-memory block per DataLoader batch.
 
-A DataLoader worker hands every tensor of a batch to the training process as its own shared-memory segment, and
-each segment's file descriptor crosses a socket from the worker: about 0.25 ms of the training process's wall time
-(0.16 ms of CPU) per tensor on this project's 2-core machines, whatever its size (`benchmarks/handover.py`;
-`docs/benchmarks.md`, "Training step: the batch handover"). A distilled batch of the main job holds about 45
-tensors (the teacher's maps and attention, the region masks and scales of every layer), a baseline batch 15.
-`share_one_block` copies the tensors of a collated batch into one shared-memory block and returns the same
-structure holding views into it, so the batch crosses with one descriptor. The copy replaces the one the worker
-made anyway when it moved each tensor into shared memory.
+A DataLoader worker hands every tensor of a batch to the training process as its own shared-memory segment, and each
+segment's file descriptor crosses a socket from the worker: about 0.25 ms of the training process's wall time (0.16 ms
+of CPU) per tensor on this project's 2-core machines, whatever its size (`benchmarks/handover.py`;
+`docs/benchmarks.md`, "What handing a batch over from a DataLoader worker costs"). A distilled batch of the main job
+holds about 45 tensors (the teacher's maps and attention, the region masks and scales of every layer), a baseline
+batch 15. `share_one_block` copies the tensors of a collated batch into one shared-memory block and returns the same
+structure holding views into it, so the batch crosses with one descriptor. The copy replaces the one the worker made
+anyway when it moved each tensor into shared memory.
 
 The views share one block: a view the training process keeps alive keeps the whole batch's block alive.
 """

@@ -38,10 +38,10 @@ import numpy as np
 
 from ..errors import DataError
 from ..geometry.transforms import invert_transform, make_transform, quaternion_to_matrix
-from ..mvp.points import FEATURE_WIDTH as MVP_POINT_DIMS
-from ..mvp.points import mvp_point_features, read_virtual_points, virtual_path
 from .classes import ATTRIBUTE_ID, CLASS_ID, NO_ATTRIBUTE, category_to_class
 from .loading import lidar_records, read_points, split_sample_tokens
+from .virtual_points import FEATURE_WIDTH as MVP_POINT_DIMS
+from .virtual_points import mvp_point_features, read_virtual_points, virtual_path
 
 INDEX_FORMAT = 2  # 1: one .npz file; 2: a folder of .npy arrays and index.json
 INDEX_HEADER = "index.json"  # an index folder's format, scalars, array shapes and the index store's metadata

@@ -41,6 +41,7 @@ from typing import Iterator
 from ..errors import DataError
 from .config import DataConfig
 from .index import INDEX_HEADER, SplitIndex, build_split_index, read_index_header
+from .infos import index_from_infos, infos_file as infos_path
 from .loading import check_dataroot, load_nuscenes
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ def index_key(config: DataConfig, split: str) -> IndexKey:
     adjacent = config.adjacent_candidates
     infos_file = ""
     if config.infos:
-        from .infos import infos_file as infos_path
-
         folder = Path(config.infos)
         if not folder.is_dir():
             raise DataError(f"{folder}: infos folder not found (data.infos / --infos); pass the folder that holds "
@@ -182,8 +181,6 @@ def open_split_index(config: DataConfig, split: str, *, nusc=None, progress: boo
 def _build(config: DataConfig, key: IndexKey, nusc, progress: bool) -> SplitIndex:
     """A fresh in-memory index of `key` from its source."""
     if key.source == "infos":
-        from .infos import index_from_infos
-
         return index_from_infos(key.infos_file, config.dataroot, config.version, key.split, key.sweep_candidates,
                                 key.camera_channels, key.adjacent_count, key.adjacent_interval, progress=progress)
     if nusc is None:

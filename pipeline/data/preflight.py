@@ -18,9 +18,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..mvp.points import FILE_SUFFIX as VIRTUAL_FILE_END
-from ..mvp.points import MAKE_COMMAND, virtual_path
 from .loading import lidar_records, load_nuscenes, split_sample_tokens
+from .virtual_points import FILE_SUFFIX as VIRTUAL_FILE_END
+from .virtual_points import MAKE_COMMAND, virtual_path
 
 POINT_BYTES = 20  # 5 float32 per point: x, y, z, intensity, ring
 
@@ -250,11 +250,17 @@ def preflight_split(dataroot: str | Path, version: str, split: str, num_sweeps: 
                                                    virtual)
 
 
+# The loader crops the points to point_cloud_range after the BEV augmentation (`NuScenesDetectionDataset.get`). A
+# cache manifest records it as point_loading.range_filter; a manifest without the key describes a store whose
+# points were cropped before the augmentation, so comparing manifests tells such a store apart.
+RANGE_FILTER = "after_bev_augmentation"
+
+
 def point_loading_settings(config) -> dict:
     """The `DataConfig` settings that decide the teacher's test-mode input points (recorded in a cache manifest)."""
     return {"num_sweeps": int(config.num_sweeps), "sweep_candidates": int(config.sweep_candidates),
             "sweep_selection": "nearest", "sweep_min_distance": float(config.sweep_min_distance),
             "point_cloud_range": [float(v) for v in config.point_cloud_range], "point_dims": int(config.point_dims),
-            "range_filter": str(config.range_filter), "pad_empty_sweeps": bool(config.pad_empty_sweeps),
+            "range_filter": RANGE_FILTER, "pad_empty_sweeps": bool(config.pad_empty_sweeps),
             # only an MVP teacher's manifest names its point features (a LiDAR manifest stays as before)
             **({"point_features": config.point_features} if config.point_features != "lidar" else {})}

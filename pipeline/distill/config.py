@@ -65,3 +65,7 @@ class StudentExperimentConfig:
     targets: Literal["cache", "approximate", "online"] = "cache"  # where the teacher targets come from
     inherit_teacher_head: bool = True  # initialise the student's CenterHead task heads from the teacher's
     pretrain: BackbonePretrainConfig = field(default_factory=BackbonePretrainConfig)  # `pretrain-backbone` only
+
+    def __post_init__(self) -> None:
+        # the BEV range is given once, as model.bev: the loader crops to it unless data.point_cloud_range is given
+        self.data = self.data.with_model_range(self.model.lidar_range)

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from ..config import from_dict
 from ..errors import ConfigError
-from ..teacher.decoder import DECODER_PREFIX
+from ..teacher.config import TeacherModelConfig
+from ..teacher.decoder import DECODER_PREFIX, decoder_head_spec
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,7 @@ def _inherit_decoder(student: torch.nn.Module, head_state: dict[str, torch.Tenso
 
 
 def _check_bev_range(student: torch.nn.Module, teacher_config: dict[str, Any]) -> None:
-    from ..config import from_dict
-    from ..teacher.config import TeacherModelConfig
-    from ..teacher.decoder import decoder_transformer_config
-
-    teacher = decoder_transformer_config(from_dict(TeacherModelConfig, teacher_config, source="the teacher config"))
+    teacher = decoder_head_spec(from_dict(TeacherModelConfig, teacher_config, source="the teacher config"))
     mine = student.config.bevformer.bev
     theirs = teacher.bev
     fields = ("x_min", "x_max", "y_min", "y_max", "z_min", "z_max")

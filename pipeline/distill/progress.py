@@ -33,6 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data.collate import collate_samples
+from ..data.dataset import NuScenesDetectionDataset
 from ..distributed import World
 from ..eval.nuscenes_eval import summary_metrics
 from ..losses.attention import spatial_attention
@@ -286,8 +288,6 @@ class TrainingProgress:
 
     def _snapshot_samples(self) -> list:
         if self._samples is None:
-            from ..data.dataset import NuScenesDetectionDataset
-
             dataset = NuScenesDetectionDataset(self.cfg.data, self.cfg.data.train_split, mode="test")
             self._samples = [dataset.get(i) for i in snapshot_indices(len(dataset), self.cfg.train.attention_samples)]
             self._teacher = self.teacher_attention(self._samples, self.pair)
@@ -295,8 +295,6 @@ class TrainingProgress:
 
     @torch.no_grad()
     def snapshot(self, epoch: int, iteration: int) -> AttentionSnapshot:
-        from ..data.collate import collate_samples
-
         samples = self._snapshot_samples()
         modules = [m for m in (self.setup.student, self.setup.distill_loss) if m is not None]
         modes = [m.training for m in modules]

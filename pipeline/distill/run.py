@@ -20,29 +20,37 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import to_dict
+from ..cache.manifest import manifest_diff
+from ..cache.reader import TeacherCache
+from ..config import from_dict, to_dict
+from ..data.classes import DETECTION_CLASSES
 from ..data.collate import collate_samples
-from ..data.dataset import NuScenesDetectionDataset
-from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices
 from ..data.config import DataConfig
+from ..data.dataset import NuScenesDetectionDataset
+from ..data.preflight import dataset_fingerprint, index_fingerprint
+from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices
 from ..errors import CacheError, CheckpointError, ConfigError
 from ..eval import detections_to_results, evaluate_results, format_metrics_table
+from ..losses.attention import spatial_attention
 from ..losses.distill import DistillBEVLoss
 from ..precision import resolve_precision, set_memory_format, training_precision
 from ..safe_pickle import load_checkpoint
 from ..student.build import build_student
-from ..teacher.config import TeacherExperimentConfig
+from ..teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
+from ..teacher.config import TeacherExperimentConfig, TeacherModelConfig
+from ..teacher.model import CenterPointTeacher
+from .cbgs import cbgs_indices, dataset_class_ids
 from .config import StudentExperimentConfig
 from .inherit import inherit_teacher_head
 from .progress import TrainingProgress, reset_progress
-from .targets import DistillationDataset, step_precompute
+from .targets import DistillationDataset, TargetsMode, step_precompute
 from .train import (DistillationSetup, TrainableModules, load_resume, run_epochs, seed_everything, steps_per_epoch,
                     train_sampler, write_config)
 
 log = logging.getLogger(__name__)
 
 
-def expected_cache_fields(cfg: StudentExperimentConfig, student: torch.nn.Module) -> dict:
+def expected_cache_fields(cfg: StudentExperimentConfig) -> dict:
     """The manifest entries a cache must match for this student config (checked before the first step)."""
     bev = cfg.model.bev
     teacher_layers = sorted({pair.teacher for pair in cfg.distill.layers})
@@ -54,26 +62,20 @@ def expected_cache_fields(cfg: StudentExperimentConfig, student: torch.nn.Module
     }
 
 
-def open_checked_cache(path: Path, cfg: StudentExperimentConfig, student: torch.nn.Module, train_dataset=None,
-                       teacher_checkpoint: Path | None = None):
+def open_checked_cache(path: Path, cfg: StudentExperimentConfig, train_dataset=None,
+                       teacher_checkpoint: Path | None = None) -> TeacherCache:
     """Open a complete cache and refuse it, with a readable diff, if it does not fit this run.
 
     Compared before the first step: the grid extent and head grid (with the layer shapes, which the loss checks,
     they fix every resolution), version and split, the distilled layers, and, when given, the train dataset's
     content fingerprint (so a regenerated or edited dataroot is caught) and the teacher checkpoint's SHA-256.
     """
-    from ..cache.reader import TeacherCache
-
     cache = TeacherCache.open(path)
-    expected = expected_cache_fields(cfg, student)
+    expected = expected_cache_fields(cfg)
     layers = expected.pop("_layers")
     if teacher_checkpoint is not None:
-        from ..teacher.checkpoint import checkpoint_sha256
-
         expected["teacher"] = {"checkpoint_sha256": checkpoint_sha256(teacher_checkpoint)}
     if train_dataset is not None:
-        from ..data.preflight import dataset_fingerprint, index_fingerprint
-
         loading = cache.manifest["dataset"]["point_loading"]
         num_sweeps = int(loading.get("num_sweeps", cache.manifest["dataset"]["num_sweeps"]))
         virtual = loading.get("point_features", "lidar") == "mvp"  # an MVP teacher also read the virtual points
@@ -135,8 +137,6 @@ def cache_identity(manifest: dict) -> dict:
 def check_resume_identity(out_dir: Path, identity: dict, resume: bool, write: bool = True) -> None:
     """Record the cache identity of a fresh run (when `write`: rank 0 under torchrun); refuse to resume a run
     against a different cache."""
-    from ..cache.manifest import manifest_diff
-
     path = out_dir / "cache_identity.json"
     if resume and path.exists():
         diff = manifest_diff(json.loads(path.read_text()), identity, ignore=())
@@ -240,11 +240,6 @@ def recorded_teacher_settings(checkpoint: Path, *, trust_checkpoint: bool = Fals
 def live_teacher(config_dict: dict, checkpoint: Path, device: torch.device, *, trust_checkpoint: bool = False):
     """The frozen teacher for `online` targets (eval mode, no grad, not a submodule of the student);
     trust_checkpoint: unpickle the file fully (--trust-checkpoint)."""
-    from ..config import from_dict
-    from ..teacher.checkpoint import load_teacher_checkpoint
-    from ..teacher.config import TeacherModelConfig
-    from ..teacher.model import CenterPointTeacher
-
     teacher = CenterPointTeacher(from_dict(TeacherModelConfig, config_dict, source=str(checkpoint)))
     load_teacher_checkpoint(teacher, checkpoint, trust_checkpoint=trust_checkpoint)
     return teacher.to(device).eval().requires_grad_(False)
@@ -288,14 +283,12 @@ def evaluate_student(cfg: StudentExperimentConfig, student: torch.nn.Module, out
     return summary
 
 
-def teacher_attention_source(cache, teacher, temperature: float, device: torch.device,
-                             teacher_data: DataConfig | None = None):
+def teacher_attention_source(targets: TargetSource, temperature: float, device: torch.device):
     """A function (samples, pair) -> (teacher attention (S, Yt, Xt) float32 of the samples, source) or None, for
     the attention snapshots: the cache's view 0 (the identity view the snapshot samples are drawn in), else the
-    live teacher on the samples' points (read again with `teacher_data`, the teacher's sweeps and point features,
-    when given), else None (a baseline run has no teacher)."""
-    from ..losses.attention import spatial_attention
-
+    live teacher on the samples' points (read again with `teacher_data`, the teacher's sweeps and point features),
+    else None (a baseline run has no teacher)."""
+    cache, teacher, teacher_data = targets.cache, targets.teacher, targets.teacher_data
     teacher_dataset: list[NuScenesDetectionDataset] = []  # opened at the first snapshot
 
     def from_cache(samples, pair) -> tuple[np.ndarray, str] | None:
@@ -348,6 +341,116 @@ def warn_if_random_backbone(cfg: StudentExperimentConfig) -> None:
     log.warning("=" * 100)
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetSource:
+    """Where a run's teacher targets come from, decided once by `open_targets` and only read afterwards.
+
+    mode "none" (a baseline) has no teacher; "cache" and "approximate" read `cache`; "online" runs `teacher` on the
+    points of `teacher_data` (the sweeps and point features it was trained with).
+    """
+
+    mode: TargetsMode
+    train_dataset: NuScenesDetectionDataset  # the train split the targets pair with (online: read with teacher_data)
+    teacher_layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # teacher layer ->
+    # {"channels": C, "shape": (Y, X)}, as a cache manifest records them; empty for a baseline
+    head_state: dict[str, torch.Tensor] | None = None  # the teacher's head, for `inherit_teacher_head`
+    teacher_model_config: dict[str, Any] | None = None  # the teacher's TeacherModelConfig as a plain dict
+    cache: TeacherCache | None = None  # cache / approximate
+    teacher: CenterPointTeacher | None = None  # online: the frozen live teacher
+    teacher_data: DataConfig | None = None  # online: the data settings of the train loader the teacher reads
+
+    @property
+    def distilled(self) -> bool:
+        return self.mode != "none"
+
+    def uses_cached_attention(self, temperature: float) -> bool:
+        """Whether the cache's attention maps were computed at the run's temperature (else they are recomputed)."""
+        return self.cache is not None and self.cache.manifest["storage"]["attention_temperature"] == temperature
+
+
+def open_targets(cfg: StudentExperimentConfig, out_dir: Path, device: torch.device, *, cache_path=None,
+                 teacher_checkpoint: Path | None = None, teacher_config: TeacherExperimentConfig | None = None,
+                 resume: bool = False, world: World = World(), trust_checkpoint: bool = False) -> TargetSource:
+    """The run's target source: a baseline's train split, the checked cache, or the live teacher (ConfigError when
+    the mode's input is missing; the cache or the teacher is checked against `cfg` before the first step)."""
+    if not cfg.distillation:
+        return TargetSource("none", NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train"))
+    if cfg.targets == "online":
+        return open_live_teacher(cfg, teacher_checkpoint, teacher_config, device, trust_checkpoint)
+    return open_cache_targets(cfg, cache_path, teacher_checkpoint, out_dir, resume, world)
+
+
+def open_cache_targets(cfg: StudentExperimentConfig, cache_path, teacher_checkpoint: Path | None, out_dir: Path,
+                       resume: bool, world: World) -> TargetSource:
+    """`cache` / `approximate` targets: the cache, checked against the config, the train split's content and the
+    teacher checkpoint (when given), and against the cache a resumed run was trained on."""
+    if cache_path is None:
+        raise ConfigError(f"targets {cfg.targets!r} needs --cache STORE (or --targets online with "
+                          f"--teacher-checkpoint, or --baseline)")
+    train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
+    cache = open_checked_cache(cache_path, cfg, train_dataset, teacher_checkpoint)
+    check_resume_identity(out_dir, cache_identity(cache.manifest), resume, write=world.is_main)
+    log_view_coverage(cache.num_views)
+    return TargetSource(cfg.targets, train_dataset, teacher_layers=cache.manifest["layers"],
+                        head_state=cache.read_teacher_head(), teacher_model_config=cache.manifest["teacher"]["config"],
+                        cache=cache)
+
+
+def open_live_teacher(cfg: StudentExperimentConfig, teacher_checkpoint: Path | None,
+                      teacher_config: TeacherExperimentConfig | None, device: torch.device,
+                      trust_checkpoint: bool) -> TargetSource:
+    """`online` targets: the frozen teacher of `teacher_checkpoint`, checked against the student's grid, and the
+    train split read with the teacher's sweeps and point features (`online_teacher_settings`)."""
+    if teacher_checkpoint is None:
+        raise ConfigError("targets 'online' needs --teacher-checkpoint (with --teacher-config when the file "
+                          "does not record the teacher's config: an mmdet3d or epoch_N.pth checkpoint)")
+    online = online_teacher_settings(cfg, Path(teacher_checkpoint), teacher_config, trust_checkpoint=trust_checkpoint)
+    teacher = live_teacher(online.model, teacher_checkpoint, device, trust_checkpoint=trust_checkpoint)
+    check_live_teacher_grid(cfg, teacher, teacher_checkpoint, online.data)
+    # the live teacher sees the sweeps and points it was trained with (an MVP teacher: its 17-dim points): the train
+    # loader reads them, the student takes only the key frame's depth points from them
+    train_dataset = NuScenesDetectionDataset(online.data, cfg.data.train_split, mode="train")
+    teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
+                      for name in {pair.teacher for pair in cfg.distill.layers}}
+    return TargetSource("online", train_dataset, teacher_layers=teacher_layers, head_state=teacher.head_state(),
+                        teacher_model_config=online.model, teacher=teacher, teacher_data=online.data)
+
+
+def inherit_head(cfg: StudentExperimentConfig, student: torch.nn.Module, targets: TargetSource,
+                 device: torch.device) -> None:
+    """Initialise the student's head from the teacher's when the run is distilled and `inherit_teacher_head`."""
+    if not (targets.distilled and cfg.inherit_teacher_head):
+        return
+    count = inherit_teacher_head(student, {k: v.to(device) for k, v in targets.head_state.items()},
+                                 targets.teacher_model_config)
+    if count:
+        log.info("student head initialised from the teacher's (%d tensors)", count)
+
+
+def cbgs_train_indices(cfg: StudentExperimentConfig, train_dataset: NuScenesDetectionDataset) -> list[int] | None:
+    """The class-balanced resampling of the train split (`train.cbgs`), drawn once from the run's seed; None: every
+    sample once per epoch."""
+    if not cfg.train.cbgs:
+        return None
+    indices = cbgs_indices(dataset_class_ids(train_dataset), len(DETECTION_CLASSES),
+                           np.random.default_rng(cfg.train.seed))
+    log.info("CBGS: %d samples resampled to %d per epoch", len(train_dataset), len(indices))
+    return indices
+
+
+def resolved_precisions(cfg: StudentExperimentConfig, device: torch.device,
+                        world: World) -> StudentExperimentConfig:
+    """A copy of `cfg` with `train.precision` and `train.adapter_precision` resolved for `device` (`auto` -> bf16 or
+    fp32; the choice logged once, by rank 0): config.yaml, latest.pth and run_info.json record what ran."""
+    precision = training_precision(cfg.train.precision, device, "train-student", announce=world.is_main)
+    adapter_precision = cfg.train.adapter_precision
+    if cfg.distillation:
+        adapter_precision = training_precision(adapter_precision, device, "train-student (DistillBEV adapters)",
+                                               announce=world.is_main and adapter_precision != "fp32")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision,
+                                                              adapter_precision=adapter_precision))
+
+
 def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
                   device: str = "cpu", resume: bool = False, teacher_checkpoint: Path | None = None,
                   teacher_config: TeacherExperimentConfig | None = None, max_steps: int | None = None,
@@ -358,20 +461,14 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     features it reads), needed when `teacher_checkpoint` does not record them (`online_teacher_settings`);
     world: this rank under torchrun (`distributed.init_from_env`), the default a single process; sync_bn: convert
     BatchNorm to SyncBatchNorm (CUDA ranks only); trust_checkpoint: load `teacher_checkpoint` with full unpickling
-    (--trust-checkpoint), which runs any code it carries.
+    (--trust-checkpoint), which runs any code it carries. `cfg` is not modified: what is derived from it (the
+    resolved precisions, the live teacher's data settings) lives in copies.
     """
     device_t = torch.device(device)
     if not resume and (out_dir / "latest.pth").exists():
         raise ConfigError(f"{out_dir}: already holds a student run (latest.pth); pass --resume to continue it or "
                           f"choose another --out")
-    # `precision: auto` resolved once for this device; config.yaml, latest.pth and run_info.json record what ran
-    precision = training_precision(cfg.train.precision, device_t, "train-student", announce=world.is_main)
-    adapter_precision = cfg.train.adapter_precision
-    if cfg.distillation:
-        adapter_precision = training_precision(adapter_precision, device_t, "train-student (DistillBEV adapters)",
-                                               announce=world.is_main and adapter_precision != "fp32")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision,
-                                                             adapter_precision=adapter_precision))
+    cfg = resolved_precisions(cfg, device_t, world)
     seed_everything(cfg.train.seed)  # every rank: the same initial weights, CBGS list and draws
     if world.is_main:
         write_config(cfg, out_dir)
@@ -381,71 +478,26 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     student = set_memory_format(build_student(cfg.model).to(device_t), cfg.train.channels_last)
     if not resume and world.is_main:
         warn_if_random_backbone(cfg)
-    mode = "none"
-    cache = None
-    train_dataset = None
-    distill_loss = None
-    teacher = None
-    teacher_data = None  # online targets: the data settings of the live teacher's train loader
-    layers = [(pair.student, pair.teacher) for pair in cfg.distill.layers]
-    if cfg.distillation:
-        mode = cfg.targets
-        if mode in ("cache", "approximate"):
-            if cache_path is None:
-                raise ConfigError(f"targets {mode!r} needs --cache STORE (or --targets online with "
-                                  f"--teacher-checkpoint, or --baseline)")
-            train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
-            cache = open_checked_cache(cache_path, cfg, student, train_dataset, teacher_checkpoint)
-            check_resume_identity(out_dir, cache_identity(cache.manifest), resume, write=world.is_main)
-            log_view_coverage(cache.num_views)
-            teacher_layers = cache.manifest["layers"]
-            head_state = cache.read_teacher_head()
-            teacher_model_config = cache.manifest["teacher"]["config"]
-        else:
-            if teacher_checkpoint is None:
-                raise ConfigError("targets 'online' needs --teacher-checkpoint (with --teacher-config when the file "
-                                  "does not record the teacher's config: an mmdet3d or epoch_N.pth checkpoint)")
-            online = online_teacher_settings(cfg, Path(teacher_checkpoint), teacher_config,
-                                             trust_checkpoint=trust_checkpoint)
-            teacher = live_teacher(online.model, teacher_checkpoint, device_t, trust_checkpoint=trust_checkpoint)
-            check_live_teacher_grid(cfg, teacher, teacher_checkpoint, online.data)
-            # the live teacher sees the sweeps and points it was trained with (an MVP teacher: its 17-dim points):
-            # the train loader reads them, the student takes only the key frame's depth points from them
-            teacher_data = online.data
-            train_dataset = NuScenesDetectionDataset(teacher_data, cfg.data.train_split, mode="train")
-            teacher_layers = {name: {"channels": teacher.feature_channels[name], "shape": teacher.feature_shapes[name]}
-                              for name in {t for _, t in layers}}
-            head_state = teacher.head_state()
-            teacher_model_config = online.model
-        distill_loss = build_distill_loss(cfg, student, teacher_layers).to(device_t)
-        if cfg.inherit_teacher_head:
-            count = inherit_teacher_head(student, {k: v.to(device_t) for k, v in head_state.items()},
-                                         teacher_model_config)
-            if count:
-                log.info("student head initialised from the teacher's (%d tensors)", count)
+    targets = open_targets(cfg, out_dir, device_t, cache_path=cache_path, teacher_checkpoint=teacher_checkpoint,
+                           teacher_config=teacher_config, resume=resume, world=world,
+                           trust_checkpoint=trust_checkpoint)
+    distill_loss = (build_distill_loss(cfg, student, targets.teacher_layers).to(device_t) if targets.distilled
+                    else None)
+    inherit_head(cfg, student, targets, device_t)
     bev = cfg.model.bev
-    if train_dataset is None:
-        train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
-    indices = None
-    if cfg.train.cbgs:
-        from ..data.classes import DETECTION_CLASSES
-        from .cbgs import cbgs_indices, dataset_class_ids
-
-        indices = cbgs_indices(dataset_class_ids(train_dataset), len(DETECTION_CLASSES),
-                               np.random.default_rng(cfg.train.seed))
-        log.info("CBGS: %d samples resampled to %d per epoch", len(train_dataset), len(indices))
     train_set = DistillationDataset(
-        train_dataset, mode=mode, cache=cache, indices=indices,
+        targets.train_dataset, mode=targets.mode, cache=targets.cache,
+        indices=cbgs_train_indices(cfg, targets.train_dataset),
         seed=cfg.train.seed, bev_extent=(bev.x_min, bev.x_max, bev.y_min, bev.y_max),
-        use_cached_attention=cache is not None
-        and cache.manifest["storage"]["attention_temperature"] == cfg.distill.temperature,
+        use_cached_attention=targets.uses_cached_attention(cfg.distill.temperature),
         # the loss's student-independent inputs (masks, scales, GT heatmap, teacher attention) come from the workers
         precompute=None if distill_loss is None else step_precompute(distill_loss, cfg.model.head, cfg.model.head.grid))
     sampler = train_sampler(train_set, world, cfg.train.seed)
     epoch_steps = steps_per_epoch(cfg, train_set, sampler)
     params = list(student.parameters()) + ([] if distill_loss is None else list(distill_loss.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=teacher, layers=layers,
+    setup = DistillationSetup(student=student, distill_loss=distill_loss, teacher=targets.teacher,
+                              layers=[(pair.student, pair.teacher) for pair in cfg.distill.layers],
                               precision=cfg.train.precision)
     start_epoch = start_iteration = 0
     latest = out_dir / "latest.pth"
@@ -455,7 +507,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
     model = None  # one process steps `setup` itself, exactly as before torchrun support
     if world.distributed or sync_bn:
         model = prepare_model(TrainableModules(setup, cfg.model.head.grid), world, str(device_t), sync_bn)
-    log.info("training %s student (%s targets) on %d samples for %d epochs", cfg.model.variant, mode,
+    log.info("training %s student (%s targets) on %d samples for %d epochs", cfg.model.variant, targets.mode,
              len(train_set), cfg.train.epochs)
     log.info("training on %d rank(s): batch %d per rank, effective batch %d, %d steps per epoch", world.world_size,
              cfg.train.batch_size, cfg.train.batch_size * world.world_size, epoch_steps)
@@ -470,17 +522,22 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
                                 world=world)
 
     progress = TrainingProgress(cfg, out_dir, setup, device_t, start_epoch, evaluate,
-                                teacher_attention_source(cache, teacher, cfg.distill.temperature, device_t,
-                                                         teacher_data), world)
+                                teacher_attention_source(targets, cfg.distill.temperature, device_t), world)
     iteration = run_epochs(cfg, setup, train_set, optimizer, out_dir, device_t, cfg.model.head.grid, start_epoch,
                            start_iteration, max_steps, after_epoch=progress.after_epoch, world=world, model=model,
                            sampler=sampler)
     summary = progress.finish(iteration)
     if world.is_main:
-        info = {"targets": mode, "cache": None if cache_path is None else str(cache_path), "config": to_dict(cfg)}
-        if teacher_data is not None:  # what the live teacher's loader read instead of the student's data settings
-            info["teacher_data"] = {key: getattr(teacher_data, key)
-                                    for key in ("num_sweeps", "sweep_candidates", "point_features")}
-        (out_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        (out_dir / "run_info.json").write_text(json.dumps(run_info(cfg, targets, cache_path), indent=2))
     barrier(world)  # every rank leaves after rank 0 has written its checkpoints and evaluation
     return summary
+
+
+def run_info(cfg: StudentExperimentConfig, targets: TargetSource, cache_path) -> dict[str, Any]:
+    """RUN/run_info.json: the targets mode, the cache, the config that ran and, for a live teacher, the data
+    settings its loader read instead of the student's."""
+    info = {"targets": targets.mode, "cache": None if cache_path is None else str(cache_path), "config": to_dict(cfg)}
+    if targets.teacher_data is not None:
+        info["teacher_data"] = {key: getattr(targets.teacher_data, key)
+                                for key in ("num_sweeps", "sweep_candidates", "point_features")}
+    return info

@@ -27,6 +27,7 @@ from ..distributed import World
 from ..heads.targets import gt_heatmap_max
 from ..losses.distill import DistillBEVLoss
 from ..precision import PrecisionSetting, autocast, resolve_precision
+from ..safe_pickle import load_checkpoint
 from .config import StudentExperimentConfig
 from .targets import DistillationDataset, TargetsBatch, collate_with_targets
 
@@ -168,8 +169,7 @@ def load_resume(path: Path, setup: DistillationSetup, optimizer, steps_per_epoch
     When the checkpoint counted another number of steps per epoch (another world size or batch), the iteration
     count, and with it the warmup, restarts at epochs done x `steps_per_epoch`; the epoch count carries over.
     """
-    from ..safe_pickle import load_checkpoint  # weights only: a run directory can come from elsewhere
-
+    # weights only: a run directory can come from elsewhere
     state = load_checkpoint(path, what="resume checkpoint", fix="train-student writes only tensors and plain values "
                             "into latest.pth; delete the file and drop --resume to start over")
     setup.student.load_state_dict(state["state_dict"])

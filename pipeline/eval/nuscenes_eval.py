@@ -13,6 +13,7 @@ import logging
 import math
 from pathlib import Path
 
+from ..data.loading import split_sample_tokens
 from ..errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ def devkit_evaluator(result_path: str | Path, source, out_dir: str | Path):
     from nuscenes.eval.detection.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
-    from ..data.loading import split_sample_tokens
 
     nusc, split = source if isinstance(source, tuple) else (source.devkit(), source.split)
     result_path, out_dir = Path(result_path), Path(out_dir)

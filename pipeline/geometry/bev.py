@@ -59,27 +59,21 @@ class BEVGrid:
         theirs = (other.x_min, other.x_max, other.y_min, other.y_max, other.resolution)
         return all(abs(a - b) <= tolerance for a, b in zip(mine, theirs))
 
-    def metric_to_index(self, xy: np.ndarray) -> np.ndarray:
-        """Points (P, >=2) in metres -> integer cell indices (P, 2) as (ix, iy); may be out of range."""
-        xy = np.asarray(xy, dtype=np.float64)
-        ix = np.floor((xy[:, 0] - self.x_min) / self.resolution).astype(np.int64)
-        iy = np.floor((xy[:, 1] - self.y_min) / self.resolution).astype(np.int64)
-        return np.stack([ix, iy], axis=1)
 
-    def index_to_metric(self, ix: np.ndarray, iy: np.ndarray, offset: float = 0.5) -> np.ndarray:
-        """Cell indices -> metres (..., 2). offset=0.5 gives cell centres, 0 the lower corner."""
-        x = self.x_min + (np.asarray(ix, dtype=np.float64) + offset) * self.resolution
-        y = self.y_min + (np.asarray(iy, dtype=np.float64) + offset) * self.resolution
-        return np.stack(np.broadcast_arrays(x, y), axis=-1)
+@dataclass
+class BEVRange:
+    """A BEV grid in the (augmented) key-frame LiDAR frame, plus the z slab that is pooled into it."""
 
-    def in_range(self, xy: np.ndarray) -> np.ndarray:
-        xy = np.asarray(xy)
-        return (xy[:, 0] >= self.x_min) & (xy[:, 0] < self.x_max) & (xy[:, 1] >= self.y_min) & (xy[:, 1] < self.y_max)
+    x_min: float = -51.2  # metres
+    x_max: float = 51.2  # metres
+    y_min: float = -51.2  # metres
+    y_max: float = 51.2  # metres
+    resolution: float = 0.8  # metres per BEV cell
+    z_min: float = -10.0  # points below this height are dropped
+    z_max: float = 10.0  # points at or above this height are dropped
 
-    def cell_grid(self, offset: float = 0.5) -> np.ndarray:
-        """Metric coordinates of every cell, (Y, X, 2) with [..., 0] = x and [..., 1] = y."""
-        iy, ix = np.meshgrid(np.arange(self.num_y), np.arange(self.num_x), indexing="ij")
-        return self.index_to_metric(ix, iy, offset)
+    def grid(self) -> BEVGrid:
+        return BEVGrid(self.x_min, self.x_max, self.y_min, self.y_max, self.resolution)
 
 
 @dataclass(frozen=True)

@@ -15,27 +15,6 @@ def quaternion_to_matrix(q: np.ndarray | list[float]) -> np.ndarray:
     ])
 
 
-def matrix_to_quaternion(r: np.ndarray) -> np.ndarray:
-    """(3, 3) rotation matrix -> (w, x, y, z) unit quaternion with w >= 0."""
-    r = np.asarray(r, dtype=np.float64)
-    trace = np.trace(r)
-    if trace > 0:
-        s = 2.0 * np.sqrt(trace + 1.0)
-        q = [0.25 * s, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s]
-    elif r[0, 0] > r[1, 1] and r[0, 0] > r[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + r[0, 0] - r[1, 1] - r[2, 2])
-        q = [(r[2, 1] - r[1, 2]) / s, 0.25 * s, (r[0, 1] + r[1, 0]) / s, (r[0, 2] + r[2, 0]) / s]
-    elif r[1, 1] > r[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + r[1, 1] - r[0, 0] - r[2, 2])
-        q = [(r[0, 2] - r[2, 0]) / s, (r[0, 1] + r[1, 0]) / s, 0.25 * s, (r[1, 2] + r[2, 1]) / s]
-    else:
-        s = 2.0 * np.sqrt(1.0 + r[2, 2] - r[0, 0] - r[1, 1])
-        q = [(r[1, 0] - r[0, 1]) / s, (r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, 0.25 * s]
-    q = np.array(q)
-    q /= np.linalg.norm(q)
-    return -q if q[0] < 0 else q
-
-
 def yaw_to_quaternion(yaw: float) -> np.ndarray:
     """Rotation of `yaw` radians about +z as a (w, x, y, z) quaternion."""
     return np.array([np.cos(yaw / 2.0), 0.0, 0.0, np.sin(yaw / 2.0)])
@@ -70,29 +49,6 @@ def transform_points(t: np.ndarray, points: np.ndarray) -> np.ndarray:
     xyz = points[:, :3].astype(np.float64) @ t[:3, :3].T + t[:3, 3]
     out[:, :3] = xyz
     return out
-
-
-def transform_boxes(t: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Move boxes (K, 7 or 9) = (x, y, z, l, w, h, yaw[, vx, vy]) by a rigid transform whose rotation is about z.
-
-    Centres are transformed as points, yaw gains the transform's yaw, velocities are rotated (not translated).
-    """
-    boxes = np.asarray(boxes, dtype=np.float64)
-    out = boxes.copy()
-    if len(boxes) == 0:
-        return out
-    out[:, :3] = boxes[:, :3] @ t[:3, :3].T + t[:3, 3]
-    rot_yaw = np.arctan2(t[1, 0], t[0, 0])
-    out[:, 6] = wrap_angle(boxes[:, 6] + rot_yaw)
-    if boxes.shape[1] >= 9:
-        vel = np.concatenate([boxes[:, 7:9], np.zeros((len(boxes), 1))], axis=1)
-        out[:, 7:9] = (vel @ t[:3, :3].T)[:, :2]
-    return out
-
-
-def wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
-    """Wrap radians into [-pi, pi)."""
-    return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi
 
 
 def project_to_image(points_camera: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

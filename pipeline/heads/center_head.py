@@ -8,7 +8,7 @@ weighted L1 on the 10 regression values at object cells normalised by the number
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from ..data.classes import DETECTION_CLASSES, TASK_GROUPS
 from ..data.types import Detections
 from ..geometry.bev import BEVGrid
 from .decode import DecodeSettings, decode_detections
+from .post_center import resolve_post_center_range
 from .targets import build_targets
 
 # Regression heads (name -> output channels), in the order of the 10-value box code.
@@ -25,9 +26,16 @@ REGRESSION_HEADS: tuple[tuple[str, int], ...] = (("reg", 2), ("height", 1), ("di
 
 @dataclass
 class CenterHeadConfig:
-    """CenterHead layout, targets, loss and decoding."""
+    """CenterHead layout, targets, loss and decoding.
 
-    grid: BEVGrid = field(default_factory=BEVGrid)  # the head's output grid (must equal the input feature map)
+    `grid` and `post_center_range` are derived and need not be written: the model that owns the head fills in
+    `grid` (the teacher: its neck output grid; a student: its BEV grid), and `post_center_range` follows from the
+    grid and `post_center_margin` once the grid is known (pipeline/heads/post_center.py). Configs written before
+    record both explicitly; they load as they are (a given grid must equal the derived one, a given range with a
+    given margin must agree with it).
+    """
+
+    grid: BEVGrid | None = None  # the head's output grid (= the input feature map's); None: the model's
     tasks: tuple[tuple[str, ...], ...] = TASK_GROUPS  # class names per heatmap task (mmdet3d nuScenes order)
     shared_channels: int = 64  # output channels of the shared 3x3 conv
     head_channels: int = 64  # channels of each SeparateHead's hidden conv
@@ -48,9 +56,16 @@ class CenterHeadConfig:
     nms_type: str = "circle"  # "circle" (CenterPoint circle NMS per task) or "none"
     nms_radius: tuple[float, ...] = (4.0, 12.0, 10.0, 1.0, 0.85, 0.175)  # per task, squared metres
     post_max_size: int = 83  # detections kept per task after NMS
-    post_center_range: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)  # decoded centres kept inside
+    post_center_range: tuple[float, ...] | None = None  # decoded centres kept inside (x_min, y_min, z_min, x_max,
+    # y_max, z_max); None: the grid's x / y extent grown by post_center_margin, z [-10, 10]
+    post_center_margin: float | None = None  # metres around the grid; None: 10 m (the nuScenes +-61.2 m), or
+    # what an explicit post_center_range says
 
     def __post_init__(self) -> None:
+        if self.grid is not None:
+            extent = (self.grid.x_min, self.grid.x_max, self.grid.y_min, self.grid.y_max)
+            self.post_center_range, self.post_center_margin = resolve_post_center_range(
+                self.post_center_range, self.post_center_margin, extent)
         names = [name for task in self.tasks for name in task]
         unknown = [n for n in names if n not in DETECTION_CLASSES]
         if unknown:
@@ -68,6 +83,9 @@ class CenterHeadConfig:
         return [[DETECTION_CLASSES.index(n) for n in task] for task in self.tasks]
 
     def decode_settings(self) -> DecodeSettings:
+        if self.grid is None:
+            raise ValueError("head.grid is not set: a CenterHeadConfig gets its grid from the model config it is part "
+                             "of (TeacherModelConfig, StudentModelConfig); give one when building a head on its own")
         return DecodeSettings(grid=self.grid, score_threshold=self.score_threshold, top_k=self.top_k,
                               max_per_sample=self.max_per_sample, nms_type=self.nms_type,
                               nms_radius=tuple(self.nms_radius), post_max_size=self.post_max_size,

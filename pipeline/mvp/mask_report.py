@@ -12,8 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data.synthetic.masks import TRUTH_FOLDER, format_mask_table, mask_rates, read_truth_records
+from ..data.masks import TRUTH_FOLDER, read_truth_records
 from ..errors import DataError, one_line
+from ..synthetic.masks import format_mask_table, mask_rates
 
 
 def mask_report(dataroot: str | Path) -> tuple[str, dict]:

@@ -23,9 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.loading import load_nuscenes, read_points, split_sample_tokens
-from ..data.synthetic.masks import mask_paths
+from ..data.masks import mask_paths
+from ..data.virtual_points import FILE_SUFFIX, virtual_path, write_virtual_points
 from ..geometry.transforms import invert_transform, make_transform
-from .points import FILE_SUFFIX, virtual_path, write_virtual_points
 from .virtual import NUM_VIRTUAL, CameraView, read_camera_masks, virtual_points
 
 CAMERA_CHANNELS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..data.virtual_points import MVP_CLASSES, REAL_WIDTH, VIRTUAL_WIDTH, VirtualPoints
 from ..errors import DataError
-from .points import MVP_CLASSES, REAL_WIDTH, VIRTUAL_WIDTH, VirtualPoints
 
 NUM_VIRTUAL = 50  # pixels drawn per mask (MVP's num_virtual)
 _CLASS_COLUMN = {name: i for i, name in enumerate(MVP_CLASSES)}

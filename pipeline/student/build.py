@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .bevformer.model import BEVFormerStudent
 from .config import StudentModelConfig
 from .model import CameraStudent
 
@@ -13,7 +14,5 @@ def build_student(config: StudentModelConfig) -> nn.Module:
     """A CameraStudent or a BEVFormerStudent; both return `StudentOutputs` and have `detection_loss`, `head.decode`,
     `feature_channels` and `feature_shapes`."""
     if config.is_transformer:
-        from .bevformer.model import BEVFormerStudent
-
         return BEVFormerStudent(config)
     return CameraStudent(config)

@@ -8,11 +8,14 @@ head.grid from this config and its transformer from the `bevformer` section (bev
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..geometry.bev import BEVGrid
+from ..data.config import DEFAULT_POINT_CLOUD_RANGE
+from ..geometry.bev import BEVRange
 from ..heads.center_head import CenterHeadConfig
+from .bevformer.config import BEVFormerConfig
 
 StudentVariant = Literal["bevdet", "bevdepth", "bevdet4d", "bevdepth4d", "bevformer"]
 
@@ -41,29 +44,15 @@ class DepthBins:
 
 
 @dataclass
-class BEVRange:
-    """The student's BEV grid in the (augmented) key-frame LiDAR frame, plus the z slab that is pooled."""
-
-    x_min: float = -51.2  # metres
-    x_max: float = 51.2  # metres
-    y_min: float = -51.2  # metres
-    y_max: float = 51.2  # metres
-    resolution: float = 0.8  # metres per BEV cell
-    z_min: float = -10.0  # frustum points below this height are dropped
-    z_max: float = 10.0  # frustum points at or above this height are dropped
-
-    def grid(self) -> BEVGrid:
-        return BEVGrid(self.x_min, self.x_max, self.y_min, self.y_max, self.resolution)
-
-
-@dataclass
 class StudentModelConfig:
     """A camera student; `variant` picks depth supervision (bevdepth*) and two-frame fusion (*4d), or BEVFormer.
 
-    For `bevformer` the LSS fields (depth bins, lss / depth-net / BEV-encoder channels, temporal settings) are unused;
-    `bev` must equal `bevformer.bev`, and `head` (a CenterHeadConfig) only gives `head.grid`: the grid of the
-    teacher heatmap, which the cache check and the false-positive region read (same extent as `bev`, any
-    resolution: the CenterPoint teacher's head grid).
+    `bev` is the student's BEV range, given once: `head.grid` (None) becomes bev's grid, `bevformer.bev` (None)
+    becomes `bev`, and each head's post_center_range follows from its grid and margin. A given copy must agree
+    (configs, checkpoints and manifests written before record every copy). For `bevformer` the LSS fields (depth
+    bins, lss / depth-net / BEV-encoder channels, temporal settings) are unused, and `head` (a CenterHeadConfig)
+    only gives `head.grid`: the grid of the teacher heatmap, which the cache check and the false-positive region
+    read (bev's extent at any resolution: the CenterPoint teacher's head grid; bev's own resolution when not given).
     """
 
     variant: StudentVariant = "bevdepth4d"  # which student
@@ -88,6 +77,8 @@ class StudentModelConfig:
         height, width = self.image_size
         if height % 32 or width % 32:
             raise ValueError(f"image_size {self.image_size} must be multiples of 32 (the ResNet's stride)")
+        if self.head.grid is None:
+            self.head = dataclasses.replace(self.head, grid=self.bev.grid())
         if self.variant == "bevformer":
             self._check_bevformer()
             return
@@ -102,20 +93,31 @@ class StudentModelConfig:
             raise ValueError(f"BEV grid {num_y}x{num_x} must be divisible by 8 (three stride-2 BEV encoder stages)")
         if not self.head.grid.matches(grid):
             raise ValueError(f"head.grid {self.head.grid} must equal the student's BEV grid {grid} (the head runs on "
-                             f"the neck output, which has the BEV grid's shape); set head.grid to the bev range")
+                             f"the neck output, which has the BEV grid's shape); give the range once: remove "
+                             f"head.grid (it is derived from model.bev)")
 
     def _check_bevformer(self) -> None:
         if self.bevformer is None:
             raise ValueError("variant bevformer needs a model.bevformer section (a BEVFormerConfig); see "
                              "configs/synthetic/student_bevformer.yaml")
+        if self.bevformer.bev is None:
+            self.bevformer = dataclasses.replace(self.bevformer, bev=self.bev)
         if self.bevformer.bev != self.bev:
-            raise ValueError(f"model.bevformer.bev {self.bevformer.bev} differs from model.bev {self.bev}; write the "
-                             f"grid once and reuse it with a YAML anchor (bev: &bev ..., bevformer: {{bev: *bev}})")
+            raise ValueError(f"model.bevformer.bev {self.bevformer.bev} differs from model.bev {self.bev}; give the "
+                             f"range once: remove model.bevformer.bev (it is model.bev)")
         grid, head_grid = self.bev.grid(), self.head.grid
         extent = (grid.x_min, grid.x_max, grid.y_min, grid.y_max)
         if (head_grid.x_min, head_grid.x_max, head_grid.y_min, head_grid.y_max) != extent:
             raise ValueError(f"head.grid {head_grid} must span the BEV range {extent} (it is the teacher heatmap's "
                              f"grid over the same area); set head.grid to the teacher's head grid")
+
+    @property
+    def lidar_range(self) -> tuple[float, float, float, float, float, float]:
+        """The LiDAR crop that goes with this BEV (the experiment's data.point_cloud_range when not given): bev's x / y
+        extent, so the training GT is the BEV's, and the loader's default z slab (what a LiDAR teacher reads; bev's
+        own z range is where image features are pooled, a separate choice)."""
+        z_min, z_max = DEFAULT_POINT_CLOUD_RANGE[2], DEFAULT_POINT_CLOUD_RANGE[5]
+        return (self.bev.x_min, self.bev.y_min, z_min, self.bev.x_max, self.bev.y_max, z_max)
 
     @property
     def uses_depth_supervision(self) -> bool:
@@ -161,8 +163,3 @@ class BackbonePretrainConfig:
                 raise ValueError(f"pretrain.{name} must be at least 1, found {getattr(self, name)}")
         if not 0.0 < self.min_overlap < 1.0:
             raise ValueError(f"pretrain.min_overlap must be in (0, 1), found {self.min_overlap}")
-
-
-# Imported last: bevformer/config.py builds on BEVRange above. The name is needed when the strict loader resolves
-# StudentModelConfig's field types.
-from .bevformer.config import BEVFormerConfig  # noqa: E402

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..geometry.bev import BEVRange
 from .bev_encoder import residual_stage
-from .config import BEVRange
 
 
 def align_previous_bev(previous: torch.Tensor, prev_lidar_to_lidar: torch.Tensor, bev_aug: torch.Tensor,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import BEVRange, DepthBins
+from ..geometry.bev import BEVRange
+from .config import DepthBins
 
 
 @dataclass

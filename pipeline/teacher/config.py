@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..data.config import DataConfig
-from ..geometry.bev import BEVGrid
+from ..geometry.bev import BEVGrid, BEVRange
 from ..heads.center_head import CenterHeadConfig
+from ..heads.detr.config import BEVFormerHeadConfig
 from ..precision import PrecisionSetting
-from ..student.bevformer.config import BEVFormerHeadConfig
 
 
 @dataclass
@@ -38,7 +39,11 @@ class TeacherDecoderConfig:
 class TeacherModelConfig:
     """CenterPoint-pillar: pillar feature net -> scatter -> SECOND -> SECONDFPN -> CenterHead.
 
-    The defaults are mmdet3d's `centerpoint_pillar02_second_secfpn` nuScenes model.
+    The defaults are mmdet3d's `centerpoint_pillar02_second_secfpn` nuScenes model. `point_cloud_range` is the
+    teacher's range, given once: `head.grid` (None) is derived from it (its x / y extent at pillar_size x the
+    network's output stride; a given grid must equal that), each head's post_center_range from its grid and
+    margin, and the experiment's data.point_cloud_range defaults to it. Configs, checkpoints and cache manifests
+    written before record every copy explicitly and load as they are.
     """
 
     point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
@@ -56,7 +61,7 @@ class TeacherModelConfig:
     neck_upsample_strides: tuple[float, ...] = (0.5, 1.0, 2.0)  # SECONDFPN upsampling (<1: strided conv)
     bn_eps: float = 1e-3  # BN eps of SECOND / SECONDFPN
     bn_momentum: float = 0.01  # BN momentum of the PFN, SECOND and SECONDFPN (mmdet3d's value)
-    head: CenterHeadConfig = field(default_factory=CenterHeadConfig)  # head grid must equal the neck output grid
+    head: CenterHeadConfig = field(default_factory=CenterHeadConfig)  # head.grid: the neck output grid (derived)
     decoder: TeacherDecoderConfig | None = None  # a DETR decoder on bev_embed, for BEVFormer students
 
     def __post_init__(self) -> None:
@@ -74,9 +79,18 @@ class TeacherModelConfig:
             raise ValueError(f"SECONDFPN outputs must share one stride; backbone strides {self.backbone_strides} "
                              f"with neck_upsample_strides {self.neck_upsample_strides} give {strides}")
         expected = self.head_grid
+        if self.head.grid is None:
+            self.head = dataclasses.replace(self.head, grid=expected)
         if not self.head.grid.matches(expected):
             raise ValueError(f"head.grid {self.head.grid} does not match the neck output grid {expected} "
-                             f"(point_cloud_range x/y at pillar_size x {self.out_size_factor})")
+                             f"(point_cloud_range x/y at pillar_size x {self.out_size_factor}); give the range once: "
+                             f"remove head.grid (it is derived)")
+        if self.decoder is not None:  # the decoder reads the head grid (teacher/decoder.py)
+            head = self.decoder.head.over(BEVRange(expected.x_min, expected.x_max, expected.y_min, expected.y_max,
+                                                   expected.resolution, self.point_cloud_range[2],
+                                                   self.point_cloud_range[5]))
+            if head is not self.decoder.head:
+                self.decoder = dataclasses.replace(self.decoder, head=head)
 
     @property
     def canvas_grid(self) -> BEVGrid:
@@ -125,13 +139,19 @@ class TeacherTrainConfig:
 
 @dataclass
 class TeacherExperimentConfig:
-    """Everything `distillbev train-teacher` needs: data, model and schedule."""
+    """Everything `distillbev train-teacher` needs: data, model and schedule.
+
+    The range is given once, as model.point_cloud_range: data.point_cloud_range, when not given, is filled in
+    with it (a given data range is a separate crop and is kept as it is).
+    """
 
     data: DataConfig = field(default_factory=lambda: DataConfig(load_images=False))  # points only
     model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
     def __post_init__(self) -> None:
+        # the loader crops to the model's range unless data.point_cloud_range is given (a separate crop)
+        self.data = self.data.with_model_range(self.model.point_cloud_range)
         if self.model.point_features != self.data.point_dims:
             raise ValueError(f"model.point_features is {self.model.point_features} but data.point_features "
                              f"{self.data.point_features!r} loads {self.data.point_dims} columns per point; set "

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
-from ..student.bevformer.head import BEVFormerHead
-from ..student.config import BEVRange
+from ..geometry.bev import BEVRange
+from ..heads.detr.config import DETRHeadSpec
+from ..heads.detr.head import BEVFormerHead
 from .config import TeacherModelConfig
 
 DECODER_PREFIX = "detr."  # the decoder head's keys in the teacher's head state (and the cache's teacher_head group)
@@ -37,20 +37,17 @@ class BEVEmbedding(nn.Module):
         return self.norm(projected.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over E per cell
 
 
-def decoder_transformer_config(config: TeacherModelConfig) -> BEVFormerConfig:
-    """The BEVFormerConfig whose head the teacher's decoder is: embed_dims and head from `config.decoder`, the BEV
-    range = the head grid with the point cloud's z range (where box centres are decoded). The encoder section is
-    unused (the teacher's BEV comes from the pillar network)."""
+def decoder_head_spec(config: TeacherModelConfig) -> DETRHeadSpec:
+    """What the teacher's DETR head is built from: embed_dims and head from `config.decoder`, the BEV range = the head
+    grid with the point cloud's z range (where box centres are decoded)."""
     if config.decoder is None:
         raise ValueError("the teacher config has no decoder section")
     grid = config.head_grid
     bev = BEVRange(grid.x_min, grid.x_max, grid.y_min, grid.y_max, grid.resolution,
                    config.point_cloud_range[2], config.point_cloud_range[5])
-    return BEVFormerConfig(embed_dims=config.decoder.embed_dims, bev=bev,
-                           encoder=BEVFormerEncoderConfig(num_heads=config.decoder.head.num_heads),
-                           head=config.decoder.head)
+    return DETRHeadSpec(head=config.decoder.head, embed_dims=config.decoder.embed_dims, bev=bev)
 
 
 def decoder_head(config: TeacherModelConfig) -> BEVFormerHead:
     """The DETR head of a teacher with a decoder section."""
-    return BEVFormerHead(decoder_transformer_config(config))
+    return BEVFormerHead(decoder_head_spec(config))

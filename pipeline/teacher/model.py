@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..heads.center_head import CenterHead
-from ..student.bevformer.head import BEVFormerHeadOutputs
+from ..heads.detr.head import BEVFormerHeadOutputs
 from .backbone import SECOND
 from .config import TeacherModelConfig
 from .decoder import DECODER_PREFIX, BEVEmbedding, decoder_head

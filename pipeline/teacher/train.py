@@ -32,10 +32,14 @@ import torch
 from torch import nn
 
 from ..config import dump_config, to_dict
+from ..data.collate import collate_samples
+from ..data.dataset import NuScenesDetectionDataset
 from ..data.types import Detections
 from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices, unwrap
 from ..errors import CheckpointError
+from ..eval import detections_to_results, evaluate_results, format_metrics_table
 from ..precision import Precision, autocast, resolve_precision, set_memory_format, training_precision
+from ..safe_pickle import load_checkpoint
 from .checkpoint import load_teacher_checkpoint, save_teacher_checkpoint
 from .config import TeacherExperimentConfig, TeacherTrainConfig
 from .model import CenterPointTeacher
@@ -217,7 +221,6 @@ def load_run_state(run_dir: Path, model: CenterPointTeacher, optimizer: torch.op
     if not path.is_file():
         raise CheckpointError(f"{path}: nothing to resume (no latest.pth in the run directory); "
                               f"drop --resume to start a new run")
-    from ..safe_pickle import load_checkpoint  # weights only: a run directory can come from elsewhere
 
     training = load_checkpoint(path, what="resume checkpoint", fix="train-teacher writes only tensors and plain "
                                "values into latest.pth; delete the file and drop --resume to start over")["training"]
@@ -257,8 +260,6 @@ def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable,
     Under torchrun rank r predicts samples r, r + W, ...; rank 0 gathers them in dataset order, writes and scores
     them and returns the summary (the other ranks return None).
     """
-    from ..eval import detections_to_results, evaluate_results, format_metrics_table
-
     indices = rank_indices(len(dataset), world)
     part = dataset if not world.distributed else torch.utils.data.Subset(dataset, indices)
     loader = _make_loader(part, batch_size, False, num_workers, 0, collate)
@@ -285,9 +286,6 @@ def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, d
 
     `world`: this rank under torchrun (`distributed.init_from_env`); the default is a single process.
     """
-    from ..data.collate import collate_samples
-    from ..data.dataset import NuScenesDetectionDataset
-
     run_dir = Path(run_dir)
     device = torch.device(device)
     # `precision: auto` resolved once for this device; config.yaml and latest.pth record what ran

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillbev.pipeline.cache.extract import extract_teacher_cache, probe_teacher
-from distillbev.pipeline.cache.manifest import ViewConfig, build_manifest
+from distillbev.pipeline.cache.extract import extract_teacher_cache
+from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
 from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVGrid
 
 LAYERS = ["backbone1", "backbone2", "neck"]
@@ -95,6 +95,18 @@ def head_state() -> dict[str, np.ndarray]:
     return {"task_heads.0.heatmap.1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
             "task_heads.0.heatmap.1.bias": np.array([-2.19, -2.19], dtype=np.float32),
             "shared_conv.1.num_batches_tracked": np.array(7, dtype=np.int64)}
+
+
+def probe_teacher(run_teacher, points: torch.Tensor, grid: BEVGrid,
+                  layers: list[str]) -> tuple[list[LayerSpec], tuple[int, int], tuple[int, int]]:
+    """Run a teacher once to learn the stored shapes: (layer specs, heatmap (Yh, Xh), occupancy (Y, X))."""
+    with torch.no_grad():
+        outputs = run_teacher([points])
+    specs = []
+    for name in layers:
+        _, channels, y, x = outputs.features[name].shape
+        specs.append(LayerSpec(name, int(channels), (int(y), int(x)), (grid.x_max - grid.x_min) / x, grid.num_x / x))
+    return specs, tuple(outputs.heatmap.shape[-2:]), tuple(outputs.occupancy.shape[-2:])
 
 
 def make_manifest(teacher: FakeTeacher, dtype: str = "fp16", views: int = 3, seed: int = 7,

@@ -7,6 +7,7 @@ with the same extraction on a local disk, which must hold the same bytes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -186,16 +187,19 @@ def test_two_takeovers_of_one_expired_lease_cannot_both_win(s3_env):
     assert a.create(json.dumps({"owner": "c"}).encode()) is False  # If-None-Match on an existing lease
 
 
-def test_a_lost_lease_stops_the_writer(s3_env):
+def test_a_lost_lease_stops_the_writer(s3_env, caplog):
     location = StoreLocation.parse(s3_env.url("lost.zarr"))
     lock = LeaseLock(location, command="victim", ttl=2.0).acquire()
     try:
         location.put(v2.LOCK_FILE, json.dumps({"owner": "thief", "pid": 2, "host": "other",
                                                "expires_at": time.time() + 60}).encode())
-        deadline = time.monotonic() + 5
-        while lock.still_held() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not lock.still_held() and "pid 2 on other" in lock.lost_reason()
+        with caplog.at_level(logging.ERROR, logger="distillbev.pipeline.cache.lease"):
+            deadline = time.monotonic() + 5
+            while lock.still_held() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert not lock.still_held() and lock.holder()["owner"] == "thief"
+        lost = [r.getMessage() for r in caplog.records if "lost the writer lease" in r.getMessage()]
+        assert len(lost) == 1 and "pid 2 on other" in lost[0]  # the log names who holds the lease now
     finally:
         lock.release()
     assert json.loads(location.get(v2.LOCK_FILE))["owner"] == "thief"  # release never deletes another's lease

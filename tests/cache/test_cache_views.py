@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from cache_fakes import FakeTeacher, base_points, run_extract
+from cache_fakes import FakeTeacher, base_points, probe_teacher, run_extract
 
 from distillbev.pipeline.cache.manifest import ViewConfig, view_augmentations
 from distillbev.pipeline.cache.reader import TeacherCache
@@ -57,7 +57,7 @@ def test_flip_view_replays_the_teacher_on_the_flipped_cloud(tmp_path, teacher):
 @pytest.mark.skipif(importlib.util.find_spec("distillbev.pipeline.teacher.model") is None,
                     reason="the CenterPoint teacher module is not available")
 def test_real_teacher_flip_view_replay(tmp_path):
-    from distillbev.pipeline.cache.extract import extract_teacher_cache, probe_teacher
+    from distillbev.pipeline.cache.extract import extract_teacher_cache
     from distillbev.pipeline.cache.manifest import build_manifest
     from distillbev.pipeline.geometry.bev import BEVGrid
     from distillbev.pipeline.heads.center_head import CenterHeadConfig
@@ -83,6 +83,9 @@ def test_real_teacher_flip_view_replay(tmp_path):
     grid = config.canvas_grid
     specs, heatmap_shape, occupancy_shape = probe_teacher(model, points_of(0, BEVAugmentation())[1], grid, layers)
     assert [s.shape for s in specs] == [(8, 8), (4, 4), (16, 16)] and occupancy_shape == (32, 32)
+    # extract-teacher builds the manifest from the model's static shapes: they must match what it outputs
+    assert [model.feature_shapes[name] for name in layers] == [s.shape for s in specs]
+    assert heatmap_shape == config.head_grid.shape and occupancy_shape == grid.shape
     manifest = build_manifest(teacher_config={}, checkpoint_path="", checkpoint_sha256="", grid=grid, layers=specs,
                               heatmap_shape=heatmap_shape, occupancy_shape=occupancy_shape, dtype="fp16",
                               views=ViewConfig(count=2, seed=0, rotation_range=(0.0, 0.0), scale_range=(1.0, 1.0),

@@ -1,4 +1,5 @@
-"""Strict typed config loading: unknown keys, wrong types, overrides, and every shipped config."""
+"""Strict typed config loading: unknown keys, wrong types, overrides, base files (tests/core/test_shipped_configs.py
+loads every shipped config)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from distillbev.pipeline.config import dump_config, load_config
+from distillbev.pipeline.config import dump_config, load_config, load_config_data
 from distillbev.pipeline.errors import ConfigError
 
 
@@ -80,6 +81,70 @@ def test_dump_round_trip(tmp_path):
     cfg = load_config(Outer, None, ["inner.sizes=[5, 6]", "tags=[a, b]"])
     dump_config(cfg, tmp_path / "dump.yaml")
     assert load_config(Outer, tmp_path / "dump.yaml") == cfg
+
+
+def write_at(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_base_file_is_merged_under_the_file(tmp_path):
+    write_at(tmp_path / "base.yaml", "name: base\nepochs: 5\ninner:\n  rate: 2\n  sizes: [3, 4]\ntags: [a, b]\n")
+    child = write_at(tmp_path / "sub" / "child.yaml",
+                     "base: ../base.yaml\nname: child\ninner:\n  rate: 0.5\ntags: [c]\n")
+    cfg = load_config(Outer, child)
+    assert cfg.name == "child" and cfg.epochs == 5  # the file wins; what it leaves out comes from the base
+    assert cfg.inner.rate == 0.5 and cfg.inner.sizes == (3, 4)  # mappings merge key by key
+    assert cfg.tags == ["c"]  # lists replace
+    assert load_config_data(child) == {"name": "child", "epochs": 5, "inner": {"rate": 0.5, "sizes": [3, 4]},
+                                       "tags": ["c"]}
+
+
+def test_bases_chain_and_overrides_and_nulls_still_win(tmp_path):
+    write_at(tmp_path / "a.yaml", "name: a\nepochs: 1\noptional: 0.5\n")
+    write_at(tmp_path / "b.yaml", "base: a.yaml\nepochs: 2\n")
+    c = write_at(tmp_path / "c.yaml", "base: b.yaml\nmode: b\noptional: null\n")
+    cfg = load_config(Outer, c)
+    assert (cfg.name, cfg.epochs, cfg.mode, cfg.optional) == ("a", 2, "b", None)
+    assert load_config(Outer, c, ["epochs=9"]).epochs == 9
+
+
+def test_a_base_cycle_names_the_files(tmp_path):
+    a = write_at(tmp_path / "a.yaml", "base: b.yaml\nepochs: 1\n")
+    b = write_at(tmp_path / "b.yaml", "base: a.yaml\nepochs: 2\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_config(Outer, a)
+    assert str(a) in str(err.value) and str(b) in str(err.value)
+    itself = write_at(tmp_path / "itself.yaml", "base: itself.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(Outer, itself)
+
+
+def test_a_missing_or_malformed_base_names_both_files(tmp_path):
+    child = write_at(tmp_path / "child.yaml", "base: nope.yaml\n")
+    with pytest.raises(ConfigError, match="not found") as err:
+        load_config(Outer, child)
+    assert str(child) in str(err.value) and str(tmp_path / "nope.yaml") in str(err.value)
+    with pytest.raises(ConfigError, match="'base'"):
+        load_config(Outer, write_at(tmp_path / "list.yaml", "base: [a.yaml]\n"))
+    write_at(tmp_path / "nested_base.yaml", "inner:\n  base: child.yaml\n")
+    with pytest.raises(ConfigError, match="'inner.base'"):  # only the top level names a base
+        load_config(Outer, tmp_path / "nested_base.yaml")
+
+
+def test_errors_name_the_file_or_override_that_gave_the_key(tmp_path):
+    base = write_at(tmp_path / "base.yaml", "epochs: 2.5\ninner:\n  rte: 2\n")
+    child = write_at(tmp_path / "child.yaml", "base: base.yaml\nname: y\n")
+    with pytest.raises(ConfigError, match="'inner.rte'") as err:
+        load_config(Outer, child, ["epochs=3"])
+    assert str(err.value).startswith(f"{base}: unknown key")
+    with pytest.raises(ConfigError, match="'epochs'") as err:
+        load_config(Outer, child, ["inner.rate=1"])
+    assert str(err.value).startswith(f"{base}: key 'epochs': expected an integer")
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, child, ["epochs=3", "inner={rate: fast}"])  # the override replaces the base's inner
+    assert str(err.value).startswith("--set inner={rate: fast}: key 'inner.rate'")
 
 
 @pytest.mark.parametrize("name", ["bevdet", "bevdepth", "bevdet4d", "bevdepth4d"])

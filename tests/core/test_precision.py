@@ -219,12 +219,12 @@ def test_distillation_setup_resolves_auto_for_the_students_device(cpu_bf16):
 def test_teacher_run_logs_and_records_the_resolved_precision(tmp_path, monkeypatch, cpu_bf16, caplog):
     """config.yaml records what ran (fp32 on a CPU without native bf16), not `auto`."""
     from distillbev.pipeline.config import load_config
-    from distillbev.pipeline.data import dataset
+    from distillbev.pipeline.teacher import train
     from distillbev.pipeline.teacher.config import TeacherExperimentConfig
     from distillbev.pipeline.teacher.train import run_teacher_training
 
     cpu_bf16(False)
-    monkeypatch.setattr(dataset, "NuScenesDetectionDataset", lambda *args, **kwargs: (_ for _ in ()).throw(_Sentinel))
+    monkeypatch.setattr(train, "NuScenesDetectionDataset", lambda *args, **kwargs: (_ for _ in ()).throw(_Sentinel))
     with caplog.at_level(logging.INFO, logger="distillbev.pipeline.precision"), pytest.raises(_Sentinel):
         run_teacher_training(TeacherExperimentConfig(), tmp_path / "run")
     assert load_config(TeacherExperimentConfig, tmp_path / "run" / "config.yaml").train.precision == "fp32"

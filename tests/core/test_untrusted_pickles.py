@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 from module_loader import load_tests_module
 
+from distillbev.pipeline.data.virtual_points import VirtualPoints, read_virtual_points, write_virtual_points
 from distillbev.pipeline.distill.train import load_resume
 from distillbev.pipeline.errors import CheckpointError, DataError
-from distillbev.pipeline.mvp.points import VirtualPoints, read_virtual_points, write_virtual_points
 from distillbev.pipeline.safe_pickle import HistoryBufferRecord, load_checkpoint
 from distillbev.pipeline.teacher.checkpoint import load_teacher_checkpoint
 from distillbev.pipeline.teacher.model import CenterPointTeacher

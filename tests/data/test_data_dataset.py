@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from distillbev.pipeline.cache.manifest import manifest_diff
+from distillbev.pipeline.config import load_config, to_dict
 from distillbev.pipeline.data.collate import collate_samples
 from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.data.preflight import point_loading_settings
+from distillbev.pipeline.distill.config import StudentExperimentConfig
+from distillbev.pipeline.errors import ConfigError
 from distillbev.pipeline.geometry.bev import BEVAugmentation
 from distillbev.pipeline.geometry.transforms import points_in_boxes
 
@@ -208,9 +213,33 @@ def test_range_filter_runs_after_the_bev_augmentation(tiny_slice, monkeypatch):
     assert np.allclose(sample.depth_points.numpy()[:, :2], [[half, half], [0.0, 12.0 * np.sqrt(2.0)]], atol=1e-5)
     assert collate_samples([sample, sample]).depth_points[1].shape == (2, 5)
     assert make_dataset(tiny_slice)[0].depth_points is None  # no cameras, no depth cloud
-    # the old order, kept for measuring it: (14, 0) is cropped before the rotation; the rotated (12, 12) stays at
-    # (0, 16.97), outside the range (the pillar scatter drops it)
-    old = make_dataset(tiny_slice, point_cloud_range=(-12.8, -12.8, -5.0, 12.8, 12.8, 3.0),
-                       range_filter="before_bev_augmentation").get(0, bev_aug=BEVAugmentation(rotation=np.pi / 4))
-    assert np.allclose(old.points.numpy()[:, :2], [[0.0, 12.0 * np.sqrt(2.0)], [-np.sqrt(0.5), 3 * np.sqrt(0.5)]],
-                       atol=1e-5)
+
+
+def test_a_cache_manifest_records_the_crop_after_the_augmentation_as_existing_caches_do():
+    """The point_loading of an existing cache's manifest (it carries range_filter) compares equal to what extraction
+    records now, so extract-teacher reopens such a store; one without the key (points cropped before the
+    augmentation) stays told apart."""
+    stored = {"num_sweeps": 9, "sweep_candidates": 10, "sweep_selection": "nearest", "sweep_min_distance": 1.0,
+              "point_cloud_range": [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0], "point_dims": 5,
+              "range_filter": "after_bev_augmentation", "pad_empty_sweeps": True}
+    requested = {"point_loading": point_loading_settings(DataConfig())}
+    assert manifest_diff({"point_loading": stored}, requested) == []
+    cropped_first = {key: value for key, value in stored.items() if key != "range_filter"}
+    assert manifest_diff({"point_loading": cropped_first}, requested) == [
+        'point_loading.range_filter: <missing> -> "after_bev_augmentation"']
+
+
+def test_a_run_config_with_the_retired_range_filter_loads_and_another_order_is_refused(tmp_path):
+    """A run's config.yaml written when `data.range_filter` was a setting still loads (distillbev figures reads
+    them); asking for the other order is an error naming the key."""
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  num_sweeps: 3\n  range_filter: after_bev_augmentation\n")
+    cfg = load_config(StudentExperimentConfig, path)
+    assert cfg.data.num_sweeps == 3 and "range_filter" not in to_dict(cfg)["data"]
+    path.write_text("data:\n  range_filter: before_bev_augmentation\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(StudentExperimentConfig, path)
+    assert str(error.value) == (f"{path}: key 'data.range_filter' is no longer a setting: only "
+                                f"'after_bev_augmentation' remains, found 'before_bev_augmentation'; remove the key")
+    with pytest.raises(ConfigError, match="key 'data.range_filter' is no longer a setting"):
+        load_config(StudentExperimentConfig, None, ["data.range_filter=before_bev_augmentation"])

@@ -82,7 +82,7 @@ def test_infos_override_keeps_any_folder_name_a_string(value):
 
 
 def test_evaluate_builds_its_index_from_the_infos(tiny_slice_copy, tmp_path, monkeypatch):
-    from distillbev.pipeline.data import infos as infos_module
+    from distillbev.pipeline.data import index_store as index_store_module
 
     calls = []
 
@@ -92,7 +92,7 @@ def test_evaluate_builds_its_index_from_the_infos(tiny_slice_copy, tmp_path, mon
         return build_split_index(load_nuscenes(dataroot, version), split, sweep_candidates, camera_channels,
                                  adjacent_count, adjacent_interval, progress=False)
 
-    monkeypatch.setattr(infos_module, "index_from_infos", from_infos)
+    monkeypatch.setattr(index_store_module, "index_from_infos", from_infos)
     infos = tmp_path / "infos"
     infos.mkdir()
     (infos / "nuscenes_infos_tiny_val.pkl").write_bytes(b"read by the stand-in only")

@@ -330,7 +330,7 @@ def test_a_missing_dataroot_is_a_data_error_and_creates_nothing(tmp_path):
 def infos(monkeypatch, tmp_path):
     """An infos folder holding nuscenes_infos_tiny_val.pkl, with `index_from_infos` replaced by the devkit build
     of the same split (the infos reader has its own tests); returns (folder, calls)."""
-    from distillbev.pipeline.data import infos as infos_module
+    from distillbev.pipeline.data import index_store as index_store_module
 
     folder = tmp_path / "infos"
     folder.mkdir()
@@ -343,7 +343,7 @@ def infos(monkeypatch, tmp_path):
         return build_split_index(load_nuscenes(dataroot, version), split, sweep_candidates, camera_channels,
                                  adjacent_count, adjacent_interval, progress=False)
 
-    monkeypatch.setattr(infos_module, "index_from_infos", from_infos)
+    monkeypatch.setattr(index_store_module, "index_from_infos", from_infos)
     return folder, calls
 
 

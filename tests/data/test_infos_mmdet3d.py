@@ -20,8 +20,8 @@ pytest.importorskip("mmdet3d", reason="mmdet3d is not installed; build the optio
 from distillbev.pipeline.data.index import build_split_index  # noqa: E402
 from distillbev.pipeline.data.infos import index_from_infos, infos_file, read_infos  # noqa: E402
 from distillbev.pipeline.data.loading import load_nuscenes  # noqa: E402
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset  # noqa: E402
 from distillbev.pipeline.errors import DataError  # noqa: E402
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset  # noqa: E402
 
 pytestmark = [pytest.mark.mmdet3d, pytest.mark.slow]
 

@@ -13,17 +13,18 @@ import torch
 from test_distill_equivalence import HALF_EXTENT, TinyWorld, build_tiny_world, tiny_student_config
 
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.config import to_dict
+from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.distill.run import build_distill_loss, live_teacher, train_student
 from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
-from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
 from distillbev.pipeline.losses.config import DistillConfig, LayerPairConfig
-from distillbev.pipeline.student.bevformer.config import (BEVFormerConfig, BEVFormerEncoderConfig,
-                                                          BEVFormerHeadConfig)
+from distillbev.pipeline.student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
 from distillbev.pipeline.student.build import build_student
-from distillbev.pipeline.student.config import BEVRange, ImageBackboneConfig, StudentModelConfig
+from distillbev.pipeline.student.config import ImageBackboneConfig, StudentModelConfig
 from distillbev.pipeline.teacher.config import TeacherDecoderConfig
 
 pytestmark = pytest.mark.slow

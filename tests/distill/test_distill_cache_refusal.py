@@ -23,7 +23,7 @@ def test_a_cache_of_another_grid_and_split_is_refused_naming_each_difference(tmp
     write_store(tmp_path / "cache.zarr")
     cfg = StudentExperimentConfig()  # nuScenes defaults: +-51.2 m, 128^2 head, v1.0-trainval / train
     with pytest.raises(CacheError) as error:
-        open_checked_cache(tmp_path / "cache.zarr", cfg, student=None)
+        open_checked_cache(tmp_path / "cache.zarr", cfg)
     message = str(error.value)
     for difference in ("bev_grid.x_min: -8.0 -> -51.2", 'dataset.split: "mini_val" -> "train"',
                        'dataset.version: "v1.0-mini" -> "v1.0-trainval"', "heatmap.shape: [16, 16] -> [128, 128]"):
@@ -39,4 +39,4 @@ def test_a_cache_without_a_distilled_layer_is_refused(tmp_path):
     cfg.model.head.grid = type(cfg.model.head.grid)(-8.0, 8.0, -8.0, 8.0, 16.0 / manifest["heatmap"]["shape"][1])
     cfg.data.version, cfg.data.train_split = "v1.0-mini", "mini_val"
     with pytest.raises(CacheError, match=r"distils teacher layers \['backbone0'\] but the cache holds"):
-        open_checked_cache(tmp_path / "cache.zarr", cfg, student=None)
+        open_checked_cache(tmp_path / "cache.zarr", cfg)

@@ -29,15 +29,16 @@ from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.config import dump_config, to_dict
 from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.distill.config import StudentExperimentConfig, StudentTrainConfig
 from distillbev.pipeline.distill.run import build_distill_loss, live_teacher
 from distillbev.pipeline.distill.targets import TargetsItem, collate_with_targets
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
 from distillbev.pipeline.geometry.bev import BEVGrid
+from distillbev.pipeline.geometry.bev import BEVRange
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
-from distillbev.pipeline.student.config import BEVRange, DepthBins, ImageBackboneConfig, StudentModelConfig
+from distillbev.pipeline.student.config import DepthBins, ImageBackboneConfig, StudentModelConfig
 from distillbev.pipeline.student.model import CameraStudent
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherDecoderConfig, TeacherExperimentConfig, TeacherModelConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from test_distill_equivalence import tiny_student_config, tiny_teacher_config
 
 from distillbev.pipeline.config import dump_config, to_dict
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.distill import run as run_module
 from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.distill.run import online_teacher_settings
 from distillbev.pipeline.errors import CheckpointError, ConfigError
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher

@@ -14,14 +14,14 @@ GRID = BEVGrid(*EXTENT, resolution=1.0)  # 8 x 8
 
 def one_hot_at(x: float, y: float) -> torch.Tensor:
     maps = torch.zeros(1, 8, 8)
-    ix, iy = GRID.metric_to_index(np.array([[x, y]]))[0]
+    ix, iy = int((x - GRID.x_min) // GRID.resolution), int((y - GRID.y_min) // GRID.resolution)
     maps[0, iy, ix] = 1.0
     return maps
 
 
 def peak_xy(maps: torch.Tensor) -> np.ndarray:
     iy, ix = np.unravel_index(int(maps[0].argmax()), (8, 8))
-    return GRID.index_to_metric(ix, iy)
+    return np.array([GRID.x_min + (ix + 0.5) * GRID.resolution, GRID.y_min + (iy + 0.5) * GRID.resolution])
 
 
 def test_flip_x_reverses_rows_and_moves_a_cell_to_its_mirror():

@@ -124,7 +124,7 @@ def test_cli_gt_as_prediction_and_results(tiny_slice, tmp_path, capsys):
 
 @pytest.fixture(scope="session")
 def synthetic_dataroot(tmp_path_factory):
-    generate = pytest.importorskip("distillbev.pipeline.data.synthetic.generate")
+    generate = pytest.importorskip("distillbev.pipeline.synthetic.generate")
     root = tmp_path_factory.mktemp("synthetic") / "dataroot"
     # 2 scenes x 4 key frames: the val scene's objects are seen in several key frames, so velocities exist.
     generate.generate_dataset(root, generate.SyntheticConfig(num_scenes=2, samples_per_scene=4, seed=0,

@@ -60,7 +60,7 @@ def build_world(folder: Path) -> World:
     from click.testing import CliRunner
 
     from distillbev.pipeline.config import dump_config
-    from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+    from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
     from distillbev.pipeline.teacher.checkpoint import save_teacher_checkpoint
     from distillbev.pipeline.teacher.model import CenterPointTeacher
     from distillbev.stages.extract_teacher import command as extract_command

@@ -72,7 +72,7 @@ def truck_record(score: float) -> dict:
 
 
 def test_boxes_are_drawn_where_the_hand_made_scene_puts_them(tiny_slice, tmp_path):
-    from distillbev.pipeline.eval.figures import draw_figures
+    from distillbev.pipeline.report.figures import draw_figures
 
     distilled = fake_run(tmp_path, tiny_slice, "distilled", [truck_record(0.9), truck_record(0.1)], True)
     unfinished = fake_run(tmp_path, tiny_slice, "unfinished", None, False)

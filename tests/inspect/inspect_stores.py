@@ -37,7 +37,10 @@ def default_centres(index: int) -> np.ndarray:
 
 def _bumps(grid: BEVGrid, shape: tuple[int, int], centres: np.ndarray, sigma: float) -> np.ndarray:
     """(Y, X) sum of unit gaussians of width sigma (metres) at centres (K, 2), on cell centres of a (Y, X) map."""
-    cells = grid.with_shape(*shape).cell_grid()  # (Y, X, 2)
+    cell = grid.with_shape(*shape)
+    xs = cell.x_min + (np.arange(shape[1]) + 0.5) * cell.resolution  # (X,)
+    ys = cell.y_min + (np.arange(shape[0]) + 0.5) * cell.resolution  # (Y,)
+    cells = np.stack(np.meshgrid(xs, ys), axis=-1)  # (Y, X, 2): [..., 0] = x, [..., 1] = y
     out = np.zeros(shape, dtype=np.float64)
     for centre in centres:
         out += np.exp(-((cells - centre) ** 2).sum(axis=-1) / (2 * sigma ** 2))

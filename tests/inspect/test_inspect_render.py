@@ -13,9 +13,9 @@ from PIL import Image
 
 from distillbev.cli import cli
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.cache.render import load_ground_truth, region_labels, render_sample
 from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
+from distillbev.pipeline.report.cache_render import load_ground_truth, region_labels, render_sample
 
 FALSE_POSITIVE = (18.0, 6.0)  # metres, un-augmented; no tiny-dataroot object is within 5 m of it
 
@@ -72,7 +72,7 @@ def test_regions_follow_the_view_augmentation(tiny_store, view):
     blob = targets.bev_aug.apply_points(np.array([[*FALSE_POSITIVE, 0.0]]))[0, :2]
     false_positive = np.argwhere(regions == 2)  # (N, 2) rows (iy, ix)
     assert len(false_positive) > 0
-    centres = head.index_to_metric(false_positive[:, 1], false_positive[:, 0])  # (N, 2)
+    centres = np.stack([head.x_min, head.y_min]) + (false_positive[:, ::-1] + 0.5) * head.resolution  # (N, 2) x, y
     assert np.linalg.norm(centres - blob, axis=1).max() < 3 * head.resolution
     assert (regions == 1).sum() > 20  # the large boxes cover several head cells
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
-from distillbev.pipeline.data.synthetic.masks import MaskErrorModel
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
+from distillbev.pipeline.synthetic.masks import MaskErrorModel
 
 # Exact boundaries, so a found object's mask is exactly its visible pixels (IoU 1) and the measured recall is the
 # configured detection rate.

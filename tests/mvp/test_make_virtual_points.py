@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from distillbev.cli import main
+from distillbev.pipeline.data.virtual_points import read_virtual_points
 from distillbev.pipeline.mvp.mask_report import mask_report
-from distillbev.pipeline.mvp.points import read_virtual_points
 
 
 def virtual_files(root: Path) -> dict[str, bytes]:

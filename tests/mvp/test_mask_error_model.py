@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, check_config
-from distillbev.pipeline.data.synthetic.masks import (DISTANCE_BANDS, MASK_FOLDER, CameraTruth, MaskErrorModel,
-                                                      band_name, mask_rates, read_truth_records, segment)
+from distillbev.pipeline.data.masks import MASK_FOLDER, read_truth_records
 from distillbev.pipeline.errors import ConfigError
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, check_config
+from distillbev.pipeline.synthetic.masks import (DISTANCE_BANDS, CameraTruth, MaskErrorModel, band_name, mask_rates,
+                                                 segment)
 
 # 20 x 10 objects of 8 x 8 low-resolution pixels (1024 full-size pixels) on a 400 x 225 image
 COLUMNS, ROWS, CELL, SIDE = 20, 10, 20, 8

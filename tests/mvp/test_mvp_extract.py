@@ -16,7 +16,7 @@ from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.data.loading import load_nuscenes, read_points, split_sample_tokens
 from distillbev.pipeline.data.preflight import check_split_inputs
-from distillbev.pipeline.mvp.points import virtual_path, write_virtual_points
+from distillbev.pipeline.data.virtual_points import virtual_path, write_virtual_points
 
 from test_mvp_loader import hand_made
 

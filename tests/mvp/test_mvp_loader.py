@@ -15,8 +15,8 @@ from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.data.index import key_frame_lidar, load_lidar_points
 from distillbev.pipeline.data.loading import load_nuscenes, read_points, split_sample_tokens
 from distillbev.pipeline.data.preflight import check_split_inputs, index_fingerprint
+from distillbev.pipeline.data.virtual_points import MVP_CLASSES, VirtualPoints, virtual_path, write_virtual_points
 from distillbev.pipeline.errors import DataError
-from distillbev.pipeline.mvp.points import MVP_CLASSES, VirtualPoints, virtual_path, write_virtual_points
 from distillbev.pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
 from distillbev.pipeline.teacher.model import CenterPointTeacher
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distillbev.pipeline.data.virtual_points import (FEATURE_WIDTH, VirtualPoints, mvp_point_features,
+                                                     read_virtual_points, virtual_path, write_virtual_points)
 from distillbev.pipeline.errors import DataError
-from distillbev.pipeline.mvp.points import (FEATURE_WIDTH, VirtualPoints, mvp_point_features, read_virtual_points,
-                                            virtual_path, write_virtual_points)
 
 
 def example() -> VirtualPoints:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distillbev.pipeline.data.virtual_points import MVP_CLASSES
 from distillbev.pipeline.geometry.transforms import make_transform, yaw_to_quaternion
-from distillbev.pipeline.mvp.points import MVP_CLASSES
 from distillbev.pipeline.mvp.virtual import CameraMasks, CameraView, label_vectors, virtual_points
 
 WIDTH, HEIGHT = 640, 480

@@ -119,7 +119,7 @@ def test_pretrain_backbone_cli_writes_weights_the_student_loads(tmp_path):
 
     from distillbev.cli import cli
     from distillbev.pipeline.config import dump_config
-    from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+    from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
     from distillbev.pipeline.student.model import CameraStudent
 
     dataroot = tmp_path / "synthetic"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distillbev.pipeline.student.bevformer.deformable import (DeformableAttention, deformable_sample,
-                                                              sampling_locations)
+from distillbev.pipeline.heads.detr.deformable import DeformableAttention, deformable_sample, sampling_locations
 
 # One level, 2 rows x 3 columns, one head, one channel: value[row, column].
 VALUE_MAP = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])

@@ -13,7 +13,7 @@ import torch
 mmcv_ops = pytest.importorskip("mmcv.ops.multi_scale_deform_attn",
                                reason="mmcv is not installed; build the optional venv with `make venv-mmdet3d`")
 
-from distillbev.pipeline.student.bevformer.deformable import DeformableAttention, deformable_sample  # noqa: E402
+from distillbev.pipeline.heads.detr.deformable import DeformableAttention, deformable_sample  # noqa: E402
 
 pytestmark = pytest.mark.mmdet3d
 

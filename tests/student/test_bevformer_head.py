@@ -11,12 +11,12 @@ import torch
 
 from distillbev.pipeline.errors import ConfigError
 from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.student.bevformer.box_coder import encode_boxes
-from distillbev.pipeline.student.bevformer.config import (BEVFormerConfig, BEVFormerEncoderConfig,
-                                                          BEVFormerHeadConfig)
+from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.heads.detr.box_coder import encode_boxes
+from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
+from distillbev.pipeline.heads.detr.head import BEVFormerHead, BEVFormerHeadOutputs
+from distillbev.pipeline.student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
 from distillbev.pipeline.student.bevformer.encoder import BEVFormerEncoder
-from distillbev.pipeline.student.bevformer.head import BEVFormerHead, BEVFormerHeadOutputs
-from distillbev.pipeline.student.config import BEVRange
 from distillbev.pipeline.student.view_transformer import CameraGeometry
 
 IMAGE_SIZE = (32, 64)
@@ -52,7 +52,7 @@ def two_camera_geometry(batch: int) -> CameraGeometry:
 def test_encoder_and_head_train_end_to_end_with_a_previous_frame():
     torch.manual_seed(0)
     config = tiny_config()
-    encoder, head = BEVFormerEncoder(config, num_cameras=2), BEVFormerHead(config)
+    encoder, head = BEVFormerEncoder(config, num_cameras=2), BEVFormerHead(config.detr_head)
     geometry = two_camera_geometry(batch=2)
     features = [torch.randn(2, 2, 16, 8, 16, requires_grad=True), torch.randn(2, 2, 16, 4, 8)]
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_encoder_and_head_train_end_to_end_with_a_previous_frame():
 
 def test_loss_of_a_perfect_query_is_zero_for_the_boxes():
     torch.manual_seed(0)
-    head = BEVFormerHead(tiny_config(num_layers=1, num_queries=3))
+    head = BEVFormerHead(tiny_config(num_layers=1, num_queries=3).detr_head)
     gt = torch.tensor([[6.0, 2.0, 0.0, 4.2, 1.9, 1.6, 0.3, 1.0, 0.0]])
     codes = torch.stack([encode_boxes(torch.tensor([-6.0, -6.0, 0.0, 1, 1, 1, 0, 0, 0])), encode_boxes(gt[0]),
                          encode_boxes(torch.tensor([9.0, 9.0, 0.0, 1, 1, 1, 0, 0, 0]))])
@@ -94,7 +94,7 @@ def test_loss_of_a_perfect_query_is_zero_for_the_boxes():
 
 
 def test_decode_takes_top_scores_over_queries_and_classes_and_undoes_the_augmentation():
-    head = BEVFormerHead(tiny_config(num_layers=1, num_queries=3, max_detections=2))
+    head = BEVFormerHead(tiny_config(num_layers=1, num_queries=3, max_detections=2).detr_head)
     boxes = torch.tensor([[6.0, 2.0, 0.0, 4.0, 2.0, 1.5, 0.3, 1.0, 0.0],
                           [-8.0, -5.0, 0.5, 0.7, 0.7, 1.8, 1.0, 0.0, 0.0],
                           [70.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])  # beyond post_center_range

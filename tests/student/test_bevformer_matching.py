@@ -7,9 +7,8 @@ import math
 import numpy as np
 import torch
 
-from distillbev.pipeline.student.bevformer.box_coder import decode_boxes, encode_boxes
-from distillbev.pipeline.student.bevformer.matching import (assign_queries, box_l1_cost, focal_class_cost,
-                                                            hungarian_assignment)
+from distillbev.pipeline.heads.detr.box_coder import decode_boxes, encode_boxes
+from distillbev.pipeline.heads.detr.matching import assign_queries, box_l1_cost, focal_class_cost, hungarian_assignment
 
 
 def test_hungarian_finds_the_unique_optimum_of_a_3x3_cost():

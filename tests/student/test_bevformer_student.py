@@ -9,24 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from distillbev.pipeline.config import from_dict, load_config
+from distillbev.pipeline.config import from_dict, load_config, load_config_data
 from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.distill.inherit import inherit_teacher_head
 from distillbev.pipeline.errors import ConfigError
 from distillbev.pipeline.geometry.bev import BEVGrid
+from distillbev.pipeline.geometry.bev import BEVRange
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
+from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
+from distillbev.pipeline.heads.detr.head import BEVFormerHeadOutputs
 from distillbev.pipeline.losses.adapters import ResampleConv1x1Adapter
 from distillbev.pipeline.losses.config import DistillConfig, LayerPairConfig
 from distillbev.pipeline.losses.distill import DistillBEVLoss
-from distillbev.pipeline.student.bevformer.config import (BEVFormerConfig, BEVFormerEncoderConfig,
-                                                          BEVFormerHeadConfig)
-from distillbev.pipeline.student.bevformer.head import BEVFormerHeadOutputs
+from distillbev.pipeline.student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
 from distillbev.pipeline.student.bevformer.model import BEVFormerStudent
 from distillbev.pipeline.student.build import build_student
-from distillbev.pipeline.student.config import BEVRange, ImageBackboneConfig, StudentModelConfig
+from distillbev.pipeline.student.config import ImageBackboneConfig, StudentModelConfig
 from distillbev.pipeline.student.model import CameraStudent
+from distillbev.pipeline.teacher.config import TeacherExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = (64, 128)
@@ -102,8 +103,8 @@ def test_the_previous_frame_is_encoded_without_gradient_dropout_or_a_lasting_mod
 
 def test_the_configs_load_strictly_with_the_grids_of_their_teachers():
     synthetic = load_config(StudentExperimentConfig, ROOT / "configs" / "synthetic" / "student_bevformer.yaml")
-    teacher = yaml.safe_load((ROOT / "configs" / "synthetic" / "teacher_detr.yaml").read_text())
-    teacher_grid = BEVGrid(**teacher["model"]["head"]["grid"])
+    teacher = load_config(TeacherExperimentConfig, ROOT / "configs" / "synthetic" / "teacher_detr.yaml").model
+    teacher_grid = teacher.head.grid
     assert synthetic.model.bev.grid().shape == teacher_grid.shape == (80, 80)  # 64 m / 0.8 m
     assert [(p.student, p.teacher, p.adapter, p.use_false_positive) for p in synthetic.distill.layers] == [
         ("neck", "bev_embed", "conv1x1", False)]
@@ -129,10 +130,10 @@ def test_the_configs_load_strictly_with_the_grids_of_their_teachers():
 
 def test_config_errors_name_the_field():
     path = ROOT / "configs" / "synthetic" / "student_bevformer.yaml"
-    # the YAML writes the grid once (an anchor), so an override moves both; a copied grid can drift apart
+    # bevformer.bev is derived from model.bev, so an override moves both; a copied grid can drift apart
     moved = load_config(StudentExperimentConfig, path, ["model.bev.resolution=1.6"]).model
     assert moved.bevformer.bev.resolution == 1.6 and moved.bevformer.bev.grid().shape == (40, 40)
-    data = yaml.safe_load(path.read_text())
+    data = load_config_data(path)
     data["model"]["bevformer"]["bev"] = dict(data["model"]["bev"], resolution=1.6)
     with pytest.raises(ConfigError, match="model.bevformer.bev .* differs from model.bev"):
         from_dict(StudentExperimentConfig, data)

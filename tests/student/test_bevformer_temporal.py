@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from distillbev.pipeline.geometry.bev import BEVAugmentation
+from distillbev.pipeline.geometry.bev import BEVRange
 from distillbev.pipeline.student.bevformer.temporal_self_attention import (TemporalSelfAttention,
                                                                            align_previous_queries,
                                                                            bev_reference_points)
-from distillbev.pipeline.student.config import BEVRange
 
 BEV = BEVRange(x_min=-8.0, x_max=8.0, y_min=-6.0, y_max=6.0, resolution=2.0)  # Y=6, X=8
 

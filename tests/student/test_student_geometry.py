@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.student.config import BEVRange, DepthBins
+from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.student.config import DepthBins
 from distillbev.pipeline.student.depth_net import depth_bce_loss, depth_targets
 from distillbev.pipeline.student.temporal import align_previous_bev
 from distillbev.pipeline.student.view_transformer import (CameraGeometry, LiftSplat, frustum_points,

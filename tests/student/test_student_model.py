@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from distillbev.pipeline.config import from_dict, load_config
+from distillbev.pipeline.config import from_dict, load_config, load_config_data
 from distillbev.pipeline.errors import DataError
 from distillbev.pipeline.student.config import StudentModelConfig
 from distillbev.pipeline.student.model import CameraStudent, StudentOutputs
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def model_config(path: Path, overrides: list[str] = ()) -> StudentModelConfig:
     """The `model` section of a student experiment YAML as a StudentModelConfig, with `a.b=value` overrides."""
-    data = yaml.safe_load(path.read_text())["model"]
+    data = load_config_data(path)["model"]  # with its base files merged in
     for item in overrides:
         key, value = item.split("=", 1)
         *parents, last = key.split(".")
@@ -59,8 +59,12 @@ def test_shipped_config_set_is_complete():
 
 
 def test_config_rejects_head_grid_mismatch():
-    with pytest.raises(Exception, match="head.grid"):
-        model_config(CONFIGS / "synthetic" / "student_bevdet.yaml", ["bev.resolution=1.6"])
+    moved = model_config(CONFIGS / "synthetic" / "student_bevdet.yaml", ["bev.resolution=1.6"])
+    assert moved.head.grid.shape == (40, 40)  # head.grid is derived from bev
+    with pytest.raises(Exception, match="head.grid"):  # a copy of the old grid no longer matches
+        model_config(CONFIGS / "synthetic" / "student_bevdet.yaml",
+                     ["bev.resolution=1.6", "head.grid={x_min: -32.0, x_max: 32.0, y_min: -32.0, y_max: 32.0, "
+                      "resolution: 0.8}"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -173,13 +177,11 @@ def test_small_config_training_step_time(make_batch, record_property):
 
 def test_small_student_head_matches_small_teacher_head():
     """The synthetic students' task heads have the small teacher's shapes, so they can be initialised from it."""
-    import yaml
+    from distillbev.pipeline.heads.center_head import CenterHead
+    from distillbev.pipeline.teacher.config import TeacherExperimentConfig
 
-    from distillbev.pipeline.config import from_dict
-    from distillbev.pipeline.heads.center_head import CenterHead, CenterHeadConfig
-
-    teacher_yaml = yaml.safe_load((CONFIGS / "synthetic" / "teacher.yaml").read_text())
-    teacher_head = CenterHead(from_dict(CenterHeadConfig, teacher_yaml["model"]["head"]), in_channels=192)
+    teacher_model = load_config(TeacherExperimentConfig, CONFIGS / "synthetic" / "teacher.yaml").model
+    teacher_head = CenterHead(teacher_model.head, in_channels=192)
     student_config = model_config(CONFIGS / "synthetic" / "student_bevdepth4d.yaml")
     student_head = CenterHead(student_config.head, in_channels=student_config.bev_neck_channels)
     teacher_shapes = {k: v.shape for k, v in teacher_head.state_dict().items() if k.startswith("task_heads.")}

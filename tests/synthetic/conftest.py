@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 
 TINY_CONFIG = dict(num_scenes=2, samples_per_scene=3, val_scenes=1, seed=3)
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from distillbev.pipeline.data.synthetic.generate import MANIFEST_NAME, SyntheticConfig, generate_dataset
 from distillbev.pipeline.errors import DataError
+from distillbev.pipeline.synthetic.generate import MANIFEST_NAME, SyntheticConfig, generate_dataset
 from distillbev.stages.make_synthetic import command
 
 
@@ -64,8 +64,7 @@ def test_overwrite_clears_only_generated_paths(tmp_path):
 
 
 def test_interrupted_run_is_detectable_and_can_be_regenerated(tmp_path, monkeypatch):
-    from distillbev.pipeline.data.synthetic import generate
-    from distillbev.pipeline.data.synthetic.generate import is_complete_dataroot
+    from distillbev.pipeline.synthetic import generate
 
     config = SyntheticConfig(num_scenes=2, samples_per_scene=1, val_scenes=1, sweeps_per_key_frame=0,
                              objects_per_scene=12)
@@ -76,9 +75,10 @@ def test_interrupted_run_is_detectable_and_can_be_regenerated(tmp_path, monkeypa
     monkeypatch.setattr(generate, "save_jpeg", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(tmp_path, config, progress=False)
-    assert not is_complete_dataroot(tmp_path)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["complete"] is False
     assert not (tmp_path / "v1.0-synthetic").exists()  # tables are written last
     assert not (tmp_path / "synthetic_summary.json").exists()
     monkeypatch.undo()
     generate_dataset(tmp_path, config, progress=False)  # recognised as ours: no --overwrite needed
-    assert is_complete_dataroot(tmp_path)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["complete"] is True
+    assert (tmp_path / "synthetic_summary.json").is_file()

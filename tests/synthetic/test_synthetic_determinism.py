@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 
 # Smaller than the shared fixture: determinism does not need many frames.
 SMALL = dict(num_scenes=2, samples_per_scene=2, val_scenes=1, sweeps_per_key_frame=2, objects_per_scene=14)

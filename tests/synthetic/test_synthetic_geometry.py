@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from distillbev.pipeline.data.synthetic.lidar import LidarPattern, cast_lidar
-from distillbev.pipeline.data.synthetic.raycast import FACE_BACK, FACE_FRONT, FACE_LEFT, FACE_TOP, box_hits, ground_hits
-from distillbev.pipeline.data.synthetic.tables import make_token, visibility_token
-from distillbev.pipeline.data.synthetic.world import EgoPath, rectangle_corners, rectangles_overlap
+from distillbev.pipeline.synthetic.ego_path import EgoPath, rectangle_corners, rectangles_overlap
+from distillbev.pipeline.synthetic.lidar import LidarPattern, cast_lidar
+from distillbev.pipeline.synthetic.raycast import FACE_BACK, FACE_FRONT, FACE_LEFT, FACE_TOP, box_hits, ground_hits
+from distillbev.pipeline.synthetic.tables import make_token, visibility_token
 
 
 def test_straight_path():

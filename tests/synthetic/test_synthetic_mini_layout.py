@@ -10,9 +10,9 @@ import pytest
 
 from distillbev.pipeline.data.config import DataConfig
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
 from distillbev.pipeline.errors import ConfigError
 from distillbev.pipeline.eval import detections_to_results
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 
 pytestmark = pytest.mark.slow
 

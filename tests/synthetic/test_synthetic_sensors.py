@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distillbev.pipeline.data.synthetic.catalog import CLASS_SPECS
-from distillbev.pipeline.data.synthetic.generate import plan_scene
-from distillbev.pipeline.data.synthetic.tables import make_token
-from distillbev.pipeline.data.synthetic.world import rectangle_corners, rectangles_overlap
+from distillbev.pipeline.synthetic.catalog import CLASS_SPECS
+from distillbev.pipeline.synthetic.ego_path import rectangle_corners, rectangles_overlap
+from distillbev.pipeline.synthetic.generate import plan_scene
+from distillbev.pipeline.synthetic.tables import make_token
 
 
 def _class_of(category: str) -> str:
@@ -66,7 +66,7 @@ def test_num_lidar_pts_matches_devkit_points_in_box(nusc):
 def test_annotated_boxes_do_not_overlap_each_other_or_the_ego(nusc):
     from pyquaternion import Quaternion
 
-    from distillbev.pipeline.data.synthetic.rig import EGO_FOOTPRINT
+    from distillbev.pipeline.synthetic.rig import EGO_FOOTPRINT
 
     for sample in nusc.sample:
         anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]

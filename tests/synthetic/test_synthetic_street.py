@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from distillbev.pipeline.data.classes import DETECTION_CLASSES, category_to_class
-from distillbev.pipeline.data.synthetic.frames import camera_times
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
-from distillbev.pipeline.data.synthetic.layout import build_street_scene
-from distillbev.pipeline.data.synthetic.shapes import class_parts, parts_in_world
 from distillbev.pipeline.geometry.transforms import box_corners, make_transform, points_in_boxes
+from distillbev.pipeline.synthetic.frames import camera_times
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
+from distillbev.pipeline.synthetic.layout import build_street_scene
+from distillbev.pipeline.synthetic.shapes import class_parts, parts_in_world
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +176,7 @@ def test_dataset_stats_counts_rows_and_returns_per_key_frame(roots):
 
 
 def test_world_one_keeps_its_single_time():
-    from distillbev.pipeline.data.synthetic.world import Scene
+    from distillbev.pipeline.synthetic.world import Scene
 
     scene = Scene(0, 0, (0,), 0, None, ())
     assert camera_times(scene, 1234) == [1234] * 6
@@ -266,7 +266,7 @@ def test_no_appearance_cue_names_the_class(roots):
 
 
 def test_the_ego_brakes_stops_and_drives_off_along_its_profile():
-    from distillbev.pipeline.data.synthetic.world import EgoPath
+    from distillbev.pipeline.synthetic.ego_path import EgoPath
 
     path = EgoPath((0.0, 0.0), 0.0, 4.0, 0.0, profile=((1.0, 4.0), (3.0, 0.0), (4.0, 0.0), (6.0, 4.0)))
     # 4 m/s until t = 1, braking to 0 at t = 3 (4 m more), standing until t = 4, back at 4 m/s at t = 6 (4 m more)
@@ -278,7 +278,7 @@ def test_the_ego_brakes_stops_and_drives_off_along_its_profile():
 
 
 def test_a_turning_object_follows_its_circle():
-    from distillbev.pipeline.data.synthetic.world import SceneObject
+    from distillbev.pipeline.synthetic.world import SceneObject
 
     obj = SceneObject("car", (1.9, 4.6, 1.7), (1.0, 2.0), 0.0, (5.0, 0.0), "vehicle.moving", yaw_rate=0.5)
     t = np.array([0.0, 1.0, np.pi])

@@ -10,18 +10,18 @@ import numpy as np
 from PIL import Image
 
 from distillbev.pipeline.data.classes import ATTRIBUTES, DETECTION_CLASSES
-from distillbev.pipeline.data.synthetic.catalog import CLASS_SPECS
-from distillbev.pipeline.data.synthetic.generate import MANIFEST_NAME, SUMMARY_NAME, is_complete_dataroot
-from distillbev.pipeline.data.synthetic.rig import CAMERA_CHANNELS, RIG
-from distillbev.pipeline.data.synthetic.tables import TABLE_NAMES
+from distillbev.pipeline.synthetic.catalog import CLASS_SPECS
+from distillbev.pipeline.synthetic.generate import GENERATOR_ID, MANIFEST_NAME, SUMMARY_NAME
+from distillbev.pipeline.synthetic.rig import CAMERA_CHANNELS, RIG
+from distillbev.pipeline.synthetic.tables import TABLE_NAMES
 
 
 def test_all_tables_and_manifest_written(synthetic_dataroot, synthetic_config):
     root, summary = synthetic_dataroot
     table_dir = root / synthetic_config.version
     assert sorted(p.stem for p in table_dir.glob("*.json") if p.stem != "splits") == sorted(TABLE_NAMES)
-    assert is_complete_dataroot(root)
     manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert manifest["generator"] == GENERATOR_ID and manifest["complete"] is True
     assert manifest["summary"]["samples"] == summary["samples"] == 6
     assert json.loads((root / SUMMARY_NAME).read_text())["annotations"] == summary["annotations"] > 0
     assert summary["sweeps"] == 6 * 9

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from distillbev.pipeline.data.loading import lidar_returns
-from distillbev.pipeline.data.synthetic.frames import (SensorSettings, ego_height, ego_pose, global_from_ego,
-                                                       simulate_lidar)
-from distillbev.pipeline.data.synthetic.lidar import LidarPattern
-from distillbev.pipeline.data.synthetic.rig import LIDAR_CHANNEL, rig_variant
-from distillbev.pipeline.data.synthetic.terrain import KERB_FACE, TRACK, WHEELBASE, Terrain
-from distillbev.pipeline.data.synthetic.world import EgoPath, Scene, SceneObject
 from distillbev.pipeline.geometry.transforms import quaternion_to_matrix, transform_points
+from distillbev.pipeline.synthetic.ego_path import EgoPath
+from distillbev.pipeline.synthetic.frames import SensorSettings, ego_height, ego_pose, global_from_ego, simulate_lidar
+from distillbev.pipeline.synthetic.lidar import LidarPattern
+from distillbev.pipeline.synthetic.rig import LIDAR_CHANNEL, rig_variant
+from distillbev.pipeline.synthetic.terrain import KERB_FACE, TRACK, WHEELBASE, Terrain
+from distillbev.pipeline.synthetic.world import Scene, SceneObject
 
 ROAD = (-4.35, 7.85)  # the kerbs' lateral offsets in world 2 (layout.ROAD_EDGES)
 STRAIGHT = EgoPath((0.0, 0.0), 0.0, 5.0, 0.0)  # along +x from the origin: lateral offset = y
@@ -146,7 +146,7 @@ def test_sloped_dataroot_boxes_and_points_agree_after_the_devkit_transforms(tmp_
     from nuscenes.utils.data_classes import LidarPointCloud
     from nuscenes.utils.geometry_utils import points_in_box
     from distillbev.pipeline.data.stats import _pitch_roll
-    from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset
+    from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset
 
     config = SyntheticConfig(num_scenes=2, samples_per_scene=2, val_scenes=1, seed=7, sweeps_per_key_frame=1,
                                     instance_masks=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distillbev.pipeline.data.synthetic.generate import SyntheticConfig, generate_dataset, resolve_workers
+from distillbev.pipeline.synthetic.generate import SyntheticConfig, generate_dataset, resolve_workers
 
 # The manifest and the summary record the run time; every other file must be identical.
 RUN_RECORDS = {"synthetic_manifest.json", "synthetic_summary.json"}

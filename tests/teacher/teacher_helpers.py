@@ -41,7 +41,7 @@ def synthetic_teacher_data(root, num_scenes: int):
     """A synthetic dataroot at `root` (num_scenes of 2 key frames, 1 val scene, 1 sweep per key frame) and the
     LiDAR-only `DataConfig` the micro teacher trains on (+-12.8 m, 1 sweep)."""
     from distillbev.pipeline.data.config import DataConfig
-    from distillbev.pipeline.data.synthetic import generate
+    from distillbev.pipeline.synthetic import generate
 
     generate.generate_dataset(root, generate.SyntheticConfig(num_scenes=num_scenes, samples_per_scene=2, val_scenes=1,
                                                              sweeps_per_key_frame=1), progress=False)

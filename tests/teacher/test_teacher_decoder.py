@@ -15,11 +15,12 @@ from distillbev.pipeline.config import to_dict
 from distillbev.pipeline.distill.inherit import inherit_teacher_head
 from distillbev.pipeline.errors import ConfigError
 from distillbev.pipeline.geometry.bev import BEVGrid
+from distillbev.pipeline.geometry.bev import BEVRange
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
-from distillbev.pipeline.student.bevformer.config import (BEVFormerConfig, BEVFormerEncoderConfig,
-                                                          BEVFormerHeadConfig)
+from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
+from distillbev.pipeline.student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
 from distillbev.pipeline.student.bevformer.model import BEVFormerStudent
-from distillbev.pipeline.student.config import BEVRange, ImageBackboneConfig, StudentModelConfig
+from distillbev.pipeline.student.config import ImageBackboneConfig, StudentModelConfig
 from distillbev.pipeline.teacher.checkpoint import load_teacher_checkpoint, save_teacher_checkpoint
 from distillbev.pipeline.teacher.config import TeacherDecoderConfig, TeacherTrainConfig
 from distillbev.pipeline.teacher.decoder import BEVEmbedding
@@ -161,7 +162,7 @@ def test_each_decoder_teacher_config_pairs_with_its_bevformer_student(world, tea
     from distillbev.pipeline.config import load_config
     from distillbev.pipeline.distill.config import StudentExperimentConfig
     from distillbev.pipeline.teacher.config import TeacherExperimentConfig
-    from distillbev.pipeline.teacher.decoder import decoder_transformer_config
+    from distillbev.pipeline.teacher.decoder import decoder_head_spec
 
     configs = REPO / "configs" / world
     teacher = load_config(TeacherExperimentConfig, configs / f"{teacher_name}.yaml").model
@@ -169,7 +170,7 @@ def test_each_decoder_teacher_config_pairs_with_its_bevformer_student(world, tea
     transformer = student.model.bevformer
     assert teacher.decoder.embed_dims == transformer.embed_dims
     assert teacher.decoder.head == transformer.head
-    decoded = decoder_transformer_config(teacher).bev
+    decoded = decoder_head_spec(teacher).bev
     for name in ("x_min", "x_max", "y_min", "y_max", "z_min", "z_max"):
         assert getattr(decoded, name) == getattr(transformer.bev, name), name
     assert student.inherit_teacher_head

@@ -12,23 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...heads.detr.decoder import FeedForward
+from ...heads.detr.deformable import SpatialShapes
 from ..view_transformer import CameraGeometry
 from .config import BEVFormerConfig
-from .deformable import SpatialShapes
 from .spatial_cross_attention import CameraReferencePoints, SpatialCrossAttention, pillar_points, project_pillars
 from .temporal_self_attention import TemporalSelfAttention, align_previous_queries, bev_reference_points
-
-
-class FeedForward(nn.Module):
-    """x + Linear -> ReLU -> Dropout -> Linear -> Dropout (mmcv's FFN with its identity connection): (..., C)."""
-
-    def __init__(self, embed_dims: int, hidden_channels: int, dropout: float):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(embed_dims, hidden_channels), nn.ReLU(inplace=True),
-                                    nn.Dropout(dropout), nn.Linear(hidden_channels, embed_dims), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.layers(x)
 
 
 class BEVFormerEncoderLayer(nn.Module):
@@ -39,7 +28,8 @@ class BEVFormerEncoderLayer(nn.Module):
         encoder, channels = config.encoder, config.embed_dims
         self.temporal_attention = TemporalSelfAttention(channels, encoder.num_heads, encoder.temporal_points)
         self.spatial_attention = SpatialCrossAttention(channels, encoder.num_heads, encoder.num_levels,
-                                                       encoder.spatial_points)
+                                                       encoder.spatial_points, encoder.spatial_query_chunk,
+                                                       encoder.spatial_recompute)
         self.feed_forward = FeedForward(channels, encoder.feedforward_channels, encoder.dropout)
         self.norms = nn.ModuleList([nn.LayerNorm(channels) for _ in range(3)])
         self.dropout = nn.Dropout(encoder.dropout)

@@ -24,13 +24,13 @@ from torch import nn
 
 from ...data.types import Batch
 from ...errors import DataError
+from ...heads.detr.head import BEVFormerHead
 from ..config import StudentModelConfig
 from ..image_neck import FeaturePyramid
 from ..model import StudentOutputs, check_images
 from ..resnet import ResNet, load_torchvision_checkpoint
 from ..view_transformer import CameraGeometry
 from .encoder import BEVFormerEncoder
-from .head import BEVFormerHead
 
 PRE_HEAD = "neck"  # the name of the BEV feature in StudentOutputs.features
 
@@ -55,7 +55,7 @@ class BEVFormerStudent(nn.Module):
         self.image_neck = FeaturePyramid(self.backbone.pyramid_channels[3 - self.pyramid_inputs:],
                                          transformer.embed_dims, num_extra=levels - self.pyramid_inputs)
         self.encoder = BEVFormerEncoder(transformer, config.num_cameras)
-        self.head = BEVFormerHead(transformer)
+        self.head = BEVFormerHead(transformer.detr_head)
 
     @property
     def feature_channels(self) -> dict[str, int]:

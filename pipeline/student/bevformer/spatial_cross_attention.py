@@ -10,6 +10,15 @@ is at (u + 0.5) / W in grid_sample's [0, 1] (BEVFormer divides u by W, half a pi
 A point hits a camera when its depth is > eps and it falls strictly inside the image; a query attends in a
 camera when any of its anchors hits it, and its result is the mean over the cameras it attends in (queries that
 hit no camera get zero), then one output projection.
+
+Memory: only the queries that hit a camera are sampled in it (each camera's hitting queries are gathered to the
+front, padded to the longest camera's count K), which at 928x1600 with a 200x200 BEV still leaves K ~ 10^4 queries
+per camera; the bilinear samples of one layer, (B*N*heads, dim, K, levels*points) floats, are then several GB, kept
+for the backward pass. `query_chunk` samples at most that many queries per camera at once and `recompute` keeps
+only each chunk's inputs in training, recomputing its samples in the backward pass (benchmarks/bevformer_memory.py
+measures both). Neither changes what a query computes: the output and the gradients on the query side are those of
+the plain path bit for bit on the CPU; the image features' gradient is summed over the chunks in another order
+(equal to float tolerance).
 """
 
 from __future__ import annotations
@@ -19,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import BEVRange
+from ...geometry.bev import BEVRange
+from ...heads.detr.deformable import DeformableAttention, SpatialShapes
 from ..view_transformer import CameraGeometry
-from .deformable import DeformableAttention, SpatialShapes
 
 DEPTH_EPS = 1e-5  # metres; points at or behind the camera plane hit nothing
 
@@ -91,8 +100,16 @@ class SpatialCrossAttention(nn.Module):
     camera-averaged, projected attention output (the caller adds the residual).
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int):
+    def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, query_chunk: int = 0,
+                 recompute: bool = False):
+        """query_chunk: queries sampled per camera at once (0: all); recompute: recompute the samples in the
+        backward pass instead of keeping them (see the module docstring)."""
         super().__init__()
+        if query_chunk < 0:
+            raise ValueError(f"query_chunk is {query_chunk} (encoder.spatial_query_chunk); give a positive number of "
+                             f"queries, or 0 to sample every query at once")
+        self.query_chunk = query_chunk
+        self.recompute = recompute
         self.attention = DeformableAttention(embed_dims, num_heads, num_levels, num_points, output_projection=False)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
         nn.init.xavier_uniform_(self.output_proj.weight)
@@ -118,7 +135,8 @@ class SpatialCrossAttention(nn.Module):
             attended = self.attention(gathered.reshape(batch * cameras, longest, channels),
                                       value.reshape(batch * cameras, length, channels),
                                       locations.reshape(batch * cameras, longest, num_anchors, 2),
-                                      spatial_shapes)  # (B*N, K, C)
+                                      spatial_shapes, query_chunk=self.query_chunk,
+                                      recompute=self.recompute)  # (B*N, K, C)
             attended = attended.view(batch, cameras, longest, channels) * valid[..., None]
             target = order + torch.arange(batch, device=query.device).view(batch, 1, 1) * num_queries  # (B, N, K)
             slots = slots.index_add(0, target.reshape(-1), attended.reshape(-1, channels))

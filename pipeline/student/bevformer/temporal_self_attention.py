@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import BEVRange
+from ...geometry.bev import BEVRange
+from ...heads.detr.deformable import deformable_sample, init_sampling_offsets, sampling_locations
 from ..temporal import align_previous_bev
-from .deformable import deformable_sample, init_sampling_offsets, sampling_locations
 
 NUM_FRAMES = 2  # [aligned previous, current]
 

@@ -27,16 +27,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ...errors import ConfigError, DataError
-from ..classes import DETECTION_CLASSES
-from ..loading import lidar_returns
+from ..data.classes import DETECTION_CLASSES
+from ..data.loading import lidar_returns
+from ..data.masks import MASK_FOLDER, TRUTH_FOLDER
+from ..errors import ConfigError, DataError
 from .camera import save_jpeg
 from .frames import CameraRig, LidarFrame, SensorSettings, camera_times, ego_height, ego_pose, simulate_lidar
+from .layout import NUM_CARS, OTHER_KINDS, build_street_scene
 from .lidar import LidarPattern
-from .masks import MASK_FOLDER, TRUTH_FOLDER, MaskErrorModel, write_key_frame_masks
+from .masks import MaskErrorModel, write_key_frame_masks
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL
 from .tables import DatasetTables
-from .layout import NUM_CARS, OTHER_KINDS, build_street_scene
 from .world import Scene, build_scene
 
 logger = logging.getLogger(__name__)
@@ -399,14 +400,3 @@ def generate_dataset(out_dir: Path | str, config: SyntheticConfig, progress: boo
                 summary["scenes"], summary["samples"], summary["annotations"], summary["seconds"], summary["bytes"])
     return summary
 
-
-def is_complete_dataroot(out_dir: Path | str) -> bool:
-    """True when `out_dir` holds a synthetic dataroot whose generation finished."""
-    manifest_path = Path(out_dir) / MANIFEST_NAME
-    if not manifest_path.is_file() or not (Path(out_dir) / SUMMARY_NAME).is_file():
-        return False
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return manifest.get("generator") == GENERATOR_ID and manifest.get("complete") is True

@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...geometry.transforms import box_corners, invert_transform, transform_points
+from ..geometry.transforms import box_corners, invert_transform, transform_points
+from .ego_path import EgoPath
+from .layout import LANE, SIDEWALK_WIDTH
 from .lidar import face_normals, solid_boxes
 from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, FACE_TOP, ground_hits, nearest_hits
 from .rig import IMAGE_HEIGHT, IMAGE_WIDTH
-from .world import EgoPath, Scene
+from .terrain import KERB_FACE
+from .world import Scene
 
 RENDER_SCALE = 4  # rays are cast at 400x225 and upsampled
 JPEG_QUALITY = 90
@@ -165,16 +168,12 @@ def street_coordinates(path: EgoPath, xy: np.ndarray) -> tuple[np.ndarray, np.nd
 def _street_background(origin: np.ndarray, dirs_global: np.ndarray, visibility_range: float,
                        style: GroundStyle) -> tuple[np.ndarray, np.ndarray]:
     """World v2 ground and sky: textured asphalt with lane markings, sidewalks, sun shading and haze."""
-    from .layout import LANE, SIDEWALK_WIDTH
-
     flat = dirs_global.reshape(-1, 3)
     if style.terrain is None:
         ranges = ground_hits(origin, flat)
         kerb_face = np.zeros(len(flat), dtype=bool)
         normals = None
     else:  # the ground at its height out to TERRAIN_HORIZON; a ray that meets none by then sees the sky
-        from .terrain import KERB_FACE
-
         ranges, kind, normals = style.terrain.ray_hits(origin, flat, TERRAIN_HORIZON)
         kerb_face = kind == KERB_FACE
     colour = np.empty((len(flat), 3))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import colorsys
 from dataclasses import dataclass
 
-from ..classes import DETECTION_CLASSES
+from ..data.classes import DETECTION_CLASSES
 
 
 @dataclass(frozen=True)

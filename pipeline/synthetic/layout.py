@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .ego_path import EgoPath, rectangle_corners, rectangles_overlap
 from .materials import paint_colour
 from .shapes import class_parts
 from .terrain import Terrain
-from .world import (KEY_FRAME_INTERVAL_US, OBJECT_CLEARANCE, EgoPath, Scene, SceneObject, _ego_corners,
-                    rectangle_corners, rectangles_overlap)
+from .world import KEY_FRAME_INTERVAL_US, OBJECT_CLEARANCE, Scene, SceneObject, _ego_corners
 
 LANE = 3.5  # [m]
 NUM_CARS = 2  # scenes alternate between two recording cars, each with its own calibration (rig.rig_variant)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...geometry.transforms import yaw_to_quaternion
-from ..classes import ATTRIBUTES
+from ..data.classes import ATTRIBUTES
+from ..geometry.transforms import yaw_to_quaternion
 from .catalog import CLASS_SPECS
 from .rig import IMAGE_HEIGHT, IMAGE_WIDTH, RIG, rig_variant
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import BEVFormerConfig
+from .config import DETRHeadSpec
 from .deformable import DeformableAttention
-from .encoder import FeedForward
 
 SIGMOID_EPS = 1e-5
 
@@ -32,10 +31,22 @@ def refine_reference_points(box_codes: torch.Tensor, reference_points: torch.Ten
     return (offsets + inverse_sigmoid(reference_points)).sigmoid()
 
 
+class FeedForward(nn.Module):
+    """x + Linear -> ReLU -> Dropout -> Linear -> Dropout (mmcv's FFN with its identity connection): (..., C)."""
+
+    def __init__(self, embed_dims: int, hidden_channels: int, dropout: float):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(embed_dims, hidden_channels), nn.ReLU(inplace=True),
+                                    nn.Dropout(dropout), nn.Linear(hidden_channels, embed_dims), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
 class DecoderLayer(nn.Module):
     """Self-attention -> norm -> BEV deformable cross-attention -> norm -> FFN -> norm (post-norm, residuals)."""
 
-    def __init__(self, config: BEVFormerConfig):
+    def __init__(self, config: DETRHeadSpec):
         super().__init__()
         head, channels = config.head, config.embed_dims
         self.self_attention = nn.MultiheadAttention(channels, head.num_heads, dropout=head.dropout, batch_first=True)
@@ -58,7 +69,7 @@ class DecoderLayer(nn.Module):
 class DetectionDecoder(nn.Module):
     """The decoder layers; the head passes its per-layer box branches for the reference-point refinement."""
 
-    def __init__(self, config: BEVFormerConfig):
+    def __init__(self, config: DETRHeadSpec):
         super().__init__()
         self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.head.num_layers)])
 

@@ -30,12 +30,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..classes import DETECTION_CLASSES
+from ..data.classes import DETECTION_CLASSES
+from ..data.masks import TRUTH_FOLDER, mask_paths
 from .camera import RENDER_SCALE
 from .rig import IMAGE_HEIGHT, IMAGE_WIDTH
 
-MASK_FOLDER = "masks"
-TRUTH_FOLDER = "masks_truth"
 MAX_INSTANCES = 255  # ids of an 8-bit PNG
 MATCH_IOU = 0.5  # a mask matches a true instance at this IoU or more
 DISTANCE_BANDS = ((0.0, 15.0), (15.0, 30.0), (30.0, 45.0), (45.0, float("inf")))
@@ -304,14 +303,6 @@ def mask_rng(seed: int, scene_index: int, offset_us: int, camera_index: int) -> 
     return np.random.default_rng([seed, scene_index, offset_us + 10_000_000, _MASK_STREAM, camera_index])
 
 
-def mask_paths(dataroot: Path, image_filename: str) -> tuple[Path, Path]:
-    """(PNG, JSON) mask files of a camera image `samples|sweeps/CAM_X/<stem>.jpg` (relative to the dataroot)."""
-    parts = Path(image_filename)
-    stem = parts.name.rsplit(".", 1)[0]
-    folder = Path(dataroot) / MASK_FOLDER / parts.parent.name
-    return folder / f"{stem}.png", folder / f"{stem}.json"
-
-
 def write_mask_image(dataroot: Path, image_filename: str, result: MaskImage) -> None:
     """Write the PNG and JSON of one image and its truth record."""
     png, meta = mask_paths(dataroot, image_filename)
@@ -335,11 +326,6 @@ def band_name(distance: float | None) -> str:
         if low <= distance < high:
             return f"{low:g}-{high:g} m" if np.isfinite(high) else f">= {low:g} m"
     return "background"
-
-
-def read_truth_records(dataroot: Path) -> list[dict]:
-    """Every image's truth record under `masks_truth/` of a dataroot, in file order."""
-    return [json.loads(p.read_text()) for p in sorted((Path(dataroot) / TRUTH_FOLDER).glob("CAM_*/*.json"))]
 
 
 def mask_rates(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:

@@ -5,6 +5,13 @@ point(s) and sums the bilinear samples with softmax weights (softmax over levels
 normalised per level to [0, 1] with 0 and 1 on the outer edges of the map's first and last cells (grid_sample's
 align_corners=False), so one location addresses the same place on every level whatever its resolution. Samples
 outside the map read zeros.
+
+The bilinear samples are the memory: (B*heads, dim, Q, levels*points) floats, kept for the backward pass. With many
+queries (BEVFormer's spatial cross-attention: about 10^4 queries per camera, 6 cameras, 4 levels x 8 points at 256
+channels, several GB per layer) `chunked_sample_levels` samples the queries in chunks and can recompute each chunk's
+samples in the backward pass instead of keeping them. The projections still run on all queries at once, so every
+query's forward value and the gradients reaching the query are those of the plain path bit for bit on the CPU; only
+the value's gradient (and through it the value projection's) is summed over the chunks in another order.
 """
 
 from __future__ import annotations
@@ -14,8 +21,48 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SpatialShapes = list[tuple[int, int]]  # (Hl, Wl) of every value level, in the order the value is concatenated
+
+
+def level_maps(value: torch.Tensor, spatial_shapes: SpatialShapes) -> list[torch.Tensor]:
+    """value (B, sum_l Hl*Wl, heads, dim), the levels flattened row-major and concatenated -> one
+    (B*heads, dim, Hl, Wl) map per level, the layout grid_sample reads (a copy of the value)."""
+    batch, length, num_heads, head_dims = value.shape
+    expected = sum(height * width for height, width in spatial_shapes)
+    if length != expected:
+        raise ValueError(f"value has {length} entries, the spatial shapes {spatial_shapes} need {expected}")
+    per_level = value.split([height * width for height, width in spatial_shapes], dim=1)
+    maps = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        level_value = per_level[level].flatten(2).transpose(1, 2)  # (B, heads*dim, Hl*Wl)
+        maps.append(level_value.reshape(batch * num_heads, head_dims, height, width))  # (B*heads, dim, Hl, Wl)
+    return maps
+
+
+def sample_levels(maps: list[torch.Tensor], sampling_locations: torch.Tensor,
+                  attention_weights: torch.Tensor) -> torch.Tensor:
+    """The attention on `level_maps`' maps (B*heads, dim, Hl, Wl).
+
+    sampling_locations (B, Q, heads, levels, points, 2) as (x, y) in [0, 1] of each level;
+    attention_weights (B, Q, heads, levels, points), already normalised. Returns (B, Q, heads*dim).
+    """
+    batch, num_queries, num_heads, num_levels, num_points, _ = sampling_locations.shape
+    if len(maps) != num_levels:
+        raise ValueError(f"{len(maps)} spatial shapes for {num_levels} sampling levels")
+    head_dims = maps[0].shape[1]
+    grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1]
+    samples = []
+    for level, level_value in enumerate(maps):
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*heads, Q, points, 2)
+        samples.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # (B*heads, dim, Q, points)
+    stacked = torch.stack(samples, dim=-2).flatten(-2)  # (B*heads, dim, Q, levels*points)
+    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries,
+                                                        num_levels * num_points)  # (B*heads, 1, Q, levels*points)
+    output = (stacked * weights).sum(-1)  # (B*heads, dim, Q)
+    return output.view(batch, num_heads * head_dims, num_queries).transpose(1, 2).contiguous()  # (B, Q, heads*dim)
 
 
 def deformable_sample(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,
@@ -27,24 +74,34 @@ def deformable_sample(value: torch.Tensor, spatial_shapes: SpatialShapes, sampli
     attention_weights (B, Q, heads, levels, points), already normalised.
     Returns (B, Q, heads*dim).
     """
-    batch, _, num_heads, head_dims = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_levels = sampling_locations.shape[3]
     if len(spatial_shapes) != num_levels:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} sampling levels")
-    per_level = value.split([height * width for height, width in spatial_shapes], dim=1)
-    grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1]
-    samples = []
-    for level, (height, width) in enumerate(spatial_shapes):
-        level_value = per_level[level].flatten(2).transpose(1, 2)  # (B, heads*dim, Hl*Wl)
-        level_value = level_value.reshape(batch * num_heads, head_dims, height, width)  # (B*heads, dim, Hl, Wl)
-        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*heads, Q, points, 2)
-        samples.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (B*heads, dim, Q, points)
-    stacked = torch.stack(samples, dim=-2).flatten(-2)  # (B*heads, dim, Q, levels*points)
-    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries,
-                                                        num_levels * num_points)  # (B*heads, 1, Q, levels*points)
-    output = (stacked * weights).sum(-1)  # (B*heads, dim, Q)
-    return output.view(batch, num_heads * head_dims, num_queries).transpose(1, 2).contiguous()  # (B, Q, heads*dim)
+    return sample_levels(level_maps(value, spatial_shapes), sampling_locations, attention_weights)
+
+
+def chunked_sample_levels(maps: list[torch.Tensor], sampling_locations: torch.Tensor,
+                          attention_weights: torch.Tensor, query_chunk: int = 0,
+                          recompute: bool = False) -> torch.Tensor:
+    """`sample_levels` over at most `query_chunk` queries at a time (0: all at once), same shapes. With `recompute`
+    (and gradients being recorded) each chunk keeps only its inputs and recomputes its samples in the backward
+    pass, so a chunk's samples are the only ones alive at any time."""
+    if query_chunk < 0:
+        raise ValueError(f"query_chunk is {query_chunk}; give a positive number of queries, or 0 for all at once")
+    num_queries = sampling_locations.shape[1]
+    chunk = query_chunk if query_chunk > 0 else max(num_queries, 1)
+    recompute = recompute and torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, num_queries, chunk) or [0]:
+        locations = sampling_locations[:, start:start + chunk]
+        weights = attention_weights[:, start:start + chunk]
+        if recompute:
+            # Nothing random inside, so the RNG state need not be replayed.
+            pieces.append(checkpoint(sample_levels, maps, locations, weights, use_reentrant=False,
+                                     preserve_rng_state=False))
+        else:
+            pieces.append(sample_levels(maps, locations, weights))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # (B, Q, heads*dim)
 
 
 def sampling_locations(reference_points: torch.Tensor, offsets: torch.Tensor,
@@ -112,7 +169,9 @@ class DeformableAttention(nn.Module):
                 nn.init.zeros_(linear.bias)
 
     def forward(self, query: torch.Tensor, value: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: SpatialShapes) -> torch.Tensor:
+                spatial_shapes: SpatialShapes, query_chunk: int = 0, recompute: bool = False) -> torch.Tensor:
+        """query_chunk and recompute bound the sampling's memory (`chunked_sample_levels`); the defaults sample
+        every query at once and keep the samples for the backward pass."""
         batch, num_queries, _ = query.shape
         expected = sum(height * width for height, width in spatial_shapes)
         if value.shape[1] != expected:
@@ -125,5 +184,6 @@ class DeformableAttention(nn.Module):
         weights = weights.view(batch, num_queries, self.num_heads, self.num_levels,
                                self.num_points)  # (B, Q, heads, levels, points)
         locations = sampling_locations(reference_points, offsets, spatial_shapes)
-        output = deformable_sample(value, spatial_shapes, locations, weights)  # (B, Q, C)
+        output = chunked_sample_levels(level_maps(value, spatial_shapes), locations, weights, query_chunk,
+                                       recompute)  # (B, Q, C)
         return output if self.output_proj is None else self.output_proj(output)

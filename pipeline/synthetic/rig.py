@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry.transforms import make_transform
+from ..geometry.transforms import make_transform
 
 IMAGE_WIDTH = 1600
 IMAGE_HEIGHT = 900

@@ -27,11 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.location import StoreLocation, store_exists
+from ..cache.reader import TeacherCache
 from ..config import load_config
+from ..data.dataset import NuScenesDetectionDataset
+from ..data.loading import load_nuscenes
 from ..distill.config import StudentExperimentConfig
 from ..distill.progress import (HISTORY_FILE, AttentionSnapshot, attention_similarity, load_snapshot, read_history,
                                 snapshot_paths)
 from ..errors import CacheError, ConfigError, DistillBEVError
+from ..losses.attention import spatial_attention
 from .qualitative import RUN_COLOURS, plot_qualitative
 
 log = logging.getLogger(__name__)
@@ -159,9 +163,6 @@ def teacher_maps_from_cache(path: StoreLocation, snapshot: AttentionSnapshot,
                             run: StudentRun) -> tuple[np.ndarray, str]:
     """(S, Yt, Xt) teacher attention of the snapshot's samples at view 0 of the cache at `path`; CacheError naming
     what does not fit (grid, layer, sample, view 0 not the identity)."""
-    from ..cache.reader import TeacherCache
-    from ..losses.attention import spatial_attention
-
     cache = TeacherCache.open(path)
     bev = run.config.model.bev
     grid = cache.manifest["bev_grid"]
@@ -276,9 +277,6 @@ def draw_figures(run_dirs: list[Path], out: Path, cache: StoreLocation | Path | 
     dataroot overrides the runs' data.dataroot (for the qualitative figure). The runs must share their val set
     (dataroot, version, val split): the qualitative figure draws them on the same samples.
     """
-    from ..data.dataset import NuScenesDetectionDataset
-    from ..data.loading import load_nuscenes
-
     if not run_dirs:
         raise ConfigError("figures: pass at least one student run directory")
     runs = [load_run(Path(p)) for p in run_dirs]

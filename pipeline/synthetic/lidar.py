@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry.transforms import box_corners, invert_transform, transform_points
+from ..geometry.transforms import box_corners, invert_transform, transform_points
 from .catalog import GROUND_INTENSITY
 from .raycast import FACE_BACK, FACE_BOTTOM, FACE_FRONT, FACE_LEFT, FACE_RIGHT, ground_hits, nearest_hits
 

@@ -23,10 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from ..cache.location import StoreLocation
+from ..cache.reader import TeacherCache
+from ..data.config import DataConfig
+from ..data.dataset import NuScenesDetectionDataset
 from ..errors import CacheError, DistillBEVError
 from ..geometry.bev import BEVAugmentation, BEVGrid
-from .location import StoreLocation
-from .reader import TeacherCache
+from ..geometry.transforms import box_corners
+from ..heads.targets import gt_heatmap_max
+from ..losses.config import DistillConfig
+from ..losses.regions import build_region_masks
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +76,6 @@ def load_ground_truth(manifest: dict[str, Any], token: str, bev_aug: BEVAugmenta
 
     Raises DistillBEVError (or KeyError for a token outside the split) when the data cannot be read.
     """
-    from ..data.config import DataConfig
-    from ..data.dataset import NuScenesDetectionDataset
-
     dataset_info = manifest["dataset"]
     config = DataConfig(dataroot=str(dataroot or dataset_info["dataroot"]), version=dataset_info["version"],
                         num_sweeps=0, sweep_candidates=0, load_images=False)
@@ -84,10 +87,6 @@ def load_ground_truth(manifest: dict[str, Any], token: str, bev_aug: BEVAugmenta
 def region_labels(ground_truth: GroundTruth, heatmap: np.ndarray, grid: BEVGrid) -> np.ndarray:
     """(Yh, Xh) int: 0 background, 1 foreground, 2 false positive, on the head grid of `heatmap` (10, Yh, Xh)."""
     import torch
-
-    from ..heads.targets import gt_heatmap_max
-    from ..losses.config import DistillConfig
-    from ..losses.regions import build_region_masks
 
     defaults = DistillConfig()
     head_grid = grid.with_shape(*heatmap.shape[-2:])
@@ -106,7 +105,6 @@ def _draw_boxes(ax: Any, boxes: np.ndarray, colour: str) -> None:
     """Rotated BEV rectangles with a tick from the centre to the front edge (the heading)."""
     from matplotlib.patches import Polygon
 
-    from ..geometry.transforms import box_corners
 
     for box, corners in zip(boxes, box_corners(boxes) if len(boxes) else []):
         ax.add_patch(Polygon(corners[:4, :2], closed=True, fill=False, edgecolor=colour, linewidth=1.2))

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry.transforms import make_transform, points_in_boxes, transform_points, yaw_to_quaternion
+from ..geometry.transforms import make_transform, points_in_boxes, transform_points, yaw_to_quaternion
 from .camera import GroundStyle, pixel_rays, render_camera
 from .catalog import CLASS_SPECS
 from .lidar import LidarPattern, cast_lidar, cast_lidar_materials, solid_boxes
 from .materials import MATERIALS, part_colour
-from .shapes import parts_in_world
 from .rig import CAMERA_CHANNELS, LIDAR_CHANNEL, _quaternion_product, rig_variant
+from .shapes import parts_in_world
 from .world import Scene
 
 # Key-frame points closer than this to a box surface are dropped: consumers count points in float32 after

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..distill.progress import snapshot_indices
 from ..geometry.transforms import box_corners, invert_transform, make_transform, project_to_image, quaternion_to_matrix
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,6 @@ def plot_qualitative(runs: list, out: Path, dataset, nusc, samples: int, score_t
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from ..distill.progress import snapshot_indices
 
     notes: list[str] = []
     results = {}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import EgoPath
+from .ego_path import EgoPath, rectangle_corners
 
 WHEELBASE = 2.588  # [m] the ego (a Renault Zoe): front axle ahead of the rear axle, which is the ego origin
 TRACK = 1.51  # [m] between the left and the right wheels
@@ -122,8 +122,6 @@ class Terrain:
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         out = self.height(xy[:, 0], xy[:, 1])
         if np.any(lowest):
-            from .world import rectangle_corners  # rectangle geometry lives with the world
-
             k = np.nonzero(lowest)[0]
             corners = rectangle_corners(xy[k], np.asarray(length)[k], np.asarray(width)[k], np.asarray(yaw)[k])
             out[k] = np.minimum(out[k], self.height(corners[..., 0], corners[..., 1]).min(axis=-1))

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data.types import Detections
-from ...heads.decode import undo_bev_augmentation
+from ..decode import undo_bev_augmentation
 from .box_coder import CODE_SIZE, decode_boxes, encode_boxes
-from .config import BEVFormerConfig
+from .config import DETRHeadSpec
 from .decoder import DetectionDecoder, inverse_sigmoid
 from .matching import assign_queries
 
@@ -71,7 +71,7 @@ def branch(embed_dims: int, out_channels: int, hidden_layers: int, layer_norm: b
 class BEVFormerHead(nn.Module):
     """BEV feature (B, C, Y, X) -> BEVFormerHeadOutputs; `loss` and `decode` take those outputs."""
 
-    def __init__(self, config: BEVFormerConfig):
+    def __init__(self, config: DETRHeadSpec):
         super().__init__()
         self.config = config
         head, channels = config.head, config.embed_dims
