@@ -7,6 +7,7 @@ per epoch each (effective batch 2) and one process takes 4.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_two_ranks_train_evaluate_and_resume_on_one(experiment, tmp_path):
     # the gathered evaluation equals one process evaluating the same checkpoint
     model = CenterPointTeacher(config.model)
     load_teacher_checkpoint(model, run / "latest.pth")
-    data = config.data.__class__(**{**config.data.__dict__, "dataroot": str(root)})
+    data = dataclasses.replace(config.data, dataroot=str(root))
     val_set = NuScenesDetectionDataset(data, data.val_split, "test")
     evaluate_teacher(model, val_set, collate_samples, torch.device("cpu"), tmp_path / "single", 1)
     gathered = json.loads((run / "eval" / "results.json").read_text())["results"]
