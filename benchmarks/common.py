@@ -138,12 +138,13 @@ class FullShapeDataset:
 
 
 def write_random_cache(path, layers: list[LayerSpec], grid: BEVGrid, heatmap_shape: tuple[int, int],
-                       sample_tokens: list[str], views: int, seed: int = 0) -> None:
-    """A complete fp16 teacher cache of ReLU'd random maps at the given layer shapes (every sample-view written)."""
+                       sample_tokens: list[str], views: int, seed: int = 0, dtype: str = "fp16") -> None:
+    """A complete teacher cache (`dtype` fp16 or int8) of ReLU'd random maps at the given layer shapes (every
+    sample-view written)."""
     generator = torch.Generator().manual_seed(seed)
     view_config = ViewConfig(count=views, seed=seed)
     manifest = build_manifest(teacher_config={}, checkpoint_path="random", checkpoint_sha256="", grid=grid,
-                              layers=layers, heatmap_shape=heatmap_shape, occupancy_shape=grid.shape, dtype="fp16",
+                              layers=layers, heatmap_shape=heatmap_shape, occupancy_shape=grid.shape, dtype=dtype,
                               views=view_config, sample_tokens=sample_tokens,
                               dataset={"dataroot": "", "version": "full-shape", "split": "bench", "num_sweeps": 9,
                                        "fingerprint": "", "point_loading": {}})

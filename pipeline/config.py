@@ -241,6 +241,11 @@ def _convert(tp: Any, value: Any, source: str, key: str, origins: Mapping[str, s
 
 
 def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):  # `int | Literal["auto"]` -> "int or 'auto'"
+        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in get_args(tp))
+    if origin is typing.Literal:
+        return " or ".join(repr(value) for value in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

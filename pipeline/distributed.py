@@ -1,8 +1,9 @@
 """torchrun support shared by the stages: the rank layout, process-group set-up, ordered gathers, SyncBN.
 
-A stage launched by `torchrun --nproc-per-node N` (WORLD_SIZE > 1 in the environment) calls `init_from_env`,
-which joins the process group (gloo on CPU, nccl on CUDA, one device per rank by LOCAL_RANK). Launched without
-torchrun, `init_from_env` returns a single-rank `World` and nothing else changes.
+Every command that computes takes `--device cpu|cuda|cuda:N`, checked by `check_device`. A stage launched by
+`torchrun --nproc-per-node N` (WORLD_SIZE > 1 in the environment) calls `init_from_env`, which joins the process group
+(gloo on CPU, nccl on CUDA, where rank r uses cuda:LOCAL_RANK). Launched without torchrun, `init_from_env` checks the
+device and returns a single-rank `World`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,35 @@ def world_from_env() -> World:
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def check_device(device: str) -> str:
+    """`--device` as given (cpu, cuda or cuda:N), checked on this machine: a ConfigError for another spelling, for
+    CUDA where none is available, or for an index beyond this machine's devices."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r}: not a torch device; pass cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda}); use --device cpu, or install torch for your CUDA")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 ... cuda:{count - 1})")
+    return device
+
+
 def init_from_env(device: str) -> tuple[World, str]:
     """Join torchrun's process group when there is one; returns (world, this rank's device).
 
-    gloo for a CPU device, nccl for CUDA, where rank r uses cuda:LOCAL_RANK. A `--device cuda:K` under torchrun is
-    refused: the rank picks its own device.
+    The device is checked first (`check_device`). gloo for a CPU device, nccl for CUDA, where rank r uses
+    cuda:LOCAL_RANK. A `--device cuda:K` under torchrun is refused: the rank picks its own device.
     """
+    device = check_device(device)
     world = world_from_env()
     if not world.distributed:
         return world, device
@@ -52,8 +76,11 @@ def init_from_env(device: str) -> tuple[World, str]:
     if device.startswith("cuda"):
         if device != "cuda":
             raise ConfigError(f"--device {device}: under torchrun every rank uses cuda:LOCAL_RANK; pass --device cuda")
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+        count = torch.cuda.device_count()
+        if world.local_rank >= count:
+            raise ConfigError(f"--device cuda: rank {world.rank} has LOCAL_RANK {world.local_rank} but this node has "
+                              f"{count} CUDA device(s); start at most {count} processes per node "
+                              f"(torchrun --nproc-per-node {count})")
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():

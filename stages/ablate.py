@@ -126,7 +126,9 @@ def ablation_table(title: str, rows: list[tuple], results: dict[str, list[dict]]
               help="Camera student (configs/synthetic/student_<name>.yaml).")
 @click.option("--views", type=int, default=None,
               help="Cached BEV-augmented views per sample (default: the world's recipe, as `demo`).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N, passed to every computing step (one process: torchrun is for the single "
+                   "commands).")
 @click.option("--world", type=click.Choice(["1", "2"]), default="2", show_default=True,
               help="Synthetic world of the demo directory (2: the street world, configs/street/; 1: configs/synthetic/"
                    "). Its recipe (demo.RECIPES) sets what the options leave unset, as in `demo`.")
@@ -146,8 +148,10 @@ def command(out: Path, student: str, views: int | None, device: str, world: str,
     """Component ablation (plain -> +FG/BG -> +attention -> +scaling -> +FP) and layer ablation (H, +B2, +B1,
     +B0), each row a distilled student from the same cache; writes ablations.md / ablations.json beside the
     paper's numbers."""
+    from ..pipeline.distributed import check_device
     from ..pipeline.eval import summary_metrics
 
+    check_device(device)  # every student run gets it: a wrong one fails before the first
     row_names = parse_rows(rows)
     component_rows, layer_rows = ablation_rows(student, row_names)  # before any work: a typo fails at once
     out.mkdir(parents=True, exist_ok=True)

@@ -246,7 +246,9 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 @click.option("--scenes", type=int, default=None,
               help="Synthetic scenes (default: the world's recipe, 150 in world 2, the generator's 10 in world 1).")
 @click.option("--samples-per-scene", type=int, default=None, help="Key frames per synthetic scene.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N, passed to every computing step (one process: torchrun is for the single "
+                   "commands).")
 @click.option("--world", type=click.Choice(["1", "2"]), default="2", show_default=True,
               help="Synthetic world: 2, the street world (configs/street/, +-51.2 m; docs/synthetic.md), or 1, the "
                    "quick one that gives class and depth away (configs/synthetic/, +-32 m). Each has its recipe "
@@ -269,8 +271,10 @@ def command(out: Path, student: str, views: int | None, scenes: int | None, samp
     """Run make-synthetic -> train-teacher -> extract-teacher -> train-student (baseline and distilled) ->
     evaluate on the embedded synthetic dataset, and write the results table (markdown, JSON, PNG) and the figures
     of the two students (figures/: training curves, attention maps, qualitative boxes)."""
+    from ..pipeline.distributed import check_device
     from ..pipeline.report.figures import draw_figures
 
+    check_device(device)  # every computing step gets it: a wrong one fails before the first
     world = int(world)
     views, scenes, pretrain_backbone, overrides, teacher_overrides = apply_recipe(
         world, views, scenes, pretrain_backbone, overrides, teacher_overrides)

@@ -30,21 +30,9 @@ def checked_device(device: str):
     """torch.device of --device (cpu, cuda, cuda:N); a ConfigError when it does not exist on this machine."""
     import torch
 
-    from ..pipeline.errors import ConfigError
+    from ..pipeline.distributed import check_device
 
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r}: not a torch device; pass cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                              f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
-    elif parsed.type != "cpu":
-        raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    return parsed
+    return torch.device(check_device(device))
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "model.") -> list[str]:

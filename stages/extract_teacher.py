@@ -41,7 +41,9 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
                    "them per sample and epoch, so 1 view means no BEV augmentation (docs/method.md).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view draws.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Extraction processes, each owning a contiguous run of samples.")
+              help="Extraction processes on the CPU, each owning a contiguous run of samples. For several GPUs (or "
+                   "an object store) launch the command under torchrun instead: torchrun --nproc-per-node N ... "
+                   "--device cuda, one process per GPU.")
 @click.option("--dtype", default="int8", show_default=True, type=click.Choice(["fp16", "int8"]),
               help="Feature storage: int8 with a per-channel scale/offset per sample-view, or float16 "
                    "(docs/cache.md, Codecs).")
@@ -56,7 +58,8 @@ DEFAULT_LAYERS = "backbone1,backbone2,neck"  # DistillBEV's distilled teacher la
               help="Replace an existing teacher cache that was written differently (never a folder of anything else).")
 @click.option("--repair", is_flag=True,
               help="Read and CRC-check every chunk of a complete store; re-extract the damaged sample-views.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N; under torchrun cpu or cuda (each rank takes cuda:LOCAL_RANK).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. data.num_sweeps=4.")
 @infos_option
 def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, storage_options: tuple[str, ...],
@@ -76,7 +79,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     from ..pipeline.cache.location import StoreLocation, parse_storage_options
     from ..pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
     from ..pipeline.config import load_config, to_dict
-    from ..pipeline.distributed import init_from_env, world_from_env
+    from ..pipeline.distributed import check_device, init_from_env, world_from_env
     from ..pipeline.data.dataset import NuScenesDetectionDataset
     from ..pipeline.data.index_store import open_split_index
     from ..pipeline.data.preflight import (check_index_inputs, point_loading_settings, preflight_message,
@@ -88,11 +91,14 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     from ..pipeline.teacher.model import CenterPointTeacher
 
     logger = logging.getLogger("distillbev.extract_teacher")
-    if device == "cuda" and workers > 1:
-        raise ConfigError("--workers > 1 forks processes, which cannot share a CUDA context; use --workers 1 "
-                          "with --device cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    check_device(device)
+    if device.startswith("cuda") and workers > 1:
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--workers {workers} forks CPU processes, which cannot share a CUDA context; for several "
+                          f"GPUs on one node launch one process per GPU with torchrun: torchrun --standalone "
+                          f"--nproc-per-node {min(workers, count)} -m distillbev.cli extract-teacher ... --device cuda "
+                          f"(each rank takes cuda:LOCAL_RANK; this node has {count} CUDA device(s)), or pass "
+                          f"--workers 1 for one GPU")
     options = parse_storage_options(storage_options)
     location = StoreLocation.parse(cache_path, options)
     distributed = world_from_env().distributed  # launched by torchrun with several ranks

@@ -37,14 +37,10 @@ def command(config_path: str, dataroot: str, out_dir: str, overrides: tuple[str,
 
     from ..pipeline.config import load_config
     from ..pipeline.distill.config import StudentExperimentConfig
-    from ..pipeline.errors import ConfigError
+    from ..pipeline.distributed import check_device
     from ..pipeline.student.pretrain_run import pretrain_backbone
 
     config = load_config(StudentExperimentConfig, config_path, [*overrides, *infos_override(infos)])
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataroot=str(dataroot)))
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = check_device(device)
     click.echo(json.dumps(pretrain_backbone(config, Path(out_dir), device)))

@@ -49,16 +49,11 @@ def command(config_path: str, dataroot: str, run_dir: str, overrides: tuple[str,
 
     config = load_config(TeacherExperimentConfig, config_path, [*overrides, *infos_override(infos)])
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataroot=str(dataroot)))
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     run = Path(run_dir)
     if not resume and (run / "latest.pth").exists():
         raise ConfigError(f"{run}: already holds a teacher run (latest.pth); pass --resume to continue it "
                           f"or choose another --out")
-    world, device = init_from_env(device)
+    world, device = init_from_env(device)  # checks the device; a CUDA rank takes cuda:LOCAL_RANK
     summary = run_teacher_training(config, run, device=device, resume=resume, world=world, sync_bn=sync_bn)
     if not world.is_main:
         return

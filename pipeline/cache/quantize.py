@@ -14,11 +14,18 @@ than the budget are coarsened to a step whose rounding error has RMS `error * rm
 and its copy is about 1 - (RMS error / RMS)^2 / 2, error 0.03 bounds 1 - cosine near 4.5e-4 (less in practice: the
 ReLU zeros stay exact). Coarser steps use fewer of the 256 levels, which zstd then stores in fewer bytes;
 `benchmarks/codecs.py` measures the trade.
+
+`QuantizedFeatures` carries the stored form (int8 values with their per-channel scale and offset) from a DataLoader
+worker to the training device, where `dequantize` makes the float32 map: a quarter of the bytes through shared
+memory and over the host-to-device copy, and the same float32 values as `dequantize_per_channel`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 SQRT12 = float(np.sqrt(12.0))
 
@@ -60,3 +67,53 @@ def dequantize_per_channel(q: np.ndarray, scale: np.ndarray, offset: np.ndarray)
     out *= scale.astype(np.float32)[:, None, None]
     out += offset.astype(np.float32)[:, None, None]
     return out
+
+
+@dataclass
+class QuantizedFeatures:
+    """Feature maps in their stored int8 form: x = values * scale + offset, per channel.
+
+    values: (..., C, Y, X) int8; scale, offset: (..., C) float32. The leading axes are none for one sample-view and
+    (B,) for a batch.
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @classmethod
+    def from_numpy(cls, values: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> "QuantizedFeatures":
+        """One sample-view's decoded chunks: values (C, Y, X) int8, scale and offset (C,)."""
+        return cls(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int8)),
+                   torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)),
+                   torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32)))
+
+    def dequantize(self) -> torch.Tensor:
+        """(..., C, Y, X) float32 on the values' device. Multiply, then add, each rounded to float32, as
+        `dequantize_per_channel` does: the same values on any device (no fused multiply-add)."""
+        out = self.values.to(torch.float32)
+        out.mul_(self.scale.to(torch.float32)[..., None, None])
+        out.add_(self.offset.to(torch.float32)[..., None, None])
+        return out
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "QuantizedFeatures":
+        return QuantizedFeatures(self.values.to(device, non_blocking=non_blocking),
+                                 self.scale.to(device, non_blocking=non_blocking),
+                                 self.offset.to(device, non_blocking=non_blocking))
+
+    @staticmethod
+    def stack(items: list["QuantizedFeatures"]) -> "QuantizedFeatures":
+        """One batch (B, C, Y, X) / (B, C) of sample-views (C, Y, X) / (C,)."""
+        return QuantizedFeatures(torch.stack([item.values for item in items]),
+                                 torch.stack([item.scale for item in items]),
+                                 torch.stack([item.offset for item in items]))
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the float map it stands for (the values' shape)."""
+        return self.values.shape
+
+
+def dequantized(features: torch.Tensor | QuantizedFeatures) -> torch.Tensor:
+    """A float map as is, a quantised one dequantised (float32)."""
+    return features.dequantize() if isinstance(features, QuantizedFeatures) else features

@@ -35,7 +35,7 @@ from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode
                      expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
 from .location import StoreLocation, remote_error
 from .manifest import LayerSpec, layer_specs, manifest_diff, tokens_sha256
-from .quantize import dequantize_per_channel
+from .quantize import QuantizedFeatures, dequantize_per_channel
 from .writer import read_done
 
 
@@ -43,14 +43,15 @@ from .writer import read_done
 class TeacherTargets:
     """The cached teacher outputs of one sample-view.
 
-    features: layer -> (C, Y, X) float32; heatmap: (10, Yh, Xh) float32 probabilities;
+    features: layer -> (C, Y, X) float32, or its stored int8 form (`QuantizedFeatures`) when read with
+    dequantize=False from an int8 store; heatmap: (10, Yh, Xh) float32 probabilities;
     attention: layer -> (Y, X) float32; occupancy: (Y, X) bool; bev_aug: the augmentation the teacher saw.
     """
 
     sample_token: str
     view: int
     bev_aug: BEVAugmentation
-    features: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor | QuantizedFeatures]
     heatmap: torch.Tensor
     attention: dict[str, torch.Tensor]
     occupancy: torch.Tensor
@@ -219,11 +220,13 @@ class TeacherCache:
                              f"read so far may mix two extractions: wait for the extraction to finish and restart "
                              f"this job (training: --resume)")
 
-    def read(self, sample_index: int, view: int, layers: Sequence[str] | None = None) -> TeacherTargets:
+    def read(self, sample_index: int, view: int, layers: Sequence[str] | None = None,
+             dequantize: bool = True) -> TeacherTargets:
         """The targets of one sample-view (features dequantised to float32 for int8 stores).
 
         layers: the cached layers to read, features and attention (default: every one); the others' chunks are not
-        read. The heatmap and occupancy are always read.
+        read. The heatmap and occupancy are always read. dequantize=False: an int8 store's features stay int8, as
+        `QuantizedFeatures` (a training loader's workers hand them over so; the device dequantises them).
         """
         if not (0 <= sample_index < self.num_samples and 0 <= view < self.num_views):
             raise IndexError(f"sample-view ({sample_index}, {view}) outside {self.num_samples} x {self.num_views}")
@@ -249,8 +252,9 @@ class TeacherCache:
         for layer in chosen:
             stored = chunks[v2.feature_array(layer.name)]
             if self.manifest["storage"]["dtype"] == "int8":
-                features[layer.name] = torch.from_numpy(dequantize_per_channel(
-                    stored, chunks[v2.feature_scale_array(layer.name)], chunks[v2.feature_offset_array(layer.name)]))
+                scale, offset = chunks[v2.feature_scale_array(layer.name)], chunks[v2.feature_offset_array(layer.name)]
+                features[layer.name] = (torch.from_numpy(dequantize_per_channel(stored, scale, offset)) if dequantize
+                                        else QuantizedFeatures.from_numpy(stored, scale, offset))
             else:
                 # torch's fp16 -> fp32 conversion is about 2x faster than numpy's astype
                 features[layer.name] = torch.from_numpy(stored).float()

@@ -29,7 +29,8 @@ class StudentTrainConfig:
     lr_steps: tuple[int, ...] = (16, 22)  # epochs after which the learning rate is multiplied by 0.1
     grad_clip: float = 5.0  # max gradient norm
     seed: int = 0
-    num_workers: int = 2  # DataLoader worker processes
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: min(8, cores per rank - 1)
+    # (`data.handover.loader_workers`), 1 on this project's 2-core machines
     checkpoint_every: int = 1  # epochs between checkpoints
     cbgs: bool = False  # class-balanced grouping and sampling of the train split (as every BEVDet-family recipe)
     precision: PrecisionSetting = "auto"  # autocast dtype of the student's training forward (the DistillBEV loss
@@ -46,6 +47,9 @@ class StudentTrainConfig:
     attention_samples: int = 4  # train samples per attention snapshot, evenly spaced over the split (BEV view 0)
 
     def __post_init__(self) -> None:
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers: expected auto or a number >= 0 of DataLoader workers, found "
+                             f"{self.num_workers}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every: expected 0 (final evaluation only) or N > 0 epochs, found "
                              f"{self.eval_every}")

@@ -27,6 +27,7 @@ from ..data.classes import DETECTION_CLASSES
 from ..data.collate import collate_samples
 from ..data.config import DataConfig
 from ..data.dataset import NuScenesDetectionDataset
+from ..data.handover import loader_workers
 from ..data.preflight import dataset_fingerprint, index_fingerprint
 from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices
 from ..errors import CacheError, CheckpointError, ConfigError
@@ -261,7 +262,7 @@ def evaluate_student(cfg: StudentExperimentConfig, student: torch.nn.Module, out
     indices = rank_indices(len(dataset), world)
     part = dataset if not world.distributed else torch.utils.data.Subset(dataset, indices)
     loader = DataLoader(part, batch_size=cfg.train.batch_size, shuffle=False,
-                        num_workers=cfg.train.num_workers, collate_fn=collate_samples)
+                        num_workers=loader_workers(cfg.train.num_workers), collate_fn=collate_samples)
     student.eval()
     detections = []
     with torch.no_grad():

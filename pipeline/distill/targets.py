@@ -14,6 +14,11 @@ augmentation it drew, the region masks and scales, the GT heatmap of the FP rule
 targets only the GT-only parts can be done here (the teacher's maps come from the step). The workers then read only
 the teacher layers the loss distils, and leave out the teacher heatmap once the FP masks are built from it.
 `collate_with_targets` hands a worker's batch over as one shared-memory block (`pipeline/data/handover.py`).
+
+An int8 cache's features cross that boundary as stored, int8 values with per-channel scales and offsets
+(`QuantizedFeatures`, a quarter of the float32 bytes), and are dequantised on the training device after the copy
+(`TargetsBatch.dequantized`, called by the training step); the workers dequantise a copy only for what they compute
+from the maps (attention, channel means), which they hand over as float32.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..cache.quantize import QuantizedFeatures, dequantized
 from ..data.collate import collate_samples
-from ..data.handover import share_one_block_in_worker
+from ..data.handover import HandedOverBatch, share_one_block_in_worker
 from ..data.types import Batch, Sample
 from ..geometry.bev import BEVAugmentation, BEVGrid, sample_bev_augmentation
 from ..heads.targets import gt_heatmap_max
@@ -41,21 +47,29 @@ TargetsMode = Literal["none", "cache", "approximate", "online"]
 class TargetsBatch:
     """Teacher targets of a batch, stacked.
 
-    features:  layer -> (B, C, Y, X) float32, or None with a live teacher (it runs in the step);
+    features:  layer -> (B, C, Y, X) float32, or its int8 form from an int8 cache (`QuantizedFeatures`, made float32
+               by `dequantized` on the training device), or None with a live teacher (it runs in the step);
     heatmap: (B, 10, Yh, Xh) probabilities, or None with a live teacher, or when the workers built every layer's
              masks (it feeds only the FP masks);
     attention: layer -> (B, Y, X) teacher spatial attention, or None (then computed from the features);
     precomputed: the loss's student-independent inputs from the workers, or None (then computed in the step).
     """
 
-    features: dict[str, torch.Tensor] | None
+    features: dict[str, torch.Tensor | QuantizedFeatures] | None
     heatmap: torch.Tensor | None
     attention: dict[str, torch.Tensor] | None
     precomputed: PrecomputedTargets | None = None
 
+    def dequantized(self) -> "TargetsBatch":
+        """The targets with int8 features dequantised to float32 where they are (itself when none are int8)."""
+        if self.features is None or not any(isinstance(v, QuantizedFeatures) for v in self.features.values()):
+            return self
+        return TargetsBatch({k: dequantized(v) for k, v in self.features.items()}, self.heatmap, self.attention,
+                            self.precomputed)
+
     def to(self, device: torch.device | str) -> "TargetsBatch":
         return TargetsBatch(
-            features=None if self.features is None else
+            features=None if self.features is None else  # QuantizedFeatures.to copies non-blocking too
             {k: v.to(device, non_blocking=True) for k, v in self.features.items()},
             heatmap=None if self.heatmap is None else self.heatmap.to(device, non_blocking=True),
             attention=None if self.attention is None else
@@ -66,11 +80,12 @@ class TargetsBatch:
 
 @dataclass
 class TargetsItem:
-    """One sample's targets: features layer -> (C, Y, X); heatmap (10, Yh, Xh); attention layer -> (Y, X); the
+    """One sample's targets: features layer -> (C, Y, X) float32 or int8 (`QuantizedFeatures`); heatmap
+    (10, Yh, Xh); attention layer -> (Y, X); the
     loss's precomputed inputs (a batch of 1). features and heatmap are None with a live teacher; heatmap is also
     None once the precomputed inputs hold every layer's masks."""
 
-    features: dict[str, torch.Tensor] | None
+    features: dict[str, torch.Tensor | QuantizedFeatures] | None
     heatmap: torch.Tensor | None
     attention: dict[str, torch.Tensor] | None
     precomputed: PrecomputedTargets | None = None
@@ -111,10 +126,12 @@ class DistillationDataset(Dataset):
     def __init__(self, dataset, mode: TargetsMode, cache=None, seed: int = 0,
                  bev_extent: tuple[float, float, float, float] | None = None,
                  use_cached_attention: bool = True, indices: list[int] | None = None,
-                 precompute: StepPrecompute | None = None) -> None:
+                 precompute: StepPrecompute | None = None, int8_handover: bool = True) -> None:
         """indices: the dataset index behind each position (CBGS resampling repeats some), default every index once.
         Draws are seeded by position, so repeated samples get their own augmentation and view.
-        precompute: compute the loss's student-independent inputs here, per sample (None: the step does)."""
+        precompute: compute the loss's student-independent inputs here, per sample (None: the step does).
+        int8_handover: `cache` targets of an int8 cache leave as int8 (`QuantizedFeatures`), dequantised on the
+        training device; False dequantises them here, to float32 (4x the bytes through shared memory)."""
         if mode in ("cache", "approximate") and cache is None:
             raise ValueError(f"targets mode {mode!r} needs a cache")
         self.dataset = dataset
@@ -126,6 +143,7 @@ class DistillationDataset(Dataset):
         self.bev_extent = bev_extent
         # cached attention was computed at the cache's temperature; recompute it when the run uses another one
         self.use_cached_attention = use_cached_attention
+        self.int8_handover = int8_handover
         self._cache_index = None if cache is None else [cache.index_of(t) for t in dataset.sample_tokens]
         self.precompute = None if mode == "none" else precompute
         # with the loss's spec known here, only the teacher layers it distils are read (None: every cached layer)
@@ -155,7 +173,8 @@ class DistillationDataset(Dataset):
         if self.mode == "cache":
             cache_index = self._cache_index[index]
             view = int(rng.integers(self.cache.num_views))
-            cached = self.cache.read(cache_index, view, layers=self._teacher_layers)
+            cached = self.cache.read(cache_index, view, layers=self._teacher_layers,
+                                     dequantize=not self.int8_handover)
             sample = self.dataset.get(index, bev_aug=cached.bev_aug, rng=rng)
             sample.view_index = view
             item = TargetsItem(cached.features, cached.heatmap, cached.attention if self.use_cached_attention else None)
@@ -181,23 +200,36 @@ class DistillationDataset(Dataset):
             return item
         spec = self.precompute.loss
         attention = item.attention
-        if item.features is not None and attention is None and spec.config.attention:
+        features = item.features
+        if not (spec.config.attention or spec.config.spatial_l1):
+            features = None  # nothing is computed from the maps
+        elif features is not None:
+            # what is computed from the maps needs them in float32: a copy here, the int8 form is handed over
+            features = {name: dequantized(value) for name, value in features.items()}
+        if features is not None and attention is None and spec.config.attention:
             # the teacher's spatial attention at the run's temperature, as the loss computes it (B = 1)
-            attention = {name: spatial_attention(item.features[name][None].float(), spec.config.temperature)[0]
+            attention = {name: spatial_attention(features[name][None].float(), spec.config.temperature)[0]
                          for name in {pair.teacher for pair in spec.pairs}}
         precomputed = precompute_targets(spec, sample.gt_boxes, self.precompute.gt_heatmap(sample),
-                                         teacher_features=item.features, teacher_heatmap=item.heatmap)
+                                         teacher_features=features, teacher_heatmap=item.heatmap)
         # the teacher heatmap only feeds the FP masks: once every layer's masks are built, the step does not need it
         heatmap = None if all(layer.regions is not None for layer in precomputed.layers.values()) else item.heatmap
         return TargetsItem(item.features, heatmap, attention, precomputed)
 
 
-def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> tuple[Batch, TargetsBatch | None]:
-    """Collate (sample, targets) pairs: a Batch plus stacked targets (None when the mode has none)."""
+def _stack_features(maps: list[torch.Tensor | QuantizedFeatures]) -> torch.Tensor | QuantizedFeatures:
+    """(C, Y, X) maps of one layer -> (B, C, Y, X), int8 ones kept int8."""
+    if isinstance(maps[0], QuantizedFeatures):
+        return QuantizedFeatures.stack(maps)
+    return torch.stack(maps)
+
+
+def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> HandedOverBatch:
+    """Collate (sample, targets) pairs: (Batch, stacked targets or None when the mode has none), as one block."""
     batch = collate_samples([sample for sample, _ in items])
     targets = [t for _, t in items]
     if targets[0] is None:
-        return share_one_block_in_worker((batch, None))
+        return HandedOverBatch(share_one_block_in_worker((batch, None)))
     attention = None
     if targets[0].attention is not None:
         attention = {k: torch.stack([t.attention[k] for t in targets]) for k in targets[0].attention}
@@ -205,10 +237,10 @@ def collate_with_targets(items: list[tuple[Sample, TargetsItem | None]]) -> tupl
     if targets[0].precomputed is not None:
         precomputed = PrecomputedTargets.cat([t.precomputed for t in targets])
     # one shared-memory block per batch out of a worker (pipeline/data/handover.py)
-    return share_one_block_in_worker((batch, TargetsBatch(
+    return HandedOverBatch(share_one_block_in_worker((batch, TargetsBatch(
         features=None if targets[0].features is None else
-        {k: torch.stack([t.features[k] for t in targets]) for k in targets[0].features},
+        {k: _stack_features([t.features[k] for t in targets]) for k in targets[0].features},
         heatmap=None if targets[0].heatmap is None else torch.stack([t.heatmap for t in targets]),
         attention=attention,
         precomputed=precomputed,
-    )))
+    ))))

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import dump_config, to_dict
+from ..data.handover import block_bytes, check_shared_memory, loader_workers
 from ..distributed import World
 from ..heads.targets import gt_heatmap_max
 from ..losses.distill import DistillBEVLoss
@@ -66,8 +67,10 @@ def false_positive_gt_heatmap(gt_boxes, gt_labels, head_config, head_grid) -> to
 
 def training_step(setup: DistillationSetup, batch, targets: TargetsBatch | None,
                   head_grid) -> dict[str, torch.Tensor]:
-    """Loss terms of one batch (scalars). `head_grid` is the BEVGrid of the detection head."""
+    """Loss terms of one batch (scalars). `head_grid` is the BEVGrid of the detection head; int8 teacher features
+    (an int8 cache's handover) are dequantised here, on the device the batch was copied to."""
     student = setup.student
+    targets = None if targets is None else targets.dequantized()
     with autocast(next(student.parameters()).device, setup.precision):
         outputs = student(batch)
     features = outputs.features  # as the forward made them: the loss casts them for its adapters' arithmetic
@@ -186,6 +189,32 @@ def load_resume(path: Path, setup: DistillationSetup, optimizer, steps_per_epoch
     return epoch, iteration
 
 
+PREFETCH_FACTOR = 2  # batches each DataLoader worker keeps ready (torch's default)
+
+
+def train_loader(cfg: StudentExperimentConfig, train_set: DistillationDataset, epoch: int, device: torch.device,
+                 workers: int, sampler=None) -> DataLoader:
+    """One epoch's loader: shuffled by seed + epoch (or this rank's `sampler`), `workers` processes handing batches
+    over as one block each, pinned when the device is CUDA (so the step's non-blocking copies overlap)."""
+    return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=True, num_workers=workers, collate_fn=collate_with_targets,
+                      generator=torch.Generator().manual_seed(cfg.train.seed + epoch), persistent_workers=False,
+                      pin_memory=torch.device(device).type == "cuda",
+                      prefetch_factor=PREFETCH_FACTOR if workers else None,
+                      multiprocessing_context=train_set.worker_start_method if workers else None)
+
+
+def check_loader_memory(cfg: StudentExperimentConfig, train_set: DistillationDataset, workers: int) -> int:
+    """The shared-memory bytes the loader will hold, checked against /dev/shm's free space (`check_shared_memory`:
+    a ConfigError naming Docker's --shm-size when they do not fit); 0 without workers. One batch is estimated from
+    the first sample collated `train.batch_size` times."""
+    if workers <= 0 or len(train_set) == 0:
+        return 0
+    first = train_set[0]
+    batch_bytes = block_bytes(tuple(collate_with_targets([first] * cfg.train.batch_size)))
+    return check_shared_memory(batch_bytes, workers, PREFETCH_FACTOR)
+
+
 def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set: DistillationDataset,
                optimizer, out_dir: Path, device: torch.device, head_grid, start_epoch: int = 0,
                start_iteration: int = 0, max_steps: int | None = None,
@@ -202,15 +231,17 @@ def run_epochs(cfg: StudentExperimentConfig, setup: DistillationSetup, train_set
     params = [p for group in optimizer.param_groups for p in group["params"]]
     iteration = start_iteration
     epoch_steps = steps_per_epoch(cfg, train_set, sampler)
+    workers = loader_workers(cfg.train.num_workers)
+    if start_epoch < cfg.train.epochs:
+        if world.is_main:
+            log.info("DataLoader: %d worker(s) (train.num_workers %s), pinned batches: %s", workers,
+                     cfg.train.num_workers, torch.device(device).type == "cuda")
+        check_loader_memory(cfg, train_set, workers)
     for epoch in range(start_epoch, cfg.train.epochs):
         train_set.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-                            drop_last=True, num_workers=cfg.train.num_workers, collate_fn=collate_with_targets,
-                            generator=torch.Generator().manual_seed(cfg.train.seed + epoch),
-                            persistent_workers=False,
-                            multiprocessing_context=train_set.worker_start_method if cfg.train.num_workers else None)
+        loader = train_loader(cfg, train_set, epoch, device, workers, sampler)
         setup.student.train()
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
                         disable=not world.is_main)

@@ -103,8 +103,9 @@ def tiny_student_config(dataroot: Path) -> StudentExperimentConfig:
 
 
 def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: str = "lidar",
-                     decoder: TeacherDecoderConfig | None = None, layers: str | None = None) -> TinyWorld:
-    """Generate the dataroot, save a random teacher and run `extract-teacher` (fp16, `views` views). With
+                     decoder: TeacherDecoderConfig | None = None, layers: str | None = None,
+                     dtype: str = "fp16") -> TinyWorld:
+    """Generate the dataroot, save a random teacher and run `extract-teacher` (`dtype`, `views` views). With
     point_features "mvp": instance masks, virtual points and a 17-dim MVP teacher; with `decoder`, a teacher with
     a DETR decoder; `layers` = extract-teacher's --layers (its default when None). World 1: one key frame per scene
     with sweeps before it (world 2, like nuScenes, has no sweep before a scene's first key frame)."""
@@ -129,7 +130,7 @@ def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: st
     cache_path = folder / "cache.zarr"
     result = CliRunner().invoke(extract_command, [
         "--config", str(config_path), "--dataroot", str(dataroot), "--checkpoint", str(checkpoint),
-        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--seed", "3", "--dtype", "fp16",
+        "--cache", str(cache_path), "--split", "synth_train", "--views", str(views), "--seed", "3", "--dtype", dtype,
         *(["--layers", layers] if layers else [])],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output

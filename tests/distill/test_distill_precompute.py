@@ -93,7 +93,8 @@ def test_workers_read_only_the_distilled_layers_and_drop_the_heatmap(parts, worl
     _, _, distill_loss, cache, _ = parts
     asked = []
     read = cache.read
-    monkeypatch.setattr(cache, "read", lambda *where, layers=None: asked.append(layers) or read(*where, layers=layers))
+    monkeypatch.setattr(cache, "read", lambda *where, layers=None, **options: asked.append(layers)
+                        or read(*where, layers=layers, **options))
     sample, item = distill_set(parts, world, "cache", precompute=True)[0]
     teachers = sorted({pair.teacher for pair in distill_loss.pairs})
     assert asked == [teachers] and sorted(item.features) == teachers

@@ -36,8 +36,10 @@ class FakeCache:
     def index_of(self, token: str) -> int:
         return self.tokens.index(token)
 
-    def read(self, sample_index: int, view: int, layers: list[str] | None = None) -> TeacherTargets:
-        """The one cached layer, "neck", whatever `layers` asks for (the datasets here have no loss spec)."""
+    def read(self, sample_index: int, view: int, layers: list[str] | None = None,
+             dequantize: bool = True) -> TeacherTargets:
+        """The one cached layer, "neck", whatever `layers` asks for (the datasets here have no loss spec); float
+        maps, as an fp16 store's, whatever `dequantize` says."""
         self.reads.append((sample_index, view))
         marker = torch.full((2, 4, 4), float(10 * sample_index + view))
         return TeacherTargets(self.tokens[sample_index], view, self.views[(sample_index, view)], {"neck": marker},
