@@ -33,8 +33,7 @@ from distillbev.pipeline.distill.config import StudentExperimentConfig, StudentT
 from distillbev.pipeline.distill.run import build_distill_loss, live_teacher
 from distillbev.pipeline.distill.targets import TargetsItem, collate_with_targets
 from distillbev.pipeline.distill.train import DistillationSetup, training_step
-from distillbev.pipeline.geometry.bev import BEVGrid
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVGrid, BEVRange
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
 from distillbev.pipeline.student.config import DepthBins, ImageBackboneConfig, StudentModelConfig
 from distillbev.pipeline.student.model import CameraStudent
@@ -100,6 +99,18 @@ def tiny_student_config(dataroot: Path) -> StudentExperimentConfig:
     # float32 on every machine (`auto` would pick bf16 where the CPU has it): the equivalence tests compare exactly
     return StudentExperimentConfig(data=tiny_data_config(dataroot, load_images=True), model=model,
                                    train=StudentTrainConfig(precision="fp32"))
+
+
+def student_loss_parts(world: TinyWorld):
+    """(student config, a student seeded with 1 in train mode, its DistillBEV loss, the cache, the train split) of a
+    tiny world: what the loss tests build their steps from."""
+    cfg = tiny_student_config(world.dataroot)
+    torch.manual_seed(1)
+    student = CameraStudent(cfg.model).train()
+    cache = TeacherCache.open(world.cache_path)
+    distill_loss = build_distill_loss(cfg, student, cache.manifest["layers"])
+    dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
+    return cfg, student, distill_loss, cache, dataset
 
 
 def build_tiny_world(folder: Path, views: int, seed: int = 0, point_features: str = "lidar",

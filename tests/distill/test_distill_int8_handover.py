@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distill_equivalence import TinyWorld, build_tiny_world, tiny_student_config
+from test_distill_equivalence import TinyWorld, build_tiny_world, student_loss_parts
 from torch.utils.data import DataLoader
 
 from distillbev.pipeline.cache.quantize import QuantizedFeatures
-from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.data import handover
-from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.data.handover import ALIGNMENT, block_bytes
-from distillbev.pipeline.distill.run import build_distill_loss
 from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets, step_precompute
 from distillbev.pipeline.distill.train import DistillationSetup, check_loader_memory, training_step
 from distillbev.pipeline.errors import ConfigError
-from distillbev.pipeline.student.model import CameraStudent
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +31,8 @@ def world(tmp_path_factory) -> TinyWorld:
 
 @pytest.fixture(scope="module")
 def parts(world):
-    cfg = tiny_student_config(world.dataroot)
-    torch.manual_seed(1)
-    student = CameraStudent(cfg.model).train()
-    cache = TeacherCache.open(world.cache_path)
+    cfg, student, distill_loss, cache, dataset = student_loss_parts(world)
     assert cache.manifest["storage"]["dtype"] == "int8"
-    distill_loss = build_distill_loss(cfg, student, cache.manifest["layers"])
-    dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
     return cfg, student, distill_loss, cache, dataset
 
 

@@ -14,16 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_distill_equivalence import TinyWorld, build_tiny_world, tiny_student_config
+from test_distill_equivalence import TinyWorld, build_tiny_world, student_loss_parts
 
-from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.config import to_dict
-from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.distill.run import build_distill_loss, live_teacher
 from distillbev.pipeline.distill.targets import DistillationDataset, collate_with_targets, step_precompute
 from distillbev.pipeline.distill.train import DistillationSetup, false_positive_gt_heatmap, training_step
 from distillbev.pipeline.losses.regions import build_region_masks
-from distillbev.pipeline.student.model import CameraStudent
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +33,7 @@ def world(tmp_path_factory) -> TinyWorld:
 @pytest.fixture(scope="module")
 def parts(world):
     """The student config, a student, its loss, the cache and the train split (one sample)."""
-    cfg = tiny_student_config(world.dataroot)
-    torch.manual_seed(1)
-    student = CameraStudent(cfg.model).train()
-    cache = TeacherCache.open(world.cache_path)
-    distill_loss = build_distill_loss(cfg, student, cache.manifest["layers"])
-    dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
-    return cfg, student, distill_loss, cache, dataset
+    return student_loss_parts(world)
 
 
 def distill_set(parts, world, mode, precompute: bool, **kwargs) -> DistillationDataset:

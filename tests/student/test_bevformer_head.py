@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from distillbev.pipeline.errors import ConfigError
-from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVRange
 from distillbev.pipeline.heads.detr.box_coder import encode_boxes
 from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
 from distillbev.pipeline.heads.detr.head import BEVFormerHead, BEVFormerHeadOutputs

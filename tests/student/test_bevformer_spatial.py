@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVRange
 from distillbev.pipeline.heads.detr.deformable import DeformableAttention
 from distillbev.pipeline.student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
 from distillbev.pipeline.student.bevformer.encoder import BEVFormerEncoder

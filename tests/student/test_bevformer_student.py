@@ -14,8 +14,7 @@ from distillbev.pipeline.config import from_dict, load_config, load_config_data
 from distillbev.pipeline.distill.config import StudentExperimentConfig
 from distillbev.pipeline.distill.inherit import inherit_teacher_head
 from distillbev.pipeline.errors import ConfigError
-from distillbev.pipeline.geometry.bev import BEVGrid
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVGrid, BEVRange
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
 from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
 from distillbev.pipeline.heads.detr.head import BEVFormerHeadOutputs

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVRange
 from distillbev.pipeline.student.bevformer.temporal_self_attention import (TemporalSelfAttention,
                                                                            align_previous_queries,
                                                                            bev_reference_points)

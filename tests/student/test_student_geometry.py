@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillbev.pipeline.geometry.bev import BEVAugmentation
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVRange
 from distillbev.pipeline.student.config import DepthBins
 from distillbev.pipeline.student.depth_net import depth_bce_loss, depth_targets
 from distillbev.pipeline.student.temporal import align_previous_bev

@@ -14,8 +14,7 @@ from teacher_helpers import REPO, random_points, tiny_model_config
 from distillbev.pipeline.config import to_dict
 from distillbev.pipeline.distill.inherit import inherit_teacher_head
 from distillbev.pipeline.errors import ConfigError
-from distillbev.pipeline.geometry.bev import BEVGrid
-from distillbev.pipeline.geometry.bev import BEVRange
+from distillbev.pipeline.geometry.bev import BEVGrid, BEVRange
 from distillbev.pipeline.heads.center_head import CenterHeadConfig
 from distillbev.pipeline.heads.detr.config import BEVFormerHeadConfig
 from distillbev.pipeline.student.bevformer.config import BEVFormerConfig, BEVFormerEncoderConfig
