@@ -56,18 +56,20 @@ def test_one_process_keeps_the_device_it_was_given(two_gpus, no_torchrun):
     assert device == "cuda:1" and not world.distributed
 
 
+def as_torchrun_rank(monkeypatch, rank: int, world_size: int, local_rank: int) -> None:
+    """The environment torchrun gives one rank."""
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+        monkeypatch.setenv(name, str(value))
+
+
 def test_a_torchrun_rank_refuses_an_explicit_index(two_gpus, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    as_torchrun_rank(monkeypatch, rank=1, world_size=2, local_rank=1)
     with pytest.raises(ConfigError, match="every rank uses cuda:LOCAL_RANK; pass --device cuda"):
         init_from_env("cuda:0")
 
 
 def test_a_torchrun_rank_beyond_the_nodes_gpus_is_refused(two_gpus, monkeypatch):
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("LOCAL_RANK", "2")
+    as_torchrun_rank(monkeypatch, rank=2, world_size=3, local_rank=2)
     with pytest.raises(ConfigError, match="LOCAL_RANK 2 but this node has 2 CUDA device.*--nproc-per-node 2"):
         init_from_env("cuda")
 
