@@ -4,6 +4,10 @@ Every command that computes takes `--device cpu|cuda|cuda:N`, checked by `check_
 `torchrun --nproc-per-node N` (WORLD_SIZE > 1 in the environment) calls `init_from_env`, which joins the process group
 (gloo on CPU, nccl on CUDA, where rank r uses cuda:LOCAL_RANK). Launched without torchrun, `init_from_env` checks the
 device and returns a single-rank `World`.
+
+Every collective waits at most the process group's timeout (`DEFAULT_TIMEOUT_S`, or the environment's
+DISTILLBEV_PG_TIMEOUT_S) for the slowest rank; no stage makes ranks wait there for a pass over a whole dataset or
+store: such passes are split between the ranks (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+
+DEFAULT_TIMEOUT_S = 1800  # torch's NCCL default is 600 s
+TIMEOUT_ENV = "DISTILLBEV_PG_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -60,16 +67,34 @@ def check_device(device: str) -> str:
     return device
 
 
+def process_group_timeout() -> float:
+    """Seconds a collective waits for the slowest rank: DISTILLBEV_PG_TIMEOUT_S, else `DEFAULT_TIMEOUT_S`."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    if not value:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds (default "
+                          f"{DEFAULT_TIMEOUT_S})")
+    return seconds
+
+
 def init_from_env(device: str) -> tuple[World, str]:
     """Join torchrun's process group when there is one; returns (world, this rank's device).
 
     The device is checked first (`check_device`). gloo for a CPU device, nccl for CUDA, where rank r uses
-    cuda:LOCAL_RANK. A `--device cuda:K` under torchrun is refused: the rank picks its own device.
+    cuda:LOCAL_RANK. A `--device cuda:K` under torchrun is refused: the rank picks its own device. Collectives
+    time out after `process_group_timeout()`.
     """
     device = check_device(device)
     world = world_from_env()
     if not world.distributed:
         return world, device
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -86,7 +111,8 @@ def init_from_env(device: str) -> tuple[World, str]:
     if not dist.is_initialized():
         import atexit
 
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=process_group_timeout()))
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return world, device
 

@@ -13,6 +13,7 @@ Every pickle this project reads from outside is therefore read with an allow lis
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from pathlib import Path
@@ -104,7 +105,7 @@ ALLOWED_SUMMARY = ("tensors, plain Python values, numpy arrays / scalars / numer
                    "HistoryBuffer")
 
 
-def _offending_globals(path: Path) -> list[str] | None:
+def _offending_globals(path: Path | BinaryIO) -> list[str] | None:
     """The globals the file's pickle names that neither torch nor `CHECKPOINT_GLOBALS` allow (read, not run);
     None for a file that cannot be scanned (not a torch zip checkpoint)."""
     try:
@@ -115,30 +116,36 @@ def _offending_globals(path: Path) -> list[str] | None:
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False, what: str = "checkpoint",
-                    fix: str | None = None) -> Any:
+                    fix: str | None = None, data: bytes | None = None) -> Any:
     """The content of the torch checkpoint `path`, on the CPU, unpickled without running code it may carry.
 
     trust=True loads it with full unpickling (any class; code in the file runs), logged as a WARNING.
     what: what the file is, for the messages ("teacher checkpoint", "resume checkpoint"); fix: what to do when the
     file needs a class outside the allow list (default: pass `--trust-checkpoint` if you trust the file).
     A missing file, an unreadable one or one that needs another class is a `CheckpointError` naming the file.
+    data: the file's bytes when the caller has read them (to hash what it loads): loaded from memory, and `path`
+    only names them in messages.
     """
     path = Path(path)
-    if not path.is_file():
+
+    def source() -> Path | BinaryIO:
+        return path if data is None else io.BytesIO(data)
+
+    if data is None and not path.is_file():
         raise CheckpointError(f"{path}: {what} not found; pass the path of an existing .pth file")
     if trust:
         LOGGER.warning("%s: %s: loading the %s with full unpickling, which runs any code the file carries; do "
                        "this only for a file from a source you trust", path, TRUST_FLAG, what)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(source(), map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc.__class__.__name__}: {exc}); "
                                   f"pass a .pth file written by torch.save") from exc
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source(), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        offending = _offending_globals(path)
+        offending = _offending_globals(source())
         if offending is None:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({' '.join(str(exc).split())[:300]}); "
                                   f"pass a .pth file written by torch.save") from None

@@ -92,7 +92,7 @@ def command(config_path: str, checkpoint: Path, dataroot: str, version: str, spl
     from ..pipeline.eval import format_metrics_table
     from ..pipeline.eval.nuscenes_eval import summary_metrics
     from ..pipeline.precision import set_memory_format
-    from ..pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
+    from ..pipeline.teacher.checkpoint import load_teacher_checkpoint
     from ..pipeline.teacher.config import TeacherExperimentConfig, TeacherModelConfig
     from ..pipeline.teacher.model import CenterPointTeacher
     from ..pipeline.teacher.train import evaluate_teacher
@@ -131,7 +131,7 @@ def command(config_path: str, checkpoint: Path, dataroot: str, version: str, spl
 
         click.echo("\nAP by ego distance (x100; a band's mAP averages the classes with GT in it):")
         click.echo(format_distance_table(evaluate_by_distance(out_dir / "results.json", dataset, out_dir, edges)))
-    record = {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint),
+    record = {"checkpoint": str(checkpoint), "checkpoint_sha256": report.sha256,  # of the bytes loaded
               "checkpoint_source": report.source, "mmdet3d_version": report.mmdet3d_version,
               "box_convention": report.box_convention, "config": str(config_path), "dataroot": str(dataroot),
               "version": version, "split": split, "samples": len(dataset), "device": str(torch_device),

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import click
 
-from .options import infos_option, infos_override, recorded_storage_options, storage_option
+from .options import (infos_option, infos_override, recorded_storage_options, storage_option,
+                      unrecorded_storage_options)
 
 from ..cache_schemas.v2 import DEFAULT_INT8_ERROR, MAX_INT8_ERROR
 
@@ -86,7 +87,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
                                            preflight_split)
     from ..pipeline.errors import CheckpointError, ConfigError, DataError
     from ..pipeline.geometry.bev import BEVAugmentation
-    from ..pipeline.teacher.checkpoint import checkpoint_sha256, load_teacher_checkpoint
+    from ..pipeline.teacher.checkpoint import load_teacher_checkpoint
     from ..pipeline.teacher.config import TeacherExperimentConfig
     from ..pipeline.teacher.model import CenterPointTeacher
 
@@ -120,8 +121,8 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
                           f"{sorted(model.feature_channels)}")
     # pre-flight: every input problem (data and checkpoint) in one error, before any teacher compute
     checkpoint_error: CheckpointError | None = None
-    try:
-        load_teacher_checkpoint(model, checkpoint, trust_checkpoint=trust_checkpoint)  # logs what it loaded
+    try:  # logs what it loaded; read once, so its SHA-256 is that of the bytes loaded (latest.pth may be replaced)
+        sha = load_teacher_checkpoint(model, checkpoint, trust_checkpoint=trust_checkpoint).sha256
     except CheckpointError as exc:
         checkpoint_error = exc
     virtual = data_config.point_features == "mvp"
@@ -145,7 +146,6 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     logger.info("pre-flight: %d samples, %d input files (%.1f GB) present and well-formed", inputs.sample_count,
                 inputs.files, inputs.bytes / 1e9)
     model = model.to(device).eval()
-    sha = checkpoint_sha256(checkpoint)
 
     # the saved split index, mapped (built from the pre-flight's devkit tables when none is saved)
     if index is None:
@@ -159,7 +159,8 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     view_config = ViewConfig(count=views, seed=seed, rotation_range=tuple(data_config.bev_rotation_lim),
                              scale_range=tuple(data_config.bev_scale_lim), flip_x_prob=data_config.bev_flip_x_prob,
                              flip_y_prob=data_config.bev_flip_y_prob)
-    # the command that reproduces this store (absolute paths), named by --verify and training errors for repairs
+    # the command that reproduces this store (absolute paths), named by --verify and training errors for repairs;
+    # recorded and shown, so it never holds a credential: the URL without user info, allow-listed storage options
     command_line = shlex.join([
         "distillbev", "extract-teacher", "--config", str(Path(config_path).resolve()), "--dataroot",
         str(Path(dataroot).resolve()), "--checkpoint", str(Path(checkpoint).resolve()), "--cache",
@@ -170,6 +171,11 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
         *(["--no-background-writer"] if no_background_writer else []),
         *[arg for item in overrides for arg in ("--set", item)],
         *(["--infos", str(Path(infos).resolve())] if infos is not None else [])])
+    left_out = [*(["the URL's user info"] if location.user_info else []),
+                *(f"--storage-option {name}" for name in unrecorded_storage_options(options))]
+    if left_out:
+        logger.info("%s: the recorded command leaves out the credentials given (%s); give them again, or through "
+                    "the environment, to resume or repair this store", location, ", ".join(left_out))
     manifest = build_manifest(
         teacher_config=to_dict(config.model), checkpoint_path=str(checkpoint), checkpoint_sha256=sha, grid=canvas,
         layers=specs, heatmap_shape=config.model.head_grid.shape, occupancy_shape=canvas.shape, dtype=dtype,
@@ -205,11 +211,11 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     if result.state == "complete":
         checked = ("every chunk read and its CRC32C checked" if result.checked == "crc"
                    else "every chunk present; `--repair` also reads and CRC-checks them")
-        click.echo(f"{cache_path}: already complete ({result.total} sample-views of split {split!r}; {checked})")
+        click.echo(f"{location}: already complete ({result.total} sample-views of split {split!r}; {checked})")
         return
     if result.redone:
-        click.echo(f"{cache_path}: re-extracted {len(result.redone)} damaged sample-views")
+        click.echo(f"{location}: re-extracted {len(result.redone)} damaged sample-views")
     rate = result.written / max(result.seconds, 1e-9)
-    click.echo(f"{cache_path}: complete: {result.total} sample-views ({len(dataset)} samples x {views} views), "
+    click.echo(f"{location}: complete: {result.total} sample-views ({len(dataset)} samples x {views} views), "
                f"{result.written} written, {result.skipped} resumed, {result.seconds:.1f} s, {rate:.2f} views/s, "
                f"{result.raw_bytes / max(result.seconds, 1e-9) / 1e6:.1f} MB/s raw")

@@ -13,14 +13,25 @@ CACHE_HELP = ("Teacher cache: a local folder or an object-store URL (s3://bucket
 storage_option = click.option(
     "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
     help="Object-store setting for an s3:// (or fsspec) cache URL, e.g. endpoint_url=http://host:8333, region=..., "
-         "key=..., secret=..., backend=fsspec; the AWS_* environment is used otherwise. Repeatable.")
+         "key=..., secret=..., backend=fsspec; the AWS_* environment is used otherwise. Only settings (endpoint, "
+         "region, backend, ...) are ever recorded, never a credential or an unknown option. Repeatable.")
 
 
 def recorded_storage_options(options: dict[str, str]) -> list[str]:
-    """`--storage-option` arguments safe to record in a store's manifest (credentials left out)."""
-    secret = {"key", "secret", "token"}
-    return [arg for name, value in sorted(options.items()) if name not in secret
-            for arg in ("--storage-option", f"{name}={value}")]
+    """`--storage-option` arguments that may be recorded (a store's manifest, its lock): only the settings of the
+    allow-list `location.RECORDED_OPTIONS` (endpoint, region, backend, ...), URL values without user info. Every
+    other option (key, secret, password, account_key, sas_token, an unknown name) is left out: the person who runs
+    the recorded command gives it again."""
+    from ..pipeline.cache.location import recorded_options
+
+    return [arg for name, value in recorded_options(options).items() for arg in ("--storage-option", f"{name}={value}")]
+
+
+def unrecorded_storage_options(options: dict[str, str]) -> list[str]:
+    """The names of the `--storage-option`s that `recorded_storage_options` leaves out."""
+    from ..pipeline.cache.location import recorded_options
+
+    return sorted(set(options) - set(recorded_options(options)))
 
 
 infos_option = click.option(

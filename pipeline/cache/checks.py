@@ -11,16 +11,23 @@ present and (for the full check) carries a matching CRC32C. Two depths:
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ...cache_schemas import v2
-from .chunks import CRC_BYTES, chunk_coords, chunk_size, crc_problem, get_chunk_bytes, single_chunk_bytes
+from ..errors import CacheError
+from .chunks import (CRC_BYTES, chunk_coords, chunk_size, crc_problem, get_chunk_bytes, local_root,
+                     single_chunk_bytes)
 from .manifest import layer_specs
 
+logger = logging.getLogger(__name__)
+
 Damage = dict[tuple[int, int], list[tuple[str, str]]]  # (sample, view) -> [(array, problem)]
+LOCAL_READERS, REMOTE_READERS = 4, 32  # threads checking chunks
 
 
 def sample_view_array_names(manifest: dict[str, Any]) -> list[str]:
@@ -46,7 +53,7 @@ def _chunk_problem(array: Any, sample: int, view: int, full: bool) -> str | None
 
 
 def damaged_sample_views(group: Any, manifest: dict[str, Any], sample_views: list[tuple[int, int]],
-                         full: bool, workers: int = 4, progress: bool = False) -> Damage:
+                         full: bool, workers: int | None = None, progress: bool = False) -> Damage:
     """The sample-views among `sample_views` with a missing, truncated or (full) checksum-failing chunk."""
     from tqdm import tqdm
 
@@ -62,6 +69,8 @@ def damaged_sample_views(group: Any, manifest: dict[str, Any], sample_views: lis
         return sample_view, found
 
     damage: Damage = {}
+    if workers is None:  # a few readers keep a disk busy; an object store needs many requests in flight
+        workers = LOCAL_READERS if all(local_root(a) is not None for a in arrays.values()) else REMOTE_READERS
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cache-check") as pool:
         results = pool.map(check, sample_views)
         for sample_view, found in tqdm(results, total=len(sample_views), unit="view", disable=not progress,
@@ -71,30 +80,48 @@ def damaged_sample_views(group: Any, manifest: dict[str, Any], sample_views: lis
     return damage
 
 
-def missing_chunks(group: Any, manifest: dict[str, Any]) -> list[tuple[int, int, str]]:
-    """(sample, view, array) of every chunk that is absent or shorter than its checksum (quick check)."""
-    samples, views = int(manifest["sample_count"]), int(manifest["views"]["count"])
-    every = [(s, v) for s in range(samples) for v in range(views)]
-    damage = damaged_sample_views(group, manifest, every, full=False)
-    return [(s, v, name) for (s, v), found in sorted(damage.items()) for name, _ in found]
+READ_ATTEMPTS = 3  # reads of a static array before a storage error is reported
+RETRY_SECONDS = 0.5  # wait before the second read, doubled before each further one
 
 
 def static_array_problems(group: Any, manifest: dict[str, Any], sample_tokens: list[str], views: np.ndarray,
-                          head_state: dict[str, np.ndarray]) -> list[str]:
-    """Names of the static arrays (views, sample_tokens, teacher_head/*) that are missing, corrupt or differ."""
+                          head_state: dict[str, np.ndarray], where: str = "") -> list[str]:
+    """Names of the static arrays (views, sample_tokens, teacher_head/*) that are damaged: the array or its chunk
+    absent, the chunk truncated or failing its CRC32C, or values (or a shape) other than expected.
+
+    Nothing else counts as damage, since a repair of a complete store starts a new generation and so stops every
+    job reading it: any other error (an OSError, an object store's error, metadata that cannot be read) is retried
+    `READ_ATTEMPTS` times and then raised as a CacheError naming `where` (the store) and the array.
+    """
     expected: dict[str, np.ndarray] = {v2.VIEWS: views, v2.SAMPLE_TOKENS: np.array(sample_tokens, dtype=object)}
     expected.update({v2.teacher_head_array(name): np.asarray(value) for name, value in head_state.items()})
     bad = []
     for name, value in expected.items():
-        try:
-            array = group[name]
-            if crc_problem(single_chunk_bytes(array)) is not None:
-                bad.append(name)
-                continue
-            stored = np.asarray(array[...])
-        except Exception:  # absent array or unreadable metadata
-            bad.append(name)
-            continue
-        if stored.shape != value.shape or not np.array_equal(stored, value):
+        stored = _read_static_array(group, name, where or str(group.store))
+        if stored is None or stored.shape != value.shape or not np.array_equal(stored, value):
             bad.append(name)
     return bad
+
+
+def _read_static_array(group: Any, name: str, where: str) -> np.ndarray | None:
+    """The values of one static array, None when it is absent or its chunk is missing, truncated or corrupt."""
+    attempt = 1
+    while True:
+        try:
+            try:
+                array = group[name]
+            except KeyError:
+                return None
+            if crc_problem(single_chunk_bytes(array)) is not None:
+                return None
+            return np.asarray(array[...])
+        except Exception as exc:  # noqa: BLE001 - not damage: a storage error, retried, then reported
+            text = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            if attempt >= READ_ATTEMPTS:
+                raise CacheError(
+                    f"{where}: cannot read the static array {name} ({text}) after {READ_ATTEMPTS} attempts; nothing "
+                    f"was changed (a read error is not damage, so no repair was started); check the storage (disk, "
+                    f"network, credentials) and rerun the same command") from exc
+            logger.warning("%s: reading the static array %s failed (%s); retrying", where, name, text)
+        time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
+        attempt += 1

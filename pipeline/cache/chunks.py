@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 CRC_BYTES = 4
+REQUESTS_IN_FLIGHT = 256  # concurrent object-store requests of a batched read or write
 
 
 class ChunkError(Exception):
@@ -191,18 +192,58 @@ def write_local_chunk(path: Path, raw: bytes, fsync: bool) -> None:
 
 
 def put_chunks(store: Any, chunks: dict[str, bytes]) -> None:
-    """Store several encoded chunks (key -> bytes) through one zarr store, concurrently."""
+    """Store several encoded chunks (key -> bytes) through one zarr store, `REQUESTS_IN_FLIGHT` at a time."""
     import asyncio
 
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
     prototype = default_buffer_prototype()
+    items = list(chunks.items())
 
-    async def put_all() -> None:
-        await asyncio.gather(*(store.set(key, prototype.buffer.from_bytes(raw)) for key, raw in chunks.items()))
+    async def put_batch(batch: list[tuple[str, bytes]]) -> None:
+        await asyncio.gather(*(store.set(key, prototype.buffer.from_bytes(raw)) for key, raw in batch))
 
-    sync(put_all())
+    for start in range(0, len(items), REQUESTS_IN_FLIGHT):
+        sync(put_batch(items[start:start + REQUESTS_IN_FLIGHT]))
+
+
+def get_chunks(array: Any, coords: list[tuple[int, ...]]) -> list[bytes | None]:
+    """The stored bytes of many chunks of one array (None for an absent one), in the order of `coords`.
+
+    On an object store the requests go out `REQUESTS_IN_FLIGHT` at a time (one round trip per batch instead of one
+    per chunk: the done markers of trainval are 112,520 objects); on a local disk the files are read in turn.
+    """
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    if local_root(array) is not None:
+        return [get_chunk_bytes(array, c) for c in coords]
+    import asyncio
+
+    prototype = default_buffer_prototype()
+
+    async def get_batch(batch: list[tuple[int, ...]]) -> list[Any]:
+        return await asyncio.gather(*(array.store.get(chunk_key(array, c), prototype=prototype) for c in batch))
+
+    found: list[bytes | None] = []
+    for start in range(0, len(coords), REQUESTS_IN_FLIGHT):
+        found += [None if b is None else b.to_bytes() for b in sync(get_batch(coords[start:start + REQUESTS_IN_FLIGHT]))]
+    return found
+
+
+def write_chunks(array: Any, chunks: dict[tuple[int, ...], bytes]) -> list[str]:
+    """Write encoded chunks (coords -> bytes) of one array: local files through `write_local_chunk` (not fsync'ed:
+    the caller fsyncs the returned keys before anything vouches for them), object-store keys with `put_chunks`.
+    Returns the keys written."""
+    keys = {chunk_key(array, coords): raw for coords, raw in chunks.items()}
+    root = local_root(array)
+    if root is None:
+        put_chunks(array.store, keys)
+    else:
+        for key, raw in keys.items():
+            write_local_chunk(root / key, raw, fsync=False)
+    return list(keys)
 
 
 def decode_chunk(array: Any, raw: bytes | None) -> np.ndarray:

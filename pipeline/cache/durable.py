@@ -3,6 +3,7 @@ fsync'ed so the new name survives a power cut."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -15,16 +16,24 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+# Errors of a file system that cannot fsync a folder (some network and FUSE mounts): names are then as durable as
+# that file system makes them. Any other error (EIO above all) means a write may be lost, and is raised.
+FOLDER_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
 def fsync_dir(path: Path) -> None:
-    """Make the names in a folder durable (new files, renames)."""
+    """Make the names in a folder durable (new files, renames); OSError unless the file system merely cannot."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
+    except OSError as exc:
+        if exc.errno in FOLDER_FSYNC_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders; names are then as durable as they get
-        pass
+    except OSError as exc:
+        if exc.errno not in FOLDER_FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 

@@ -29,7 +29,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
 from .manifest import ViewConfig, layer_specs, view_augmentations
-from .checks import damaged_sample_views
+from .checks import Damage, damaged_sample_views
 from .location import StoreLocation
 from .store import classify_store, refuse_unusable, writer_lock
 from .writer import (SampleViewRecord, SampleViewWriter, finalize_store, prepare_store, read_done, set_done,
@@ -215,9 +215,14 @@ def die_with_parent(parent_pid: int) -> Callable[[], bool]:
     return lambda: os.getppid() == parent_pid
 
 
-def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int, parent_pid: int) -> None:
-    """Entry point of a forked worker: reports progress, errors and completion through `messages`."""
-    still_wanted = die_with_parent(parent_pid)
+def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int, parent_pid: int,
+                lock_held: Callable[[], bool] | None = None) -> None:
+    """Entry point of a forked worker: reports progress, errors and completion through `messages`.
+
+    It writes while its parent lives and (`lock_held`, the parent's lock check, inherited by the fork) the store's
+    lock is still the parent's."""
+    parent_alive = die_with_parent(parent_pid)
+    still_wanted = parent_alive if lock_held is None else (lambda: parent_alive() and lock_held())
     torch.set_num_threads(threads)
     try:
         _run_worker(job, lambda r: messages.put(("progress", worker_id, r.sample_index, r.view, r.nbytes)),
@@ -303,9 +308,7 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
         if prepared.state == "complete":
             return ExtractionReport(str(path), prepared.state, v2.STATUS_COMPLETE, total, total, 0,
                                     time.perf_counter() - started, 0, checked=prepared.checked)
-        pending = pending_sample_views(path)
-        if prepared.state == "resumed":
-            logger.info("%s: resuming, %d of %d sample-views already done", path, total - len(pending), total)
+        pending = prepared.pending
         jobs = [_WorkerJob(path, run, list(sample_tokens), ViewConfig.from_json(manifest["views"]), run_teacher,
                            load_points, batch_size, background_writer, max_pending)
                 for run in split_tasks(pending, workers)]
@@ -320,10 +323,15 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
 
 @dataclass
 class PreparedStore:
-    """A store ready for its workers: state "created" / "resumed" / "repaired" / "complete" (nothing to do)."""
+    """A store ready for its workers: state "created" / "resumed" / "repaired" / "complete" (nothing to do).
+
+    pending: the sample-views to extract, in order; redone: those among them that were marked done but failed
+    their checks; checked: "quick" or "crc" for a store that was complete.
+    """
 
     state: str
     total: int
+    pending: list[tuple[int, int]] = field(default_factory=list)
     redone: list[tuple[int, int]] = field(default_factory=list)
     checked: str = ""
 
@@ -331,42 +339,78 @@ class PreparedStore:
 def prepare_extraction(path: StoreLocation, manifest: dict[str, Any], sample_tokens: list[str],
                        head_state: dict[str, np.ndarray], overwrite: bool, repair: bool,
                        progress: bool) -> PreparedStore:
-    """Create or reopen the store (the caller holds its lock) and mark every sample-view that must be (re)done.
+    """Create or reopen the store (the caller holds its lock) and find every sample-view that must be (re)done.
 
     Resume re-checks (CRC) the sample-views marked done; a complete store is checked quick or, with `repair`, by
-    CRC, and its damaged sample-views are marked not done under a new generation.
+    CRC, and its damaged sample-views are marked not done under a new generation. Under torchrun the ranks run
+    the same steps: rank 0 `prepare_store`, every rank `check_samples` on its share, rank 0 `settle`.
     """
     state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
-    total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
-    group = path.open_group(mode="r")
+    share = check_samples(path, manifest, state, range(int(manifest["sample_count"])), repair, progress)
+    return settle(path, manifest, state, share, sample_tokens, repair)
+
+
+@dataclass
+class SharePlan:
+    """What `check_samples` found in some samples of a store: sample-views not marked done, and damaged ones."""
+
+    not_done: list[tuple[int, int]] = field(default_factory=list)
+    damage: Damage = field(default_factory=dict)
+
+    def merged(self, other: "SharePlan") -> "SharePlan":
+        return SharePlan(sorted(self.not_done + other.not_done), {**self.damage, **other.damage})
+
+
+def check_samples(path: StoreLocation, manifest: dict[str, Any], state: str, samples: Sequence[int], repair: bool,
+                  progress: bool) -> SharePlan:
+    """The checks `prepare_extraction` runs on the sample-views of `samples` (a rank's share, or all of them).
+
+    created: every sample-view is to do, nothing is read. resumed: the done markers are read in batches, and the
+    sample-views marked done are CRC-checked. complete: every sample-view is checked quick (chunks present) or,
+    with `repair`, by CRC.
+    """
+    views = range(int(manifest["views"]["count"]))
+    if state == "created":
+        return SharePlan([(s, v) for s in samples for v in views])
     if state == "complete":
-        every = [(s, v) for s in range(int(manifest["sample_count"])) for v in range(int(manifest["views"]["count"]))]
+        marked = [(s, v) for s in samples for v in views]
+        not_done: list[tuple[int, int]] = []
+    else:
+        done = read_done(path, samples)
+        marked = [(samples[i], int(v)) for i, v in zip(*np.nonzero(done))]
+        not_done = [(samples[i], int(v)) for i, v in zip(*np.nonzero(~done))]
+    full = repair or state != "complete"
+    damage = damaged_sample_views(path.open_group(mode="r"), manifest, marked, full=full, progress=progress)
+    return SharePlan(not_done, damage)
+
+
+def settle(path: StoreLocation, manifest: dict[str, Any], state: str, plan: SharePlan, sample_tokens: list[str],
+           repair: bool) -> PreparedStore:
+    """Mark the damaged sample-views of `plan` (every share's, merged) not done and say what is left to extract.
+
+    A damaged complete store gets status "writing" under a new generation first, so its readers stop.
+    """
+    total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
+    redone = sorted(plan.damage)
+    if state == "complete":
         checked = "crc" if repair else "quick"
-        damage = damaged_sample_views(group, manifest, every, full=repair, progress=progress)
-        if not damage:
+        if not redone:
             logger.info("%s: complete (%d sample-views, every chunk %s); nothing to do", path, total,
                         "passed its CRC32C check" if repair else "present")
             return PreparedStore("complete", total, checked=checked)
-        logger.warning("%s: %d damaged sample-views will be re-extracted: %s", path, len(damage),
-                       _describe_damage(damage, sample_tokens))
+        logger.warning("%s: %d damaged sample-views will be re-extracted: %s", path, len(redone),
+                       _describe_damage(plan.damage, sample_tokens))
         set_status(path, v2.STATUS_WRITING, manifest_generation=True)
-        set_done(path, sorted(damage), 0)
-        return PreparedStore("repaired", total, sorted(damage), checked)
-    redone: list[tuple[int, int]] = []
+        set_done(path, redone, 0)
+        return PreparedStore("repaired", total, redone, redone, checked)
+    if redone:
+        logger.warning("%s: %d sample-views marked done failed their checks and will be redone: %s", path,
+                       len(redone), _describe_damage(plan.damage, sample_tokens))
+        set_done(path, redone, 0)
     if state == "resumed":
-        marked = [(int(s), int(v)) for s, v in zip(*np.nonzero(read_done(path)))]
-        damage = damaged_sample_views(group, manifest, marked, full=True, progress=progress)
-        if damage:
-            logger.warning("%s: %d sample-views marked done failed their checks and will be redone: %s", path,
-                           len(damage), _describe_damage(damage, sample_tokens))
-            redone = sorted(damage)
-            set_done(path, redone, 0)
-    return PreparedStore(state, total, redone)
-
-
-def pending_sample_views(path: StoreLocation) -> list[tuple[int, int]]:
-    """(sample, view) of every sample-view not marked done, in order."""
-    return [(int(s), int(v)) for s, v in zip(*np.nonzero(~read_done(path)))]
+        logger.info("%s: resuming, %d of %d sample-views already done", path,
+                    total - len(plan.not_done) - len(redone), total)
+    return PreparedStore(state, total, sorted(plan.not_done + redone), redone)
 
 
 def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tuple[int, int]], workers: int,
@@ -374,7 +418,8 @@ def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tu
               still_wanted: Callable[[], bool] | None = None) -> None:
     """Run the workers' jobs in this process or in forked ones, with a progress bar fed by their reports.
 
-    still_wanted: checked before each sample-view written in this process (the store's lock is still held)."""
+    still_wanted: checked before each sample-view is written, here or in a forked worker (the store's lock is
+    still held)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(pending), unit="view", desc="extract-teacher", disable=not progress, smoothing=0.1)
@@ -397,17 +442,18 @@ def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tu
             for job in jobs:
                 _run_worker(job, lambda r: on_written(0, r.sample_index, r.view, r.nbytes), still_wanted)
         else:
-            _run_processes(jobs, on_written, threads)
+            _run_processes(jobs, on_written, threads, still_wanted)
     finally:
         torch.set_num_threads(previous_threads)
         bar.close()
 
 
-def _run_processes(jobs: list[_WorkerJob], on_written: Callable[[int, int, int, int], None], threads: int) -> None:
+def _run_processes(jobs: list[_WorkerJob], on_written: Callable[[int, int, int, int], None], threads: int,
+                   lock_held: Callable[[], bool] | None = None) -> None:
     """Fork one process per job, relay their progress, and fail fast (stopping the others) on any error."""
     context = multiprocessing.get_context("fork")
     messages = context.Queue()
-    processes = [context.Process(target=_child_main, args=(i, job, messages, threads, os.getpid()),
+    processes = [context.Process(target=_child_main, args=(i, job, messages, threads, os.getpid(), lock_held),
                                  name=f"extract-worker-{i}", daemon=True) for i, job in enumerate(jobs)]
     for process in processes:
         process.start()

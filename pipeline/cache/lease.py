@@ -15,7 +15,8 @@ which is safe against a dead holder but not against two live racers starting wit
 
 A killed holder's lease blocks new writers until it expires (`ttl`, 120 s by default, or the environment variable
 `DISTILLBEV_LEASE_SECONDS`); the error a second writer gets says until when. Expiry compares the writer's clock
-with the holder's: keep the nodes' clocks synchronised (NTP) to well under the ttl.
+with the holder's: keep the nodes' clocks synchronised (NTP) to well under the ttl. A lease object that is not
+such JSON (`parse_lease`) is an error naming it, never an expiry: nothing says that its holder is gone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .location import StoreLocation, remote_error
+from .location import StoreLocation, redact_command, remote_error
 
 logger = logging.getLogger(__name__)
 DEFAULT_TTL = 120.0
@@ -49,6 +50,33 @@ def lease_seconds() -> float:
     if value < 2:
         raise CacheError(f"DISTILLBEV_LEASE_SECONDS={raw!r}: a lease shorter than 2 s cannot be renewed in time")
     return value
+
+
+def parse_lease(raw: bytes, where: str) -> dict[str, Any]:
+    """The lease stored at `where` (the lease object's URL, for the message): a JSON object with an `owner` string
+    and a numeric `expires_at`.
+
+    Anything else is a CacheError, never an expired lease: a lease that cannot be read does not say that its
+    holder is gone, and taking it over could put two writers in one store.
+    """
+    problem = None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        data, problem = None, "not JSON"  # its text is not shown: it could hold anything, a credential too
+    if problem is None and not isinstance(data, dict):
+        problem = f"a JSON {type(data).__name__}, not an object"
+    elif problem is None and not isinstance(data.get("owner"), str):
+        problem = "no 'owner' string"
+    elif problem is None and (isinstance(data.get("expires_at"), bool)
+                              or not isinstance(data.get("expires_at"), (int, float))):
+        problem = f"'expires_at' is {data.get('expires_at')!r}, not a number of UTC seconds"
+    if problem is not None:
+        raise CacheError(f"{where}: the writer lease is unreadable ({len(raw)} bytes, {problem}), so whether an "
+                         f"extraction still writes this store is unknown and the lease is not taken over; once you "
+                         f"are sure that no extraction writes this store, delete it by hand (on S3: `aws s3 rm "
+                         f"{where}`) and rerun the command")
+    return data
 
 
 def _iso(seconds: float) -> str:
@@ -78,11 +106,7 @@ class _Objects:
             raw, etag = self.location.get(self.key), None
             if raw is None:
                 return None, None
-        try:
-            data = json.loads(raw or b"null")
-        except ValueError:
-            data = None
-        return (data if isinstance(data, dict) else {}), etag
+        return parse_lease(raw, f"{self.location}/{self.key}"), etag
 
     def create(self, data: bytes) -> str | None | bool:
         """Write `data` only if the key is absent: its ETag (obstore), True (fsspec), False when it exists."""
@@ -124,7 +148,7 @@ class LeaseLock:
 
     def __init__(self, location: StoreLocation, command: str = "", ttl: float | None = None) -> None:
         self.location = location
-        self.command = command
+        self.command = redact_command(command)  # written into the lease, so without any credential
         self.ttl = lease_seconds() if ttl is None else float(ttl)
         self.owner = uuid.uuid4().hex
         self._objects: _Objects | None = None
@@ -151,7 +175,7 @@ class LeaseLock:
                 if current is None:
                     result = self._objects.create(self._info())
                 else:
-                    expires = float(current.get("expires_at", 0) or 0)
+                    expires = float(current["expires_at"])
                     if expires > time.time():
                         raise CacheError(f"{self.location}: another extraction is writing this store "
                                          f"({describe(current)}); its lease runs until {_iso(expires)} and is renewed "
@@ -190,6 +214,9 @@ class LeaseLock:
                     self._lose(f"the lease was taken by {describe(current) if current else 'nobody'}")
                     return
                 self._etag, last_renewal = result, time.time()
+            except CacheError as exc:  # the lease object was overwritten with something that is no lease
+                self._lose(str(exc))
+                return
             except Exception as exc:  # a network error: keep trying until the lease would have expired
                 if time.time() - last_renewal > self.ttl:
                     self._lose(f"renewals failed for {self.ttl:.0f} s ({type(exc).__name__}: {exc})")
@@ -239,5 +266,6 @@ class LeaseLock:
 
 
 def describe(info: dict[str, Any]) -> str:
-    command = f", running `{info['command']}`" if info.get("command") else ""
+    # a lease written by an older version may hold credentials in its command: never shown
+    command = f", running `{redact_command(str(info['command']))}`" if info.get("command") else ""
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}{command}"

@@ -13,17 +13,25 @@ obstore's `S3Store` (the default) or `FsspecStore` over s3fs (`--storage-option 
 fsspec URL (`gs://`, `az://`, `memory://`, ...) through `FsspecStore.from_url` with the options passed through.
 S3 credentials, endpoint and region come from the usual AWS environment (`AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ENDPOINT_URL`, `AWS_REGION` / `AWS_DEFAULT_REGION`), then from
-the storage options, which win: `key`, `secret`, `token`, `endpoint_url`, `region` (s3fs's names). A plain-http
-endpoint is allowed.
+the storage options, which win: `key`, `secret`, `token`, `endpoint_url`, `region` (s3fs's names; through fsspec
+also `username` / `password`). An s3:// URL's user info (`s3://KEY:SECRET@bucket/prefix`, percent-encoded) is a key
+and secret between the two. A plain-http endpoint is allowed.
+
+Credentials are never written or shown: a location's `url` (its str, what errors and logs name) is the URL without
+user info, its repr names its options but shows no value, and what is recorded (the manifest's command, the lease
+and lock files) keeps only the storage options of `RECORDED_OPTIONS`, an allow-list of settings that are not
+secrets (`recorded_options`, `redact_command`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-from urllib.parse import urlsplit
+from typing import Any, Iterable, Mapping
+from urllib.parse import unquote, urlsplit
 
 from ..errors import CacheError
 from .durable import write_file_durably
@@ -32,6 +40,11 @@ S3_OPTIONS = ("key", "secret", "token", "endpoint_url", "region", "backend")
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
                  "AWS_DEFAULT_REGION")
 BACKENDS = ("obstore", "fsspec")
+# storage options that are settings, not secrets: the only ones ever recorded (every other option, known or not,
+# may carry a credential: password, username, account_key, sas_token, connection_string, ...)
+RECORDED_OPTIONS = ("backend", "endpoint", "endpoint_url", "region", "region_name", "anon", "use_ssl",
+                    "requester_pays", "version_aware", "project")
+_USER_INFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s]*@")
 _OBSTORE_USED_BY: int | None = None  # pid of the process that opened an obstore client (kept across a fork)
 
 
@@ -41,9 +54,46 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise CacheError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:8333")
+            # a value typed without its name may be a secret: only a known option name is echoed
+            shown = repr(pair) if pair in (*S3_OPTIONS, *RECORDED_OPTIONS) else "(not shown: it may hold a secret)"
+            raise CacheError(f"--storage-option {shown}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:8333")
         options[key.strip()] = value
     return options
+
+
+def strip_user_info(text: str) -> str:
+    """`text` with the user info of every URL in it removed: "s3://key:secret@bucket/p" -> "s3://bucket/p"; an '@'
+    after the first '/' of a URL's path is left alone."""
+    return _USER_INFO.sub(r"\g<scheme>", text)
+
+
+def recorded_options(options: Mapping[str, str]) -> dict[str, str]:
+    """The storage options that may be recorded: those of `RECORDED_OPTIONS`, URL values without user info."""
+    return {name: strip_user_info(value) for name, value in sorted(options.items()) if name in RECORDED_OPTIONS}
+
+
+def redact_command(command: str) -> str:
+    """A command line as it may be recorded or shown: every `--storage-option NAME=VALUE` whose NAME is not in
+    `RECORDED_OPTIONS` dropped, user info stripped from every URL. A command that does not split is replaced by a
+    placeholder (it cannot be checked)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return "(command not shown: it does not parse as a shell command line)"
+    kept: list[str] = []
+    position = 0
+    while position < len(words):
+        word = words[position]
+        option = word.partition("=")[2] if word.startswith("--storage-option=") else None
+        if word == "--storage-option" and position + 1 < len(words):
+            option, position = words[position + 1], position + 1
+        if option is not None:
+            if option.partition("=")[0] in RECORDED_OPTIONS:
+                kept += ["--storage-option", strip_user_info(option)]
+        else:
+            kept.append(strip_user_info(word))
+        position += 1
+    return shlex.join(kept)
 
 
 def store_exists(location: "StoreLocation | str | Path") -> bool:
@@ -56,21 +106,25 @@ def store_exists(location: "StoreLocation | str | Path") -> bool:
 
 def remote_error(location: "StoreLocation", exc: BaseException, action: str) -> CacheError:
     """A one-line CacheError for a failed request to an object store."""
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    text = location.redact(str(exc)).splitlines()[0][:200] if str(exc) else ""
     return CacheError(f"{location}: cannot {action} the object store ({type(exc).__name__}: {text}); check the "
                       f"bucket, the endpoint and the credentials (AWS_* environment or --storage-option)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StoreLocation:
-    """A cache store's address: `url` (a local path or a URL) and its storage options (sorted key/value pairs)."""
+    """A cache store's address: `url` (a local path or a URL without user info) and its storage options (sorted
+    key/value pairs). Its str is the URL; its repr names the options, never their values or the environment's."""
 
     url: str
     options: tuple[tuple[str, str], ...] = ()
     # the AWS_* environment when the location was made: DataLoader workers started by a forkserver inherit the
     # server's environment, not this process's, so the settings travel with the location
-    environment: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
-    _stores: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+    environment: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # the URL's user info ("user:password", as written), kept out of `url` so that nothing naming the location
+    # shows it; used only to connect
+    user_info: str = field(default="", compare=False)
+    _stores: dict = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def parse(cls, where: "str | Path | StoreLocation", storage_options: dict[str, str] | None = None,
@@ -80,19 +134,28 @@ class StoreLocation:
             if not storage_options:
                 return where
             return cls(where.url, tuple(sorted({**dict(where.options), **storage_options}.items())),
-                       where.environment)
+                       where.environment, where.user_info)
         text = str(where)
         scheme = urlsplit(text).scheme if "://" in text else ""
+        user_info = ""
         if scheme == "file":
             text = urlsplit(text).path
         elif scheme:
             parts = urlsplit(text)
-            if not parts.netloc:
-                raise CacheError(f"{text}: a store URL needs a bucket (or host), e.g. s3://bucket/prefix/cache.zarr")
-            text = f"{scheme}://{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+            user_info, _, host = parts.netloc.rpartition("@")
+            if not host:
+                raise CacheError(f"{strip_user_info(text)}: a store URL needs a bucket (or host), e.g. "
+                                 f"s3://bucket/prefix/cache.zarr")
+            port = host.rpartition(":")[2] if ":" in host and not host.endswith("]") else ""
+            if (scheme == "s3" and ":" in host) or (port and not port.isdigit()):
+                # "s3://key:se/cret@bucket" splits at the '/': the "bucket" would be "key:se"; not echoed
+                raise CacheError(f"{scheme}://...: the bucket (or host:port) of this store URL is not valid; a "
+                                 f"secret holding '/', '@' or ':' must be percent-encoded in a URL, or better given "
+                                 f"in the environment or as --storage-option")
+            text = f"{scheme}://{host}/{parts.path.strip('/')}".rstrip("/")
         options = tuple(sorted((storage_options or {}).items()))
         environment = () if not scheme else tuple(sorted((k, v) for k, v in os.environ.items() if k in AWS_VARIABLES))
-        location = cls(text, options, environment)
+        location = cls(text, options, environment, user_info)
         location._check_options()
         return location
 
@@ -119,13 +182,30 @@ class StoreLocation:
     def __str__(self) -> str:
         return self.url
 
+    def __repr__(self) -> str:
+        return f"StoreLocation({self.url!r}, options={[name for name, _ in self.options]!r})"
+
+    def redact(self, text: str) -> str:
+        """`text` (e.g. a driver's error message) with this location's secrets replaced by "***": its user info,
+        the values of its storage options outside `RECORDED_OPTIONS`, and its AWS secret and session token (values
+        of fewer than 4 characters, such as "1", are left: replacing them would garble the text, not hide one)."""
+        environment = dict(self.environment)
+        secrets = [self.user_info, unquote(self.user_info.partition(":")[2]),
+                   *(value for name, value in self.options if name not in RECORDED_OPTIONS),
+                   environment.get("AWS_SECRET_ACCESS_KEY", ""), environment.get("AWS_SESSION_TOKEN", "")]
+        for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return strip_user_info(text)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "options": self.options, "environment": self.environment}
+        return {"url": self.url, "options": self.options, "environment": self.environment,
+                "user_info": self.user_info}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "url", state["url"])
         object.__setattr__(self, "options", state["options"])
         object.__setattr__(self, "environment", state.get("environment", ()))
+        object.__setattr__(self, "user_info", state.get("user_info", ""))
         object.__setattr__(self, "_stores", {})
 
     def resolved(self) -> "StoreLocation":
@@ -134,7 +214,7 @@ class StoreLocation:
             return self
         path = Path(self.url)
         return StoreLocation(str(path.resolve() if path.is_symlink() else path.absolute()), self.options,
-                             self.environment)
+                             self.environment, self.user_info)
 
     @property
     def backend(self) -> str:
@@ -184,20 +264,29 @@ class StoreLocation:
         from zarr.storage import FsspecStore
 
         options = self._fsspec_options()
+        # s3fs takes no user info from a URL (it is in the options); other drivers read it there (ftp, sftp, ...)
+        url = self.url if self.scheme == "s3" or not self.user_info else self.url.replace(
+            "://", f"://{self.user_info}@", 1)
         try:
-            return FsspecStore.from_url(self.url, storage_options=options, read_only=read_only)
+            return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
         except (ImportError, ValueError) as exc:
-            raise CacheError(f"{self.url}: cannot open this URL through fsspec ({type(exc).__name__}: {exc}); "
-                             f"install the fsspec driver of {self.scheme}:// (e.g. s3fs, gcsfs, adlfs)") from None
+            raise CacheError(f"{self.url}: cannot open this URL through fsspec ({type(exc).__name__}: "
+                             f"{self.redact(str(exc))}); install the fsspec driver of {self.scheme}:// (e.g. s3fs, "
+                             f"gcsfs, adlfs)") from None
 
     def s3_settings(self) -> dict[str, str]:
-        """The S3 connection settings: the AWS environment (as it was when the location was made), storage options
-        over it (s3fs's names)."""
+        """The S3 connection settings: the AWS environment (as it was when the location was made), the URL's user
+        info over it (key:secret), storage options over both (s3fs's names; `username` / `password` are s3fs's
+        other names of `key` / `secret`)."""
         env = dict(self.environment)
         settings = {"key": env.get("AWS_ACCESS_KEY_ID", ""), "secret": env.get("AWS_SECRET_ACCESS_KEY", ""),
                     "token": env.get("AWS_SESSION_TOKEN", ""), "endpoint_url": env.get("AWS_ENDPOINT_URL", ""),
                     "region": env.get("AWS_REGION", env.get("AWS_DEFAULT_REGION", ""))}
-        settings.update({k: v for k, v in self.options if k in settings})
+        if self.user_info:
+            user, has_secret, secret = self.user_info.partition(":")
+            settings.update(key=unquote(user), **({"secret": unquote(secret)} if has_secret else {}))
+        aliases = {"username": "key", "password": "secret"}
+        settings.update({aliases.get(k, k): v for k, v in self.options if aliases.get(k, k) in settings})
         return {k: v for k, v in settings.items() if v}
 
     def bucket_and_prefix(self) -> tuple[str, str]:
@@ -237,6 +326,8 @@ class StoreLocation:
         options: dict[str, Any] = {k: v for k, v in self.options if k != "backend"}
         if self.scheme != "s3":
             return options
+        options.pop("username", None)  # in s3_settings' key and secret: s3fs refuses both names at once
+        options.pop("password", None)
         s3 = self.s3_settings()
         for name in ("key", "secret", "token", "endpoint_url"):
             if name in s3:

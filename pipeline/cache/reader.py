@@ -33,7 +33,7 @@ from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
                      expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
-from .location import StoreLocation, remote_error
+from .location import StoreLocation, redact_command, remote_error
 from .manifest import LayerSpec, layer_specs, manifest_diff, tokens_sha256
 from .quantize import QuantizedFeatures, dequantize_per_channel
 from .writer import read_done
@@ -326,7 +326,8 @@ def _read_static(path: StoreLocation, group: Any, manifest: dict[str, Any]) -> t
 
 def repair_command(manifest: dict[str, Any], path: Path | str | StoreLocation) -> str:
     """The extract-teacher command that wrote the store, with --repair (or a generic form when unrecorded)."""
-    command = str(manifest.get("extraction", {}).get("command") or "")
+    # a store written by an older version may hold credentials in its command: never printed
+    command = redact_command(str(manifest.get("extraction", {}).get("command") or ""))
     if command.startswith("distillbev extract-teacher"):
         parts = [part for part in shlex.split(command) if part not in ("--overwrite", "--repair")]
         storage = manifest.get("storage", {})

@@ -35,7 +35,7 @@ from ...cache_schemas import v2
 from ..errors import CacheError
 from .durable import fsync_dir, fsync_file
 from .lease import LeaseLock
-from .location import StoreLocation, remote_error
+from .location import StoreLocation, redact_command, remote_error
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +204,17 @@ def _process_start_time(pid: int) -> str | None:
         return None
 
 
+LOCK_ATTEMPTS = 5  # opens of the lock file when it keeps being replaced between open and flock
+
+
 class StoreLock:
     """An exclusive writer lock on a store folder (context manager; `acquire` / `release` also work).
 
-    CacheError when another live process holds it, naming that process and what it runs.
+    CacheError when another live process holds it, naming that process and what it runs. An flock belongs to an
+    open file, not to a name: once `distillbev.lock` is deleted or replaced (a cleanup script, `rsync --delete`),
+    the next writer creates and locks a new file beside the old lock. So the lock counts as held only while the
+    held descriptor is still the file at the lock's path (same device and inode), checked when it is taken and by
+    `still_held`, which the writer asks before every sample-view: the first writer stops, the second one writes.
     """
 
     def __init__(self, path: Path | StoreLocation, command: str = "") -> None:
@@ -215,10 +222,51 @@ class StoreLock:
         self.lock_path = self.path / v2.LOCK_FILE
         self.command = command
         self._fd: int | None = None
+        self._lost_logged = False
+
+    def _is_locked_file(self, fd: int) -> bool:
+        """Whether `fd` is the file now at the lock's path (False when the path is gone or names another file)."""
+        held = os.fstat(fd)
+        try:
+            current = os.stat(self.lock_path)
+        except FileNotFoundError:
+            return False
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     def acquire(self) -> "StoreLock":
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(self.path, exc) from exc
+        for _ in range(LOCK_ATTEMPTS):
+            fd = self._open_and_lock()
+            try:
+                if self._is_locked_file(fd):
+                    break
+            except OSError as exc:
+                os.close(fd)
+                raise storage_error(self.path, exc) from exc
+            os.close(fd)  # the file was deleted or replaced after it was opened: lock the one there now
+        else:
+            raise CacheError(f"{self.lock_path}: the lock file was deleted or replaced {LOCK_ATTEMPTS} times while "
+                             f"this extraction was taking it; stop whatever removes files in {self.path} (a cleanup "
+                             f"script, rsync --delete) and rerun this command")
+        previous = self.holder()
+        if previous and previous.get("pid") and not self._same_process(previous):
+            logger.info("%s: taking over the lock of a finished or killed run (pid %s on %s, started %s)",
+                        self.path, previous.get("pid"), previous.get("host"), previous.get("since"))
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_time(os.getpid()),
+                "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": redact_command(self.command)}  # the lock file holds no credential
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        self._lost_logged = False
+        return self
+
+    def _open_and_lock(self) -> int:
+        """A descriptor of the lock file (created if absent) holding its exclusive flock."""
+        try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise storage_error(self.path, exc) from exc
@@ -231,17 +279,7 @@ class StoreLock:
                                  f"wait for it to finish, or stop it and rerun this command") from None
             raise CacheError(f"{self.lock_path}: cannot lock ({exc.strerror or exc}); the file system may not "
                              f"support flock: put the cache on a local disk") from exc
-        previous = self.holder()
-        if previous and previous.get("pid") and not self._same_process(previous):
-            logger.info("%s: taking over the lock of a finished or killed run (pid %s on %s, started %s)",
-                        self.path, previous.get("pid"), previous.get("host"), previous.get("since"))
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_time(os.getpid()),
-                "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": self.command}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._fd = fd
-        return self
+        return fd
 
     def _same_process(self, info: dict[str, Any]) -> bool:
         return info.get("host") == socket.gethostname() and info.get("pid") == os.getpid()
@@ -258,7 +296,8 @@ class StoreLock:
         info = self.holder()
         if not info:
             return "holder unknown"
-        command = f", running `{info['command']}`" if info.get("command") else ""
+        # a lock file written by an older version may hold credentials in its command: never shown
+        command = f", running `{redact_command(str(info['command']))}`" if info.get("command") else ""
         return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}{command}"
 
     def release(self) -> None:
@@ -276,8 +315,20 @@ class StoreLock:
         return self._fd is not None
 
     def still_held(self) -> bool:
-        """Whether this process still holds the lock (an flock cannot be lost while its holder lives)."""
-        return self.held
+        """Whether this process still holds the lock: taken, and the lock's path still names the locked file (an
+        flock is not lost while its holder lives, but a deleted or replaced lock file lets another writer in)."""
+        if self._fd is None:
+            return False
+        try:
+            same = self._is_locked_file(self._fd)
+        except OSError as exc:
+            same, why = False, f"cannot check the lock file ({exc.strerror or exc})"
+        else:
+            why = "the lock file was deleted or replaced (another extraction may be writing now)"
+        if not same and not self._lost_logged:
+            logger.error("%s: lost the writer lock: %s; this process stops writing", self.lock_path, why)
+            self._lost_logged = True
+        return same
 
     def __enter__(self) -> "StoreLock":
         return self.acquire()

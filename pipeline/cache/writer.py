@@ -11,17 +11,17 @@ chunks pass their checks (`checks.py`), not even a lost or truncated file can ma
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .checks import missing_chunks, static_array_problems
-from .chunks import (ChunkError, chunk_coords, chunk_key, decode_chunk, encode_chunk, get_chunk_bytes, put_chunks,
-                     write_local_chunk)
+from .checks import damaged_sample_views, static_array_problems
+from .chunks import (ChunkError, chunk_coords, chunk_key, decode_chunk, encode_chunk, get_chunks, put_chunks,
+                     write_chunks, write_local_chunk)
 from .location import StoreLocation
 from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
 from .quantize import quantize_per_channel
@@ -88,7 +88,8 @@ def _create_layout(group: Any, manifest: dict[str, Any], sample_tokens: list[str
                        fill_value=False, dimension_names=v2.DIMS_PLANE, **codecs)
     done = group.create_array(v2.DONE, shape=(samples, num_views), chunks=(1, 1), dtype=v2.DONE_DTYPE,
                               fill_value=0, dimension_names=v2.DIMS_DONE, **codecs)
-    done[...] = 0  # every marker chunk exists from the start: a missing one is damage, not "not done"
+    # every marker chunk exists from the start (a missing one is damage, not "not done"); batched writes
+    write_done(done, [(s, v) for s in range(samples) for v in range(num_views)], 0)
     write_static_arrays(group, manifest, sample_tokens, views, head_state, create=True)
 
 
@@ -222,9 +223,12 @@ def _stored_tokens(group: Any) -> list[str] | None:
 
 def repair_static_arrays(path: StoreLocation, group: Any, manifest: dict[str, Any], sample_tokens: list[str],
                          head_state: dict[str, np.ndarray]) -> list[str]:
-    """Rewrite views / sample_tokens / teacher_head arrays whose chunks are missing, corrupt or not as expected."""
+    """Rewrite views / sample_tokens / teacher_head arrays whose chunks are missing, corrupt or not as expected.
+
+    Only damage starts a repair (and a new generation); an error reading them is a CacheError that changes nothing.
+    """
     views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
-    bad = static_array_problems(group, manifest, sample_tokens, views, head_state)
+    bad = static_array_problems(group, manifest, sample_tokens, views, head_state, where=str(path))
     if not bad:
         return []
     status = dict(group.attrs)["status"]
@@ -276,33 +280,77 @@ def remove_partial_files(path: StoreLocation) -> int:
     return count
 
 
-def read_done(path: str | Path | StoreLocation) -> np.ndarray:
-    """(S, V) bool done markers; a marker chunk that is missing or cannot be decoded counts as not done."""
+def read_done(path: str | Path | StoreLocation, samples: Sequence[int] | None = None) -> np.ndarray:
+    """Done markers as bool, (S, V) for the whole store or (len(samples), V) for the rows of `samples`, in order.
+
+    The markers are fetched in batches (`get_chunks`); one that is missing or cannot be decoded counts as not done
+    (its sample-view is rewritten), and is named in one warning.
+    """
     done = StoreLocation.parse(path).open_group(mode="r")[v2.DONE]
-    out = np.zeros(done.shape, dtype=bool)
-    for s, v in np.ndindex(*done.shape):
+    rows = range(done.shape[0]) if samples is None else samples
+    sample_views = [(int(s), v) for s in rows for v in range(done.shape[1])]
+    out = np.zeros(len(sample_views), dtype=bool)
+    unreadable = []
+    for i, raw in enumerate(get_chunks(done, [chunk_coords(done, s, v) for s, v in sample_views])):
         try:
-            out[s, v] = bool(decode_chunk(done, get_chunk_bytes(done, chunk_coords(done, s, v))).item())
+            out[i] = bool(decode_chunk(done, raw).item())
         except ChunkError as exc:
-            logger.warning("done marker (%d, %d) of %s: %s; that sample-view will be rewritten", s, v, path, exc)
-    return out
+            unreadable.append(f"({sample_views[i][0]}, {sample_views[i][1]}): {exc}")
+    if unreadable:
+        logger.warning("%d done markers of %s are unreadable (%s%s); those sample-views will be rewritten",
+                       len(unreadable), path, "; ".join(unreadable[:3]), " ..." if len(unreadable) > 3 else "")
+    return out.reshape(len(rows), done.shape[1])
+
+
+def write_done(done: Any, sample_views: list[tuple[int, int]], value: int) -> list[str]:
+    """Write the done markers of `sample_views` (batched; not fsync'ed); returns their keys."""
+    raw = encode_chunk(done, np.full((1, 1), value, dtype=done.dtype))
+    return write_chunks(done, {chunk_coords(done, s, v): raw for s, v in sample_views})
 
 
 def set_done(path: str | Path | StoreLocation, sample_views: list[tuple[int, int]], value: int) -> None:
-    """Set the done markers of `sample_views` (fsync'ed)."""
+    """Set the done markers of `sample_views` durably (fsync'ed on a local disk)."""
     path = StoreLocation.parse(path)
-    done = open_for_writing(path.open_group(mode="r+"), v2.DONE)
     try:
-        for s, v in sample_views:
-            done[s, v] = value
-        _fsync_chunks(path, done, sample_views)
+        fsync_keys(path, write_done(path.open_group(mode="r+")[v2.DONE], sample_views, value))
     except OSError as exc:
         raise storage_error(path, exc) from exc
 
 
-def _fsync_chunks(root: StoreLocation, array: Any, sample_views: list[tuple[int, int]]) -> None:
-    """fsync the chunk files of `sample_views` when the store is a local folder (object stores are durable)."""
-    fsync_keys(root, [chunk_key(array, chunk_coords(array, s, v)) for s, v in sample_views])
+@dataclass
+class ShareCheck:
+    """What stops the sample-views of some samples from being complete (`verify_samples`)."""
+
+    sample_views: int
+    not_done: int = 0  # markers not set
+    missing: list[tuple[int, int, str]] = field(default_factory=list)  # (sample, view, array) of absent chunks
+
+    def merged(self, other: "ShareCheck") -> "ShareCheck":
+        return ShareCheck(self.sample_views + other.sample_views, self.not_done + other.not_done,
+                          sorted(self.missing + other.missing))
+
+
+def verify_samples(path: str | Path | StoreLocation, manifest: dict[str, Any], samples: Sequence[int]) -> ShareCheck:
+    """Whether every sample-view of `samples` is marked done and has all its chunks (a quick check: sizes only).
+
+    When they are, their markers are fsync'ed, so a status "complete" written afterwards vouches for durable
+    markers. Ranks check their own shares of a store with it; `finalize_store` checks them all.
+    """
+    path = StoreLocation.parse(path)
+    group = path.open_group(mode="r")
+    done = read_done(path, samples)
+    views = range(done.shape[1])
+    absent = damaged_sample_views(group, manifest, [(s, v) for s in samples for v in views], full=False)
+    check = ShareCheck(done.size, int((~done).sum()),
+                       [(s, v, name) for (s, v), found in sorted(absent.items()) for name, _ in found])
+    if not check.not_done and not check.missing:
+        marker = group[v2.DONE]
+        try:
+            fsync_keys(path, [chunk_key(marker, chunk_coords(marker, s, v)) for s in samples for v in views],
+                       folders=True)
+        except OSError as exc:
+            raise storage_error(path, exc) from exc
+    return check
 
 
 class SampleViewWriter:
@@ -369,32 +417,35 @@ class SampleViewWriter:
             raise storage_error(self.path, exc) from exc
 
 
-def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str]) -> None:
+def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str],
+                   check: ShareCheck | None = None) -> None:
     """Check the store end to end and set status "complete" (durably); raises CacheError (status stays "writing").
 
-    Every done marker must be set and every chunk of every sample-view present; the static arrays must hold the
-    split's tokens and the manifest's views. The done markers are fsync'ed before the status says complete.
+    Every done marker must be set and every chunk of every sample-view present: `verify_samples` over the whole
+    store (it also fsyncs the markers), or `check`, the merged results of every rank's `verify_samples` on its
+    share; the static arrays must hold the split's tokens and the manifest's views.
     """
     path = StoreLocation.parse(path)
     group = path.open_group(mode="r+")
     manifest = dict(group.attrs)
-    done = read_done(path)
-    missing = int((~done).sum())
-    if missing:
-        raise CacheError(f"{path}: {missing} of {done.size} sample-views are not extracted; rerun the same "
-                         f"extract-teacher command to finish them")
+    samples, num_views = int(manifest["sample_count"]), int(manifest["views"]["count"])
+    check = check if check is not None else verify_samples(path, manifest, range(samples))
+    if check.sample_views != samples * num_views:
+        raise ValueError(f"a check of {check.sample_views} sample-views for a store of {samples * num_views}")
+    if check.not_done:
+        raise CacheError(f"{path}: {check.not_done} of {check.sample_views} sample-views are not extracted; "
+                         f"rerun the same extract-teacher command to finish them")
     problems = []
-    absent = missing_chunks(group, manifest)
-    if absent:
-        problems.append(f"{len(absent)} sample-views have missing chunks, e.g. sample {absent[0][0]} view "
-                        f"{absent[0][1]} {absent[0][2]}")
+    if check.missing:
+        s, v, name = check.missing[0]
+        problems.append(f"{len({(s, v) for s, v, _ in check.missing})} sample-views have missing chunks, e.g. "
+                        f"sample {s} view {v} {name}")
     stored_tokens = _stored_tokens(group)
     if stored_tokens != list(sample_tokens):
         problems.append("sample_tokens differ from the dataset's")
-    expected_views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
+    expected_views = views_array(ViewConfig.from_json(manifest["views"]), samples)
     if not np.array_equal(group[v2.VIEWS][...], expected_views):
         problems.append("views differ from the manifest's seed and ranges")
-    samples, num_views = int(manifest["sample_count"]), int(manifest["views"]["count"])
     for layer in layer_specs(manifest):
         shape = group[v2.feature_array(layer.name)].shape
         if shape != (samples, num_views, layer.channels, *layer.shape):
@@ -405,7 +456,6 @@ def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str]) -
     if remove_partial_files(path):
         logger.info("removed stray chunk files of an interrupted write")
     try:
-        fsync_store(path, names=[v2.DONE])
         group.attrs["status"] = v2.STATUS_COMPLETE
         fsync_keys(path, ["zarr.json"], folders=True)
     except OSError as exc:

@@ -96,15 +96,23 @@ class Batch:
     def __len__(self) -> int:
         return len(self.sample_tokens)
 
-    def to(self, device: torch.device | str) -> "Batch":
-        """A copy with every tensor on `device` (numpy fields stay on the host)."""
-        def move(v):
+    def _map_tensors(self, change) -> "Batch":
+        """A copy with `change` applied to every tensor, in a field or a list field (numpy fields stay as they are)."""
+        def apply(v):
             if isinstance(v, torch.Tensor):
-                return v.to(device, non_blocking=True)
+                return change(v)
             if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-                return [t.to(device, non_blocking=True) for t in v]
+                return [change(t) for t in v]
             return v
-        return Batch(**{k: move(v) for k, v in self.__dict__.items()})
+        return Batch(**{k: apply(v) for k, v in self.__dict__.items()})
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """A copy with every tensor on `device` (asynchronous from pinned memory)."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self, device=None) -> "Batch":
+        """A copy in page-locked memory; the DataLoader's pin-memory thread calls it (pin_memory=True on CUDA)."""
+        return self._map_tensors(lambda t: t.pin_memory())
 
 
 @dataclass

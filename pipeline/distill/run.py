@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..cache.location import strip_user_info
 from ..cache.manifest import manifest_diff
 from ..cache.reader import TeacherCache
 from ..config import from_dict, to_dict
@@ -537,7 +538,9 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
 def run_info(cfg: StudentExperimentConfig, targets: TargetSource, cache_path) -> dict[str, Any]:
     """RUN/run_info.json: the targets mode, the cache, the config that ran and, for a live teacher, the data
     settings its loader read instead of the student's."""
-    info = {"targets": targets.mode, "cache": None if cache_path is None else str(cache_path), "config": to_dict(cfg)}
+    # the cache's URL without user info (a password in it is never written)
+    info = {"targets": targets.mode, "cache": None if cache_path is None else strip_user_info(str(cache_path)),
+            "config": to_dict(cfg)}
     if targets.teacher_data is not None:
         info["teacher_data"] = {key: getattr(targets.teacher_data, key)
                                 for key in ("num_sweeps", "sweep_candidates", "point_features")}

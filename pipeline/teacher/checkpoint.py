@@ -82,6 +82,7 @@ class LoadReport:
     meta: dict[str, Any] | None = None  # meta stored with the checkpoint
     mmdet3d_version: str | None = None  # meta["mmdet3d_version"] of an mmdet3d file, when it records one
     box_convention: str = ""  # why the boxes are taken to be in the current convention, or "unknown (...)"
+    sha256: str = ""  # hex SHA-256 of the bytes that were loaded (read once: not a second read of `path`)
 
     def summary(self) -> str:
         text = f"{self.path}: loaded {self.num_loaded} tensors ({self.source} checkpoint)"
@@ -95,7 +96,8 @@ class LoadReport:
 
 
 def checkpoint_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (streamed)."""
+    """Hex SHA-256 of a file (streamed). For a checkpoint that is also loaded, take `LoadReport.sha256` instead:
+    the file may be replaced between two reads (`train-teacher` rewrites latest.pth every epoch)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found; pass the path of an existing .pth file")
@@ -106,11 +108,18 @@ def checkpoint_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path, trust: bool) -> Any:
-    if not path.is_file():
+def _read(path: Path, trust: bool) -> tuple[Any, str]:
+    """(the checkpoint's content, the hex SHA-256 of its bytes): the file is read once, hashed and loaded from
+    memory, so the hash is that of what was loaded even when the file is replaced meanwhile."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise CheckpointError(f"{path}: checkpoint file not found; pass the path of an existing .pth file "
-                              f"(train one with `distillbev train-teacher` or download the mmdet3d one)")
-    return load_checkpoint(path, trust=trust, what="teacher checkpoint")
+                              f"(train one with `distillbev train-teacher` or download the mmdet3d one)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check the file's "
+                              f"permissions and the disk") from exc
+    return load_checkpoint(path, trust=trust, what="teacher checkpoint", data=data), hashlib.sha256(data).hexdigest()
 
 
 def _state_dict_of(path: Path, payload: Any) -> tuple[dict[str, torch.Tensor], str, dict | None, dict | None]:
@@ -216,11 +225,12 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = T
     """Load a teacher checkpoint into `model` and report what happened.
 
     strict=True: every model key must be in the file and vice versa. Shape mismatches are always errors.
+    The file is read once: the report's `sha256` is that of the bytes loaded (record it, not a second hash).
     The file is unpickled without running code (`safe_pickle.load_checkpoint`): a file that needs a class outside
     its allow list is refused unless trust_checkpoint=True (`--trust-checkpoint`), which unpickles anything.
     """
     path = Path(path)
-    payload = _read(path, trust_checkpoint)
+    payload, sha256 = _read(path, trust_checkpoint)
     state, source, config, meta = _state_dict_of(path, payload)
     state, prefix = _strip_prefix(state)
     if not any(k.startswith(TEACHER_PREFIXES) for k in state):
@@ -259,7 +269,7 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path, strict: bool = T
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     report = LoadReport(path=str(path), source=source, num_loaded=len(own) - len(missing), missing=missing,
                         unexpected=unexpected, stripped_prefix=prefix, config=config, meta=meta,
-                        mmdet3d_version=mmdet3d_version, box_convention=convention)
+                        mmdet3d_version=mmdet3d_version, box_convention=convention, sha256=sha256)
     LOGGER.info(report.summary())
     return report
 

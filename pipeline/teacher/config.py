@@ -128,13 +128,19 @@ class TeacherTrainConfig:
     warmup_fraction: float = 0.4  # onecycle: fraction of steps spent rising to lr (CenterPoint's cyclic: 0.4)
     grad_clip: float = 35.0  # max gradient norm (0 = no clipping); mmdet3d CenterPoint uses 35
     seed: int = 0  # torch / numpy seed
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: min(8, cores per rank - 1)
+    # (`data.handover.loader_workers`); batches are pinned when the device is CUDA
     max_steps_per_epoch: int = 0  # cap on steps per epoch (0 = the whole split); for smoke runs
     evaluate: bool = True  # decode the val split and run the nuScenes evaluation after training
     log_every: int = 10  # steps between train_log.jsonl records
     precision: PrecisionSetting = "auto"  # autocast dtype of the training forward: auto = bf16 where the device
     # computes it natively, else fp32, resolved once per run (pipeline/precision.py)
     channels_last: bool = False  # NHWC convolutions (faster with oneDNN / cuDNN); evaluation is unaffected
+
+    def __post_init__(self) -> None:
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers: expected auto or a number >= 0 of DataLoader workers, found "
+                             f"{self.num_workers}")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch import nn
 from ..config import dump_config, to_dict
 from ..data.collate import collate_samples
 from ..data.dataset import NuScenesDetectionDataset
+from ..data.handover import loader_workers
 from ..data.types import Detections
 from ..distributed import World, barrier, broadcast_buffers, gather_ordered, prepare_model, rank_indices, unwrap
 from ..errors import CheckpointError
@@ -241,17 +242,20 @@ def load_run_state(run_dir: Path, model: CenterPointTeacher, optimizer: torch.op
     return epoch, step
 
 
-def _make_loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 collate: Callable, sampler: Any = None) -> torch.utils.data.DataLoader:
+def _make_loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int | str, seed: int,
+                 collate: Callable, device: torch.device | str, sampler: Any = None) -> torch.utils.data.DataLoader:
+    """The loader of the teacher's batches: `num_workers` as `loader_workers` reads it (auto: follows the cores),
+    batches pinned for asynchronous copies when the device is CUDA."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                       generator=generator, drop_last=False, persistent_workers=False)
+                                       sampler=sampler, num_workers=loader_workers(num_workers), collate_fn=collate,
+                                       generator=generator, drop_last=False, persistent_workers=False,
+                                       pin_memory=torch.device(device).type == "cuda")
 
 
 def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable, device: torch.device,
-                     out_dir: Path, batch_size: int, num_workers: int = 0,
+                     out_dir: Path, batch_size: int, num_workers: int | str = 0,
                      world: World = World()) -> dict[str, Any] | None:
     """Predict the dataset, write results.json and run the nuScenes evaluation into `out_dir` (the CenterHead's
     detections, the teacher's output); a teacher with a decoder also gets its DETR head scored into
@@ -262,7 +266,7 @@ def evaluate_teacher(model: CenterPointTeacher, dataset: Any, collate: Callable,
     """
     indices = rank_indices(len(dataset), world)
     part = dataset if not world.distributed else torch.utils.data.Subset(dataset, indices)
-    loader = _make_loader(part, batch_size, False, num_workers, 0, collate)
+    loader = _make_loader(part, batch_size, False, num_workers, 0, collate, device)
     detections = predict(model, loader, device, show_progress=world.is_main)
     summaries = {}
     for head, head_detections in detections.items():
@@ -302,7 +306,8 @@ def run_teacher_training(config: TeacherExperimentConfig, run_dir: str | Path, d
     if world.distributed:
         sampler = torch.utils.data.distributed.DistributedSampler(
             train_set, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=train.seed)
-    loader = _make_loader(train_set, train.batch_size, True, train.num_workers, train.seed, collate_samples, sampler)
+    loader = _make_loader(train_set, train.batch_size, True, train.num_workers, train.seed, collate_samples, device,
+                          sampler)
     steps_per_epoch = len(loader) if train.max_steps_per_epoch <= 0 else min(len(loader), train.max_steps_per_epoch)
     model = set_memory_format(CenterPointTeacher(config.model).to(device), train.channels_last)
     optimizer = build_optimizer(model, train)

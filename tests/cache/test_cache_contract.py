@@ -164,11 +164,12 @@ def test_reader_fails_when_the_store_is_rewritten_under_it(complete, manifest):
 
 # -------------------------------------------------------------------------------------------------- the lock
 def test_second_extraction_is_refused_while_one_holds_the_lock(complete, manifest):
-    with StoreLock(complete, command="distillbev extract-teacher (the first run)"):
+    with StoreLock(complete, command="distillbev extract-teacher --split first_run"):
         with pytest.raises(CacheError) as error:
             run_extract(complete, manifest)
     assert "another extraction is writing this store" in str(error.value)
-    assert f"pid {os.getpid()}" in str(error.value) and "(the first run)" in str(error.value)
+    assert f"pid {os.getpid()}" in str(error.value) and "running `distillbev extract-teacher --split first_run`" in \
+        str(error.value)
     assert run_extract(complete, manifest).state == "complete"  # released
 
 

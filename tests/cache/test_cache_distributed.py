@@ -14,7 +14,8 @@ import pytest
 from cache_fakes import chunk_files, run_extract
 
 from distillbev.pipeline.cache.distributed import rank_tasks
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.cache_schemas import v2
+from distillbev.pipeline.cache.writer import read_done, set_done, set_status
 
 SCRIPT = """
 import sys, time
@@ -34,8 +35,8 @@ report = extract_distributed({path!r}, manifest=manifest, sample_tokens=[token_o
                              head_state=head_state(), run_teacher=run_teacher, load_points=load_points, threads=1,
                              progress=False)
 # one write per line (print writes the text and the newline separately, and the ranks share the pipe)
-sys.stdout.write(f"rank {{dist.get_rank()}} written {{report.written}} by "
-                 f"{{sorted({{r for r, _, _ in report.written_by}})}}\\n")
+by_rank = {{r: sum(1 for w, _, _ in report.written_by if w == r) for r in range(dist.get_world_size())}}
+sys.stdout.write(f"rank {{dist.get_rank()}} written {{report.written}} by {{by_rank}}\\n")
 sys.stdout.flush()
 dist.destroy_process_group()
 """
@@ -101,6 +102,14 @@ def test_rank_tasks_take_whole_samples():
     assert rank_tasks(pending, 1, 2) == [(1, 0), (1, 1), (3, 0), (3, 1)]
 
 
+def test_rank_tasks_balance_a_lopsided_remainder():
+    # a 2-rank run killed after rank 0 finished its samples leaves only odd samples: both ranks get half of them
+    pending = [(s, v) for s in (1, 3, 5, 7) for v in range(2)] + [(6, 1)]
+    assert rank_tasks(pending, 0, 2) == [(1, 0), (1, 1), (5, 0), (5, 1), (7, 0), (7, 1)]
+    assert rank_tasks(pending, 1, 2) == [(3, 0), (3, 1), (6, 1)]
+    assert sorted(rank_tasks(pending, 0, 2) + rank_tasks(pending, 1, 2)) == sorted(pending)
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path, reference):
     path = tmp_path / "ranks.zarr"
@@ -108,7 +117,7 @@ def test_two_ranks_equal_one_process(tmp_path, reference):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     # 5 samples x 3 views: rank 0 owns samples 0, 2, 4 (9 sample-views), rank 1 samples 1, 3 (6)
-    assert "rank 0 written 15 by [0, 1]" in output
+    assert "rank 0 written 15 by {0: 9, 1: 6}" in output
     assert chunk_files(path) == reference
 
 
@@ -140,4 +149,23 @@ def test_two_ranks_killed_then_resumed_by_one_process(tmp_path, manifest, refere
     assert 4 <= done < 15
     report = run_extract(path, manifest, workers=1, threads_per_worker=1)
     assert report.state == "resumed" and report.skipped == done and report.written == 15 - done
+    assert chunk_files(path) == reference
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_resume_check_and_a_lopsided_remainder(tmp_path, manifest, reference):
+    path = tmp_path / "ranks.zarr"
+    run_extract(path, manifest, workers=1, threads_per_worker=1)
+    # as a 2-rank run killed before rank 0's samples 0 and 2 were done, with a corrupt chunk in rank 1's share
+    set_status(path, v2.STATUS_WRITING, manifest_generation=True)
+    set_done(path, [(s, v) for s in (0, 2) for v in range(3)], 0)
+    chunk = path / "features" / "neck" / "c" / "3" / "1" / "0" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    process = torchrun(path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    # rank 1 finds (3, 1) in its share; the 3 pending samples 0, 2, 3 are dealt out 0, 3 -> rank 0 and 2 -> rank 1
+    assert "rank 0 written 7 by {0: 4, 1: 3}" in output
     assert chunk_files(path) == reference

@@ -126,3 +126,32 @@ def test_the_train_loader_keeps_the_worker_count_and_prefetch():
 
     loader = train_loader(StudentExperimentConfig(), Items(range(16)), epoch=0, device=torch.device("cpu"), workers=2)
     assert loader.num_workers == 2 and loader.prefetch_factor == 2
+
+
+def test_the_teacher_loader_follows_the_cores_and_pins_on_cuda(monkeypatch):
+    from distillbev.pipeline.teacher.config import TeacherTrainConfig
+    from distillbev.pipeline.teacher.train import _make_loader
+
+    monkeypatch.setattr(handover, "available_cores", lambda: 5)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert TeacherTrainConfig().num_workers == "auto"
+    on_cuda = _make_loader(list(range(4)), 2, True, "auto", 0, list, "cuda:0")
+    on_cpu = _make_loader(list(range(4)), 2, True, 0, 0, list, "cpu")
+    assert (on_cuda.num_workers, on_cuda.pin_memory) == (4, True)
+    assert (on_cpu.num_workers, on_cpu.pin_memory) == (0, False)
+    with pytest.raises(ValueError, match="num_workers: expected auto or a number >= 0"):
+        TeacherTrainConfig(num_workers=-1)
+
+
+def test_a_pinned_teacher_batch_pins_every_tensor(monkeypatch):
+    from distillbev.pipeline.data.types import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: pinned.append(tuple(self.shape)) or self)
+    batch = Batch(sample_tokens=["a", "b"], points=[torch.zeros(3, 5), torch.zeros(4, 5)],
+                  gt_boxes=[torch.zeros(1, 9), torch.zeros(0, 9)], gt_labels=[torch.zeros(1), torch.zeros(0)],
+                  gt_attributes=[torch.zeros(1), torch.zeros(0)], bev_aug=torch.eye(4).expand(2, 4, 4),
+                  lidar_to_ego=[np.eye(4)] * 2, ego_to_global=[np.eye(4)] * 2)
+    out = batch.pin_memory()
+    assert isinstance(out, Batch) and out.sample_tokens == ["a", "b"] and out.lidar_to_ego is batch.lidar_to_ego
+    assert sorted(pinned) == sorted([(3, 5), (4, 5), (1, 9), (0, 9), (1,), (0,), (1,), (0,), (2, 4, 4)])
