@@ -11,6 +11,9 @@ One zarr group holds everything for S samples x V views (shape letters as in `pi
     sample_tokens             (S,)              string
     views                     (S, V, 4)         float64  BEVAugmentation.as_array(): rotation, scale, flip_x, flip_y
     done                      (S, V)            uint8    1 once every chunk of that sample-view is written
+    input_digest              (S, F, 32)        uint8    SHA-256 of each input file sample s's teacher points were
+                                                 read from, in read order (F = 1 + num_sweeps files, twice that
+                                                 with MVP virtual points; zero rows: fewer files or not recorded)
     teacher_head/<param>      any               the teacher CenterHead state_dict (float32), and detr.<param> the
                                                  DETR decoder's of a teacher with one (BEVFormer students inherit it)
 
@@ -23,6 +26,9 @@ beside the zarr metadata in the store's folder:
                               being created is still recognised as this tool's (and only such a store is ever
                               deleted by --overwrite)
     distillbev.lock           the writer lock (an flock held by the extracting process; host, pid and command inside)
+
+`input_digest` is written with the first sample-view of a sample and compared with every later one (docs/cache.md,
+Identity); a store created before it existed has no such array, and its inputs are known by names and sizes only.
 
 The manifest lives in the group attributes; `status` is "writing" until every sample-view is done and the store
 passed its final check, then "complete". `generation` is a fresh id each time a process starts rewriting the
@@ -48,6 +54,8 @@ ATTENTION_DTYPE = "float32"
 SCALE_DTYPE = "float32"
 VIEWS_DTYPE = "float64"
 DONE_DTYPE = "uint8"
+INPUT_DIGEST_DTYPE = "uint8"
+INPUT_DIGEST_BYTES = 32  # SHA-256 of one input file
 HEATMAP_CHANNELS = 10
 # zstd level of every chunk written from now on. Level 1 was chosen by the codec study (docs/benchmarks.md): on
 # the trained teacher's int8 features it encodes 1.4-1.5x faster than level 3 and stores 3-4% fewer bytes. A store
@@ -68,6 +76,7 @@ OCCUPANCY = "occupancy"
 SAMPLE_TOKENS = "sample_tokens"
 VIEWS = "views"
 DONE = "done"
+INPUT_DIGEST = "input_digest"
 TEACHER_HEAD = "teacher_head"
 
 # dimension_names written into every array's metadata
@@ -77,6 +86,7 @@ DIMS_CHANNEL = ("sample", "view", "C")
 DIMS_VIEWS = ("sample", "view", "augmentation")
 DIMS_DONE = ("sample", "view")
 DIMS_TOKENS = ("sample",)
+DIMS_INPUT_DIGEST = ("sample", "file", "byte")
 
 # manifest keys (dotted) that may differ between two runs of the same extraction: the checkpoint is identified
 # by its sha256 and the data by its content fingerprint, so moving either does not block a resume; the zstd level

@@ -82,6 +82,7 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
     from ..pipeline.config import load_config, to_dict
     from ..pipeline.distributed import check_device, init_from_env, world_from_env
     from ..pipeline.data.dataset import NuScenesDetectionDataset
+    from ..pipeline.data.digest import InputDigests
     from ..pipeline.data.index_store import open_split_index
     from ..pipeline.data.preflight import (check_index_inputs, point_loading_settings, preflight_message,
                                            preflight_split)
@@ -193,8 +194,9 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
             return model([points.to(device) for points in points_list])
 
     def load_points(index: int, bev_aug: BEVAugmentation):
-        sample = dataset.get(index, bev_aug=bev_aug, with_images=False)
-        return sample.sample_token, sample.points
+        inputs = InputDigests()  # the SHA-256 of every file read, taken while reading it
+        sample = dataset.get(index, bev_aug=bev_aug, with_images=False, digests=inputs)
+        return sample.sample_token, sample.points, inputs
 
     common = dict(manifest=manifest, sample_tokens=list(dataset.sample_tokens), head_state=head_state,
                   run_teacher=run_teacher, load_points=load_points, batch_size=batch_size,

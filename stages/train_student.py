@@ -47,12 +47,18 @@ from .options import infos_option, infos_override, storage_option
 @click.option("--sync-bn", is_flag=True, help="Under torchrun on CUDA: synchronise BatchNorm across the ranks "
                                               "(mmdet3d's --sync-bn).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
+@click.option("--verify-data", default="32", show_default=True, metavar="N|all|none",
+              help="With --cache: before step 1, re-hash the LiDAR (and virtual-point) files of N random train samples "
+                   "and compare them with the bytes the cache was extracted from (its input_digest); `all` checks "
+                   "every file (under torchrun each rank a share), `none` skips. The log line states the size and "
+                   "time; a difference is an error naming the sample and file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 @infos_option
 def command(config_path: Path, dataroot: Path | None, cache_path: str | None, storage_options: tuple[str, ...],
             out: Path, baseline: bool, targets: str | None, teacher_checkpoint: Path | None,
             teacher_config_path: Path | None, resume: bool, device: str, max_steps: int | None,
-            overrides: tuple[str, ...], sync_bn: bool, infos: str | None, trust_checkpoint: bool) -> None:
+            overrides: tuple[str, ...], sync_bn: bool, infos: str | None, trust_checkpoint: bool,
+            verify_data: str) -> None:
     """Train a BEVDet / BEVDepth / BEVDet4D / BEVDepth4D / BEVFormer student, then evaluate it with the devkit.
 
     Distilled runs read their targets from --cache (replaying each cached view's BEV augmentation); the cache is
@@ -64,6 +70,7 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
     import dataclasses
     import logging
 
+    from ..pipeline.cache.input_digest import parse_verify_data
     from ..pipeline.cache.location import StoreLocation, parse_storage_options
     from ..pipeline.config import load_config
     from ..pipeline.distill.config import StudentExperimentConfig
@@ -73,6 +80,10 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
     from ..pipeline.eval import format_metrics_table
     from ..pipeline.teacher.config import TeacherExperimentConfig
 
+    try:
+        verify_data = parse_verify_data(verify_data)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--verify-data") from None
     sets = list(overrides)
     if baseline:
         sets.append("distillation=false")
@@ -96,6 +107,6 @@ def command(config_path: Path, dataroot: Path | None, cache_path: str | None, st
         logging.getLogger("distillbev").setLevel(logging.WARNING)
     summary = train_student(cfg, out, cache_path=cache, device=device, resume=resume,
                             teacher_checkpoint=teacher_checkpoint, teacher_config=teacher_config, max_steps=max_steps,
-                            world=world, sync_bn=sync_bn, trust_checkpoint=trust_checkpoint)
+                            world=world, sync_bn=sync_bn, trust_checkpoint=trust_checkpoint, verify_data=verify_data)
     if world.is_main:
         click.echo(format_metrics_table(summary))

@@ -5,7 +5,11 @@ and tiny fakes in tests:
 
     run_teacher(points_list: list[Tensor (P, 5)]) -> TeacherOutputs-like (features layer -> (B, C, Y, X),
         heatmap (B, 10, Yh, Xh) logits, occupancy (B, Y, X) bool)
-    load_points(sample_index, bev_aug) -> (sample_token, points Tensor (P, 5) augmented by bev_aug)
+    load_points(sample_index, bev_aug) -> (sample_token, points Tensor (P, 5) augmented by bev_aug[, inputs])
+
+`inputs` (`data/digest.py::InputDigests`, optional) are the files the points were read from with the SHA-256 of
+the bytes read; the writer records them per sample and refuses a sample-view read from other bytes than the
+sample's earlier ones (`input_digest.py`).
 
 With `workers=N` the pending samples are split into N contiguous runs, one forked process each; a process owns
 whole samples, and every array has one chunk per sample-view, so two processes never write the same chunk.
@@ -47,7 +51,7 @@ from .writer import (SampleViewRecord, SampleViewWriter, finalize_store, prepare
 logger = logging.getLogger(__name__)
 
 RunTeacher = Callable[[list[torch.Tensor]], Any]
-LoadPoints = Callable[[int, BEVAugmentation], tuple[str, torch.Tensor]]
+LoadPoints = Callable[[int, BEVAugmentation], tuple]  # (token, points) or (token, points, InputDigests)
 FLOAT16_MAX = 65504.0
 
 
@@ -67,8 +71,10 @@ def spatial_attention(features: torch.Tensor, temperature: float = v2.ATTENTION_
 
 
 def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: list[str],
-                         manifest: dict[str, Any]) -> list[SampleViewRecord]:
-    """Split a batch of teacher outputs into per-sample-view records, refusing non-finite or misfit outputs."""
+                         manifest: dict[str, Any], inputs: list | None = None) -> list[SampleViewRecord]:
+    """Split a batch of teacher outputs into per-sample-view records, refusing non-finite or misfit outputs.
+
+    inputs: per task, the `InputDigests` of the files its points were read from (or None)."""
     layers = layer_specs(manifest)
     fp16 = manifest["storage"]["dtype"] == "fp16"
     expected = {layer.name: (layer.channels, *layer.shape) for layer in layers}
@@ -105,7 +111,8 @@ def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: lis
             features={layer.name: maps[layer.name][b].detach().float().cpu().numpy() for layer in layers},
             heatmap=heatmap[b].detach().cpu().numpy(),
             attention={name: a[b].detach().cpu().numpy() for name, a in attention.items()},
-            occupancy=outputs.occupancy[b].detach().bool().cpu().numpy()))
+            occupancy=outputs.occupancy[b].detach().bool().cpu().numpy(),
+            inputs=None if inputs is None else inputs[b]))
     return records
 
 
@@ -173,11 +180,12 @@ def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None],
     try:
         for start in range(0, len(job.tasks), job.batch_size):
             batch = job.tasks[start:start + job.batch_size]
-            tokens, clouds = [], []
+            tokens, clouds, inputs = [], [], []
             for sample_index, view in batch:
                 if sample_index not in augmentations:
                     augmentations = {sample_index: view_augmentations(job.views, sample_index)}
-                token, points = job.load_points(sample_index, augmentations[sample_index][view])
+                token, points, *read = job.load_points(sample_index, augmentations[sample_index][view])
+                inputs.append(read[0] if read else None)
                 if token != job.sample_tokens[sample_index]:
                     raise CacheError(f"sample {sample_index} of the dataset is {token!r} but the store expects "
                                      f"{job.sample_tokens[sample_index]!r}; the split or dataroot changed: "
@@ -186,7 +194,7 @@ def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None],
                 clouds.append(points)
             with torch.no_grad():
                 outputs = job.run_teacher(clouds)
-            for record in records_from_outputs(outputs, batch, tokens, writer.manifest):
+            for record in records_from_outputs(outputs, batch, tokens, writer.manifest, inputs):
                 if sink is None:
                     writer.write(record)
                     report(record)

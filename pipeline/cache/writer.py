@@ -18,12 +18,14 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from ...cache_schemas import v2
+from ..data.digest import InputDigests
 from ..errors import CacheError
 from .checks import damaged_sample_views, static_array_problems
 from .chunks import (ChunkError, chunk_coords, chunk_key, decode_chunk, encode_chunk, get_chunks, put_chunks,
                      write_chunks, write_local_chunk)
 from .location import StoreLocation
 from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
+from .input_digest import InputDigestRecorder, create_input_digest_array
 from .quantize import quantize_per_channel
 from .store import classify_store, clear_store, fsync_keys, fsync_store, refuse_unusable, storage_error, write_marker
 
@@ -37,7 +39,7 @@ class SampleViewRecord:
     """The teacher outputs of one sample-view, ready to store (float32 on the host).
 
     features: layer -> (C, Y, X); heatmap: (10, Yh, Xh) probabilities; attention: layer -> (Y, X);
-    occupancy: (Y, X) bool.
+    occupancy: (Y, X) bool. inputs: the files its points were read from with their SHA-256 (None: not hashed).
     """
 
     sample_index: int
@@ -47,6 +49,7 @@ class SampleViewRecord:
     heatmap: np.ndarray
     attention: dict[str, np.ndarray]
     occupancy: np.ndarray
+    inputs: InputDigests | None = None
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +89,7 @@ def _create_layout(group: Any, manifest: dict[str, Any], sample_tokens: list[str
     oy, ox = manifest["occupancy"]["shape"]
     group.create_array(v2.OCCUPANCY, shape=(samples, num_views, oy, ox), chunks=(1, 1, oy, ox), dtype="bool",
                        fill_value=False, dimension_names=v2.DIMS_PLANE, **codecs)
+    create_input_digest_array(group, manifest, **codecs)
     done = group.create_array(v2.DONE, shape=(samples, num_views), chunks=(1, 1), dtype=v2.DONE_DTYPE,
                               fill_value=0, dimension_names=v2.DIMS_DONE, **codecs)
     # every marker chunk exists from the start (a missing one is damage, not "not done"); batched writes
@@ -369,6 +373,7 @@ class SampleViewWriter:
         self.layers = [layer.name for layer in layer_specs(self.manifest)]
         self.arrays = {name: open_for_writing(self.group, name) for name in self._array_names()}
         self.still_wanted = still_wanted
+        self.inputs = InputDigestRecorder(self.group, self.path)
 
     def _array_names(self) -> list[str]:
         names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
@@ -385,6 +390,7 @@ class SampleViewWriter:
                              f"stopping before "
                              f"sample-view ({record.sample_index}, {record.view})")
         s, v = record.sample_index, record.view
+        inputs = self.inputs.chunks_for(record)  # refuses a sample-view read from other bytes, before any write
         chunks: dict[str, np.ndarray] = {}  # array name -> this sample-view's values, without the (S, V) axes
         for layer in self.layers:
             features = record.features[layer]
@@ -402,6 +408,7 @@ class SampleViewWriter:
         # without a round trip through zarr's event loop per array
         encoded = {chunk_key(self.arrays[name], chunk_coords(self.arrays[name], s, v)):
                    encode_chunk(self.arrays[name], values[None, None]) for name, values in chunks.items()}
+        encoded.update(inputs)
         done = self.arrays[v2.DONE]
         marker = {chunk_key(done, chunk_coords(done, s, v)): encode_chunk(done, np.ones((1, 1), dtype=done.dtype))}
         try:

@@ -24,6 +24,7 @@ from ..errors import DataError
 from ..geometry.bev import BEVAugmentation, sample_bev_augmentation
 from ..geometry.transforms import invert_transform, make_transform
 from .config import DataConfig
+from .digest import InputDigests
 from .index import FrameTable, SplitIndex, build_split_index, key_frame_lidar, load_lidar_points
 from .index_store import open_split_index
 from .loading import crop_points, decode_image, load_nuscenes, open_image, sample_image_augmentation
@@ -102,13 +103,14 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
 
     # ---------------------------------------------------------------------------------------------- views
     def get(self, index: int, bev_aug: BEVAugmentation | None = None, with_images: bool | None = None,
-            rng: np.random.Generator | None = None) -> Sample:
+            rng: np.random.Generator | None = None, digests: InputDigests | None = None) -> Sample:
         """The sample at `index`.
 
         Train mode draws (in this order) the BEV augmentation unless `bev_aug` is given, the sweep choice and the
         image augmentations and the adjacent frame from `rng` (default: `rng_for(index)`). Test mode draws nothing:
         identity BEV augmentation unless `bev_aug` is given, nearest sweeps, deterministic resize/crop.
         `with_images=False` skips the cameras of a dataset that loads them (e.g. the teacher's points only).
+        `digests` records the SHA-256 of each LiDAR (and virtual-point) file as it is read (`data/digest.py`).
         """
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
@@ -125,7 +127,7 @@ class NuScenesDetectionDataset(torch.utils.data.Dataset):
             raise ValueError("with_images=True needs a dataset built with data.load_images (its index has no cameras)")
 
         lidar_to_ego, ego_to_global = self.poses(index)
-        points = load_lidar_points(self.index, index, config, rng)
+        points = load_lidar_points(self.index, index, config, rng, digests)
         if not bev_aug.is_identity:
             points = bev_aug.apply_points(points)
         # the camera students' depth targets: every key-frame point, not only those inside the crop

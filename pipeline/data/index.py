@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import DataError
 from ..geometry.transforms import invert_transform, make_transform, quaternion_to_matrix
 from .classes import ATTRIBUTE_ID, CLASS_ID, NO_ATTRIBUTE, category_to_class
+from .digest import InputDigests
 from .loading import lidar_records, read_points, split_sample_tokens
 from .virtual_points import FEATURE_WIDTH as MVP_POINT_DIMS
 from .virtual_points import mvp_point_features, read_virtual_points, virtual_path
@@ -447,7 +448,8 @@ def build_split_index(nusc, split: str, sweep_candidates: int, camera_channels: 
 
 
 # ---------------------------------------------------------------------------------------------------- LiDAR
-def load_lidar_points(index: SplitIndex, i: int, config, rng: np.random.Generator | None) -> np.ndarray:
+def load_lidar_points(index: SplitIndex, i: int, config, rng: np.random.Generator | None,
+                      digests: InputDigests | None = None) -> np.ndarray:
     """Key-frame LIDAR_TOP points of sample i + `config.num_sweeps` previous sweeps in the key-frame LiDAR frame.
 
     Returns (P, 5) float32 x, y, z, intensity, time lag [s] (0 for the key frame), or with `config.point_features`
@@ -456,7 +458,8 @@ def load_lidar_points(index: SplitIndex, i: int, config, rng: np.random.Generato
     ego(t_sweep) -> global -> ego(t_key) -> key lidar. With `rng` the sweeps are a random choice of `num_sweeps`
     among the `sweep_candidates` nearest, kept nearest first (train); without, the nearest `num_sweeps` (test). A
     key frame without any previous sweep is padded with copies of itself, without its own close returns, when
-    `config.pad_empty_sweeps` (mmdet3d's LoadPointsFromMultiSweeps(pad_empty_sweeps=True)).
+    `config.pad_empty_sweeps` (mmdet3d's LoadPointsFromMultiSweeps(pad_empty_sweeps=True)). `digests` records the
+    SHA-256 of every file read, in read order (`data/digest.py`: key frame, sweeps, each with its virtual points).
     """
     num_sweeps, available = config.num_sweeps, int(index.sweep_counts[i])
     available = min(available, config.sweep_candidates)
@@ -471,12 +474,12 @@ def load_lidar_points(index: SplitIndex, i: int, config, rng: np.random.Generato
 
     def read(path: str, lag: float) -> np.ndarray:
         """One record's points in its own sensor frame with `lag` in the last column: (P, 5) or (P, 17)."""
-        raw = read_points(path, token)
+        raw = read_points(path, token, digests)
         if not mvp:
             raw[:, 4] = lag
             return raw
         owner = f"{Path(path).name} (sample {token})"
-        return mvp_point_features(raw, read_virtual_points(virtual_path(path), owner), lag)
+        return mvp_point_features(raw, read_virtual_points(virtual_path(path), owner, digests), lag)
 
     def far(points: np.ndarray) -> np.ndarray:
         # the ego body's own returns would smear across the key frame once a sweep is moved

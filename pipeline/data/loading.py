@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import DataError
 from .config import DataConfig
+
+if TYPE_CHECKING:
+    from .digest import InputDigests
 
 # The 13 tables `nuscenes.NuScenes` loads from <dataroot>/<version>/.
 TABLE_NAMES: tuple[str, ...] = (
@@ -170,8 +174,11 @@ def split_sample_tokens(nusc, split: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ LiDAR
-def read_points(path: str | Path, sample_token: str) -> np.ndarray:
-    """A nuScenes .pcd.bin -> (P, 5) float32 x, y, z, intensity, ring (sensor frame)."""
+def read_points(path: str | Path, sample_token: str, digests: InputDigests | None = None) -> np.ndarray:
+    """A nuScenes .pcd.bin -> (P, 5) float32 x, y, z, intensity, ring (sensor frame).
+
+    digests: records the SHA-256 of the bytes read (hashed from the array they were read into, no second read).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: LiDAR file of sample {sample_token} not found; check that samples/ and sweeps/ "
@@ -180,7 +187,16 @@ def read_points(path: str | Path, sample_token: str) -> np.ndarray:
     if size % 20 != 0:
         raise DataError(f"{path}: {size} bytes is not a multiple of 20 (5 float32 x, y, z, intensity, ring per "
                         f"point) in sample {sample_token}; the file is truncated or not a .pcd.bin, re-extract it")
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 5)  # (P, 5)
+    points = np.empty(size // 4, dtype=np.float32)
+    with open(path, "rb") as handle:
+        read = handle.readinto(points)
+        extra = handle.read(1)
+    if read != size or extra:
+        raise DataError(f"{path}: the LiDAR file of sample {sample_token} changed size while it was read ({size} "
+                        f"bytes when opened); rerun once nothing writes into the dataroot")
+    if digests is not None:
+        digests.add(path, points)
+    return points.reshape(-1, 5)  # (P, 5)
 
 
 # [m] half side of the square around the sensor whose rows are not returns from the scene: the devkit's

@@ -21,16 +21,21 @@ plain points keep every LiDAR point, so a painted point appears twice (once plai
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from ..errors import DataError
 from ..safe_pickle import ForbiddenGlobal, restricted_load
+
+if TYPE_CHECKING:
+    from .digest import InputDigests
 
 MVP_CLASSES = ("car", "truck", "trailer", "bus", "construction_vehicle", "bicycle", "motorcycle", "pedestrian",
                "traffic_cone", "barrier")
@@ -76,10 +81,10 @@ def write_virtual_points(path: str | Path, points: VirtualPoints) -> None:
     os.replace(temporary, path)
 
 
-def _read_dict(path: Path) -> dict:
-    """The dict an MVP file holds: the .npy header must describe a 0-d object array, whose pickle (the rest of the
-    file) is read with the restricted unpickler (numpy arrays and plain values only)."""
-    with open(path, "rb") as handle:
+def _read_dict(data: bytes) -> dict:
+    """The dict an MVP file's bytes hold: the .npy header must describe a 0-d object array, whose pickle (the rest of
+    the file) is read with the restricted unpickler (numpy arrays and plain values only)."""
+    with io.BytesIO(data) as handle:
         version = npy_format.read_magic(handle)
         if version == (1, 0):
             shape, _, dtype = npy_format.read_array_header_1_0(handle)
@@ -96,16 +101,21 @@ def _read_dict(path: Path) -> dict:
     return array.item()
 
 
-def read_virtual_points(path: str | Path, sample_data_token: str = "") -> VirtualPoints:
+def read_virtual_points(path: str | Path, sample_data_token: str = "",
+                        digests: InputDigests | None = None) -> VirtualPoints:
     """Read one file written by MVP or by `write_virtual_points`; a missing or malformed file is a one-line
-    DataError naming it, the sample_data and what to do."""
+    DataError naming it, the sample_data and what to do. The file is read once; `digests` records the SHA-256 of
+    those bytes."""
     path = Path(path)
     owner = f" of LIDAR_TOP sample_data {sample_data_token}" if sample_data_token else ""
     if not path.is_file():
         raise DataError(f"{path}: virtual-point file{owner} not found; run `{MAKE_COMMAND}` or put MVP's released "
                         f"LIDAR_TOP_VIRTUAL folders next to samples/ and sweeps/")
     try:
-        data = _read_dict(path)
+        raw = path.read_bytes()
+        if digests is not None:
+            digests.add(path, raw)
+        data = _read_dict(raw)
         virtual, real = np.asarray(data["virtual_points"]), np.asarray(data["real_points"])
         indices = np.asarray(data["real_points_indice"])
     except ForbiddenGlobal as exc:

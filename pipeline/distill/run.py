@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..cache.input_digest import DEFAULT_VERIFY_SAMPLES, verify_input_files
 from ..cache.location import strip_user_info
 from ..cache.manifest import manifest_diff
 from ..cache.reader import TeacherCache
@@ -372,25 +373,30 @@ class TargetSource:
 
 def open_targets(cfg: StudentExperimentConfig, out_dir: Path, device: torch.device, *, cache_path=None,
                  teacher_checkpoint: Path | None = None, teacher_config: TeacherExperimentConfig | None = None,
-                 resume: bool = False, world: World = World(), trust_checkpoint: bool = False) -> TargetSource:
+                 resume: bool = False, world: World = World(), trust_checkpoint: bool = False,
+                 verify_data: str = str(DEFAULT_VERIFY_SAMPLES)) -> TargetSource:
     """The run's target source: a baseline's train split, the checked cache, or the live teacher (ConfigError when
-    the mode's input is missing; the cache or the teacher is checked against `cfg` before the first step)."""
+    the mode's input is missing; the cache or the teacher is checked against `cfg` before the first step).
+    verify_data: which samples' input files are re-hashed against a cache's digests (`verify_input_files`)."""
     if not cfg.distillation:
         return TargetSource("none", NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train"))
     if cfg.targets == "online":
         return open_live_teacher(cfg, teacher_checkpoint, teacher_config, device, trust_checkpoint)
-    return open_cache_targets(cfg, cache_path, teacher_checkpoint, out_dir, resume, world)
+    return open_cache_targets(cfg, cache_path, teacher_checkpoint, out_dir, resume, world, verify_data)
 
 
 def open_cache_targets(cfg: StudentExperimentConfig, cache_path, teacher_checkpoint: Path | None, out_dir: Path,
-                       resume: bool, world: World) -> TargetSource:
-    """`cache` / `approximate` targets: the cache, checked against the config, the train split's content and the
-    teacher checkpoint (when given), and against the cache a resumed run was trained on."""
+                       resume: bool, world: World, verify_data: str = str(DEFAULT_VERIFY_SAMPLES)) -> TargetSource:
+    """`cache` / `approximate` targets: the cache, checked against the config, the train split's fingerprint, the
+    bytes of the input files of `verify_data` samples (re-hashed, `verify_input_files`) and the teacher checkpoint
+    (when given), and against the cache a resumed run was trained on."""
     if cache_path is None:
         raise ConfigError(f"targets {cfg.targets!r} needs --cache STORE (or --targets online with "
                           f"--teacher-checkpoint, or --baseline)")
     train_dataset = NuScenesDetectionDataset(cfg.data, cfg.data.train_split, mode="train")
     cache = open_checked_cache(cache_path, cfg, train_dataset, teacher_checkpoint)
+    verify_input_files(cache.path, cache.manifest, cache.sample_tokens, train_dataset, verify_data, rank=world.rank,
+                       world_size=world.world_size, progress=world.is_main)
     check_resume_identity(out_dir, cache_identity(cache.manifest), resume, write=world.is_main)
     log_view_coverage(cache.num_views)
     return TargetSource(cfg.targets, train_dataset, teacher_layers=cache.manifest["layers"],
@@ -456,15 +462,17 @@ def resolved_precisions(cfg: StudentExperimentConfig, device: torch.device,
 def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path | None = None,
                   device: str = "cpu", resume: bool = False, teacher_checkpoint: Path | None = None,
                   teacher_config: TeacherExperimentConfig | None = None, max_steps: int | None = None,
-                  world: World = World(), sync_bn: bool = False, trust_checkpoint: bool = False) -> dict | None:
+                  world: World = World(), sync_bn: bool = False, trust_checkpoint: bool = False,
+                  verify_data: str = str(DEFAULT_VERIFY_SAMPLES)) -> dict | None:
     """Train (baseline or distilled) and evaluate; returns the devkit's metrics summary (None on ranks other than 0).
 
     teacher_config: `online` targets: the live teacher's experiment config (its model, and the sweeps and point
     features it reads), needed when `teacher_checkpoint` does not record them (`online_teacher_settings`);
     world: this rank under torchrun (`distributed.init_from_env`), the default a single process; sync_bn: convert
     BatchNorm to SyncBatchNorm (CUDA ranks only); trust_checkpoint: load `teacher_checkpoint` with full unpickling
-    (--trust-checkpoint), which runs any code it carries. `cfg` is not modified: what is derived from it (the
-    resolved precisions, the live teacher's data settings) lives in copies.
+    (--trust-checkpoint), which runs any code it carries; verify_data: "all", "none" or a number of samples whose
+    input files are re-hashed and compared with the cache's digests before the first step. `cfg` is not modified:
+    what is derived from it (the resolved precisions, the live teacher's data settings) lives in copies.
     """
     device_t = torch.device(device)
     if not resume and (out_dir / "latest.pth").exists():
@@ -482,7 +490,7 @@ def train_student(cfg: StudentExperimentConfig, out_dir: Path, cache_path: Path 
         warn_if_random_backbone(cfg)
     targets = open_targets(cfg, out_dir, device_t, cache_path=cache_path, teacher_checkpoint=teacher_checkpoint,
                            teacher_config=teacher_config, resume=resume, world=world,
-                           trust_checkpoint=trust_checkpoint)
+                           trust_checkpoint=trust_checkpoint, verify_data=verify_data)
     distill_loss = (build_distill_loss(cfg, student, targets.teacher_layers).to(device_t) if targets.distilled
                     else None)
     inherit_head(cfg, student, targets, device_t)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from distillbev.pipeline.cache.extract import extract_teacher_cache
 from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
+from distillbev.pipeline.data.digest import InputDigests
+from distillbev.pipeline.data.loading import read_points
 from distillbev.pipeline.geometry.bev import BEVAugmentation, BEVGrid
 
 LAYERS = ["backbone1", "backbone2", "neck"]
@@ -89,6 +91,25 @@ def token_of(index: int) -> str:
 
 def load_points(index: int, bev_aug: BEVAugmentation) -> tuple[str, torch.Tensor]:
     return token_of(index), torch.from_numpy(bev_aug.apply_points(base_points(index))).float()
+
+
+class FilePoints:
+    """The fake samples as .pcd.bin files in `folder`, one per sample, read back as the stage's loader reads them:
+    with the SHA-256 of the bytes read (a `load_points` returning (token, points, InputDigests))."""
+
+    def __init__(self, folder: Path, count: int = NUM_SAMPLES) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            base_points(index).astype(np.float32).tofile(self.path(index))
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"sample-{index:03d}.pcd.bin"
+
+    def __call__(self, index: int, bev_aug: BEVAugmentation) -> tuple[str, torch.Tensor, InputDigests]:
+        digests = InputDigests()
+        points = read_points(self.path(index), token_of(index), digests).astype(np.float64)
+        return token_of(index), torch.from_numpy(bev_aug.apply_points(points)).float(), digests
 
 
 def head_state() -> dict[str, np.ndarray]:
