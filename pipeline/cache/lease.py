@@ -62,7 +62,7 @@ def parse_lease(raw: bytes, where: str) -> dict[str, Any]:
     problem = None
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except ValueError:
         data, problem = None, "not JSON"  # its text is not shown: it could hold anything, a credential too
     if problem is None and not isinstance(data, dict):
         problem = f"a JSON {type(data).__name__}, not an object"
