@@ -1,4 +1,8 @@
-"""Version 2 of the teacher-feature cache: the zarr v3 layout, the files beside it and the manifest it carries.
+"""Schema 3 of the teacher-feature cache: the zarr v3 layout, the files beside it and the manifest it carries.
+
+The module keeps the name of schema 2, the layout it extends: schema 3 differs only in its done markers, which bind
+every chunk of a sample-view to its place (`pipeline/cache/marker.py`), and in the manifest's `store_id`. A
+schema-2 store (bare uint8 markers) is still read, its markers taken as "done, unbound" (`READABLE_SCHEMA_VERSIONS`).
 
 One zarr group holds everything for S samples x V views (shape letters as in `pipeline/data/types.py`):
 
@@ -10,7 +14,9 @@ One zarr group holds everything for S samples x V views (shape letters as in `pi
     occupancy                 (S, V, Y, X)      bool     teacher canvas cells that hold a point
     sample_tokens             (S,)              string
     views                     (S, V, 4)         float64  BEVAugmentation.as_array(): rotation, scale, flip_x, flip_y
-    done                      (S, V)            uint8    1 once every chunk of that sample-view is written
+    done                      (S, V, D)         uint8    all zero until every chunk of that sample-view is written,
+                                                 then a digest binding them to this store and sample-view
+                                                 (D = 48 + 4 N for N per-sample-view arrays; schema 2: (S, V), 1)
     input_digest              (S, F, 32)        uint8    SHA-256 of each input file sample s's teacher points were
                                                  read from, in read order (F = 1 + num_sweeps files, twice that
                                                  with MVP virtual points; zero rows: fewer files or not recorded)
@@ -32,14 +38,18 @@ Identity); a store created before it existed has no such array, and its inputs a
 
 The manifest lives in the group attributes; `status` is "writing" until every sample-view is done and the store
 passed its final check, then "complete". `generation` is a fresh id each time a process starts rewriting the
-store (creation, repair), so a reader can tell that the store changed under it.
+store (creation, repair), so a reader can tell that the store changed under it. `store_id` (schema 3) is fixed at
+creation: the SHA-256 of the manifest's identity (every key but `VOLATILE_KEYS`), so two extractions of the same
+teacher, data and settings get the same id and the same bytes, and any other store another id.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+BARE_MARKER_SCHEMA_VERSION = 2  # done markers are a bare 1, not bound to their chunks: read, never written
+READABLE_SCHEMA_VERSIONS = (BARE_MARKER_SCHEMA_VERSION, SCHEMA_VERSION)
 
 MARKER_FILE = "distillbev_cache.json"
 LOCK_FILE = "distillbev.lock"
@@ -54,6 +64,8 @@ ATTENTION_DTYPE = "float32"
 SCALE_DTYPE = "float32"
 VIEWS_DTYPE = "float64"
 DONE_DTYPE = "uint8"
+DONE_HEADER_BYTES = 48  # digest (32), store tag (8), sample and view (uint32 each); then 4 bytes per bound chunk
+STORE_ID_KEY = "store_id"
 INPUT_DIGEST_DTYPE = "uint8"
 INPUT_DIGEST_BYTES = 32  # SHA-256 of one input file
 HEATMAP_CHANNELS = 10
@@ -84,7 +96,8 @@ DIMS_MAP = ("sample", "view", "C", "Y", "X")
 DIMS_PLANE = ("sample", "view", "Y", "X")
 DIMS_CHANNEL = ("sample", "view", "C")
 DIMS_VIEWS = ("sample", "view", "augmentation")
-DIMS_DONE = ("sample", "view")
+DIMS_DONE = ("sample", "view", "byte")
+DIMS_BARE_DONE = ("sample", "view")  # schema 2
 DIMS_TOKENS = ("sample",)
 DIMS_INPUT_DIGEST = ("sample", "file", "byte")
 
@@ -92,7 +105,7 @@ DIMS_INPUT_DIGEST = ("sample", "file", "byte")
 # by its sha256 and the data by its content fingerprint, so moving either does not block a resume; the zstd level
 # changes bytes, never values
 VOLATILE_KEYS = ("created_at", "status", "generation", "package_version", "software", "extraction",
-                 "teacher.checkpoint_path", "dataset.dataroot", "storage.level")
+                 "teacher.checkpoint_path", "dataset.dataroot", "storage.level", STORE_ID_KEY)
 
 
 def feature_array(layer: str) -> str:
@@ -151,6 +164,7 @@ def validate_manifest(manifest: Any) -> list[str]:
             problems.append(f"storage.dtype: expected one of {sorted(FEATURE_DTYPES)}, "
                             f"found {manifest['storage']['dtype']!r}")
         problems += _int8_error_problems(manifest["storage"])
+        problems += _store_id_problems(manifest)
         if manifest["status"] not in (STATUS_WRITING, STATUS_COMPLETE):
             problems.append(f"status: expected 'writing' or 'complete', found {manifest['status']!r}")
     return problems
@@ -159,6 +173,20 @@ def validate_manifest(manifest: Any) -> list[str]:
 def int8_error(storage: dict[str, Any]) -> float:
     """The int8 error budget of a manifest's `storage` section (0 when absent: range/255 steps, or fp16)."""
     return float(storage.get(INT8_ERROR_KEY, 0.0))
+
+
+def binds_chunks(manifest: dict[str, Any]) -> bool:
+    """Whether the store's done markers bind its chunks (schema 3), or are bare (schema 2)."""
+    return manifest.get("schema_version") != BARE_MARKER_SCHEMA_VERSION
+
+
+def _store_id_problems(manifest: dict[str, Any]) -> list[str]:
+    if not binds_chunks(manifest):
+        return []
+    value = manifest.get(STORE_ID_KEY)
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        return [f"{STORE_ID_KEY}: expected 64 lower-case hex digits (a SHA-256), found {value!r}"]
+    return []
 
 
 def _int8_error_problems(storage: dict[str, Any]) -> list[str]:

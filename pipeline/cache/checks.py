@@ -1,12 +1,14 @@
 """Checks a writer runs on its own store: which sample-views are really done, and which static arrays are whole.
 
 "Done" means verified: a sample-view counts as done only when its marker is set AND every one of its chunks is
-present and (for the full check) carries a matching CRC32C. Two depths:
+present and (for the full check) carries a matching CRC32C and is the chunk its marker records. Two depths:
 
 - quick (`full=False`): every chunk exists and is longer than its checksum (a size query; no data read). Run when
   the same command meets a complete store.
-- full (`full=True`): every chunk's bytes are read and their CRC32C compared (no decompression). Run on resume
-  (for the sample-views marked done) and by `extract-teacher --repair` (for all).
+- full (`full=True`): every chunk's bytes are read and their CRC32C compared (no decompression), then the done
+  marker is read and checked against the store, the sample-view and those CRCs (`marker.py`), so a valid chunk at
+  the wrong key is damage too. Run on resume (for the sample-views marked done) and by `extract-teacher --repair`
+  (for all).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
-from .chunks import (CRC_BYTES, chunk_coords, chunk_size, crc_problem, get_chunk_bytes, local_root,
-                     single_chunk_bytes)
+from .chunks import (CRC_BYTES, ChunkError, chunk_coords, chunk_size, crc_problem, decode_chunk, get_chunk_bytes,
+                     local_root, single_chunk_bytes)
 from .manifest import layer_specs
+from .marker import MarkerFormat, is_set, stored_crc
 
 logger = logging.getLogger(__name__)
 
@@ -40,32 +43,65 @@ def sample_view_array_names(manifest: dict[str, Any]) -> list[str]:
     return names
 
 
-def _chunk_problem(array: Any, sample: int, view: int, full: bool) -> str | None:
+def marker_format(manifest: dict[str, Any]) -> MarkerFormat:
+    """How the done markers of the store with (stored) `manifest` bind its per-sample-view arrays."""
+    return MarkerFormat.of(manifest, sample_view_array_names(manifest))
+
+
+def marker_problems(markers: MarkerFormat, done: Any, sample: int, view: int,
+                    crcs: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(array, problem) for the done marker of (sample, view) of a bound store, read now: not set, unreadable, not
+    written for this sample-view of this store, or recording other CRCs than `crcs` (the chunks' CRC32C, as
+    stored, of those whose bytes passed their check)."""
+    try:
+        marker = decode_chunk(done, get_chunk_bytes(done, chunk_coords(done, sample, view)))[0, 0]
+    except ChunkError as exc:
+        return [(v2.DONE, f"done marker: {exc}")]
+    if not is_set(marker):
+        return [(v2.DONE, "done marker not set")]
+    problem = markers.problem(sample, view, marker)
+    if problem is not None:
+        return [(v2.DONE, problem)]
+    return list(markers.chunk_problems(marker, crcs).items())
+
+
+def _chunk_problem(array: Any, sample: int, view: int, full: bool) -> tuple[str | None, bytes | None]:
+    """(why one chunk is damaged or None, its CRC32C as stored when a full check found it whole)."""
     coords = chunk_coords(array, sample, view)
     if full:
-        return crc_problem(get_chunk_bytes(array, coords))
+        raw = get_chunk_bytes(array, coords)
+        problem = crc_problem(raw)
+        return problem, stored_crc(raw) if problem is None else None
     size = chunk_size(array, coords)
     if size is None:
-        return "chunk missing (zarr would read it as fill values)"
+        return "chunk missing (zarr would read it as fill values)", None
     if size <= CRC_BYTES:
-        return f"chunk truncated to {size} bytes"
-    return None
+        return f"chunk truncated to {size} bytes", None
+    return None, None
 
 
 def damaged_sample_views(group: Any, manifest: dict[str, Any], sample_views: list[tuple[int, int]],
                          full: bool, workers: int | None = None, progress: bool = False) -> Damage:
-    """The sample-views among `sample_views` with a missing, truncated or (full) checksum-failing chunk."""
+    """The sample-views among `sample_views` with a missing, truncated or (full) checksum-failing chunk, or (full,
+    schema 3) whose done marker is not set, not theirs or records other chunks."""
     from tqdm import tqdm
 
     arrays = {name: group[name] for name in sample_view_array_names(manifest)}
+    markers = marker_format(dict(group.attrs)) if full else None  # the stored manifest: its store id
+    done = group[v2.DONE] if markers is not None and markers.bound else None
 
     def check(sample_view: tuple[int, int]) -> tuple[tuple[int, int], list[tuple[str, str]]]:
         s, v = sample_view
         found = []
+        crcs: dict[str, bytes] = {}
         for name, array in arrays.items():
-            problem = _chunk_problem(array, s, v, full)
+            problem, crc = _chunk_problem(array, s, v, full)
             if problem is not None:
                 found.append((name, problem))
+            elif crc is not None:
+                crcs[name] = crc
+        if done is not None:
+            found += marker_problems(markers, done, s, v, crcs)
         return sample_view, found
 
     damage: Damage = {}

@@ -1,4 +1,4 @@
-"""Looking inside a v2 teacher-feature store: summary, end-to-end verification, statistics and comparison.
+"""Looking inside a teacher-feature store: summary, end-to-end verification, statistics and comparison.
 
     summary = summarize_cache("runs/cache.zarr")          # manifest, progress, sizes on disk
     report = verify_cache("runs/cache.zarr", workers=2)   # every chunk decoded and checked; report.problems
@@ -22,10 +22,12 @@ import numpy as np
 
 from ...cache_schemas import v2
 from ..errors import CacheError
+from .checks import marker_format
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
                      expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
 from .location import StoreLocation
 from .manifest import ViewConfig, layer_specs, tokens_sha256, views_array
+from .marker import MarkerFormat, is_set, stored_crc
 from .reader import TeacherCache
 
 ATTENTION_MEAN_TOLERANCE = 1e-2  # |mean(A) - 1| above this means the attention chunk is not what extraction wrote
@@ -45,9 +47,10 @@ class ArraySpec:
 
 
 def expected_arrays(manifest: dict[str, Any]) -> list[ArraySpec]:
-    """Every array of the v2 layout except the teacher head, with the shape and dtype the manifest implies."""
+    """Every array of the layout except the teacher head, with the shape and dtype the manifest implies."""
     s, v = int(manifest["sample_count"]), int(manifest["views"]["count"])
     int8 = manifest["storage"]["dtype"] == "int8"
+    markers = marker_format(manifest)
     specs = []
     for layer in layer_specs(manifest):
         specs.append(ArraySpec(v2.feature_array(layer.name), (s, v, layer.channels, *layer.shape),
@@ -61,7 +64,8 @@ def expected_arrays(manifest: dict[str, Any]) -> list[ArraySpec]:
         ArraySpec(v2.HEATMAP, (s, v, v2.HEATMAP_CHANNELS, *manifest["heatmap"]["shape"]), v2.HEATMAP_DTYPE,
                   v2.DIMS_MAP, True),
         ArraySpec(v2.OCCUPANCY, (s, v, *manifest["occupancy"]["shape"]), "bool", v2.DIMS_PLANE, True),
-        ArraySpec(v2.DONE, (s, v), v2.DONE_DTYPE, v2.DIMS_DONE, True),
+        ArraySpec(v2.DONE, (s, v, *markers.shape_tail), v2.DONE_DTYPE,
+                  v2.DIMS_DONE if markers.bound else v2.DIMS_BARE_DONE, True),
         ArraySpec(v2.VIEWS, (s, v, 4), v2.VIEWS_DTYPE, v2.DIMS_VIEWS, False),
         ArraySpec(v2.SAMPLE_TOKENS, (s,), None, v2.DIMS_TOKENS, False),
     ]
@@ -181,14 +185,15 @@ def summarize_cache(path: str | Path | StoreLocation) -> CacheSummary:
 
 
 def _read_done_tolerant(done_array: Any) -> np.ndarray:
-    """(S, V) bool; an unreadable marker chunk counts as not done (verify names it)."""
+    """(S, V) bool: a marker not all zero is done; an unreadable marker chunk counts as not done (verify names it)."""
     try:
-        return np.asarray(done_array[...]).astype(bool)
+        values = np.asarray(done_array[...])
+        return values.reshape(*values.shape[:2], -1).any(axis=-1)
     except Exception:
-        out = np.zeros(done_array.shape, dtype=bool)
-        for index in np.ndindex(*done_array.shape):
+        out = np.zeros(done_array.shape[:2], dtype=bool)
+        for index in np.ndindex(*done_array.shape[:2]):
             try:
-                out[index] = bool(done_array[index])
+                out[index] = bool(np.asarray(done_array[index]).any())
             except Exception:
                 pass
         return out
@@ -350,33 +355,50 @@ def _value_problems(name: str, values: np.ndarray) -> list[str]:
     return []
 
 
-def _check_sample(arrays: dict, sample: int, token: str, num_views: int) -> tuple[list[VerifyProblem], int]:
-    """Every chunk of one sample's views, read strictly (a missing chunk is a problem, never zeros)."""
+def _check_sample(arrays: dict, sample: int, token: str, num_views: int, markers: MarkerFormat,
+                  describe=None) -> tuple[list[VerifyProblem], int]:
+    """Every chunk of one sample's views, read strictly (a missing chunk is a problem, never zeros), and (a bound
+    store) each view's done marker against the store, the sample-view and the CRC32C of the chunks read.
+
+    describe: sample index -> text naming it, for a marker written for another sample-view."""
     problems, reads = [], 0
     for view in range(num_views):
         def problem(message, array=None):
             problems.append(VerifyProblem(message, array, sample, token, view))
 
+        marker = None
         if v2.DONE in arrays:
             reads += 1
             try:
                 done = arrays[v2.DONE]
-                if not bool(decode_chunk(done, get_chunk_bytes(done, chunk_coords(done, sample, view))).item()):
+                marker = decode_chunk(done, get_chunk_bytes(done, chunk_coords(done, sample, view)))[0, 0]
+                if not is_set(marker):
                     problem("not extracted (done marker 0)", v2.DONE)
                     continue
             except ChunkError as exc:
                 problem(f"done marker: {exc}", v2.DONE)
+        crcs = {}
         for name, array in arrays.items():
             if name in (v2.DONE, v2.VIEWS, v2.SAMPLE_TOKENS):
                 continue
             reads += 1
+            raw = get_chunk_bytes(array, chunk_coords(array, sample, view))
             try:
-                values = decode_chunk(array, get_chunk_bytes(array, chunk_coords(array, sample, view)))[0, 0]
+                values = decode_chunk(array, raw)[0, 0]
             except ChunkError as exc:
                 problem(str(exc), name)
                 continue
+            crcs[name] = stored_crc(raw)
             for text in _value_problems(name, values):
                 problem(text, name)
+        if markers.bound and marker is not None:
+            wrong = markers.problem(sample, view, marker, describe)
+            if wrong is not None:
+                problem(wrong, v2.DONE)
+            else:
+                for name, text in markers.chunk_problems(marker, {n: crcs[n] for n in markers.arrays
+                                                                  if n in crcs}).items():
+                    problem(text, name)
     return problems, reads
 
 
@@ -397,8 +419,13 @@ def verify_cache(path: str | Path | StoreLocation, workers: int = 2, progress: b
     samples, num_views = int(manifest["sample_count"]), int(manifest["views"]["count"])
     tokens = cache.sample_tokens if len(cache.sample_tokens) == samples else [f"#{i}" for i in range(samples)]
     reads = 0
+    markers = marker_format(manifest)
+
+    def describe(index: int) -> str:
+        return f"sample {tokens[index]} (index {index})" if 0 <= index < samples else f"sample index {index}"
+
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cache-verify") as pool:
-        jobs = pool.map(lambda i: _check_sample(arrays, i, tokens[i], num_views), range(samples))
+        jobs = pool.map(lambda i: _check_sample(arrays, i, tokens[i], num_views, markers, describe), range(samples))
         for sample_problems, sample_reads in tqdm(jobs, total=samples, desc="verify", unit="sample",
                                                   disable=not progress):
             problems += sample_problems

@@ -5,6 +5,7 @@ Two manifests describe the same extraction when they agree on every key except t
 (`v2.VOLATILE_KEYS`: creation time, status, generation, software versions, the extraction command, checkpoint and
 dataroot paths); `manifest_diff` lists the keys where they do not. The data is identified by content (a fingerprint
 of the tables and LiDAR files that decide the teacher's input, and a hash of the sample tokens), never by path.
+`store_identity` hashes those same keys into the store's id, which every done marker is bound to.
 """
 
 from __future__ import annotations
@@ -160,10 +161,24 @@ def build_manifest(*, teacher_config: dict[str, Any], checkpoint_path: str, chec
         manifest["storage"][v2.INT8_ERROR_KEY] = float(int8_error)
     # the stored form is JSON: normalise now (tuples -> lists) so a fresh and a reloaded manifest compare equal
     manifest = json.loads(json.dumps(manifest))
+    manifest[v2.STORE_ID_KEY] = store_identity(manifest)
     problems = v2.validate_manifest(manifest)
     if problems:
         raise ValueError(f"invalid cache manifest: {'; '.join(problems)}")
     return manifest
+
+
+def store_identity(manifest: dict[str, Any]) -> str:
+    """The store id of a manifest: SHA-256 (hex) of every key but the volatile ones (`v2.VOLATILE_KEYS`, the id
+    itself included), as canonical JSON.
+
+    The id is recorded at creation and read back from then on (never recomputed for a stored manifest), so the keys
+    a later version adds do not change the id of a store written before. Two extractions of the same teacher, data
+    and settings get the same id (and so the same done markers, byte for byte); any other store gets another.
+    """
+    flat = flatten(json.loads(json.dumps(manifest)))
+    kept = {key: value for key, value in flat.items() if not _ignored(key, v2.VOLATILE_KEYS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def layer_specs(manifest: dict[str, Any]) -> list[LayerSpec]:
@@ -194,12 +209,17 @@ def manifest_diff(stored: dict[str, Any], requested: dict[str, Any],
     keys = sorted(right) if only_requested else sorted(set(left) | set(right))
     lines = []
     for key in keys:
-        if any(key == skip or key.startswith(f"{skip}.") for skip in ignore):
+        if _ignored(key, ignore):
             continue
         a, b = left.get(key, _MISSING), right.get(key, _MISSING)
         if a != b:
             lines.append(f"{key}: {_short(a)} -> {_short(b)}")
     return lines
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+    """Whether the dotted `key` is one of `ignore` or inside one of them."""
+    return any(key == skip or key.startswith(f"{skip}.") for skip in ignore)
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -1,4 +1,4 @@
-"""Reading teacher targets back from a v2 store.
+"""Reading teacher targets back from a teacher-feature store (schema 3, or 2).
 
     cache = TeacherCache.open("runs/cache.zarr")
     cache.check_compatible({"layers": {"neck": {"channels": 384, "shape": [128, 128]}}})
@@ -10,7 +10,10 @@ through an asyncio thread that does not survive a fork. One read fetches all arr
 
 A read never returns fill values or unchecked bytes: every chunk is fetched, its CRC32C checked and decoded here
 (`chunks.py`), and a missing or corrupt chunk is a CacheError naming the sample token, view and array and the
-command that repairs the store. After each read the store's status and generation are compared with the ones
+command that repairs the store. Nor does it return a valid chunk from the wrong place: the sample-view's done
+marker is read with its chunks (one small read) and must be this store's marker for this sample-view, recording
+the CRC32C of every chunk read (`marker.py`); a schema-2 store's bare markers are taken as "done, unbound", with one
+warning when it is opened. After each read the store's status and generation are compared with the ones
 seen at open, so a store rewritten under a running job (repair, --overwrite) fails the job instead of feeding it
 a mix of two stores.
 """
@@ -18,6 +21,7 @@ a mix of two stores.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +35,16 @@ import torch
 from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
+from .checks import marker_format, sample_view_array_names
 from .chunks import (ChunkError, chunk_coords, crc_problem, decode_chunk, decode_single_chunk,
                      expect_supported_codecs, get_chunk_bytes, single_chunk_bytes)
 from .location import StoreLocation, redact_command, remote_error
 from .manifest import LayerSpec, layer_specs, manifest_diff, tokens_sha256
+from .marker import is_set, stored_crc
 from .quantize import QuantizedFeatures, dequantize_per_channel
 from .writer import read_done
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +77,7 @@ class TeacherCache:
         self.allow_partial = allow_partial
         self.concurrent_reads = concurrent_reads
         self._index = {token: i for i, token in enumerate(sample_tokens)}
+        self._markers = marker_format(manifest)  # how the done markers bind the chunks (or not: schema 2)
         self._arrays: dict[str, Any] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pid: int | None = None
@@ -98,12 +107,17 @@ class TeacherCache:
             raise CacheError(f"{path}: not a zarr v3 group ({exc.__class__.__name__}); {hint}") from exc
         manifest = dict(group.attrs)
         version = manifest.get("schema_version")
-        if version != v2.SCHEMA_VERSION:
-            raise CacheError(f"{path}: cache schema version {version!r}, this code reads version "
-                             f"{v2.SCHEMA_VERSION}; re-extract the cache with this version")
+        if version not in v2.READABLE_SCHEMA_VERSIONS:
+            raise CacheError(f"{path}: cache schema version {version!r}, this code reads versions "
+                             f"{' and '.join(map(str, v2.READABLE_SCHEMA_VERSIONS))}; re-extract the cache with "
+                             f"this version")
         problems = v2.validate_manifest(manifest)
         if problems:
             raise CacheError(f"{path}: malformed cache manifest ({'; '.join(problems[:5])}); re-extract the cache")
+        if not v2.binds_chunks(manifest):
+            logger.warning("%s: a schema %d store: its done markers are not bound to their chunks, so a valid chunk "
+                           "at the wrong key (a hand merge, a copy) would read unnoticed; re-extract it with this "
+                           "version (extract-teacher --overwrite) to have every read check it", path, version)
         if manifest["status"] != v2.STATUS_COMPLETE and not allow_partial:
             done = read_done(path)
             raise CacheError(f"{path}: the cache is partial (status {manifest['status']!r}, {int(done.sum())} of "
@@ -170,11 +184,7 @@ class TeacherCache:
     def _open_arrays(self) -> dict[str, Any]:
         if self._arrays is None or self._pid != os.getpid():
             group = self.path.open_group(mode="r")
-            names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
-            for layer in self.layers:
-                names += [v2.feature_array(layer.name), v2.attention_array(layer.name)]
-                if self.manifest["storage"]["dtype"] == "int8":
-                    names += [v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)]
+            names = [v2.DONE, *sample_view_array_names(self.manifest)]
             self._arrays = {name: group[name] for name in names}
             for name, array in self._arrays.items():
                 try:
@@ -190,15 +200,37 @@ class TeacherCache:
         """The command that re-extracts damaged sample-views of this store."""
         return repair_command(self.manifest, self.path)
 
-    def _read_chunk(self, name: str, sample_index: int, view: int) -> np.ndarray:
-        """One decoded chunk of a per-sample-view array, without its two leading (sample, view) axes."""
+    def _read_chunk(self, name: str, sample_index: int, view: int) -> tuple[np.ndarray, bytes]:
+        """One decoded chunk of a per-sample-view array, without its two leading (sample, view) axes, and its
+        CRC32C as stored."""
         array = self._arrays[name]
+        raw = get_chunk_bytes(array, chunk_coords(array, sample_index, view))
         try:
-            values = decode_chunk(array, get_chunk_bytes(array, chunk_coords(array, sample_index, view)))
+            values = decode_chunk(array, raw)
         except ChunkError as exc:
-            raise CacheError(f"{self.path}: sample {self.sample_tokens[sample_index]} (index {sample_index}) view "
-                             f"{view}, {name}: {exc}; repair the store with `{self.repair_command}`") from None
-        return values[0, 0]
+            raise self._damaged(sample_index, view, name, str(exc)) from None
+        return values[0, 0], stored_crc(raw)
+
+    def _describe(self, sample_index: int) -> str:
+        return f"sample {self.sample_tokens[sample_index]} (index {sample_index})"
+
+    def _damaged(self, sample_index: int, view: int, name: str, problem: str) -> CacheError:
+        return CacheError(f"{self.path}: {self._describe(sample_index)} view {view}, {name}: {problem}; repair the "
+                          f"store with `{self.repair_command}`")
+
+    def _check_binding(self, sample_index: int, view: int, marker: np.ndarray, crcs: dict[str, bytes]) -> None:
+        """CacheError unless `marker` is this store's marker of this sample-view and records `crcs` (of the chunks
+        read)."""
+        markers = self._markers
+        if not is_set(marker):
+            raise self._damaged(sample_index, view, v2.DONE, "the done marker is not set in a complete store")
+        problem = markers.problem(sample_index, view, marker, describe=self._describe)
+        if problem is not None:
+            raise self._damaged(sample_index, view, v2.DONE, problem)
+        wrong = markers.chunk_problems(marker, crcs)
+        if wrong:
+            name = next(n for n in self._arrays if n in wrong)  # the first in read order
+            raise self._damaged(sample_index, view, name, wrong[name])
 
     def check_unchanged(self) -> None:
         """CacheError if the store was rewritten (new generation) or reopened for writing since it was opened."""
@@ -236,18 +268,28 @@ class TeacherCache:
             raise CacheError(f"{self.path}: layers {sorted(wanted - set(cached))} are not cached; it holds {cached}")
         chosen = [layer for layer in self.layers if layer.name in wanted]
         arrays = self._open_arrays()
-        if not self.is_complete and not bool(self._read_chunk(v2.DONE, sample_index, view)):
-            raise CacheError(f"{self.path}: sample-view ({sample_index}, {view}) is not extracted yet; finish the "
-                             f"extraction with the same extract-teacher command")
+        bound = v2.binds_chunks(self.manifest)
+        marker = None
+        if not self.is_complete:
+            marker = self._read_chunk(v2.DONE, sample_index, view)[0]
+            if not is_set(marker):
+                raise CacheError(f"{self.path}: sample-view ({sample_index}, {view}) is not extracted yet; finish "
+                                 f"the extraction with the same extract-teacher command")
         skipped = {name for layer in cached if layer not in wanted
                    for name in (v2.feature_array(layer), v2.attention_array(layer),
                                 v2.feature_scale_array(layer), v2.feature_offset_array(layer))}
-        names = [n for n in arrays if n != v2.DONE and n not in skipped]
+        # the marker of a complete bound store is read with the chunks (one more small read, in parallel)
+        names = [n for n in arrays if n not in skipped and (n != v2.DONE or (bound and marker is None))]
         if self.concurrent_reads:
-            chunks = dict(zip(names, self._pool.map(lambda n: self._read_chunk(n, sample_index, view), names)))
+            fetched = dict(zip(names, self._pool.map(lambda n: self._read_chunk(n, sample_index, view), names)))
         else:
-            chunks = {n: self._read_chunk(n, sample_index, view) for n in names}
+            fetched = {n: self._read_chunk(n, sample_index, view) for n in names}
+        if v2.DONE in fetched:
+            marker = fetched.pop(v2.DONE)[0]
         self.check_unchanged()
+        if bound:
+            self._check_binding(sample_index, view, marker, {n: crc for n, (_, crc) in fetched.items()})
+        chunks = {n: values for n, (values, _) in fetched.items()}
         features, attention = {}, {}
         for layer in chosen:
             stored = chunks[v2.feature_array(layer.name)]

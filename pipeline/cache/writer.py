@@ -1,7 +1,8 @@
-"""Creating, reopening, writing and completing a v2 teacher-feature store (the caller holds its `StoreLock`).
+"""Creating, reopening, writing and completing a teacher-feature store (the caller holds its `StoreLock`).
 
 `prepare_store` creates a store (marker first, manifest last) or reopens one to resume; `SampleViewWriter`
-writes one sample-view's chunks, fsyncs them and only then sets its done marker; `finalize_store` checks the
+writes one sample-view's chunks, fsyncs them and only then sets its done marker, a digest that binds those chunks
+to this store and sample-view (`marker.py`); `finalize_store` checks the
 whole store, fsyncs the markers and sets status "complete". A chunk file is written as zarr's LocalStore writes
 one, to a temporary `.partial` file renamed into place, so a killed writer leaves the old chunk, the new chunk or a
 stray `.partial` file (removed on resume), never a torn chunk; and since a done marker is trusted only after its
@@ -23,12 +24,13 @@ import numpy as np
 from ...cache_schemas import v2
 from ..data.digest import InputDigests
 from ..errors import CacheError
-from .checks import damaged_sample_views, sample_view_array_names, static_array_problems
+from .checks import damaged_sample_views, marker_format, sample_view_array_names, static_array_problems
 from .chunks import (ChunkError, chunk_coords, chunk_key, decode_chunk, encode_chunk, get_chunks, put_chunks,
                      write_chunks, write_local_chunk)
 from .location import StoreLocation, remote_error
-from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, views_array
+from .manifest import ViewConfig, layer_specs, manifest_diff, new_generation, store_identity, views_array
 from .input_digest import InputDigestRecorder, create_input_digest_array
+from .marker import stored_crc
 from .quantize import quantize_per_channel
 from .store import classify_store, clear_store, fsync_keys, fsync_store, refuse_unusable, storage_error, write_marker
 
@@ -93,8 +95,9 @@ def _create_layout(group: Any, manifest: dict[str, Any], sample_tokens: list[str
     group.create_array(v2.OCCUPANCY, shape=(samples, num_views, oy, ox), chunks=(1, 1, oy, ox), dtype="bool",
                        fill_value=False, dimension_names=v2.DIMS_PLANE, **codecs)
     create_input_digest_array(group, manifest, **codecs)
-    done = group.create_array(v2.DONE, shape=(samples, num_views), chunks=(1, 1), dtype=v2.DONE_DTYPE,
-                              fill_value=0, dimension_names=v2.DIMS_DONE, **codecs)
+    tail = marker_format(manifest).shape_tail  # (D,): one marker of D bytes per sample-view
+    done = group.create_array(v2.DONE, shape=(samples, num_views, *tail), chunks=(1, 1, *tail),
+                              dtype=v2.DONE_DTYPE, fill_value=0, dimension_names=v2.DIMS_DONE, **codecs)
     # every marker chunk exists from the start (a missing one is damage, not "not done"); batched writes
     write_done(done, [(s, v) for s in range(samples) for v in range(num_views)], 0)
     write_static_arrays(group, manifest, sample_tokens, views, head_state, create=True)
@@ -192,6 +195,10 @@ def prepare_store(path: str | Path | StoreLocation, manifest: dict[str, Any], sa
             if diff and not overwrite:
                 hint = ("; the dataroot's tables or LiDAR files differ from those the store was extracted from"
                         if any(line.startswith("dataset.fingerprint") for line in diff) else "")
+                if not v2.binds_chunks(stored):
+                    hint += (f"; the store is of schema {v2.BARE_MARKER_SCHEMA_VERSION}, whose done markers do not "
+                             f"bind its chunks to their place: it stays readable as it is (train-student, "
+                             f"inspect-cache), but only a schema-{v2.SCHEMA_VERSION} store is resumed or repaired")
                 raise CacheError(f"{path}: an incompatible teacher cache exists (stored -> requested: "
                                  f"{'; '.join(diff)}){hint}; nothing was changed; pass --overwrite to replace it "
                                  f"or choose another --cache path")
@@ -214,6 +221,7 @@ def prepare_store(path: str | Path | StoreLocation, manifest: dict[str, Any], sa
                 set_status(path, v2.STATUS_WRITING, manifest_generation=True)
                 return "resumed"
     views = views_array(ViewConfig.from_json(manifest["views"]), int(manifest["sample_count"]))
+    manifest = {**manifest, v2.STORE_ID_KEY: store_identity(manifest)}  # what the done markers are bound to
     try:
         if path.is_local:
             path.path.mkdir(parents=True, exist_ok=True)
@@ -477,8 +485,10 @@ def remove_partial_files(path: StoreLocation) -> int:
 def read_done(path: str | Path | StoreLocation, samples: Sequence[int] | None = None) -> np.ndarray:
     """Done markers as bool, (S, V) for the whole store or (len(samples), V) for the rows of `samples`, in order.
 
-    The markers are fetched in batches (`get_chunks`); one that is missing or cannot be decoded counts as not done
-    (its sample-view is rewritten), and is named in one warning.
+    A marker is done when it is not all zero (a digest, or a schema-2 store's bare 1); whether it binds its
+    sample-view's chunks is checked where the chunks are read (`checks.py`, the reader). The markers are fetched in
+    batches (`get_chunks`); one that is missing or cannot be decoded counts as not done (its sample-view is
+    rewritten), and is named in one warning.
     """
     done = StoreLocation.parse(path).open_group(mode="r")[v2.DONE]
     rows = range(done.shape[0]) if samples is None else samples
@@ -487,7 +497,7 @@ def read_done(path: str | Path | StoreLocation, samples: Sequence[int] | None = 
     unreadable = []
     for i, raw in enumerate(get_chunks(done, [chunk_coords(done, s, v) for s, v in sample_views])):
         try:
-            out[i] = bool(decode_chunk(done, raw).item())
+            out[i] = bool(decode_chunk(done, raw).any())
         except ChunkError as exc:
             unreadable.append(f"({sample_views[i][0]}, {sample_views[i][1]}): {exc}")
     if unreadable:
@@ -497,13 +507,19 @@ def read_done(path: str | Path | StoreLocation, samples: Sequence[int] | None = 
 
 
 def write_done(done: Any, sample_views: list[tuple[int, int]], value: int) -> list[str]:
-    """Write the done markers of `sample_views` (batched; not fsync'ed); returns their keys."""
-    raw = encode_chunk(done, np.full((1, 1), value, dtype=done.dtype))
+    """Clear the done markers of `sample_views` (value 0: not done; batched; not fsync'ed); returns their keys.
+
+    A set marker binds the chunks' CRC32C, so only `SampleViewWriter` writes one.
+    """
+    if value != 0:
+        raise ValueError(f"done marker value {value}: only 0 (not done) is written here; a set marker is a digest "
+                         f"of the chunks written, which SampleViewWriter writes with them")
+    raw = encode_chunk(done, np.zeros(done.chunks, dtype=done.dtype))
     return write_chunks(done, {chunk_coords(done, s, v): raw for s, v in sample_views})
 
 
 def set_done(path: str | Path | StoreLocation, sample_views: list[tuple[int, int]], value: int) -> None:
-    """Set the done markers of `sample_views` durably (fsync'ed on a local disk)."""
+    """Clear (value 0) the done markers of `sample_views` durably (fsync'ed on a local disk)."""
     path = StoreLocation.parse(path)
     try:
         fsync_keys(path, write_done(path.open_group(mode="r+")[v2.DONE], sample_views, value))
@@ -550,7 +566,8 @@ def verify_samples(path: str | Path | StoreLocation, manifest: dict[str, Any], s
 class SampleViewWriter:
     """Writes whole sample-views into a prepared store (one instance per process).
 
-    Every chunk is written (fill-valued ones too) and fsync'ed before the sample-view's done marker; with
+    Every chunk is written (fill-valued ones too) and fsync'ed before the sample-view's done marker, the digest of
+    the store's id, the sample-view and every chunk's CRC32C (`marker.py`); with
     `still_wanted`, a callable checked before each sample-view, a writer whose parent has gone writes nothing more.
     """
 
@@ -564,6 +581,10 @@ class SampleViewWriter:
         self.arrays = {name: open_for_writing(self.group, name) for name in self._array_names()}
         self.still_wanted = still_wanted
         self.inputs = InputDigestRecorder(self.group, self.path)
+        self.markers = marker_format(self.manifest)
+        if not self.markers.bound:
+            raise CacheError(f"{self.path}: a schema-{v2.BARE_MARKER_SCHEMA_VERSION} store (done markers not bound "
+                             f"to their chunks) is not written by this version; re-extract it with --overwrite")
 
     def _array_names(self) -> list[str]:
         names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
@@ -596,11 +617,13 @@ class SampleViewWriter:
         chunks[v2.OCCUPANCY] = record.occupancy.astype(bool)
         # encoded here, in this (writer) thread, with the arrays' own codec chains: the same bytes zarr writes,
         # without a round trip through zarr's event loop per array
-        encoded = {chunk_key(self.arrays[name], chunk_coords(self.arrays[name], s, v)):
-                   encode_chunk(self.arrays[name], values[None, None]) for name, values in chunks.items()}
+        raws = {name: encode_chunk(self.arrays[name], values[None, None]) for name, values in chunks.items()}
+        encoded = {chunk_key(self.arrays[name], chunk_coords(self.arrays[name], s, v)): raw
+                   for name, raw in raws.items()}
         encoded.update(inputs)
         done = self.arrays[v2.DONE]
-        marker = {chunk_key(done, chunk_coords(done, s, v)): encode_chunk(done, np.ones((1, 1), dtype=done.dtype))}
+        bound = self.markers.encode(s, v, {name: stored_crc(raw) for name, raw in raws.items()})
+        marker = {chunk_key(done, chunk_coords(done, s, v)): encode_chunk(done, bound[None, None])}
         try:
             if self.path.is_local:  # each file written, fsync'ed and renamed into place; then the marker
                 for key, raw in encoded.items():

@@ -96,7 +96,9 @@ def test_manifest_round_trip_and_schema(tmp_path, manifest):
     assert group["features/neck"].chunks == (1, 1, 12, 8, 8)
     codecs = [type(c).__name__ for c in group["features/neck"].metadata.codecs]
     assert codecs == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
-    assert group["occupancy"].dtype == np.bool_ and group["done"][...].min() == 1
+    assert group["occupancy"].dtype == np.bool_ and group["done"][...].any(axis=-1).all()
+    # one 48-byte header + a CRC32C per array (3 features, 3 attention, heatmap, occupancy) per sample-view
+    assert group["done"].chunks == (1, 1, 48 + 4 * 8) and stored["schema_version"] == 3
 
 
 def test_teacher_head_and_tokens_are_stored(tmp_path, manifest):

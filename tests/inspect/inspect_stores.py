@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distillbev.cache_schemas import v2
+from distillbev.pipeline.cache.checks import marker_format
+from distillbev.pipeline.cache.chunks import chunk_coords, encode_chunk, get_chunk_bytes, write_chunks
 from distillbev.pipeline.cache.extract import spatial_attention
 from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest, view_augmentations
+from distillbev.pipeline.cache.marker import stored_crc
 from distillbev.pipeline.cache.writer import SampleViewRecord, SampleViewWriter, finalize_store, prepare_store
 from distillbev.pipeline.geometry.bev import BEVGrid
 
@@ -90,3 +94,18 @@ def write_store(path: Path, *, tokens: list[str] | None = None, samples: int = 4
     if finalize:
         finalize_store(path, tokens)
     return manifest
+
+
+def rebind(path: Path, sample: int, view: int) -> None:
+    """Bind the done marker of (sample, view) to the chunks it holds now, as the writer does after writing them:
+    a test that edits a sample-view's values by hand (a known perturbation) must, or every read refuses them."""
+    import zarr
+
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group = zarr.open_group(str(path), mode="r+")
+        markers = marker_format(dict(group.attrs))
+        crcs = {name: stored_crc(get_chunk_bytes(group[name], chunk_coords(group[name], sample, view)))
+                for name in markers.arrays}
+        done = group[v2.DONE]
+        write_chunks(done, {chunk_coords(done, sample, view): encode_chunk(done, markers.encode(sample, view,
+                                                                                                crcs)[None, None])})

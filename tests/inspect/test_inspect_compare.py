@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from inspect_stores import LAYERS, token_of, write_store
+from inspect_stores import LAYERS, rebind, token_of, write_store
 
 from distillbev.cli import cli
 from distillbev.pipeline.cache.inspect import cache_stats, compare_caches
@@ -41,6 +41,7 @@ def test_one_known_perturbation(store, twin):
     perturbed = original.copy()
     perturbed[0] *= -1  # exact in fp16
     features[1, 0] = perturbed.astype(np.float16)
+    rebind(twin, 1, 0)
     expected_cosine = 1 - 2 * (original[0] ** 2).sum() / (original ** 2).sum()
     report = compare_caches(store, twin, progress=False)
     arrays = {a.name: a for a in report.arrays}
@@ -110,6 +111,7 @@ def test_stats_subset_and_dead_channel(tmp_path):
         values = np.asarray(features[sample, 0])
         values[3] = 0  # channel 3 silent in every view 0
         features[sample, 0] = values
+        rebind(path, sample, 0)
     stats = cache_stats(path, subset=3, progress=False)
     assert stats.sample_views == [(token_of(0), 0), (token_of(2), 0), (token_of(4), 0)]
     neck = {m.name: m for m in stats.maps}["features/neck"]

@@ -16,7 +16,7 @@ from distillbev.pipeline.cache.inspect import summarize_cache
 
 def test_summary_fields(store):
     summary = summarize_cache(store).to_json()
-    assert summary["schema_version"] == 2 and summary["status"] == "complete"
+    assert summary["schema_version"] == 3 and summary["status"] == "complete"
     assert summary["teacher"]["checkpoint_sha256_short"] == "b" * 12
     tokens_sha = hashlib.sha256("\n".join(f"token-{i:03d}" for i in range(4)).encode()).hexdigest()
     assert summary["dataset"] == {"dataroot": "/nonexistent/dataroot", "version": "v1.0-mini", "split": "mini_val",

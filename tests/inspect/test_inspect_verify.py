@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 from click.testing import CliRunner
-from inspect_stores import token_of, write_store
+from inspect_stores import rebind, token_of, write_store
 
 from distillbev.cli import cli
 from distillbev.pipeline.cache.inspect import verify_cache
@@ -141,5 +141,6 @@ def test_all_zero_maps_are_stored_and_verify(tmp_path):
     path = tmp_path / "zeros.zarr"
     write_store(path, samples=2, views=1)
     writable(path, "occupancy")[1, 0] = False  # an empty canvas (no point in range) is a legitimate target
+    rebind(path, 1, 0)
     assert chunk_file(path, "occupancy", 1, 0).is_file()
     assert verify_cache(path, progress=False).ok
