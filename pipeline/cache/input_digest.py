@@ -26,6 +26,7 @@ import numpy as np
 from ...cache_schemas import v2
 from ..data.digest import (InputDigests, digest_hex, extraction_input_files, file_digest, files_per_sample,
                            with_virtual_files)
+from ..data.preflight import lidar_inputs
 from ..errors import CacheError, DataError
 from .chunks import ChunkError, chunk_key, decode_chunk, encode_chunk, get_chunk_bytes
 
@@ -245,8 +246,6 @@ def _input_files(dataset: Any, tokens: list[str], num_sweeps: int, virtual: bool
         raise DataError(f"{exc.args[0]}; the cache was extracted from another split") from None
     if index.sweeps.files.shape[1] >= num_sweeps:
         return [extraction_input_files(index, i, num_sweeps, virtual) for i in positions]
-    from ..data.preflight import lidar_inputs
-
     records = lidar_inputs(dataset.devkit(), tokens, num_sweeps, max(candidates, num_sweeps))
     return [with_virtual_files([f"{index.dataroot}/{record['filename']}" for record in sample], virtual)
             for sample in records]
