@@ -26,16 +26,13 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from ..errors import DataError
 from ..safe_pickle import ForbiddenGlobal, restricted_load
-
-if TYPE_CHECKING:
-    from .digest import InputDigests
 
 MVP_CLASSES = ("car", "truck", "trailer", "bus", "construction_vehicle", "bicycle", "motorcycle", "pedestrian",
                "traffic_cone", "barrier")
@@ -102,10 +99,10 @@ def _read_dict(data: bytes) -> dict:
 
 
 def read_virtual_points(path: str | Path, sample_data_token: str = "",
-                        digests: InputDigests | None = None) -> VirtualPoints:
+                        digests: Any = None) -> VirtualPoints:
     """Read one file written by MVP or by `write_virtual_points`; a missing or malformed file is a one-line
-    DataError naming it, the sample_data and what to do. The file is read once; `digests` records the SHA-256 of
-    those bytes."""
+    DataError naming it, the sample_data and what to do. The file is read once; `digests` (a `data.digest.InputDigests`)
+    records the SHA-256 of those bytes."""
     path = Path(path)
     owner = f" of LIDAR_TOP sample_data {sample_data_token}" if sample_data_token else ""
     if not path.is_file():
