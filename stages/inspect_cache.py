@@ -156,7 +156,10 @@ def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify:
             subset: int | None, render_sample: str | None, out: str | None, view: int, dataroot: str | None,
             compare_store: str | None) -> None:
     """Show what a teacher-feature cache holds (default), or verify, measure, draw or compare it."""
-    from ..pipeline.cache import inspect
+    from ..pipeline.cache.inspect.compare import compare_caches
+    from ..pipeline.cache.inspect.stats import cache_stats
+    from ..pipeline.cache.inspect.summary import summarize_cache
+    from ..pipeline.cache.inspect.verify import verify_cache
     from ..pipeline.cache.location import StoreLocation, parse_storage_options
     from ..pipeline.errors import CacheError
 
@@ -169,16 +172,16 @@ def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify:
     if compare_store is not None:
         compare_store = StoreLocation.parse(compare_store, options if "://" in compare_store else None)
     actions = verify or stats or render_sample is not None or compare_store is not None
-    summary = inspect.summarize_cache(store).to_json()
+    summary = summarize_cache(store).to_json()
     result: dict[str, Any] = {"summary": summary}
     if not as_json and not actions:
         click.echo(format_summary(summary))
     if stats:
-        result["stats"] = inspect.cache_stats(store, subset=subset, progress=not as_json).to_json()
+        result["stats"] = cache_stats(store, subset=subset, progress=not as_json).to_json()
         if not as_json:
             click.echo(format_stats(result["stats"]))
     if compare_store is not None:
-        result["compare"] = inspect.compare_caches(store, compare_store, progress=not as_json).to_json()
+        result["compare"] = compare_caches(store, compare_store, progress=not as_json).to_json()
         if not as_json:
             click.echo(format_compare(result["compare"]))
     if render_sample is not None:
@@ -193,7 +196,7 @@ def command(store: str, storage_options: tuple[str, ...], as_json: bool, verify:
                        f"{len(drawn.titles)} panels)")
     report = None
     if verify:
-        report = inspect.verify_cache(store, workers=workers, progress=True)
+        report = verify_cache(store, workers=workers, progress=True)
         result["verify"] = report.to_json()
         if not as_json:
             if report.ok:

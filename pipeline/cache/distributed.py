@@ -123,11 +123,13 @@ def extract_distributed(path: str | Path | StoreLocation, *, manifest: dict[str,
                         head_state: dict[str, np.ndarray], run_teacher: RunTeacher, load_points: LoadPoints,
                         batch_size: int = 1, background_writer: bool = True, max_pending: int = 4,
                         threads: int | None = None, overwrite: bool = False, repair: bool = False,
-                        command: str = "", progress: bool = True) -> ExtractionReport:
+                        command: str = "", progress: bool = True,
+                        check_store: Callable[[StoreLocation], None] | None = None) -> ExtractionReport:
     """`extract_teacher_cache` across the ranks of an initialised torch.distributed process group.
 
     Only the store's URL travels between ranks (each rank opens it with its own storage options and credentials);
-    a rank given another --cache is refused.
+    a rank given another --cache is refused. check_store: run by rank 0 under the store's lock before anything is
+    written; its error reaches every rank.
     """
     import torch.distributed as dist
 
@@ -143,6 +145,8 @@ def extract_distributed(path: str | Path | StoreLocation, *, manifest: dict[str,
             refuse_unusable(path, classify_store(path))
             path = path.resolved()
             lock = writer_lock(path, command=command).acquire()
+            if check_store is not None:
+                check_store(path)
             state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
             outcome = [("ok", str(path), state, lock.holder() or {})]
         except DistillBEVError as exc:

@@ -287,7 +287,8 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
                           head_state: dict[str, np.ndarray], run_teacher: RunTeacher, load_points: LoadPoints,
                           workers: int = 1, batch_size: int = 1, background_writer: bool = True,
                           max_pending: int = 4, threads_per_worker: int | None = None, overwrite: bool = False,
-                          repair: bool = False, command: str = "", progress: bool = True) -> ExtractionReport:
+                          repair: bool = False, command: str = "", progress: bool = True,
+                          check_store: Callable[[StoreLocation], None] | None = None) -> ExtractionReport:
     """Fill the store at `path` with every sample-view of `manifest`; resumes or repairs a store of the same manifest.
 
     The whole call holds the store's writer lock (a second extraction on the same store fails at once). Resume
@@ -300,7 +301,9 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
     callables are inherited, not pickled; a CUDA teacher needs workers=1); they die with this process. Each
     worker computes with `threads_per_worker` torch threads (default: this process's threads // workers). CPU
     results depend on the thread count and batch composition, so a resumed or repaired store is bit-identical to
-    an uninterrupted extraction when both use the same thread count and batch size.
+    an uninterrupted extraction when both use the same thread count and batch size. check_store: called with the
+    store's location under its lock before anything is written; its error stops the run (the recipe refuses a
+    resume with other compute settings there, `run.py`).
     """
     started = time.perf_counter()
     path = StoreLocation.parse(path)
@@ -311,6 +314,8 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
                          f"fork; extract with several processes under torchrun instead (torchrun --nproc-per-node "
                          f"{workers} -m distillbev.cli extract-teacher ...)")
     with writer_lock(path, command=command) as lock:
+        if check_store is not None:
+            check_store(path)
         prepared = prepare_extraction(path, manifest, sample_tokens, head_state, overwrite, repair, progress)
         total = prepared.total
         if prepared.state == "complete":

@@ -225,3 +225,37 @@ def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
 def _short(value: Any, limit: int = 80) -> str:
     text = value if value is _MISSING else json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compute_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The recorded settings of `manifest` that decide its computed values in their last bits, by what a person
+    changes to set them (the `extraction` entries, and the torch version).
+
+    They are volatile (a store made with other ones holds the same data to float precision), but a resume or a
+    repair computes sample-views beside stored ones, so it must use the same to keep the store bit-identical to an
+    uninterrupted extraction. Each forked worker computes with threads // workers torch threads. A store written
+    before an entry was recorded lacks it: only entries both sides record are compared.
+    """
+    extraction = manifest.get("extraction", {})
+    settings: dict[str, Any] = {}
+    if "device" in extraction:
+        settings["device (--device)"] = str(extraction["device"]).partition(":")[0]  # any index of one model
+    for key, label in (("device_model", "device model"), ("precision", "teacher precision"),
+                       ("matmul_precision", "float32 matmul precision (torch.set_float32_matmul_precision)"),
+                       ("tf32", "TF32 (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)"),
+                       ("batch_size", "batch size (--batch-size)")):
+        if key in extraction:
+            settings[label] = extraction[key]
+    if "threads" in extraction:
+        threads = max(1, int(extraction["threads"]) // max(1, int(extraction.get("workers", 1))))
+        settings["threads per extraction process (OMP_NUM_THREADS / --workers)"] = threads
+    if "torch" in manifest.get("software", {}):
+        settings["torch version"] = manifest["software"]["torch"]
+    return settings
+
+
+def settings_changes(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Lines "setting: recorded -> now" for every `compute_settings` entry both manifests record and that differs."""
+    before, now = compute_settings(recorded), compute_settings(requested)
+    return [f"{label}: {_short(before[label])} -> {_short(now[label])}" for label in before
+            if label in now and json.dumps(before[label]) != json.dumps(now[label])]

@@ -19,7 +19,7 @@ from cache_fakes import FakeTeacher, chunk_files, make_manifest, run_extract, to
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.checks import damaged_sample_views, sample_view_array_names
 from distillbev.pipeline.cache.chunks import chunk_coords, decode_chunk, get_chunk_bytes
-from distillbev.pipeline.cache.inspect import verify_cache
+from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.cache.writer import read_done, read_manifest, set_done, write_done
 from distillbev.pipeline.errors import CacheError

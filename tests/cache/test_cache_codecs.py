@@ -17,7 +17,7 @@ from cache_fakes import FakeTeacher, chunk_files, load_points, make_manifest, ru
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.chunks import (ChunkError, chunk_coords, decode_chunk, encode_chunk,
                                               expect_supported_codecs, get_chunk_bytes)
-from distillbev.pipeline.cache.inspect import verify_cache
+from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.cache.manifest import ViewConfig, build_manifest
 from distillbev.pipeline.cache.quantize import dequantize_per_channel, quantize_per_channel
 from distillbev.pipeline.cache.reader import TeacherCache, repair_command

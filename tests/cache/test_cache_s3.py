@@ -20,7 +20,8 @@ import torch
 from cache_fakes import run_extract, slow_extraction_script, store_chunks
 
 from distillbev.cache_schemas import v2
-from distillbev.pipeline.cache.inspect import summarize_cache, verify_cache
+from distillbev.pipeline.cache.inspect.summary import summarize_cache
+from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.cache.lease import LeaseLock, _Objects
 from distillbev.pipeline.cache.location import StoreLocation, parse_storage_options
 from distillbev.pipeline.cache.reader import TeacherCache

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from inspect_stores import LAYERS, rebind, token_of, write_store
 
 from distillbev.cli import cli
-from distillbev.pipeline.cache.inspect import cache_stats, compare_caches
+from distillbev.pipeline.cache.inspect.compare import compare_caches
+from distillbev.pipeline.cache.inspect.stats import cache_stats
 from distillbev.pipeline.errors import CacheError
 
 

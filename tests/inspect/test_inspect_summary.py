@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from inspect_stores import token_of, write_store
 
 from distillbev.cli import cli
-from distillbev.pipeline.cache.inspect import summarize_cache
+from distillbev.pipeline.cache.inspect.summary import summarize_cache
 
 
 def test_summary_fields(store):

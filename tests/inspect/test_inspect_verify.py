@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from inspect_stores import rebind, token_of, write_store
 
 from distillbev.cli import cli
-from distillbev.pipeline.cache.inspect import verify_cache
+from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.errors import CacheError
 
 
