@@ -35,6 +35,7 @@ from ..errors import CacheError, DistillBEVError
 from .extract import (ExtractionReport, LoadPoints, RunTeacher, SharePlan, _run_jobs, _WorkerJob, check_samples,
                       settle)
 from .manifest import ViewConfig, manifest_diff, tokens_sha256
+from .lease import status_check
 from .location import StoreLocation
 from .store import _process_start_time, classify_store, refuse_unusable, writer_lock
 from .writer import ShareCheck, finalize_store, prepare_store, verify_samples
@@ -176,7 +177,7 @@ def extract_distributed(path: str | Path | StoreLocation, *, manifest: dict[str,
         settled: list[Any] = [None]
         if rank == 0:
             try:
-                settled = [settle(path, manifest, state, merged, sample_tokens, repair)]
+                settled = [settle(path, manifest, state, merged, sample_tokens, repair, status_check(lock))]
             except DistillBEVError as exc:
                 settled = [str(exc)]
         dist.broadcast_object_list(settled, src=0)
@@ -195,8 +196,10 @@ def extract_distributed(path: str | Path | StoreLocation, *, manifest: dict[str,
                          load_points, batch_size, background_writer, max_pending)
         error, check = None, ShareCheck(0)
         try:
+            # rank 0 asks its own lock (before each sample-view and each write); the others, rank 0's lock object
             _run_jobs([job], report, mine, 1, threads, started, progress and rank == 0,
-                      lock.still_held if lock is not None else holder_fence(path, holder))
+                      still_wanted=None if lock is not None else holder_fence(path, holder),
+                      still_held=lock.still_held if lock is not None else None)
         except DistillBEVError as exc:
             error = f"rank {rank}: {exc}"
         outcomes = _gather((error, report.written, report.raw_bytes, report.written_by), world_size)
@@ -216,7 +219,7 @@ def extract_distributed(path: str | Path | StoreLocation, *, manifest: dict[str,
             for _, part in checks:
                 merged_check = merged_check.merged(part)
             try:
-                finalize_store(path, sample_tokens, check=merged_check)
+                finalize_store(path, sample_tokens, check=merged_check, still_held=status_check(lock))
             except DistillBEVError as exc:
                 final = [str(exc)]
         dist.broadcast_object_list(final, src=0)

@@ -43,6 +43,7 @@ from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
 from .manifest import ViewConfig, layer_specs, view_augmentations
 from .checks import Damage, damaged_sample_views
+from .lease import status_check
 from .location import StoreLocation
 from .store import classify_store, refuse_unusable, writer_lock
 from .writer import (SampleViewRecord, SampleViewWriter, finalize_store, prepare_store, read_done, set_done,
@@ -172,9 +173,9 @@ class _WorkerJob:
 
 
 def _run_worker(job: _WorkerJob, report: Callable[[SampleViewRecord], None],
-                still_wanted: Callable[[], bool] | None = None) -> None:
-    """Compute and write every task of one worker, in order."""
-    writer = SampleViewWriter(job.path, still_wanted=still_wanted)
+                still_wanted: Callable[[], bool] | None = None, still_held: Callable[[], bool] | None = None) -> None:
+    """Compute and write every task of one worker, in order (`SampleViewWriter` asks both checks)."""
+    writer = SampleViewWriter(job.path, still_wanted=still_wanted, still_held=still_held)
     sink = _BackgroundWriter(writer, report, job.max_pending) if job.background_writer else None
     augmentations: dict[int, list[BEVAugmentation]] = {}
     try:
@@ -230,11 +231,10 @@ def _child_main(worker_id: int, job: _WorkerJob, messages: Any, threads: int, pa
     It writes while its parent lives and (`lock_held`, the parent's lock check, inherited by the fork) the store's
     lock is still the parent's."""
     parent_alive = die_with_parent(parent_pid)
-    still_wanted = parent_alive if lock_held is None else (lambda: parent_alive() and lock_held())
     torch.set_num_threads(threads)
     try:
         _run_worker(job, lambda r: messages.put(("progress", worker_id, r.sample_index, r.view, r.nbytes)),
-                    still_wanted)
+                    parent_alive, lock_held)
     except CacheError as exc:
         messages.put(("cache_error", worker_id, str(exc)))
         raise SystemExit(1)
@@ -316,7 +316,8 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
     with writer_lock(path, command=command) as lock:
         if check_store is not None:
             check_store(path)
-        prepared = prepare_extraction(path, manifest, sample_tokens, head_state, overwrite, repair, progress)
+        prepared = prepare_extraction(path, manifest, sample_tokens, head_state, overwrite, repair, progress,
+                                      status_check(lock))
         total = prepared.total
         if prepared.state == "complete":
             return ExtractionReport(str(path), prepared.state, v2.STATUS_COMPLETE, total, total, 0,
@@ -327,8 +328,8 @@ def extract_teacher_cache(path: str | Path | StoreLocation, *, manifest: dict[st
                 for run in split_tasks(pending, workers)]
         report = ExtractionReport(str(path), prepared.state, v2.STATUS_WRITING, total, total - len(pending), 0, 0.0,
                                   0, redone=prepared.redone, checked=prepared.checked)
-        _run_jobs(jobs, report, pending, workers, threads_per_worker, started, progress, lock.still_held)
-        finalize_store(path, sample_tokens)
+        _run_jobs(jobs, report, pending, workers, threads_per_worker, started, progress, still_held=lock.still_held)
+        finalize_store(path, sample_tokens, still_held=status_check(lock))
     report.status = v2.STATUS_COMPLETE
     report.seconds = time.perf_counter() - started
     return report
@@ -351,8 +352,9 @@ class PreparedStore:
 
 def prepare_extraction(path: StoreLocation, manifest: dict[str, Any], sample_tokens: list[str],
                        head_state: dict[str, np.ndarray], overwrite: bool, repair: bool,
-                       progress: bool) -> PreparedStore:
-    """Create or reopen the store (the caller holds its lock) and find every sample-view that must be (re)done.
+                       progress: bool, still_held: Callable[[], bool] | None = None) -> PreparedStore:
+    """Create or reopen the store (the caller holds its lock, whose check is `still_held`) and find every
+    sample-view that must be (re)done.
 
     Resume re-checks (CRC) the sample-views marked done; a complete store is checked quick or, with `repair`, by
     CRC, and its damaged sample-views are marked not done under a new generation. Under torchrun the ranks run
@@ -360,7 +362,7 @@ def prepare_extraction(path: StoreLocation, manifest: dict[str, Any], sample_tok
     """
     state = prepare_store(path, manifest, sample_tokens, head_state, overwrite=overwrite)
     share = check_samples(path, manifest, state, range(int(manifest["sample_count"])), repair, progress)
-    return settle(path, manifest, state, share, sample_tokens, repair)
+    return settle(path, manifest, state, share, sample_tokens, repair, still_held)
 
 
 @dataclass
@@ -398,10 +400,11 @@ def check_samples(path: StoreLocation, manifest: dict[str, Any], state: str, sam
 
 
 def settle(path: StoreLocation, manifest: dict[str, Any], state: str, plan: SharePlan, sample_tokens: list[str],
-           repair: bool) -> PreparedStore:
+           repair: bool, still_held: Callable[[], bool] | None = None) -> PreparedStore:
     """Mark the damaged sample-views of `plan` (every share's, merged) not done and say what is left to extract.
 
-    A damaged complete store gets status "writing" under a new generation first, so its readers stop.
+    A damaged complete store gets status "writing" under a new generation first, so its readers stop. still_held:
+    the writer lock's check (`lease.status_check`), asked right before those writes.
     """
     total = int(manifest["sample_count"]) * int(manifest["views"]["count"])
     redone = sorted(plan.damage)
@@ -413,13 +416,13 @@ def settle(path: StoreLocation, manifest: dict[str, Any], state: str, plan: Shar
             return PreparedStore("complete", total, checked=checked)
         logger.warning("%s: %d damaged sample-views will be re-extracted: %s", path, len(redone),
                        _describe_damage(plan.damage, sample_tokens))
-        set_status(path, v2.STATUS_WRITING, manifest_generation=True)
-        set_done(path, redone, 0)
+        set_status(path, v2.STATUS_WRITING, manifest_generation=True, still_held=still_held)
+        set_done(path, redone, 0, still_held=still_held)
         return PreparedStore("repaired", total, redone, redone, checked)
     if redone:
         logger.warning("%s: %d sample-views marked done failed their checks and will be redone: %s", path,
                        len(redone), _describe_damage(plan.damage, sample_tokens))
-        set_done(path, redone, 0)
+        set_done(path, redone, 0, still_held=still_held)
     if state == "resumed":
         logger.info("%s: resuming, %d of %d sample-views already done", path,
                     total - len(plan.not_done) - len(redone), total)
@@ -428,11 +431,12 @@ def settle(path: StoreLocation, manifest: dict[str, Any], state: str, plan: Shar
 
 def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tuple[int, int]], workers: int,
               threads_per_worker: int | None, started: float, progress: bool,
-              still_wanted: Callable[[], bool] | None = None) -> None:
+              still_wanted: Callable[[], bool] | None = None, still_held: Callable[[], bool] | None = None) -> None:
     """Run the workers' jobs in this process or in forked ones, with a progress bar fed by their reports.
 
-    still_wanted: checked before each sample-view is written, here or in a forked worker (the store's lock is
-    still held)."""
+    still_wanted: checked before each sample-view is written (in this process: e.g. a torchrun rank's fence on rank
+    0's lock). still_held: the lock's check of the process holding it (inherited by forked workers), asked before
+    each sample-view and right before its chunk and marker writes."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(pending), unit="view", desc="extract-teacher", disable=not progress, smoothing=0.1)
@@ -453,9 +457,10 @@ def _run_jobs(jobs: list[_WorkerJob], report: ExtractionReport, pending: list[tu
         if len(jobs) <= 1 or workers <= 1:
             torch.set_num_threads(threads)  # restored below: only this call computes with it
             for job in jobs:
-                _run_worker(job, lambda r: on_written(0, r.sample_index, r.view, r.nbytes), still_wanted)
+                _run_worker(job, lambda r: on_written(0, r.sample_index, r.view, r.nbytes), still_wanted,
+                            still_held)
         else:
-            _run_processes(jobs, on_written, threads, still_wanted)
+            _run_processes(jobs, on_written, threads, still_held)
     finally:
         torch.set_num_threads(previous_threads)
         bar.close()

@@ -2,7 +2,7 @@
 
     with LeaseLock(location, command="distillbev extract-teacher ...") as lock:
         ...                          # a background thread renews the lease every ttl / 4
-        if not lock.still_held(): ...  # the lease was lost (renewals failed for a whole ttl, or it was taken)
+        if not lock.still_held(): ...  # lost: taken, or its deadline passed (renewals failed, process paused)
 
 An object store has no flock, so the lock is the object `distillbev.lock`: JSON naming the holder (host, pid,
 command, a random owner id) and `expires_at` (UTC seconds). Acquiring creates it only if absent (a conditional
@@ -12,6 +12,14 @@ exactly one wins. Renewal is the same compare-and-swap on the ETag of the holder
 it. With obstore (the default S3 backend) every step is atomic on servers with conditional writes (AWS S3 since
 2024, SeaweedFS, MinIO); through fsspec the create is a check-then-write and the takeover a delete-then-create,
 which is safe against a dead holder but not against two live racers starting within the same second.
+
+The lease fences its holder with a deadline on this process's monotonic clock: before each renewing request the
+holder reads the clock (t0), and a successful request makes the lease valid until t0 + ttl - margin
+(`lease_margin`). `still_held()` is False once the clock passes that deadline, whatever the renew thread did: a
+process paused past it (SIGSTOP, a frozen VM, a suspended machine) finds its lease lost as soon as it runs again, and
+from then on it never renews it. Writers ask `still_held()` right before every batch of chunk writes and every done
+marker (`writer.py`); the extraction's status writes ask `confirm()` first, a renewal conditional on the lease
+object still being the one this holder last wrote (`If-Match` on its ETag).
 
 A killed holder's lease blocks new writers until it expires (`ttl`, 120 s by default, or the environment variable
 `DISTILLBEV_LEASE_SECONDS`); the error a second writer gets says until when. Expiry compares the writer's clock
@@ -29,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from ...cache_schemas import v2
 from ..errors import CacheError
@@ -37,6 +45,27 @@ from .location import StoreLocation, redact_command, remote_error
 
 logger = logging.getLogger(__name__)
 DEFAULT_TTL = 120.0
+
+
+def monotonic() -> float:
+    """Seconds on a clock that never goes back and keeps counting while the machine sleeps (CLOCK_BOOTTIME on Linux;
+    time.monotonic, which stops during a suspend, elsewhere): a suspended holder must find its deadline passed."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+def lease_margin(ttl: float) -> float:
+    """How long before its expiry (ttl after the renewing request started) a holder stops counting its lease as held.
+
+    Another process may take the lease once its own wall clock passes `expires_at`, so a write that passed the
+    check must land before then. The margin covers (1) the longest a request that passed the check can still take,
+    retries included: location.py caps it at `REQUEST_SECONDS_MAX` (22 s) for obstore; and (2) the difference between
+    the holder's and the taker's clocks (NTP keeps it to milliseconds; the rest of the margin, 8 s at the default ttl,
+    is for it). A quarter of the ttl is 30 s at the default ttl of 120 s; renewals every ttl / 4 (ttl / 16 after a
+    failed one) leave several attempts between a renewal and its deadline. A ttl under 4 x 22 s (tests use 2 s on
+    a loopback server) still fences a paused holder, but no longer covers a request stalled for the whole client
+    timeout.
+    """
+    return ttl / 4
 
 
 def lease_seconds() -> float:
@@ -150,11 +179,16 @@ class LeaseLock:
         self.location = location
         self.command = redact_command(command)  # written into the lease, so without any credential
         self.ttl = lease_seconds() if ttl is None else float(ttl)
+        self.margin = lease_margin(self.ttl)
         self.owner = uuid.uuid4().hex
         self._objects: _Objects | None = None
         self._etag: str | None | bool = None
         self._held = False
         self._lost: str | None = None
+        self._deadline = 0.0  # on `monotonic()`: the lease counts as held until then (t0 + ttl - margin)
+        self._renewed_at = 0.0  # on `monotonic()`: when the last successful renewing request started (t0)
+        self._renewing = threading.Lock()  # the renew thread and `confirm` renew one at a time
+        self._losing = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -171,6 +205,7 @@ class LeaseLock:
         self._objects = _Objects(self.location, v2.LOCK_FILE)
         try:
             for _ in range(5):
+                started = monotonic()  # before any request: the lease written below lasts ttl from about now
                 current, etag = self._objects.read()
                 if current is None:
                     result = self._objects.create(self._info())
@@ -184,7 +219,8 @@ class LeaseLock:
                     logger.info("%s: taking over the expired lease of %s", self.location, describe(current))
                     result = self._objects.replace(etag, self._info())
                 if result is not False:
-                    self._etag, self._held = result, True
+                    self._etag, self._held, self._lost = result, True, None
+                    self._renewed(started)
                     break
             else:
                 raise CacheError(f"{self.location}: could not take the writer lease (other processes kept taking "
@@ -198,42 +234,81 @@ class LeaseLock:
         self._thread.start()
         return self
 
+    def _renewed(self, started: float) -> None:
+        """A renewing request that started at `started` (on `monotonic()`) succeeded."""
+        self._renewed_at, self._deadline = started, started + self.ttl - self.margin
+
     def _renew_loop(self) -> None:
-        last_renewal = time.time()
-        while not self._stop.wait(self.ttl / 4):
+        wait = self.ttl / 4
+        while not self._stop.wait(wait):
+            renewed = self._renew()
+            if self._lost is not None:
+                return
+            wait = self.ttl / 4 if renewed else self.ttl / 16  # after a failure, retry sooner: the deadline nears
+
+    def _renew(self) -> bool:
+        """One conditional renewal: True when it succeeded, False when it failed (a network error: the lease is
+        lost by its deadline, unless a later try succeeds) or the lease is lost."""
+        with self._renewing:
+            if not self.still_held():  # past the deadline the lease may be another's: never renewed again
+                return False
+            started = monotonic()  # before the request: the lease it writes expires ttl after about now
             try:
                 etag = self._etag if isinstance(self._etag, str) else None
                 if etag is None:  # fsspec: no ETag to compare, so check the owner first
                     current, _ = self._objects.read()
                     if current is None or current.get("owner") != self.owner:
                         self._lose(f"the lease now names {describe(current) if current else 'nobody'}")
-                        return
+                        return False
                 result = self._objects.replace(etag, self._info()) if etag else self._overwrite()
                 if result is False:
                     current, _ = self._objects.read()
                     self._lose(f"the lease was taken by {describe(current) if current else 'nobody'}")
-                    return
-                self._etag, last_renewal = result, time.time()
+                    return False
+                self._etag = result
+                self._renewed(started)
+                return True
             except CacheError as exc:  # the lease object was overwritten with something that is no lease
                 self._lose(str(exc))
-                return
-            except Exception as exc:  # a network error: keep trying until the lease would have expired
-                if time.time() - last_renewal > self.ttl:
-                    self._lose(f"renewals failed for {self.ttl:.0f} s ({type(exc).__name__}: {exc})")
-                    return
-                logger.warning("%s: renewing the writer lease failed (%s); retrying", self.location, exc)
+                return False
+            except Exception as exc:  # a network error: tried again until the deadline
+                logger.warning("%s: renewing the writer lease failed (%s); retrying until %.0f s after the last "
+                               "renewal", self.location, exc, self.ttl - self.margin)
+                return False
 
     def _overwrite(self) -> bool:
         self.location.put(v2.LOCK_FILE, self._info())
         return True
 
     def _lose(self, why: str) -> None:
-        logger.error("%s: lost the writer lease: %s; this process stops writing", self.location, why)
-        self._lost = why  # after the log line: once `still_held()` is False, the reason has been logged
+        with self._losing:
+            if self._lost is not None:  # lost once, logged once
+                return
+            logger.error("%s: lost the writer lease: %s; this process stops writing", self.location, why)
+            self._lost = why  # after the log line: once `still_held()` is False, the reason has been logged
 
     def still_held(self) -> bool:
-        """False once the lease was lost (the writer then stops before its next sample-view)."""
-        return self._held and self._lost is None
+        """Whether the lease is still this process's: taken, not lost, and the deadline of its last renewal
+        (monotonic, t0 + ttl - margin) not passed. Cheap (no request): writers ask it before every write."""
+        if not self._held or self._lost is not None:
+            return False
+        now = monotonic()
+        if now >= self._deadline:
+            self._lose(f"no renewal succeeded in the {self.ttl - self.margin:.1f} s after the last one "
+                       f"({now - self._renewed_at:.1f} s ago: this process was paused, or its renewals failed), so "
+                       f"another process may have taken the lease")
+            return False
+        return True
+
+    def confirm(self) -> bool:
+        """Renew the lease now and say whether it is still this process's: the check before a status write.
+
+        True only when this renewal succeeded, i.e. the lease object was still the one this holder last wrote
+        (`If-Match` on its ETag through obstore; an owner check then a write through fsspec), so the status write
+        that follows starts a whole ttl - margin before anyone may take the lease. A network error is False too:
+        nothing proves the lease is still held.
+        """
+        return self._held and self._renew() and self.still_held()
 
     def holder(self) -> dict[str, Any] | None:
         objects = self._objects or _Objects(self.location, v2.LOCK_FILE)
@@ -247,7 +322,8 @@ class LeaseLock:
             self._thread.join()
         try:
             current, _ = self._objects.read()
-            if current is not None and current.get("owner") == self.owner:
+            # past the deadline, the lease may be another's by the time the delete lands: it is left to expire
+            if current is not None and current.get("owner") == self.owner and self.still_held():
                 self._objects.delete()
         except Exception as exc:  # the lease then expires by itself
             logger.warning("%s: could not delete the writer lease (%s); it expires at its own time",
@@ -263,6 +339,13 @@ class LeaseLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def status_check(lock: Any) -> Callable[[], bool]:
+    """The check to ask right before a status write under `lock` (a `LeaseLock` or store.py's `StoreLock`): a
+    lease's `confirm` (a conditional renewal: the status follows a proof that the lease object is still this
+    holder's), a local lock's `still_held` (the locked file is still the one at the lock's path)."""
+    return lock.confirm if isinstance(lock, LeaseLock) else lock.still_held
 
 
 def describe(info: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlsplit
@@ -44,6 +45,18 @@ BACKENDS = ("obstore", "fsspec")
 # may carry a credential: password, username, account_key, sas_token, connection_string, ...)
 RECORDED_OPTIONS = ("backend", "endpoint", "endpoint_url", "region", "region_name", "anon", "use_ssl",
                     "requester_pays", "version_aware", "project")
+# Request limits of the S3 clients. A writer asks its lease right before each batch of writes (lease.py), and a
+# PUT must land before the lease's margin (ttl / 4, 30 s at the default ttl) is used up. Through obstore one request
+# with all its retries takes at most about REQUEST_TIMEOUT + MAX_BACKOFF + RETRY_TIMEOUT (no retry starts after
+# RETRY_TIMEOUT; each attempt ends within REQUEST_TIMEOUT) = REQUEST_SECONDS_MAX. Through s3fs the timeouts bound
+# connecting and each socket read (botocore has no overall one), with no botocore retry; s3fs itself tries up to
+# 5 times on connection errors (its class setting, not an option).
+REQUEST_TIMEOUT = 10.0  # seconds, one attempt from connecting to the end of the response (a chunk is a few MB)
+CONNECT_TIMEOUT = 5.0
+RETRY_TIMEOUT = 10.0
+MAX_RETRIES = 3
+MAX_BACKOFF = 2.0
+REQUEST_SECONDS_MAX = REQUEST_TIMEOUT + MAX_BACKOFF + RETRY_TIMEOUT  # 22 s
 _USER_INFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s]*@")
 _OBSTORE_USED_BY: int | None = None  # pid of the process that opened an obstore client (kept across a fork)
 
@@ -267,6 +280,9 @@ class StoreLocation:
         # s3fs takes no user info from a URL (it is in the options); other drivers read it there (ftp, sftp, ...)
         url = self.url if self.scheme == "s3" or not self.user_info else self.url.replace(
             "://", f"://{self.user_info}@", 1)
+        if self.scheme == "s3":  # the request limits above, unless the options set their own
+            options["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": REQUEST_TIMEOUT,
+                                        "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})}
         try:
             return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
         except (ImportError, ValueError) as exc:
@@ -315,8 +331,12 @@ class StoreLocation:
                              ("endpoint_url", "endpoint")):
             if ours in s3:
                 kwargs[theirs] = s3[ours]
+        kwargs["client_options"] = {"timeout": timedelta(seconds=REQUEST_TIMEOUT),
+                                    "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT)}
+        kwargs["retry_config"] = {"max_retries": MAX_RETRIES, "retry_timeout": timedelta(seconds=RETRY_TIMEOUT),
+                                  "backoff": {"max_backoff": timedelta(seconds=MAX_BACKOFF)}}
         if s3.get("endpoint_url", "").startswith("http://"):
-            kwargs["client_options"] = {"allow_http": True}
+            kwargs["client_options"]["allow_http"] = True
         if "key" not in s3:
             kwargs["skip_signature"] = True  # anonymous access to a public bucket
         _OBSTORE_USED_BY = os.getpid()

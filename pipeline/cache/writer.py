@@ -37,6 +37,16 @@ from .store import classify_store, clear_store, fsync_keys, fsync_store, refuse_
 logger = logging.getLogger(__name__)
 
 StoreState = Literal["created", "resumed", "complete"]
+StillHeld = Callable[[], bool]  # the writer lock's check: `still_held` of a StoreLock or LeaseLock, a lease's `confirm`
+
+
+def refuse_unless_held(path: StoreLocation, still_held: StillHeld | None, what: str) -> None:
+    """Raise a CacheError, before `what` is written, when `still_held` (if given) says the lock is no longer held."""
+    if still_held is not None and not still_held():
+        raise CacheError(f"{path}: this process lost its lock or lease on the store ({v2.LOCK_FILE}; the reason is "
+                         f"logged above), so {what} was not written: another extraction may be writing this store "
+                         f"now; the store stays 'writing': once no other extraction writes it, rerun the same command "
+                         f"to resume")
 
 
 @dataclass
@@ -268,13 +278,18 @@ def repair_static_arrays(path: StoreLocation, group: Any, manifest: dict[str, An
     return written
 
 
-def set_status(path: StoreLocation | Path, status: str, manifest_generation: bool = False) -> None:
-    """Set the manifest's status (and, with manifest_generation, a fresh generation id), durably."""
+def set_status(path: StoreLocation | Path, status: str, manifest_generation: bool = False,
+               still_held: StillHeld | None = None) -> None:
+    """Set the manifest's status (and, with manifest_generation, a fresh generation id), durably.
+
+    still_held: the writer lock's check, asked right before the write (for a lease, `lease.status_check`): a
+    CacheError and nothing written when the lock is no longer held."""
     path = StoreLocation.parse(path)
     group = path.open_group(mode="r+")
     update: dict[str, Any] = {"status": status}
     if manifest_generation:
         update["generation"] = new_generation()
+    refuse_unless_held(path, still_held, f"status {status!r}")
     try:
         group.attrs.update(update)
         fsync_keys(path, ["zarr.json"], folders=True)
@@ -518,11 +533,15 @@ def write_done(done: Any, sample_views: list[tuple[int, int]], value: int) -> li
     return write_chunks(done, {chunk_coords(done, s, v): raw for s, v in sample_views})
 
 
-def set_done(path: str | Path | StoreLocation, sample_views: list[tuple[int, int]], value: int) -> None:
-    """Clear (value 0) the done markers of `sample_views` durably (fsync'ed on a local disk)."""
+def set_done(path: str | Path | StoreLocation, sample_views: list[tuple[int, int]], value: int,
+             still_held: StillHeld | None = None) -> None:
+    """Clear (value 0) the done markers of `sample_views` durably (fsync'ed on a local disk); `still_held`, the
+    writer lock's check, is asked right before (a CacheError and nothing written when the lock is no longer held)."""
     path = StoreLocation.parse(path)
+    done = path.open_group(mode="r+")[v2.DONE]
+    refuse_unless_held(path, still_held, f"a batch of {len(sample_views)} done markers")
     try:
-        fsync_keys(path, write_done(path.open_group(mode="r+")[v2.DONE], sample_views, value))
+        fsync_keys(path, write_done(done, sample_views, value))
     except OSError as exc:
         raise storage_error(path, exc) from exc
 
@@ -569,9 +588,13 @@ class SampleViewWriter:
     Every chunk is written (fill-valued ones too) and fsync'ed before the sample-view's done marker, the digest of
     the store's id, the sample-view and every chunk's CRC32C (`marker.py`); with
     `still_wanted`, a callable checked before each sample-view, a writer whose parent has gone writes nothing more.
+    `still_held`, the writer lock's check (cheap: an inode or a clock compared), is asked before each sample-view,
+    again right before its chunks are written and again right before its done marker: a writer that lost its lock
+    or lease, or was paused past the lease's deadline, writes nothing more.
     """
 
-    def __init__(self, path: str | Path | StoreLocation, still_wanted=None) -> None:
+    def __init__(self, path: str | Path | StoreLocation, still_wanted=None,
+                 still_held: StillHeld | None = None) -> None:
         self.path = StoreLocation.parse(path)
         self.group = self.path.open_group(mode="r+")
         self.manifest = dict(self.group.attrs)
@@ -580,6 +603,7 @@ class SampleViewWriter:
         self.layers = [layer.name for layer in layer_specs(self.manifest)]
         self.arrays = {name: open_for_writing(self.group, name) for name in self._array_names()}
         self.still_wanted = still_wanted
+        self.still_held = still_held
         self.inputs = InputDigestRecorder(self.group, self.path)
         self.markers = marker_format(self.manifest)
         if not self.markers.bound:
@@ -601,6 +625,7 @@ class SampleViewWriter:
                              f"stopping before "
                              f"sample-view ({record.sample_index}, {record.view})")
         s, v = record.sample_index, record.view
+        refuse_unless_held(self.path, self.still_held, f"sample-view ({s}, {v})")
         inputs = self.inputs.chunks_for(record)  # refuses a sample-view read from other bytes, before any write
         chunks: dict[str, np.ndarray] = {}  # array name -> this sample-view's values, without the (S, V) axes
         for layer in self.layers:
@@ -624,26 +649,32 @@ class SampleViewWriter:
         done = self.arrays[v2.DONE]
         bound = self.markers.encode(s, v, {name: stored_crc(raw) for name, raw in raws.items()})
         marker = {chunk_key(done, chunk_coords(done, s, v)): encode_chunk(done, bound[None, None])}
+        # the lock is asked again right before each write: encoding took time, and so did the chunks' writes
         try:
             if self.path.is_local:  # each file written, fsync'ed and renamed into place; then the marker
+                refuse_unless_held(self.path, self.still_held, f"sample-view ({s}, {v})")
                 for key, raw in encoded.items():
                     write_local_chunk(self.path.path / key, raw, fsync=True)
+                refuse_unless_held(self.path, self.still_held, f"the done marker of sample-view ({s}, {v})")
                 for key, raw in marker.items():  # made durable with the others by finalize_store
                     write_local_chunk(self.path.path / key, raw, fsync=False)
             else:  # an object store: one concurrent put of the chunks (a PUT is durable), then the marker's
+                refuse_unless_held(self.path, self.still_held, f"sample-view ({s}, {v})")
                 put_chunks(done.store, encoded)
+                refuse_unless_held(self.path, self.still_held, f"the done marker of sample-view ({s}, {v})")
                 put_chunks(done.store, marker)
         except OSError as exc:
             raise storage_error(self.path, exc) from exc
 
 
 def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str],
-                   check: ShareCheck | None = None) -> None:
+                   check: ShareCheck | None = None, still_held: StillHeld | None = None) -> None:
     """Check the store end to end and set status "complete" (durably); raises CacheError (status stays "writing").
 
     Every done marker must be set and every chunk of every sample-view present: `verify_samples` over the whole
     store (it also fsyncs the markers), or `check`, the merged results of every rank's `verify_samples` on its
-    share; the static arrays must hold the split's tokens and the manifest's views.
+    share; the static arrays must hold the split's tokens and the manifest's views. `still_held`, the writer lock's
+    check (for a lease, `lease.status_check`: a conditional renewal), is asked right before the status is written.
     """
     path = StoreLocation.parse(path)
     group = path.open_group(mode="r+")
@@ -675,6 +706,7 @@ def finalize_store(path: str | Path | StoreLocation, sample_tokens: list[str],
                          f"rerun the same extract-teacher command with --repair")
     if remove_partial_files(path):
         logger.info("removed stray chunk files of an interrupted write")
+    refuse_unless_held(path, still_held, "status 'complete'")
     try:
         group.attrs["status"] = v2.STATUS_COMPLETE
         fsync_keys(path, ["zarr.json"], folders=True)
