@@ -17,8 +17,8 @@ files or requests per sample-view is trainval's and the bytes are not: times are
 sample-views. The CRC pass over trainval's real bytes (0.4-0.7 TB) adds bytes / read bandwidth on top, divided
 between the ranks after the change. A run killed at 90 % is emulated: the last 10 % of samples are marked not done.
 
-    git worktree add /tmp/before <commit>   # the code before the change, importable as /tmp/before/distillbev
-    python benchmarks/resume_check.py --before-tree /tmp/before --dir SCRATCH
+    git worktree add BEFORE/distillbev <commit>   # the code before the change, importable from BEFORE
+    python benchmarks/resume_check.py --before-tree BEFORE --dir SCRATCH
 """
 
 from __future__ import annotations
