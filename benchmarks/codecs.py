@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, trained_teacher  # noqa: E402
 from distillbev.cache_schemas import v2  # noqa: E402
-from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention  # noqa: E402
+from distillbev.pipeline.cache.extract import spatial_attention  # noqa: E402
+from distillbev.pipeline.heads.center_head import clip_sigmoid  # noqa: E402
 from distillbev.pipeline.cache.quantize import dequantize_per_channel, quantize_per_channel  # noqa: E402
 
 NUSCENES_TRAIN_SAMPLES = 28130

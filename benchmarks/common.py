@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention
+from distillbev.pipeline.cache.extract import spatial_attention
+from distillbev.pipeline.heads.center_head import clip_sigmoid
 from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest, view_augmentations
 from distillbev.pipeline.cache.writer import SampleViewRecord, SampleViewWriter, finalize_store, prepare_store
 from distillbev.pipeline.data.config import DataConfig

@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from distillbev.cache_schemas import v2
-from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention
-from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest, layer_specs
+from distillbev.pipeline.cache.extract import spatial_attention
+from distillbev.pipeline.heads.center_head import clip_sigmoid
+from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
 from distillbev.pipeline.cache.quantize import dequantize_per_channel
 from distillbev.pipeline.cache.reader import TeacherCache
+from distillbev.pipeline.cache.checks import sample_view_array_names
 from distillbev.pipeline.cache.writer import SampleViewRecord, SampleViewWriter, finalize_store, prepare_store
 from distillbev.pipeline.geometry.bev import BEVGrid
 
@@ -144,16 +146,6 @@ def label(dtype: str, args: argparse.Namespace) -> str:
     return f"int8 (error {args.int8_error:g})" if dtype == "int8" and args.int8_error else dtype
 
 
-def array_names(layers: list[LayerSpec], dtype: str) -> list[str]:
-    """Every per-sample-view array of a v2 store, in the reader's order of use."""
-    names = []
-    for layer in layers:
-        names += [v2.feature_array(layer.name), v2.attention_array(layer.name)]
-        if dtype == "int8":
-            names += [v2.feature_scale_array(layer.name), v2.feature_offset_array(layer.name)]
-    return names + [v2.HEATMAP, v2.OCCUPANCY]
-
-
 def cpu_ms(function: Callable[[], Any]) -> float:
     """CPU time of all this process's threads during one call, in ms."""
     start = time.process_time()
@@ -187,7 +179,7 @@ def profile_read(path: Path, sample_index: int, repeats: int = 7) -> dict[str, f
     zstd = Zstd()
     steps = dict.fromkeys(("io", "crc32c", "zstd", "zarr_arrays", "to_float32", "to_float32_torch1"), 0.0)
     stored = {}
-    names = array_names(layer_specs(manifest), dtype)
+    names = sample_view_array_names(manifest)
     for name in names:
         array = group[name]
         # one chunk per sample-view: <array>/c/<sample>/<view>/0/...

@@ -41,6 +41,7 @@ import torch
 from ...cache_schemas import v2
 from ..errors import CacheError
 from ..geometry.bev import BEVAugmentation
+from ..heads.center_head import clip_sigmoid
 from .manifest import ViewConfig, layer_specs, view_augmentations
 from .checks import Damage, damaged_sample_views
 from .lease import status_check
@@ -54,11 +55,6 @@ logger = logging.getLogger(__name__)
 RunTeacher = Callable[[list[torch.Tensor]], Any]
 LoadPoints = Callable[[int, BEVAugmentation], tuple]  # (token, points) or (token, points, InputDigests)
 FLOAT16_MAX = 65504.0
-
-
-def clip_sigmoid(logits: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """sigmoid clamped to [eps, 1 - eps], as CenterPoint applies it to heatmap logits."""
-    return torch.clamp(torch.sigmoid(logits.float()), min=eps, max=1 - eps)
 
 
 def spatial_attention(features: torch.Tensor, temperature: float = v2.ATTENTION_TEMPERATURE) -> torch.Tensor:
@@ -92,7 +88,7 @@ def records_from_outputs(outputs: Any, tasks: list[tuple[int, int]], tokens: lis
             raise CacheError(f"teacher output {name!r} has shape {tuple(tensor.shape)}, the store expects "
                              f"{(len(tasks), *expected[name])}; the teacher config differs from the store's manifest")
     attention = {layer.name: spatial_attention(maps[layer.name]) for layer in layers}
-    heatmap = clip_sigmoid(outputs.heatmap)
+    heatmap = clip_sigmoid(outputs.heatmap.float())
     for b, (sample_index, view) in enumerate(tasks):
         for name in [layer.name for layer in layers] + [v2.HEATMAP]:
             values = maps[name][b]

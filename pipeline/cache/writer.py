@@ -601,7 +601,8 @@ class SampleViewWriter:
         self.dtype = self.manifest["storage"]["dtype"]
         self.int8_error = v2.int8_error(self.manifest["storage"])
         self.layers = [layer.name for layer in layer_specs(self.manifest)]
-        self.arrays = {name: open_for_writing(self.group, name) for name in self._array_names()}
+        self.arrays = {name: open_for_writing(self.group, name)
+                       for name in sample_view_array_names(self.manifest) + [v2.DONE]}
         self.still_wanted = still_wanted
         self.still_held = still_held
         self.inputs = InputDigestRecorder(self.group, self.path)
@@ -609,14 +610,6 @@ class SampleViewWriter:
         if not self.markers.bound:
             raise CacheError(f"{self.path}: a schema-{v2.BARE_MARKER_SCHEMA_VERSION} store (done markers not bound "
                              f"to their chunks) is not written by this version; re-extract it with --overwrite")
-
-    def _array_names(self) -> list[str]:
-        names = [v2.HEATMAP, v2.OCCUPANCY, v2.DONE]
-        for layer in self.layers:
-            names += [v2.feature_array(layer), v2.attention_array(layer)]
-            if self.dtype == "int8":
-                names += [v2.feature_scale_array(layer), v2.feature_offset_array(layer)]
-        return names
 
     def write(self, record: SampleViewRecord) -> None:
         """Write every chunk of `record`, fsync them, then write its done marker."""

@@ -11,7 +11,8 @@ import zarr
 from cache_fakes import LAYERS, FakeTeacher, head_state, load_points, make_manifest, run_extract, token_of
 
 from distillbev.cache_schemas import v2
-from distillbev.pipeline.cache.extract import clip_sigmoid, spatial_attention
+from distillbev.pipeline.cache.extract import spatial_attention
+from distillbev.pipeline.heads.center_head import clip_sigmoid
 from distillbev.pipeline.cache.manifest import view_augmentations, ViewConfig
 from distillbev.pipeline.cache.quantize import dequantize_per_channel, quantize_per_channel
 from distillbev.pipeline.cache.reader import TeacherCache

@@ -22,7 +22,8 @@ import torch
 from real_keyframe import DATAROOT, SPLIT, VERSION
 
 from distillbev.cache_schemas.v2 import DEFAULT_INT8_ERROR
-from distillbev.pipeline.cache.extract import clip_sigmoid, extract_teacher_cache
+from distillbev.pipeline.cache.extract import extract_teacher_cache
+from distillbev.pipeline.heads.center_head import clip_sigmoid
 from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.cache.manifest import LayerSpec, ViewConfig, build_manifest
 from distillbev.pipeline.cache.reader import TeacherCache
