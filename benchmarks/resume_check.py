@@ -53,7 +53,11 @@ MEASURE = """
 import json, sys, time
 from distillbev.pipeline.cache import extract
 from distillbev.pipeline.cache.location import StoreLocation
-from distillbev.pipeline.cache.writer import prepare_store, read_done, read_manifest
+from distillbev.pipeline.cache.writer import prepare_store
+try:
+    from distillbev.pipeline.cache.state import read_done, read_manifest
+except ImportError:  # the code before the change kept them in the writer
+    from distillbev.pipeline.cache.writer import read_done, read_manifest
 
 where, ranks = sys.argv[1], int(sys.argv[2])
 location = StoreLocation.parse(where)

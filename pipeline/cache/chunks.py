@@ -228,7 +228,8 @@ def get_chunks(array: Any, coords: list[tuple[int, ...]]) -> list[bytes | None]:
 
     found: list[bytes | None] = []
     for start in range(0, len(coords), REQUESTS_IN_FLIGHT):
-        found += [None if b is None else b.to_bytes() for b in sync(get_batch(coords[start:start + REQUESTS_IN_FLIGHT]))]
+        batch = sync(get_batch(coords[start:start + REQUESTS_IN_FLIGHT]))
+        found += [None if b is None else b.to_bytes() for b in batch]
     return found
 
 

@@ -5,8 +5,8 @@
 First every rank proves that it would write the store rank 0 writes: the ranks' manifests (checkpoint SHA-256,
 dataset fingerprint, teacher config, grid, layers, views, split and its token order) are gathered and compared, and
 any difference stops every rank before anything is written, naming the rank, its host and the fields
-(`identity_problems`). Rank 0 takes the store's writer lock for the whole run and creates or reopens the store (`prepare_store`: metadata,
-static arrays and, for a new store, the zeroed done markers in batches). Every pass over the sample-views is split
+(`identity_problems`). Rank 0 takes the store's writer lock for the whole run and creates or reopens the store
+(`prepare_store`: metadata, static arrays and, for a new store, the zeroed done markers in batches). Every pass over the sample-views is split
 between the ranks, so no rank waits in a collective for a pass over the whole store: rank r re-checks the
 sample-views of samples r, r + W, ... (`check_samples`: done markers read in batches, CRC32C of those marked done on a
 resume), rank 0 marks the damaged ones (gathered from all ranks) not done, and the pending sample-views are dealt out

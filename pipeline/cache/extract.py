@@ -47,8 +47,8 @@ from .checks import Damage, damaged_sample_views
 from .lease import status_check
 from .location import StoreLocation
 from .store import classify_store, refuse_unusable, writer_lock
-from .writer import (SampleViewRecord, SampleViewWriter, finalize_store, prepare_store, read_done, set_done,
-                     set_status)
+from .state import read_done
+from .writer import SampleViewRecord, SampleViewWriter, finalize_store, prepare_store, set_done, set_status
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from .location import StoreLocation, redact_command, remote_error
 from .manifest import LayerSpec, layer_specs, manifest_diff, tokens_sha256
 from .marker import is_set, stored_crc
 from .quantize import QuantizedFeatures, dequantize_per_channel
-from .writer import read_done
+from .state import read_done
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from .distributed import extract_distributed
 from .extract import ExtractionReport, extract_teacher_cache
 from .location import StoreLocation, recorded_options
 from .manifest import LayerSpec, ViewConfig, build_manifest, manifest_diff, settings_changes
-from .writer import read_manifest
+from .state import read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from distillbev.pipeline.cache.checks import damaged_sample_views, sample_view_a
 from distillbev.pipeline.cache.chunks import chunk_coords, decode_chunk, get_chunk_bytes
 from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.cache.writer import read_done, read_manifest, set_done, write_done
+from distillbev.pipeline.cache.state import read_done, read_manifest
+from distillbev.pipeline.cache.writer import set_done, write_done
 from distillbev.pipeline.errors import CacheError
 
 

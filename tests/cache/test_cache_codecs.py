@@ -119,7 +119,8 @@ def test_a_store_of_another_zstd_level_resumes_at_its_own_level(tmp_path, teache
     writing level-3 chunks (its arrays' codecs), so every chunk of it is encoded alike."""
     from numcodecs.zstd import Zstd
 
-    from distillbev.pipeline.cache.writer import read_done, set_done, set_status
+    from distillbev.pipeline.cache.writer import set_done, set_status
+    from distillbev.pipeline.cache.state import read_done
 
     path = tmp_path / "c.zarr"
     monkeypatch.setattr(v2, "ZSTD_LEVEL", 3)

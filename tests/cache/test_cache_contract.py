@@ -23,7 +23,7 @@ from cache_fakes import (chunk_files, extract_slowly, load_points, make_manifest
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.reader import TeacherCache
 from distillbev.pipeline.cache.store import StoreLock
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 

@@ -22,7 +22,7 @@ from distillbev.pipeline.cache import checks, durable, store
 from distillbev.pipeline.cache.lease import LeaseLock
 from distillbev.pipeline.cache.location import StoreLocation
 from distillbev.pipeline.cache.store import StoreLock
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 

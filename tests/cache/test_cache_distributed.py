@@ -15,7 +15,8 @@ from cache_fakes import chunk_files, run_extract
 
 from distillbev.pipeline.cache.distributed import rank_tasks
 from distillbev.cache_schemas import v2
-from distillbev.pipeline.cache.writer import read_done, set_done, set_status
+from distillbev.pipeline.cache.state import read_done
+from distillbev.pipeline.cache.writer import set_done, set_status
 
 SCRIPT = """
 import sys, time

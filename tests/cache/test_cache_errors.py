@@ -9,7 +9,7 @@ import torch
 import zarr
 from cache_fakes import FakeTeacher, run_extract
 
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 

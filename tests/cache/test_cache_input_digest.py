@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from module_loader import load_tests_module
 
 from distillbev.cache_schemas import v2
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.data.dataset import NuScenesDetectionDataset
 from distillbev.pipeline.errors import CacheError
 

@@ -24,8 +24,8 @@ from distillbev.pipeline.cache import lease, writer
 from distillbev.pipeline.cache.extract import records_from_outputs
 from distillbev.pipeline.cache.lease import LeaseLock
 from distillbev.pipeline.cache.location import StoreLocation
-from distillbev.pipeline.cache.writer import (SampleViewWriter, finalize_store, prepare_store, read_done,
-                                              read_manifest, set_done, set_status)
+from distillbev.pipeline.cache.state import read_done, read_manifest
+from distillbev.pipeline.cache.writer import SampleViewWriter, finalize_store, prepare_store, set_done, set_status
 from distillbev.pipeline.errors import CacheError
 from distillbev.pipeline.geometry.bev import BEVAugmentation
 

@@ -17,7 +17,7 @@ from distillbev.pipeline.cache.distributed import holder_fence, identity_problem
 from distillbev.pipeline.cache.lease import LeaseLock
 from distillbev.pipeline.cache.location import StoreLocation
 from distillbev.pipeline.cache.store import StoreLock
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 
 TOKENS = [token_of(i) for i in range(5)]
 

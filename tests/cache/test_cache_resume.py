@@ -13,7 +13,7 @@ import zarr
 from cache_fakes import chunk_files, extract_slowly, load_points, make_manifest, run_extract
 
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 

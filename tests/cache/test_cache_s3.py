@@ -25,7 +25,7 @@ from distillbev.pipeline.cache.inspect.verify import verify_cache
 from distillbev.pipeline.cache.lease import LeaseLock, _Objects
 from distillbev.pipeline.cache.location import StoreLocation, parse_storage_options
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.cache.writer import read_done
+from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 pytestmark = pytest.mark.slow

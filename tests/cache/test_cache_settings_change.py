@@ -13,7 +13,8 @@ from test_cache_stage import CONFIG
 from distillbev.cache_schemas import v2
 from distillbev.pipeline.cache.manifest import manifest_diff, settings_changes
 from distillbev.pipeline.cache.reader import TeacherCache
-from distillbev.pipeline.cache.writer import read_done, read_manifest, set_done, set_status
+from distillbev.pipeline.cache.state import read_done, read_manifest
+from distillbev.pipeline.cache.writer import set_done, set_status
 from distillbev.pipeline.errors import CacheError
 
 BATCH = "batch size (--batch-size)"
