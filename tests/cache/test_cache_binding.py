@@ -43,20 +43,6 @@ def every_array(manifest: dict) -> list[str]:
     return [*sample_view_array_names(manifest), v2.DONE]
 
 
-@pytest.fixture
-def reference(tmp_path, manifest):
-    path = tmp_path / "reference.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return chunk_files(path)
-
-
-@pytest.fixture
-def complete(tmp_path, manifest):
-    path = tmp_path / "cache.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ the marker
 def test_a_marker_is_a_digest_of_the_store_the_sample_view_and_every_chunk_crc(complete, manifest):
     """The marker's layout, recomputed by hand: SHA-256 over a domain tag, the store id and everything after the

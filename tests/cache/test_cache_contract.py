@@ -27,21 +27,6 @@ from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 
-@pytest.fixture
-def reference(tmp_path, manifest):
-    """Chunk bytes of an uninterrupted one-thread run."""
-    path = tmp_path / "reference.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return chunk_files(path)
-
-
-@pytest.fixture
-def complete(tmp_path, manifest):
-    path = tmp_path / "cache.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return path
-
-
 def chunk(path: Path, array: str, sample: int, view: int) -> Path:
     ndim = zarr.open_array(str(path / array), mode="r").ndim
     return path.joinpath(array, "c", str(sample), str(view), *["0"] * (ndim - 2))

@@ -26,13 +26,6 @@ from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 
-@pytest.fixture
-def complete(tmp_path, manifest):
-    path = tmp_path / "cache.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return path
-
-
 def inode(path_or_fd: Path | int) -> tuple[int, int]:
     found = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
     return found.st_dev, found.st_ino

@@ -26,21 +26,6 @@ from distillbev.pipeline.errors import CacheError
 TOTAL = 15  # 5 samples x 3 views
 
 
-@pytest.fixture
-def reference(tmp_path, manifest):
-    """Chunk bytes of an uninterrupted one-thread run."""
-    path = tmp_path / "reference.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return chunk_files(path)
-
-
-@pytest.fixture
-def complete(tmp_path, manifest):
-    path = tmp_path / "cache.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return path
-
-
 def snapshot(path: Path) -> dict[str, tuple[bytes, int, int]]:
     """Every file of a store but the lock -> (bytes, inode, mtime in ns)."""
     return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)

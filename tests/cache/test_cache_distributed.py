@@ -90,13 +90,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.fixture
-def reference(tmp_path, manifest):
-    path = tmp_path / "reference.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return chunk_files(path)
-
-
 def test_rank_tasks_take_whole_samples():
     pending = [(s, v) for s in range(5) for v in range(2)]
     assert rank_tasks(pending, 0, 2) == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]

@@ -17,14 +17,6 @@ from distillbev.pipeline.cache.state import read_done
 from distillbev.pipeline.errors import CacheError
 
 
-@pytest.fixture
-def reference(tmp_path, manifest):
-    """Chunk bytes of an uninterrupted one-thread run."""
-    path = tmp_path / "reference.zarr"
-    run_extract(path, manifest, workers=1, threads_per_worker=1)
-    return chunk_files(path)
-
-
 def test_worker_killed_by_sigkill_then_resumed(tmp_path, manifest, reference):
     parent = os.getpid()
 
