@@ -75,14 +75,16 @@ def command(config_path: str, dataroot: str, checkpoint: str, cache_path: str, s
             trust_checkpoint: bool) -> None:
     """Extract teacher features, heatmaps and attention for every sample-view of a split."""
     from ..pipeline.cache.location import StoreLocation, parse_storage_options
-    from ..pipeline.cache.run import ExtractionRequest, run_extraction
+    from ..pipeline.cache.run import ExtractionRequest, check_layout, run_extraction
     from ..pipeline.config import load_config
     from ..pipeline.teacher.config import TeacherExperimentConfig
 
+    cache = StoreLocation.parse(cache_path, parse_storage_options(storage_options))
+    check_layout(device, workers, cache)  # a device or process layout that cannot work, before anything is read
     config = load_config(TeacherExperimentConfig, config_path, overrides=[*overrides, *infos_override(infos)])
     request = ExtractionRequest(
         config=config, config_path=config_path, dataroot=dataroot, checkpoint=checkpoint,
-        cache=StoreLocation.parse(cache_path, parse_storage_options(storage_options)), split=split,
+        cache=cache, split=split,
         layers=tuple(name.strip() for name in layers.split(",") if name.strip()), views=views, seed=seed,
         workers=workers, dtype=dtype, int8_error=int8_error, batch_size=batch_size,
         background_writer=not no_background_writer, overwrite=overwrite, repair=repair, device=device,

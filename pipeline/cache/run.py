@@ -77,11 +77,11 @@ class ExtractionRequest:
     allow_settings_change: bool = False  # resume or repair with other compute settings than the recorded ones
 
 
-def check_request(request: ExtractionRequest) -> None:
-    """ConfigError for a device or process layout that cannot work, before any process group is joined."""
-    check_device(request.device)
-    workers, location = request.workers, request.cache
-    if request.device.startswith("cuda") and workers > 1:
+def check_layout(device: str, workers: int, location: StoreLocation) -> None:
+    """ConfigError for a device or process layout that cannot work, before any process group is joined (the stage
+    runs it before it even reads the config)."""
+    check_device(device)
+    if device.startswith("cuda") and workers > 1:
         count = torch.cuda.device_count()
         raise ConfigError(f"--workers {workers} forks CPU processes, which cannot share a CUDA context; for several "
                           f"GPUs on one node launch one process per GPU with torchrun: torchrun --standalone "
@@ -182,7 +182,7 @@ def run_extraction(request: ExtractionRequest) -> ExtractionReport | None:
     Raises DataError listing every input problem (and the checkpoint's) before any teacher compute, ConfigError
     for options that cannot work, CheckpointError, and CacheError for a store that cannot be used as asked.
     """
-    check_request(request)
+    check_layout(request.device, request.workers, request.cache)
     location = request.cache
     world, device = init_from_env(request.device)  # joins the process group; a CUDA rank takes cuda:LOCAL_RANK
     config = request.config
